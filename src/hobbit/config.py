@@ -1,0 +1,181 @@
+"""ModelConfig: the one description of a model every other module reads, built from HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# HF `architectures[0]` -> our family name.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+}
+# Values transformers uses when config.json leaves a field out.
+DEFAULT_ROPE_THETA = {"llama": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4}
+DEFAULT_RMS_EPS = {"llama": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # 'llama' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe'
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense MLP width (llama, and dense layers of MoE models)
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # {'rope_type': 'linear'|'dynamic'|'llama3'|'yarn', ...}; None = plain RoPE
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    num_experts: int = 0  # 0 -> dense model
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k weights to sum 1 (always True for mixtral)
+    shared_expert_intermediate_size: int = 0  # qwen2_moe shared expert (sigmoid-gated); 0 = none
+    qk_norm: str = "none"  # 'none' | 'head' (qwen3: over head_dim) | 'full' (olmoe: over the whole projection)
+    sparse_layers: tuple[int, ...] = ()  # layer indices whose MLP is a MoE block
+    attention_bias: bool = False  # bias on q/k/v (qwen2_moe); o_proj never has one here
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # mixtral / qwen3_moe with use_sliding_window: keys within the last W
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a transformers config.json dict (legacy rope_scaling or v5 rope_parameters)."""
+        arch = _family(d)
+        n_layers = d["num_hidden_layers"]
+        n_heads = d["num_attention_heads"]
+        _reject(d, arch)
+        common = dict(
+            arch=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_layers=n_layers,
+            num_heads=n_heads,
+            num_kv_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            intermediate_size=d["intermediate_size"],
+            rms_norm_eps=d.get("rms_norm_eps", DEFAULT_RMS_EPS[arch]),
+            max_position_embeddings=d["max_position_embeddings"],
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids(d.get("eos_token_id")),
+        )
+        common["rope_theta"], common["rope_scaling"] = _rope(d, arch)
+        if arch == "llama":
+            return cls(**common)
+        n_exp = d["num_local_experts"] if "num_local_experts" in d else d["num_experts"]  # v5 writes either
+        moe = dict(num_experts=n_exp, top_k=d["num_experts_per_tok"])
+        if arch in ("mixtral", "olmoe"):  # every layer sparse; expert width is `intermediate_size`
+            return cls(
+                **common,
+                **moe,
+                moe_intermediate_size=d["intermediate_size"],
+                norm_topk_prob=arch == "mixtral" or bool(d.get("norm_topk_prob", False)),
+                qk_norm="full" if arch == "olmoe" else "none",
+                sparse_layers=tuple(range(n_layers)),
+                sliding_window=d.get("sliding_window") if arch == "mixtral" else None,
+            )
+        # qwen2_moe / qwen3_moe: layer i is sparse unless listed in mlp_only_layers or off the step
+        step, dense_only = d.get("decoder_sparse_step", 1), set(d.get("mlp_only_layers") or ())
+        sparse = tuple(i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0)
+        return cls(
+            **common,
+            **moe,
+            moe_intermediate_size=d["moe_intermediate_size"],
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0) if arch == "qwen2_moe" else 0,
+            qk_norm="head" if arch == "qwen3_moe" else "none",
+            sparse_layers=sparse if n_exp > 0 else (),
+            attention_bias=bool(d.get("qkv_bias", True)) if arch == "qwen2_moe" else False,
+            sliding_window=d.get("sliding_window") if d.get("use_sliding_window") else None,
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0 and bool(self.sparse_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sparse_layers"] = list(self.sparse_layers)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}")
+        d = dict(d)
+        d["sparse_layers"] = tuple(d.get("sparse_layers", ()))
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+def eos_ids(v: int | list[int] | None) -> tuple[int, ...]:
+    """HF eos_token_id (int, list or None) -> tuple."""
+    if v is None:
+        return ()
+    return (int(v),) if isinstance(v, int) else tuple(int(x) for x in v)
+
+
+def _family(d: dict[str, Any]) -> str:
+    archs = d.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    if not archs and d.get("model_type") in ARCHITECTURES.values():
+        return d["model_type"]
+    got = archs or d.get("model_type")
+    raise UnsupportedArchitecture(f"unsupported architecture {got!r}; supported: {', '.join(ARCHITECTURES)}")
+
+
+def _reject(d: dict[str, Any], arch: str) -> None:
+    """Fail loud on config features our model does not implement, instead of computing wrong logits."""
+    problems = []
+    if d.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={d['hidden_act']!r}")
+    if arch != "qwen2_moe" and d.get("attention_bias"):
+        problems.append("attention_bias=True")
+    if d.get("mlp_bias"):
+        problems.append("mlp_bias=True")
+    if d.get("clip_qkv") is not None:
+        problems.append(f"clip_qkv={d['clip_qkv']}")
+    if arch == "qwen2_moe" and d.get("use_sliding_window"):
+        problems.append("use_sliding_window=True (per-layer windows)")
+    if (d.get("pretraining_tp") or 1) != 1:
+        problems.append(f"pretraining_tp={d['pretraining_tp']}")
+    if problems:
+        raise UnsupportedArchitecture(f"{arch}: unsupported config options: {', '.join(problems)}")
+
+
+def _rope(d: dict[str, Any], arch: str) -> tuple[float, dict | None]:
+    """(theta, scaling dict or None) from legacy `rope_theta`+`rope_scaling` or v5 `rope_parameters`."""
+    # transformers gives a legacy rope_scaling priority over rope_parameters
+    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or d.get("rope_theta") or DEFAULT_ROPE_THETA[arch]
+    kind = params.pop("rope_type", None) or params.get("type") or "default"
+    params.pop("type", None)
+    if kind not in ROPE_TYPES:
+        raise UnsupportedArchitecture(f"rope_type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    partial = params.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or 1.0
+    if partial != 1.0:
+        raise UnsupportedArchitecture(f"partial_rotary_factor={partial} is not supported")
+    if kind == "default":
+        return float(theta), None
+    if kind in ("llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
+    return float(theta), {"rope_type": kind, **params}
