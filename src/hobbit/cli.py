@@ -1,0 +1,122 @@
+"""The `hobbit` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .provider import POLICIES
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Options every command that loads a store shares."""
+    p.add_argument("store", help="expert store folder (made by `hobbit convert`)")
+    p.add_argument("--budget", default="25%", help="RAM for cached experts: bytes, 512MiB, 2GiB, or 25%% "
+                   "of all expert bytes at the highest stored precision (default 25%%)")
+    p.add_argument("--policy", default="lru", choices=POLICIES, help="expert cache policy (default lru)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
+    p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
+    p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
+    p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; the loader uses another)")
+    p.add_argument("--no-direct-io", action="store_true", help="read blobs through the page cache")
+
+
+def engine_from_args(args: argparse.Namespace):
+    from .engine import load
+    return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
+                low=args.low, threads=args.threads, direct_io=not args.no_direct_io)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert, describe
+    dst = convert(args.src, args.dst, precisions=args.precisions, group_size=args.group_size)
+    print(describe(dst))
+    return 0
+
+
+def _format_stats(s: dict) -> str:
+    by_prec = ", ".join(f"{p} {s['hits_by_precision'].get(p, 0)}/{s['misses_by_precision'].get(p, 0)}"
+                        for p in sorted(set(s["hits_by_precision"]) | set(s["misses_by_precision"]))) or "-"
+    rows = [
+        ("prompt tokens", f"{s['prompt_tokens']}"),
+        ("prefill", f"{s['prefill_s']:.3f} s"),
+        ("decode", f"{s['generated_tokens']} tokens, {s['decode_tok_s']:.2f} tok/s"),
+        ("experts", f"hit rate {s['hit_rate']:.1%}, hits/misses by precision: {by_prec}, skipped {s['skipped']}"),
+        ("read from store", f"{s['bytes_read'] / 2**20:.1f} MiB"),
+        ("waited for loader", f"{s['loader_wait_s']:.3f} s"),
+        ("memory", f"experts cached {s['cached_expert_bytes'] / 2**20:.1f} MiB of budget "
+                   f"{(s['budget_bytes'] or 0) / 2**20:.1f} MiB, dense {s['dense_bytes'] / 2**20:.1f} MiB, "
+                   f"KV cache {s['kv_cache_bytes'] / 2**20:.1f} MiB, peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB"),
+    ]
+    return "\n".join(f"  {k:<18} {v}" for k, v in rows)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .tokenizer import TextStream
+    engine = engine_from_args(args)
+    tok = engine.tokenizer
+    if args.prompt_ids is not None:
+        ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    else:
+        if tok is None:
+            sys.exit(f"error: {args.store} has no tokenizer.json, so text prompts can't be encoded; "
+                     f"pass --prompt-ids 1,2,3 or convert a model folder that has tokenizer files")
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    stream = TextStream(tok) if tok is not None else None
+
+    def on_token(t: int) -> None:
+        if not args.json:
+            print(stream.push(t) if stream else f"{t} ", end="", flush=True)
+
+    out = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, callback=on_token)
+    text = tok.decode(out.token_ids) if tok is not None else None
+    if args.json:
+        print(json.dumps(dict(text=text, token_ids=out.token_ids, prompt_ids=ids, finish_reason=out.finish_reason,
+                              policy=engine.policy, stats=out.stats)))
+    else:
+        print(f"\n\n[{out.finish_reason}] policy {engine.policy}")
+        print(_format_stats(out.stats))
+    engine.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hobbit", description="Run MoE LLMs bigger than RAM: experts on disk, "
+                                 "cached at mixed precision.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face model folder or GGUF into an expert store")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--precisions", default="bf16,int4,int2", help="comma list of fp32,bf16,int8,int4,int3,int2")
+    p.add_argument("--group-size", type=int, default=64)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("run", help="generate text from a prompt, streaming, then print stats")
+    add_engine_args(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt")
+    g.add_argument("--prompt-ids", help="comma-separated token ids (works without a tokenizer)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Convert a Hugging Face model folder (or a GGUF file) into an expert store, once.
+
+Every expert is written at every requested precision as one aligned blob, so the runtime never
+re-quantizes or re-packs on the hot path.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import quant
+from .checkpoint import open_checkpoint
+from .store import StoreWriter
+
+DEFAULT_PRECISIONS = ("bf16", "int4", "int2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
+def parse_precisions(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    items = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
+    bad = [p for p in items if p not in quant.FORMATS]
+    if bad or not items:
+        raise ValueError(f"unknown precision(s) {bad or spec!r}; choose from {', '.join(quant.FORMATS)}")
+    # highest precision first: the order the runtime uses for 'high' and 'low'
+    return sorted(dict.fromkeys(items), key=quant.FORMATS.index)
+
+
+def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, group_size: int = 64,
+            progress: bool = True) -> Path:
+    """Write the expert store for `src` (HF folder or .gguf file) into `dst`; returns dst."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist: give a Hugging Face model folder or a .gguf file")
+    if src.suffix == ".gguf":
+        from .gguf import export_hf
+        with tempfile.TemporaryDirectory(prefix="hobbit-gguf-") as tmp:
+            export_hf(src, tmp)
+            return _convert_hf(Path(tmp), dst, parse_precisions(precisions), group_size, progress,
+                               source={"path": str(src.resolve()), "format": "gguf"})
+    return _convert_hf(src, dst, parse_precisions(precisions), group_size, progress,
+                       source={"path": str(src.resolve()), "format": "hf"})
+
+
+def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int, progress: bool,
+                source: dict) -> Path:
+    ckpt = open_checkpoint(src)
+    cfg = ckpt.config
+    if cfg.num_experts:
+        shapes = {"w13": (2 * cfg.moe_intermediate_size, cfg.hidden_size),
+                  "w2": (cfg.hidden_size, cfg.moe_intermediate_size)}
+        for fmt in precisions:  # fail before writing anything
+            for shape in shapes.values():
+                quant.check_shape(fmt, shape, group_size)
+    else:
+        shapes = {}
+    dst.mkdir(parents=True, exist_ok=True)
+    for stale in ("manifest.json", "experts.bin"):
+        (dst / stale).unlink(missing_ok=True)
+    dense = {name: ckpt.dense_tensor(name).contiguous() for name in ckpt.dense_names()}
+    save_file(dense, str(dst / "dense.safetensors"), metadata={"format": "pt"})
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    header = dict(config=cfg.to_dict(), hf_config=ckpt.raw_config, source=source, precisions=precisions,
+                  group_size=group_size, expert_shapes={k: list(v) for k, v in shapes.items()},
+                  dense_file="dense.safetensors",
+                  dense_bytes=sum(t.numel() * t.element_size() for t in dense.values()))
+    writer = StoreWriter(dst, header)
+    jobs = [(layer, e) for layer in cfg.sparse_layers for e in range(cfg.num_experts)]
+    for layer, e in tqdm(jobs, desc=f"converting experts ({','.join(precisions)})", unit="expert",
+                         disable=not progress):
+        w13, w2 = ckpt.expert_weights(layer, e)
+        w13, w2 = w13.float(), w2.float()
+        for fmt in precisions:
+            writer.add(layer, e, fmt, {"w13": quant.quantize(w13, fmt, group_size),
+                                       "w2": quant.quantize(w2, fmt, group_size)})
+    writer.close()
+    return dst
+
+
+def describe(dst: str | Path) -> str:
+    m = json.loads((Path(dst) / "manifest.json").read_text())
+    sizes = {}
+    for key, b in m["blobs"].items():
+        prec = key.split("/")[2]
+        sizes[prec] = sizes.get(prec, 0) + b["nbytes"]
+    parts = ", ".join(f"{p} {sizes.get(p, 0) / 2**20:.1f} MiB" for p in m["precisions"])
+    return (f"{dst}: {m['config']['arch']}, {len(m['blobs'])} expert blobs ({parts}), "
+            f"dense {m['dense_bytes'] / 2**20:.1f} MiB")
+

@@ -1,0 +1,239 @@
+"""The engine: a store on disk, dense weights in RAM, experts through a budgeted cache.
+
+    engine = hobbit.load("store/", budget="25%", policy="lru")
+    out = engine.generate(engine.tokenizer.encode("Hello"), max_new_tokens=32)
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .config import ModelConfig
+from .model import Transformer
+from .prefetch import DEMAND, PREFETCH
+from .provider import OffloadedExperts, ProviderOptions
+from .store import ExpertStore
+from .tokenizer import Tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_budget(budget: int | float | str | None, total_bytes: int) -> int | None:
+    """Bytes from 123, "512MiB", "2GiB", "1.5GB" or "25%" (of all expert bytes at the top precision)."""
+    if budget is None or isinstance(budget, int):
+        return budget
+    if isinstance(budget, float):
+        return int(budget)
+    s = budget.strip().lower().replace(" ", "")
+    if s.endswith("%"):
+        try:
+            pct = float(s[:-1])
+        except ValueError:
+            pct = -1
+        if not 0 < pct <= 100:
+            raise ValueError(f"budget {budget!r}: a percentage must be in (0, 100]")
+        return int(total_bytes * pct / 100)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"budget {budget!r} is not understood; use bytes (123), a size (512MiB, 2GiB) or a share (25%)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _tune_malloc() -> None:
+    """Keep big freed blocks in the heap: fresh mmap'd buffers page-fault at ~2 GB/s (environment notes)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        except OSError:
+            pass
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    finish_reason: str  # 'stop' | 'length' | 'cancelled'
+    stats: dict = field(default_factory=dict)
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, gen: torch.Generator | None) -> int:
+    """logits [V] fp32 -> token id. temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(descending=True)
+        keep = p.cumsum(0) - p < top_p  # smallest prefix whose mass reaches top_p (always keeps the first)
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Engine:
+    def __init__(self, store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16",
+                 high: str | None = None, low: str | None = None, max_seq_len: int | None = None,
+                 threads: int = 1, direct_io: bool = True, **options):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose bf16 or fp32")
+        _tune_malloc()
+        torch.set_num_threads(threads)  # one compute thread; the loader thread takes the other core
+        self.path = Path(store)
+        self.store = ExpertStore(self.path, direct_io=direct_io)
+        self.config = ModelConfig.from_dict(self.store.manifest["config"])
+        self.dtype = DTYPES[dtype]
+        precs = self.store.precisions
+        high = high or (precs[0] if precs else "bf16")
+        if low is None and policy == "hobbit":
+            low = next((p for p in precs if p != high and p in ("int4", "int8")), None)
+        top = self.store.total_nbytes(precs[0]) if self.store.blobs else 0
+        self.budget_bytes = parse_budget(budget, top)
+        if not self.config.num_experts:
+            policy = "resident"  # a dense model has no experts to offload
+        self.policy = policy
+        self.provider = OffloadedExperts(self.store, self.config.num_layers, self.dtype, self.budget_bytes,
+                                         ProviderOptions(policy=policy, high=high, low=low, **options))
+        self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
+        self.model.load_dense(load_file(str(self.path / self.store.manifest["dense_file"])))
+        self.tokenizer = Tokenizer.from_dir(self.path)
+        self.max_context = self.model.max_seq_len
+        self.model_name = self.path.resolve().name
+        self.tokens_generated = 0
+        self.decode_s = 0.0
+
+    # -- public API -------------------------------------------------------------------------------
+    def logits(self, token_ids: list[int] | Tensor) -> Tensor:
+        """[T, V] fp32 logits of a fresh sequence."""
+        ids = self._check_prompt(token_ids)
+        self._begin()
+        with torch.inference_mode():
+            out = self.model.forward(ids, 0)
+        self.provider.end_step()
+        return out
+
+    def generate(self, prompt_ids: list[int] | Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop_token_ids: set[int] | list[int] | None = None,
+                 callback: Callable[[int], bool | None] | None = None) -> Generation:
+        ids = self._check_prompt(prompt_ids)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stop = set(stop_token_ids) if stop_token_ids is not None else self._default_stops()
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        before = self._counters()
+        self._begin()
+        out: list[int] = []
+        finish = "length"
+        pos = len(ids)
+        t0 = time.perf_counter()
+        prefill_s = decode_s = 0.0
+        with torch.inference_mode():
+            logits = self.model.forward(ids, 0)[-1]
+            self.provider.end_step()
+            prefill_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            while len(out) < max_new_tokens:
+                tok = sample(logits, temperature, top_p, top_k, gen)
+                out.append(tok)
+                if callback is not None and callback(tok) is False:
+                    finish = "cancelled"
+                    break
+                if tok in stop:
+                    finish = "stop"
+                    break
+                if len(out) == max_new_tokens or pos >= self.max_context:
+                    break
+                logits = self.model.forward(torch.tensor([tok]), pos)[-1]
+                self.provider.end_step()
+                pos += 1
+            decode_s = time.perf_counter() - t1
+        self.tokens_generated += len(out)
+        self.decode_s += decode_s
+        stats = self._delta(before, self._counters())
+        # the first token comes from the prefill logits; decode speed counts the forward passes after it
+        stats.update(prompt_tokens=len(ids), generated_tokens=len(out), prefill_s=prefill_s, decode_s=decode_s,
+                     decode_tok_s=(len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
+                     **self.memory())
+        return Generation(out, finish, stats)
+
+    def stats(self) -> dict:
+        s = self._counters()
+        return dict(s, policy=self.policy, tokens_generated=self.tokens_generated,
+                    decode_tok_s=self.tokens_generated / self.decode_s if self.decode_s else 0.0, **self.memory())
+
+    def memory(self) -> dict:
+        kv = sum(t.numel() * t.element_size() for t in self.model.kv_tensors())
+        dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return dict(budget_bytes=self.budget_bytes, cached_expert_bytes=self.provider.cached_bytes(),
+                    dense_bytes=dense, kv_cache_bytes=kv,
+                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    def close(self) -> None:
+        self.provider.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _check_prompt(self, token_ids) -> Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if ids.numel() > self.max_context:
+            raise ValueError(f"the prompt has {ids.numel()} tokens but the context holds {self.max_context}; "
+                             f"shorten the prompt or load with a larger max_seq_len")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return ids
+
+    def _begin(self) -> None:
+        self.model.reset()
+        self.provider.begin_sequence()
+
+    def _default_stops(self) -> set[int]:
+        stops = set(self.config.eos_token_ids)
+        if self.tokenizer is not None:
+            stops |= self.tokenizer.eos_token_ids
+        return stops
+
+    def _counters(self) -> dict:
+        s = self.provider.stats.as_dict()
+        s["bytes_read"] = self.store.bytes_read
+        s["loads"] = {"demand": self.provider.loader.loads[DEMAND], "prefetch": self.provider.loader.loads[PREFETCH]}
+        return s
+
+    @staticmethod
+    def _delta(a: dict, b: dict) -> dict:
+        out = {}
+        for k, v in b.items():
+            if isinstance(v, dict):
+                out[k] = {kk: vv - a.get(k, {}).get(kk, 0) for kk, vv in v.items()}
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "hit_rate":
+                out[k] = v - a.get(k, 0)
+        hits, misses = out.get("hits", 0), out.get("misses", 0)
+        out["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
+        return out
+
+
+def load(store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16", **options) -> Engine:
+    """Open a converted expert store. budget: bytes, "2GiB" or "25%" of all expert bytes at the
+    highest stored precision; policy: resident | ondemand | lru | lfu | slru | lru+prefetch | hobbit."""
+    return Engine(store, budget=budget, policy=policy, dtype=dtype, **options)

@@ -1,0 +1,231 @@
+"""The expert store: a manifest, one file of 4 KiB-aligned expert blobs, and the dense weights.
+
+    STORE/manifest.json      config, source, precisions, and per blob: offset, size, sha256, tensors
+    STORE/experts.bin        blob (layer, expert, precision) = w13 tensors then w2 tensors, 4 KiB aligned
+    STORE/dense.safetensors  every non-expert weight under its Hugging Face name
+
+Blobs are read with O_DIRECT into a page-aligned staging buffer (the page cache is bypassed, so
+what we measure is the slow tier); where the filesystem refuses O_DIRECT (tmpfs, some overlays)
+we fall back to a buffered read followed by posix_fadvise(DONTNEED).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ALIGN = 4096  # blob alignment: O_DIRECT needs offset, size and buffer aligned to the block size
+TENSOR_ALIGN = 64  # tensors inside a blob
+FORMAT_VERSION = 1
+PROJS = ("w13", "w2")  # w13 = cat(gate, up) [2I, H]; w2 = down [H, I]
+
+DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
+}
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, corrupt or truncated; the message names the blob and the fix."""
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def blob_key(layer: int, expert: int, precision: str) -> str:
+    return f"{layer}/{expert}/{precision}"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    proj: str  # 'w13' | 'w2'
+    key: str  # name inside quant's storage dict
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # within the blob
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BlobSpec:
+    layer: int
+    expert: int
+    precision: str
+    offset: int
+    nbytes: int
+    sha256: str
+    tensors: tuple[TensorSpec, ...]
+
+
+def pack_blob(parts: dict[str, dict[str, torch.Tensor]]) -> tuple[bytes, list[dict]]:
+    """Lay out {proj: {key: tensor}} as one byte string; returns (bytes, tensor specs)."""
+    chunks, specs, pos = [], [], 0
+    for proj in PROJS:
+        for key, t in parts[proj].items():
+            t = t.contiguous()
+            raw = t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b""
+            pad = _round_up(pos, TENSOR_ALIGN) - pos
+            chunks.append(b"\0" * pad)
+            pos += pad
+            specs.append(dict(proj=proj, key=key, dtype=str(t.dtype).removeprefix("torch."),
+                              shape=list(t.shape), offset=pos, nbytes=len(raw)))
+            chunks.append(raw)
+            pos += len(raw)
+    return b"".join(chunks), specs
+
+
+class StoreWriter:
+    """Appends blobs to experts.bin and writes the manifest at close()."""
+
+    def __init__(self, path: str | Path, header: dict):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.header = dict(header)
+        self.blobs: dict[str, dict] = {}
+        self.f = open(self.path / "experts.bin", "wb")
+        self.pos = 0
+
+    def add(self, layer: int, expert: int, precision: str, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+        data, specs = pack_blob(parts)
+        self.f.write(data)
+        pad = _round_up(len(data), ALIGN) - len(data)
+        self.f.write(b"\0" * pad)
+        self.blobs[blob_key(layer, expert, precision)] = dict(
+            offset=self.pos, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest(), tensors=specs)
+        self.pos += len(data) + pad
+
+    def close(self) -> None:
+        self.f.close()
+        manifest = dict(self.header, format="hobbit-expert-store", version=FORMAT_VERSION,
+                        alignment=ALIGN, blob_file="experts.bin", blob_file_bytes=self.pos, blobs=self.blobs)
+        tmp = self.path / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(self.path / "manifest.json")  # the manifest appears last: a half-written store has none
+
+
+class ExpertStore:
+    """Read side of a store. `read(layer, expert, precision)` is called from the loader thread."""
+
+    def __init__(self, path: str | Path, direct_io: bool = True, verify: str = "once"):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.is_file():
+            hint = " (it looks like a Hugging Face model folder: convert it first with `hobbit convert SRC DST`)" \
+                if (self.path / "config.json").is_file() else ""
+            raise StoreError(f"no expert store at {self.path}: manifest.json is missing{hint}")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{mpath} is not valid JSON ({e}); re-run `hobbit convert`") from e
+        if self.manifest.get("format") != "hobbit-expert-store":
+            raise StoreError(f"{mpath} is not a hobbit expert store manifest")
+        if self.manifest.get("version") != FORMAT_VERSION:
+            raise StoreError(f"{mpath} has store format version {self.manifest.get('version')}, this hobbit "
+                             f"reads version {FORMAT_VERSION}; re-run `hobbit convert`")
+        self.precisions: list[str] = self.manifest["precisions"]
+        self.group_size: int = self.manifest["group_size"]
+        self.blobs = {k: BlobSpec(*map(int, k.split("/")[:2]), k.split("/")[2], v["offset"], v["nbytes"],
+                                  v["sha256"], tuple(TensorSpec(t["proj"], t["key"], t["dtype"], tuple(t["shape"]),
+                                                                t["offset"], t["nbytes"]) for t in v["tensors"]))
+                      for k, v in self.manifest["blobs"].items()}
+        self.blob_path = self.path / self.manifest["blob_file"]
+        if not self.blob_path.is_file():
+            raise StoreError(f"{self.blob_path} is missing; re-run `hobbit convert`")
+        size = self.blob_path.stat().st_size
+        if size < self.manifest["blob_file_bytes"]:
+            first = min((b for b in self.blobs.values() if b.offset + b.nbytes > size), key=lambda b: b.offset)
+            raise StoreError(f"{self.blob_path} is truncated ({size} of {self.manifest['blob_file_bytes']} bytes): "
+                             f"blob layer {first.layer} expert {first.expert} precision {first.precision} and "
+                             f"later ones are cut off; re-run `hobbit convert`")
+        self.verify = verify  # 'once' (first read of each blob), 'always', 'never'
+        self._verified: set[str] = set()
+        self.direct = False
+        self.fd = -1
+        if direct_io and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(self.blob_path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError:
+                self.fd = -1
+        if self.fd < 0:
+            self.fd = os.open(self.blob_path, os.O_RDONLY)
+        self._staging: mmap.mmap | None = None
+        self.bytes_read = 0
+
+    # -- metadata ---------------------------------------------------------------------------
+    def blob(self, layer: int, expert: int, precision: str) -> BlobSpec:
+        try:
+            return self.blobs[blob_key(layer, expert, precision)]
+        except KeyError:
+            raise StoreError(f"the store has no blob for layer {layer} expert {expert} precision {precision!r} "
+                             f"(stored precisions: {', '.join(self.precisions)}); convert with "
+                             f"`--precisions` including it") from None
+
+    def expert_nbytes(self, precision: str) -> int:
+        """Largest on-disk size of one expert at this precision."""
+        return max(b.nbytes for b in self.blobs.values() if b.precision == precision)
+
+    def total_nbytes(self, precision: str) -> int:
+        return sum(b.nbytes for b in self.blobs.values() if b.precision == precision)
+
+    # -- I/O --------------------------------------------------------------------------------
+    def _buffer(self, n: int) -> mmap.mmap:
+        if self._staging is None or len(self._staging) < n:
+            self._staging = mmap.mmap(-1, _round_up(n, ALIGN))  # anonymous mmap: page aligned
+        return self._staging
+
+    def read(self, layer: int, expert: int, precision: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Read one blob; returns {proj: {key: tensor}} owning its memory (the staging buffer is reused)."""
+        b = self.blob(layer, expert, precision)
+        n = _round_up(b.nbytes, ALIGN)
+        buf = self._buffer(n)
+        view = memoryview(buf)[:n]
+        try:
+            got = os.preadv(self.fd, [view], b.offset)
+        except OSError as e:
+            raise StoreError(f"reading blob layer {layer} expert {expert} precision {precision} from "
+                             f"{self.blob_path} failed: {e}") from e
+        finally:
+            view.release()
+        if got < b.nbytes:
+            raise StoreError(f"short read for blob layer {layer} expert {expert} precision {precision}: "
+                             f"{got} of {b.nbytes} bytes; the store file is truncated, re-run `hobbit convert`")
+        if not self.direct:
+            os.posix_fadvise(self.fd, b.offset, n, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += b.nbytes
+        k = blob_key(layer, expert, precision)
+        if self.verify == "always" or (self.verify == "once" and k not in self._verified):
+            digest = hashlib.sha256(memoryview(buf)[:b.nbytes]).hexdigest()
+            if digest != b.sha256:
+                raise StoreError(f"checksum mismatch for blob layer {layer} expert {expert} precision "
+                                 f"{precision} in {self.blob_path}: the store is corrupt, re-run `hobbit convert`")
+            self._verified.add(k)
+        out: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PROJS}
+        for t in b.tensors:
+            dt = DTYPES[t.dtype]
+            count = t.nbytes // dt.itemsize
+            src = torch.frombuffer(buf, dtype=dt, count=count, offset=t.offset) if count else torch.empty(0, dtype=dt)
+            out[t.proj][t.key] = src.reshape(t.shape).clone()  # copy out of the staging buffer
+        return out
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {k: tuple(v) for k, v in self.manifest["expert_shapes"].items()}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def drop_page_cache(self) -> None:
+        """Evict the blob file from the page cache (benchmarks call this between runs)."""
+        fd = os.open(self.blob_path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
