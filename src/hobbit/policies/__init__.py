@@ -1,6 +1,7 @@
 """Torch-free cache policies: eviction (LRU, LFU, SLRU, HOBBIT Eq. 3, Belady), the HOBBIT Eq. 2
-precision rule, and the serve rule for cached copies of the other precision."""
+precision rule and serve rule, MoBiLE big-little choices, and the HOBBIT prefetch walk."""
 
+from hobbit.policies.biglittle import layer_weights, little_k, little_mass, little_weights, token_fallback
 from hobbit.policies.eviction import (
     DEFAULT_MULTIDIM_WEIGHTS,
     LFU,
@@ -14,9 +15,12 @@ from hobbit.policies.eviction import (
     make_policy,
 )
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide, scores
+from hobbit.policies.prefetch import PredictionStats, PrefetchPlan, plan_prefetch
 
 __all__ = [
+    "layer_weights", "little_k", "little_mass", "little_weights", "token_fallback",
     "DEFAULT_MULTIDIM_WEIGHTS", "LFU", "LRU", "POLICY_NAMES", "SLRU", "Belady", "EvictionPolicy",
     "Key", "Multidim", "make_policy",
     "HIGH", "LOW", "SKIP", "ServeRule", "decide", "scores",
+    "PredictionStats", "PrefetchPlan", "plan_prefetch",
 ]

@@ -158,15 +158,18 @@ class LFU:
 class SLRU:
     """Segmented LRU: a probation segment and a protected segment.
 
-    A key enters probation on its first touch; a touch while resident promotes it to the
-    protected segment (most recent end). The protected segment holds at most
-    ``floor(protected_fraction * resident keys)``; the overflow is demoted, least recent first, to
-    the most recent end of probation. The victim is the least recent candidate in probation, or,
-    when no candidate is in probation, the least recent candidate in protected.
+    A key enters probation on its first touch; a touch while resident promotes it to the most
+    recent end of the protected segment. When a victim is needed (the cache is full), the
+    protected segment is first cut to ``floor(protected_fraction * resident keys)`` by demoting
+    its least recent keys to the most recent end of probation; the victim is then the least
+    recent candidate in probation, or, when no candidate is in probation, the least recent
+    candidate in protected.
 
-    Our choices: the protected share counts all resident keys the policy sees (the cache's pools
-    share one policy), default 0.8 as in common SLRU implementations; segments describe the
-    cache's content, not the sequence, so ``reset`` keeps them.
+    Our choices: the policy does not know the cache's capacity, so the protected share is
+    enforced at eviction time, when the resident keys fill the cache; it counts all resident keys
+    the policy sees (the cache's pools share one policy); default 0.8 as in common SLRU
+    implementations. Segments describe the cache's content, not the sequence, so ``reset`` keeps
+    them.
     """
 
     name = "slru"
@@ -189,10 +192,6 @@ class SLRU:
             self._protected[key] = None
         else:
             self._probation[key] = None
-        cap = math.floor(self.protected_fraction * (len(self._probation) + len(self._protected)))
-        while len(self._protected) > cap:
-            demoted, _ = self._protected.popitem(last=False)
-            self._probation[demoted] = None
 
     def remove(self, key: Key) -> None:
         self._probation.pop(key, None)
@@ -208,6 +207,10 @@ class SLRU:
 
     def victim(self, candidates: Sequence[Key], t: int, layer_now: int) -> Key:
         _check_candidates(candidates)
+        cap = math.floor(self.protected_fraction * (len(self._probation) + len(self._protected)))
+        while len(self._protected) > cap:
+            demoted, _ = self._protected.popitem(last=False)
+            self._probation[demoted] = None
         wanted = set(candidates)
         unknown = [k for k in candidates if k not in self._probation and k not in self._protected]
         if unknown:
