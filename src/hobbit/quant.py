@@ -1,0 +1,262 @@
+"""Weight-only quantization of expert matrices W [N, K] (N out features, K in features).
+
+Formats (``FORMATS``) and their storage form (what ``quantize`` returns and the store writes):
+
+* ``fp32`` / ``bf16``: ``{"w": W}`` as is.
+* ``int8``: symmetric, per output channel (the int8 kernel takes no groups, so ``group_size`` does
+  not apply): ``{"q": int8 [N, K], "scale": bf16 [N]}``, ``w = q * scale``.
+* ``int4`` / ``int3`` / ``int2``: asymmetric, one (scale, offset) per group of ``group_size``
+  consecutive inputs: ``w = (q - c) * scale + offset`` with centre ``c = 2**(bits-1)``.
+  ``{"q": uint8 [ceil(N/64), K, 8*bits], "sz": bf16 [K/group_size, N, 2]}``; ``sz[..., 0]`` is
+  the scale and ``sz[..., 1]`` the offset, already in the layout and dtype that
+  ``_weight_int4pack_mm_for_cpu`` takes (its formula ``(q4 - 8) * scale + zero`` with
+  ``q4 = q + 8 - c`` and ``zero = offset``). Codes are stored row-blocked ("B64", fixed and
+  machine-independent): rows in blocks of 64 (the last block zero-padded), and for each block
+  and input k the block's 64 codes in 8*bits bytes:
+    - int4, 32 bytes: byte j = row j | row j+32 << 4,
+    - int2, 16 bytes: byte j = row j | row j+16 << 2 | row j+32 << 4 | row j+48 << 6,
+    - int3, 24 bytes: the low 2 bits as int2, then 8 bytes where bit t of byte i is bit 2 of row 8t+i.
+  B64 int4 equals the AVX512 int4 kernel layout, so there ``prepare`` is free for int4 and a few
+  64-bit mask ops for int2/int3. Whether it equals the running kernel's layout is checked once
+  against ``_convert_weight_to_int4pack_for_cpu``; on other CPUs (AVX2, Arm) prepare decodes the
+  codes and lets the op pack them.
+
+int2/int3 scales come from HQQ's half-quadratic solver (zero refined with an lp-norm, p<1,
+shrinkage); int4/int8 use round-to-nearest min/max. Scale and offset are rounded to bf16 before
+the codes are chosen, so ``dequantize`` is exactly the weight the kernel multiplies by.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FORMATS = ("fp32", "bf16", "int8", "int4", "int3", "int2")
+_BITS = {"int4": 4, "int3": 3, "int2": 2}
+_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
+_BLOCK = 64  # rows per B64 block
+_M33, _M11 = 0x3333333333333333, 0x1111111111111111  # per-byte masks on int64 words
+_CENTRE_ADD = {2: 0x6666666666666666, 3: 0x4444444444444444}  # + (8 - c) in every nibble
+_HQQ = {"lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20}  # hqq's defaults
+_HQQ_CHUNK = 1 << 20  # weights per HQQ chunk (bounds temporaries; early stop is per chunk)
+_HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+_HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@dataclass(eq=False)
+class Prepared:
+    """Runtime form of one matrix. kind: 'dense' (F.linear on ``w``), 'int8' (``w`` int8 [N, K],
+    ``scales`` [N]) or 'int4' (``w`` int4-packed, ``scales`` = qScaleAndZeros [K/gs, N, 2])."""
+    fmt: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    kind: str
+    w: Tensor
+    scales: Tensor | None = None
+    group_size: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of RAM held (what a cache budget counts)."""
+        t = [self.w] if self.scales is None else [self.w, self.scales]
+        return sum(x.numel() * x.element_size() for x in t)
+
+
+def check_shape(fmt: str, shape: tuple[int, int], group_size: int) -> None:
+    """Raise ValueError if ``fmt`` cannot store a [N, K] matrix with this group size."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if len(shape) != 2 or min(shape) <= 0:
+        raise ValueError(f"expected a 2-D weight shape (N out, K in) with positive sizes, got {tuple(shape)}")
+    if fmt not in _BITS:
+        return  # fp32 / bf16 / int8 take any shape; group_size does not apply
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"{fmt}: group_size must be a positive int, got {group_size!r}")
+    K = shape[1]
+    if K % group_size:
+        fits = [g for g in _KERNEL_GROUPS if K % g == 0]
+        hint = f"one of {fits} (kernel-friendly)" if fits else "a divisor of K"
+        raise ValueError(f"{fmt}: K={K} input features is not a multiple of group_size={group_size}; "
+                         f"use group_size={hint}, or store this matrix as int8/bf16")
+
+
+def storage_nbytes(fmt: str, shape: tuple[int, int], group_size: int) -> int:
+    """Exact bytes of the tensors ``quantize(w, fmt, group_size)`` returns for a [N, K] weight."""
+    check_shape(fmt, shape, group_size)
+    N, K = shape
+    if fmt in ("fp32", "bf16"):
+        return N * K * (4 if fmt == "fp32" else 2)
+    if fmt == "int8":
+        return N * K + 2 * N
+    nb = -(-N // _BLOCK)
+    return nb * K * 8 * _BITS[fmt] + (K // group_size) * N * 4
+
+
+def _bf16(t: Tensor) -> Tensor:
+    return t.to(torch.bfloat16).float()  # round to bf16, keep fp32 for the math
+
+
+def _rtn(g: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Min/max round-to-nearest. g [N, G, gs] -> scale, offset [N, G] (w = (q - c) * s + offset)."""
+    mn, mx = g.amin(-1), g.amax(-1)
+    s = ((mx - mn) / (2 ** bits - 1)).clamp_min(1e-10)
+    return s, mn + 2 ** (bits - 1) * s
+
+
+def _hqq(g: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """HQQ: keep the min/max scale, refine the zero by half-quadratic splitting with lp shrinkage."""
+    qmax, p = 2 ** bits - 1, _HQQ["lp_norm"]
+    scales, offsets = [], []
+    for W in g.split(max(1, _HQQ_CHUNK // (g.shape[1] * g.shape[2]))):
+        mn, mx = W.amin(-1, keepdim=True), W.amax(-1, keepdim=True)
+        si = qmax / (mx - mn).clamp_min(1e-10)  # inverse scale: q = W * si + z (hqq's parametrization)
+        z = -mn * si
+        best, best_z, beta = float("inf"), z, _HQQ["beta"]
+        for _ in range(_HQQ["iters"]):
+            Wq = torch.round(W * si + z).clamp_(0, qmax)
+            E = W - (Wq - z) / si
+            err = E.abs().mean().item()
+            if err >= best:
+                break
+            best, best_z = err, z
+            a = E.abs()  # generalized soft-threshold: shrink_p(E) = sign(E) relu(|E| - |E|^(p-1) / beta)
+            We = torch.sign(E) * F.relu(a - (a + 1e-8).pow(p - 1) / beta)
+            z = (Wq - (W - We) * si).mean(-1, keepdim=True)
+            beta *= _HQQ["kappa"]
+        s = 1.0 / si
+        scales.append(s[..., 0])
+        offsets.append(((2 ** (bits - 1) - best_z) * s)[..., 0])
+    return torch.cat(scales), torch.cat(offsets)
+
+
+def _pack(codes: Tensor, bits: int) -> Tensor:
+    """codes uint8 [N, K] -> B64 bytes [ceil(N/64), K, 8*bits] (see module docstring)."""
+    N, K = codes.shape
+    nb = -(-N // _BLOCK)
+    c = F.pad(codes, (0, 0, 0, nb * _BLOCK - N)).view(nb, _BLOCK, K).transpose(1, 2)  # [nb, K, 64]
+    if bits == 4:
+        return (c[..., :32] | c[..., 32:] << 4).contiguous()
+    low = c & 3
+    L = low[..., :16] | low[..., 16:32] << 2 | low[..., 32:48] << 4 | low[..., 48:] << 6
+    if bits == 2:
+        return L.contiguous()
+    hb = (c >> 2).reshape(nb, K, 8, 8)  # [.., t, i]: bit 2 of row 8t+i
+    h = (hb << torch.arange(8, dtype=torch.uint8)[:, None]).sum(-2, dtype=torch.uint8)
+    return torch.cat((L, h), -1).contiguous()
+
+
+def _unpack(q: Tensor, bits: int, N: int) -> Tensor:
+    """B64 bytes [nb, K, 8*bits] -> codes uint8 [N, K]."""
+    nb, K, _ = q.shape
+    if bits == 4:
+        c = torch.cat((q & 15, q >> 4), -1)
+    else:
+        c = torch.cat([(q[..., :16] >> 2 * i) & 3 for i in range(4)], -1)
+        if bits == 3:
+            c |= torch.cat([((q[..., 16:] >> t) & 1) << 2 for t in range(8)], -1)
+    return c.transpose(1, 2).reshape(nb * _BLOCK, K)[:N]
+
+
+def quantize(w: Tensor, fmt: str, group_size: int = 64) -> dict[str, Tensor]:
+    """Storage form of ``w`` [N, K] (any float dtype): deterministic, CPU, contiguous.
+    ``group_size`` applies to int4/int3/int2 only and must divide K."""
+    check_shape(fmt, tuple(w.shape), group_size)
+    if fmt == "bf16":
+        return {"w": w.detach().to("cpu", torch.bfloat16).contiguous()}
+    w = w.detach().to("cpu", torch.float32, copy=True).contiguous()
+    if fmt == "fp32":
+        return {"w": w}
+    if fmt == "int8":
+        amax = w.abs().amax(1)
+        s = _bf16(torch.where(amax > 0, amax / 127, 1.0))
+        q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        return {"q": q, "scale": s.to(torch.bfloat16)}
+    bits = _BITS[fmt]
+    N, K = w.shape
+    g = w.view(N, K // group_size, group_size)
+    s, m = (_rtn if bits == 4 else _hqq)(g, bits)
+    s, m = _bf16(s), _bf16(m)
+    codes = torch.round((g - m[..., None]) / s[..., None] + 2 ** (bits - 1)).clamp_(0, 2 ** bits - 1)
+    sz = torch.stack((s, m), -1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [G, N, 2]
+    return {"q": _pack(codes.to(torch.uint8).view(N, K), bits), "sz": sz}
+
+
+def dequantize(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: int) -> Tensor:
+    """Plain-torch fp32 reference: the [N, K] weight the storage form represents."""
+    check_shape(fmt, shape, group_size)
+    N, K = shape
+    if fmt in ("fp32", "bf16"):
+        return q["w"].float()
+    if fmt == "int8":
+        return q["q"].float() * q["scale"].float()[:, None]
+    bits = _BITS[fmt]
+    G = K // group_size
+    codes = _unpack(q["q"], bits, N).float().view(N, G, group_size)
+    s, m = q["sz"].float().permute(2, 1, 0)[..., None]  # each [N, G, 1]
+    return ((codes - 2 ** (bits - 1)) * s + m).view(N, K)
+
+
+@functools.cache
+def _fast_layout() -> bool:
+    """True when B64 int4 equals the running int4 kernel's packed layout (AVX512 builds)."""
+    codes = torch.randint(0, 16, (2 * _BLOCK, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    return torch.equal(_pack(codes, 4).view(ref.shape), ref)
+
+
+def _expand(q: Tensor, bits: int) -> Tensor:
+    """B64 int2/int3 bytes -> B64 int4 bytes of q + 8 - c, with 64-bit word ops (masks keep bytes apart)."""
+    if q.storage_offset() % 8:
+        q = q.clone()  # int64 view needs an 8-byte aligned offset
+    W = q.contiguous().view(torch.int64).view(-1, bits)  # per (block, k): 2 words of low bits (+1 of high bits)
+    out = torch.empty(W.shape[0], 4, dtype=torch.int64)  # 32 bytes: rows j | j+32 << 4, j < 32
+    torch.bitwise_and(W[:, :2], _M33, out=out[:, :2])  # rows 0-15 | 32-47
+    torch.bitwise_and(W[:, :2] >> 2, _M33, out=out[:, 2:])  # rows 16-31 | 48-63
+    if bits == 3:  # word t of high bits: bit 0 of byte i -> row 8t+i, bit 4 -> row 8t+i+32; move to bits 2, 6
+        h = W[:, 2:]
+        out += torch.cat([(h >> t) & _M11 for t in range(4)], 1) << 2
+    out += _CENTRE_ADD[bits]
+    return out.view(torch.uint8)
+
+
+def prepare(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: int,
+            dtype: torch.dtype) -> Prepared:
+    """One-time runtime form for ``linear`` with activations in ``dtype``.
+
+    Quantized formats use torch's weight-only kernels only for ``dtype=torch.bfloat16`` (they are
+    30-100x slower with other activation dtypes); for fp32 (or fp16) the weight is dequantized to
+    a dense ``dtype`` matrix: correct, but it holds 2-4x the RAM. int4/int3/int2 also fall back
+    to a dense weight when the kernel cannot take the shape (N % 16 != 0, group_size not in
+    32/64/128/256). May return views of ``q``'s tensors (int4 on AVX512, fp32/bf16 in their dtype).
+    """
+    check_shape(fmt, shape, group_size)
+    N, K = shape
+    if fmt in ("fp32", "bf16"):
+        return Prepared(fmt, (N, K), dtype, "dense", q["w"].to(dtype).contiguous())
+    if fmt == "int8" and dtype == torch.bfloat16 and _HAS_INT8:
+        return Prepared(fmt, (N, K), dtype, "int8", q["q"], q["scale"])
+    if fmt == "int8" or dtype != torch.bfloat16 or not _HAS_INT4 or N % 16 or group_size not in _KERNEL_GROUPS:
+        return Prepared(fmt, (N, K), dtype, "dense", dequantize(q, fmt, shape, group_size).to(dtype))
+    bits = _BITS[fmt]
+    if N % _BLOCK == 0 and _fast_layout():
+        packed = (q["q"] if bits == 4 else _expand(q["q"], bits)).view(N, K // 2)
+    else:  # trust the op: decode, shift to the kernel's centre 8, let it pack
+        codes = _unpack(q["q"], bits, N) + (8 - 2 ** (bits - 1))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    return Prepared(fmt, (N, K), dtype, "int4", packed, q["sz"].contiguous(), group_size)
+
+
+def linear(x: Tensor, w: Prepared) -> Tensor:
+    """x [T, K] -> x @ W.T [T, N], computed in ``w.dtype`` and returned in ``x.dtype``."""
+    xc = x.to(w.dtype).contiguous()
+    if w.kind == "dense":
+        y = F.linear(xc, w.w)
+    elif w.kind == "int8":
+        y = torch.ops.aten._weight_int8pack_mm(xc, w.w, w.scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, w.w, w.group_size, w.scales)
+    return y.to(x.dtype)
