@@ -1,0 +1,260 @@
+"""Our lean decoder: GQA attention with RoPE and a preallocated KV cache, RMSNorm, SwiGLU MLP, and a
+MoE block that routes exactly like transformers and hands the expert sum to an ExpertProvider.
+
+T = tokens in this call, S = positions attended, H = hidden, D = head_dim, E = experts,
+k = experts per token, V = vocab. Module names follow HF (minus the `model.` prefix), so
+`model.layers[i].mlp.gate.weight` is layer i's router and dense weights load by HF name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+from .experts import ExpertProvider
+
+DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length when none is given (capped by max_position_embeddings)
+
+
+def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Tensor, float]:
+    """(inv_freq [D/2] fp32, cos/sin scale) as transformers computes them for each rope_type.
+    seq_len only matters for 'dynamic' (NTK), which rescales the base past max_position_embeddings."""
+    D, base, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
+    kind, exps = s["rope_type"], torch.arange(0, D, 2, dtype=torch.int64).float() / D  # [D/2]
+    if kind == "dynamic":
+        n, f = max(seq_len or 0, cfg.max_position_embeddings), s["factor"]
+        base = base * ((f * n / cfg.max_position_embeddings) - (f - 1)) ** (D / (D - 2))
+    pos_freqs = base**exps
+    inv_freq = 1.0 / pos_freqs
+    if kind == "linear":
+        return inv_freq / s["factor"], 1.0
+    if kind == "llama3":
+        f, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / f, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(s, D, base, pos_freqs, cfg.max_position_embeddings)
+    return inv_freq, 1.0
+
+
+def _yarn(s: dict, D: int, base: float, pos_freqs: Tensor, max_pos: int) -> tuple[Tensor, float]:
+    orig = s["original_max_position_embeddings"]
+    f = s.get("factor") or max_pos / orig
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = s.get("attention_factor")
+    if attn is None:
+        both = s.get("mscale") and s.get("mscale_all_dim")
+        attn = mscale(f, s["mscale"]) / mscale(f, s["mscale_all_dim"]) if both else mscale(f)
+
+    def corr_dim(rotations: float) -> float:
+        return D * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = corr_dim(s.get("beta_fast") or 32), corr_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    high = high + 0.001 if low == high else high
+    extrapolate = 1 - ((torch.arange(D // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [D/2]
+    inv_freq = 1.0 / (f * pos_freqs) * (1 - extrapolate) + 1.0 / pos_freqs * extrapolate
+    return inv_freq, float(attn)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()  # normalize in fp32, scale in the activation dtype, as HF does
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.head_dim, self.window, self.qk_norm = D, cfg.sliding_window, cfg.qk_norm
+        self.q_proj = nn.Linear(H, nh * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * D, H, bias=False)
+        if cfg.qk_norm == "head":  # qwen3: per head, over D
+            self.q_norm, self.k_norm = RMSNorm(D, cfg.rms_norm_eps), RMSNorm(D, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "full":  # olmoe: over the whole q / k projection
+            self.q_norm, self.k_norm = RMSNorm(nh * D, cfg.rms_norm_eps), RMSNorm(nkv * D, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
+                k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        T, D = x.shape[0], self.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T,nh*D], [T,nkv*D], [T,nkv*D]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)  # [T,heads,D]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin  # cos/sin [T,1,D]
+        k = k * cos + rotate_half(k) * sin
+        end = start_pos + T
+        k_cache[start_pos:end], v_cache[start_pos:end] = k, v  # caches [S_max,nkv,D]
+        keys, values = k_cache[:end].transpose(0, 1), v_cache[:end].transpose(0, 1)  # [nkv,S,D]
+        y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                           attn_mask=mask, enable_gqa=True)  # [1,nh,T,D]
+        return self.o_proj(y[0].transpose(0, 1).reshape(T, -1))
+
+
+class MoE(nn.Module):
+    """Router (+ qwen2 shared expert) here; the routed experts are the provider's business."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.top_k, self.norm_topk_prob = layer, cfg.top_k, cfg.norm_topk_prob
+        # qwen2/qwen3/olmoe routers hand the experts weights cast to the activation dtype; mixtral keeps fp32
+        self.round_weights = cfg.arch != "mixtral"
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T,H] -> logits [T,E] fp32, ids [T,k] (weight desc), weights [T,k] fp32."""
+        logits = self.gate(x)  # [T,E] in x.dtype
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T,k], sorted descending
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.round_weights:
+            weights = weights.to(x.dtype).float()
+        return logits.float(), ids, weights
+
+    def forward(self, x: Tensor, provider: ExpertProvider) -> Tensor:
+        logits, ids, weights = self.route(x)
+        out = provider.experts(self.layer, x, logits, ids, weights)  # [T,H]
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.sparse = layer in cfg.sparse_layers
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, layer) if self.sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
+                k_cache: Tensor, v_cache: Tensor, provider: ExpertProvider) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos, k_cache, v_cache)
+        y = self.post_attention_layernorm(h)
+        return h + (self.mlp(y, provider) if self.sparse else self.mlp(y))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, provider: ExpertProvider, dtype: torch.dtype = torch.bfloat16,
+                 max_seq_len: int | None = None):
+        super().__init__()
+        self.cfg, self.provider, self.dtype = cfg, provider, dtype
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        with torch.device("meta"):  # no memory until load_dense assigns the real weights
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cache_shape = (cfg.num_layers, self.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
+        inv_freq, self.rope_scale = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32
+
+    def load_dense(self, state_dict: dict[str, Tensor]) -> None:
+        """Every non-expert weight by HF name; missing or unexpected names are errors."""
+        ours = {_our_name(n): t for n, t in state_dict.items()}
+        if self.cfg.tie_word_embeddings:
+            ours.pop("lm_head.weight", None)
+        expected = {n for n in self.state_dict() if not (self.cfg.tie_word_embeddings and n == "lm_head.weight")}
+        missing, unexpected = sorted(expected - ours.keys()), sorted(ours.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"{self.cfg.arch} dense weights do not match the model: missing {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''} (our names, HF minus 'model.')")
+        device = self.k_cache.device
+        self.load_state_dict({n: t.to(device, self.dtype) for n, t in ours.items()}, strict=False, assign=True)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
+        """tokens [T] int64 at positions start_pos.. -> logits [T,V] fp32; appends to the KV cache."""
+        T = tokens.shape[0]
+        end = start_pos + T
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence length {end} (start_pos {start_pos} + {T} tokens) exceeds the "
+                             f"model's max_seq_len {self.max_seq_len}")
+        cos, sin = self._rope(start_pos, end)
+        mask = self._mask(start_pos, end)
+        x = self.embed_tokens(tokens)  # [T,H]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, start_pos, self.k_cache[i], self.v_cache[i], self.provider)
+        return self.lm_head(self.norm(x)).float()  # [T,V]
+
+    def _rope(self, start_pos: int, end: int) -> tuple[Tensor, Tensor]:
+        inv_freq, scale = self.inv_freq, self.rope_scale
+        if self.cfg.rope_scaling and self.cfg.rope_scaling["rope_type"] == "dynamic" \
+                and end > self.cfg.max_position_embeddings:
+            inv_freq, scale = rope_frequencies(self.cfg, seq_len=end)
+            inv_freq = inv_freq.to(self.inv_freq.device)
+        pos = torch.arange(start_pos, end, device=inv_freq.device, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]  # [T,D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T,1,D]
+        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+
+    def _mask(self, start_pos: int, end: int) -> Tensor | None:
+        """[T,S] bool, True = may attend; None when a single token sees the whole cache."""
+        if end - start_pos == 1 and self.cfg.sliding_window is None:
+            return None
+        q_pos = torch.arange(start_pos, end, device=self.k_cache.device)[:, None]  # [T,1]
+        k_pos = torch.arange(end, device=self.k_cache.device)[None, :]  # [1,S]
+        mask = k_pos <= q_pos
+        if self.cfg.sliding_window is not None:
+            mask &= k_pos > q_pos - self.cfg.sliding_window
+        return mask
+
+
+def _our_name(hf_name: str) -> str:
+    """'model.layers.0.block_sparse_moe.gate.weight' -> 'layers.0.mlp.gate.weight'."""
+    return hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")

@@ -1,0 +1,107 @@
+"""Tiny random HF checkpoints (transformers config + save_pretrained) with a byte-level tokenizer.
+
+make_tiny_checkpoint('qwen2_moe', path) writes config.json, safetensors, tokenizer.json and
+tokenizer_config.json (chat template, bos/eos), so every command works on a model of ~1 MB.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+VOCAB = 272  # 256 byte tokens + 4 specials, padded
+SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 256..259
+BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=BOS, eos_token_id=EOS,
+               tie_word_embeddings=False)
+# family -> (transformers config class, model class, config kwargs); variations cover the code paths
+_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64))),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_hidden_layers=2, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+        eos_token_id=[EOS, IM_END])),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_hidden_layers=4, intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2, head_dim=32)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        num_hidden_layers=2, intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),
+}
+
+
+def make_tiny_checkpoint(family: str, path: str | Path, seed: int = 0, max_shard_size: str | None = None,
+                         **overrides: Any) -> Path:
+    """Write a tiny random fp32 `family` checkpoint to `path` (config kwargs in `overrides`)."""
+    import transformers
+
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    cfg_cls, model_cls, kwargs = _FAMILIES[family]
+    cfg = getattr(transformers, cfg_cls)(**{**_COMMON, **kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).to(torch.float32)
+    _randomize(model, seed)
+    path = Path(path)
+    shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **shard)
+    write_tokenizer(path)
+    return path
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights with enough contrast that logits are spread out and routing differs across tokens."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * r)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * r)
+            elif name.endswith("mlp.gate.weight") or name.endswith("router.weight"):
+                p.copy_(3.0 * r / p.shape[-1] ** 0.5)  # router logits std ~3: top-k varies by token
+            elif "embed" in name:
+                p.copy_(r)
+            else:
+                p.copy_(r / p.shape[-1] ** 0.5)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable char map, so token id == byte value."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def write_tokenizer(path: str | Path) -> None:
+    """tokenizer.json (byte-level, ids 0..255 = bytes, then SPECIALS) + tokenizer_config.json with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    path = Path(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>",
+        "add_bos_token": False, "model_max_length": 256,
+        "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
