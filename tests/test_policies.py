@@ -247,7 +247,7 @@ def workloads(draw):
     return layers, sequences, capacity
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(workloads())
 def test_belady_is_a_lower_bound(workload):
     layers, sequences, capacity = workload
