@@ -1,0 +1,292 @@
+"""Read a llama.cpp GGUF (Llama or Mixtral, 'llama' architecture) as an HF checkpoint.
+
+`load_gguf(path)` gives the HF `config.json` dict, the weights under HF names (dequantized to
+float, llama.cpp's Q/K row permutation undone), a `tokenizers` tokenizer.json string and a
+`tokenizer_config.json` dict. `export_hf(path, out_dir)` writes those as a standard HF folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm import tqdm
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "block_sparse_moe.gate",
+}
+# Mixtral experts stacked [E, out, in] in one GGUF tensor -> one HF tensor per expert.
+_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+
+_CONTROL, _USER_DEFINED = 3, 4
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class UnsupportedGGUF(ValueError):
+    """The GGUF uses an architecture, tensor, tensor type or setting this reader does not handle."""
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF seen as an HF checkpoint. Weights are dequantized lazily by `tensors()`."""
+
+    path: Path
+    config: dict                        # HF config.json
+    tokenizer_json: str | None          # tokenizers.Tokenizer JSON; None if the GGUF has no usable one
+    tokenizer_config: dict              # HF tokenizer_config.json
+    shapes: dict[str, tuple[int, ...]]  # HF name -> shape
+    tensor_types: dict[str, str]        # HF name -> GGML type of its source ('Q4_1', 'F32', ...)
+    _reader: GGUFReader = field(repr=False)
+
+    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for every weight, dequantized one GGUF tensor at a time."""
+        heads = (self.config["num_attention_heads"], self.config["num_key_value_heads"])
+        for t in self._reader.tensors:
+            for name, w in _convert(t, *heads):
+                yield name, torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return dict(self.tensors(dtype))
+
+
+def load_gguf(path: str | Path) -> GGUFModel:
+    """Open a GGUF; raises UnsupportedGGUF naming what it cannot handle."""
+    path = Path(path)
+    reader = GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedGGUF(f"{path.name}: GGUF architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    heads = (meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"])
+    shapes, types = {}, {}
+    for t in reader.tensors:
+        if not _can_dequantize(t.tensor_type):
+            raise UnsupportedGGUF(f"{path.name}: tensor {t.name!r} has GGML type {t.tensor_type.name}, "
+                                  f"which gguf.quants cannot dequantize")
+        for name, shape in _hf_shapes(t):
+            shapes[name], types[name] = shape, t.tensor_type.name
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    config = _hf_config(meta, shapes, _field(reader, "tokenizer.ggml.bos_token_id"),
+                        _field(reader, "tokenizer.ggml.eos_token_id"))
+    tokenizer_json, tokenizer_config = _tokenizer(reader, tokens, config["max_position_embeddings"])
+    return GGUFModel(path, config, tokenizer_json, tokenizer_config, shapes, types, reader)
+
+
+def export_hf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+              progress: bool = True) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to out_dir."""
+    model = load_gguf(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, w in tqdm(model.tensors(dtype), total=len(model.shapes), desc=f"dequantizing {model.path.name}",
+                        unit="tensor", disable=not progress):
+        state[name] = w
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(model.config, torch_dtype=str(dtype).removeprefix("torch."))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if model.tokenizer_json is not None:
+        (out / "tokenizer.json").write_text(model.tokenizer_json)
+        (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------- weights
+
+@functools.cache
+def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
+    """Whether gguf.quants can dequantize this type (probed on one zero block)."""
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _split_name(name: str) -> tuple[int | None, str, str]:
+    """'blk.3.attn_q.weight' -> (3, 'attn_q', 'weight'); 'output.weight' -> (None, 'output', 'weight')."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
+        return int(parts[1]), parts[2], parts[3]
+    if len(parts) == 2:
+        return None, parts[0], parts[1]
+    raise UnsupportedGGUF(f"unsupported GGUF tensor {name!r}")
+
+
+def _hf_shapes(t: ReaderTensor) -> list[tuple[str, tuple[int, ...]]]:
+    shape = tuple(int(x) for x in reversed(t.shape))
+    layer, part, kind = _split_name(t.name)
+    if layer is None and part in _TOP:
+        return [(f"{_TOP[part]}.{kind}", shape)]
+    prefix = f"model.layers.{layer}"
+    if layer is not None and part in _BLOCK:
+        return [(f"{prefix}.{_BLOCK[part]}.{kind}", shape)]
+    if layer is not None and part in _EXPERTS:
+        return [(f"{prefix}.block_sparse_moe.experts.{e}.{_EXPERTS[part]}.{kind}", shape[1:])
+                for e in range(shape[0])]
+    raise UnsupportedGGUF(f"unsupported GGUF tensor {t.name!r} for architecture 'llama'")
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp convert_hf_to_gguf's rotary row interleave of Q/K (rows per head: halves -> pairs)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _convert(t: ReaderTensor, n_head: int, n_kv: int) -> list[tuple[str, np.ndarray]]:
+    names = _hf_shapes(t)
+    w = dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+    w = np.require(w, np.float32, ["C", "W"])  # F32 tensors come back as read-only views of the mmap
+    part = _split_name(t.name)[1]
+    if part == "attn_q":
+        w = _unpermute(w, n_head)
+    elif part == "attn_k":
+        w = _unpermute(w, n_kv)
+    if part in _EXPERTS:
+        return [(name, w[e]) for e, (name, _) in enumerate(names)]
+    return [(names[0][0], w)]
+
+
+# ---------------------------------------------------------------- config
+
+def _field(reader: GGUFReader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def _hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], bos: int | None, eos: int | None) -> dict:
+    g = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
+    hidden, n_head = g("embedding_length"), g("attention.head_count")
+    experts = g("expert_count", 0)
+    config = {
+        "architectures": ["MixtralForCausalLM" if experts else "LlamaForCausalLM"],
+        "model_type": "mixtral" if experts else "llama",
+        "vocab_size": shapes["model.embed_tokens.weight"][0],
+        "hidden_size": hidden,
+        "intermediate_size": g("expert_feed_forward_length") or g("feed_forward_length"),
+        "num_hidden_layers": g("block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": g("attention.head_count_kv", n_head),
+        "head_dim": g("attention.key_length", hidden // n_head),
+        "hidden_act": "silu",
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta),
+        "max_position_embeddings": g("context_length"),
+        "tie_word_embeddings": "lm_head.weight" not in shapes,
+        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in shapes,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+    }
+    if experts:
+        config.update(num_local_experts=experts, num_experts_per_tok=g("expert_used_count"))
+    return config
+
+
+def _rope_scaling(meta: dict) -> dict | None:
+    kind = meta.get("llama.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+    raise UnsupportedGGUF(f"GGUF rope scaling type {kind!r} is not supported (supported: none, linear)")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 byte values."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def _pre_tokenizer(pre: str | None) -> tuple[pre_tokenizers.PreTokenizer, bool]:
+    """(pre-tokenizer, ignore_merges) of the HF tokenizer llama.cpp's `tokenizer.ggml.pre` names."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # SmolLM/StarCoder: digits one by one, then GPT-2
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), False
+    if pre in ("llama-bpe", "llama3"):
+        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
+        no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        return pre_tokenizers.Sequence([split, no_regex]), True
+    if pre not in (None, "default", "gpt2"):
+        warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known here; using GPT-2's byte-level split")
+    return byte_level, False
+
+
+def _tokenizer(reader: GGUFReader, tokens: list[str] | None, context: int) -> tuple[str | None, dict]:
+    model = _field(reader, "tokenizer.ggml.model")
+    if tokens is None:
+        return None, {}
+    if model != "gpt2":
+        warnings.warn(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE); "
+                      "no tokenizer exported")
+        return None, {}
+    spell = _byte_to_unicode()
+    alphabet = set(spell.values())
+    vocab = {tok if set(tok) <= alphabet else "".join(spell[b] for b in tok.encode()): i
+             for i, tok in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges") or []]
+    pre, ignore_merges = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre"))
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges))
+    tok.pre_tokenizer, tok.decoder = pre, decoders.ByteLevel()
+
+    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    marked = {i for i in ids.values() if i is not None}
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for i, (t, ty) in enumerate(zip(tokens, types)) if ty == _CONTROL or i in marked])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token"))
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token"))
+    pre_ids = [ids["bos"]] if add_bos and ids["bos"] is not None else []
+    post_ids = [ids["eos"]] if add_eos and ids["eos"] is not None else []
+    wrap = lambda seq: " ".join([*(tokens[i] for i in pre_ids), seq, *(tokens[i] for i in post_ids)])  # noqa: E731
+    tok.post_processor = processors.TemplateProcessing(
+        single=wrap("$A:0"), pair=f"{wrap('$A:0')} {wrap('$B:1')}",
+        special_tokens=[(tokens[i], i) for i in sorted(set(pre_ids + post_ids))])
+
+    name = lambda i: None if i is None else tokens[i]  # noqa: E731
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(ids["bos"]),
+        "eos_token": name(ids["eos"]),
+        "unk_token": name(ids["unknown"]),
+        "pad_token": name(ids["padding"]),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": context,
+    }
+    template = _field(reader, "tokenizer.chat_template")
+    if template is not None:
+        config["chat_template"] = template
+    return tok.to_str(), config
