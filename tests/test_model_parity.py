@@ -25,10 +25,11 @@ TOL = 1e-4
 def tiny_dir(tmp_path_factory):
     root, made = tmp_path_factory.mktemp("parity"), {}
 
-    def get(family: str):
-        if family not in made:
-            made[family] = make_tiny_checkpoint(family, root / family)
-        return made[family]
+    def get(family: str, **overrides):
+        key = family + "".join(f"-{k}{v}" for k, v in overrides.items())
+        if key not in made:
+            made[key] = make_tiny_checkpoint(family, root / key, **overrides)
+        return made[key]
     return get
 
 
@@ -47,9 +48,9 @@ def prompt(n: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_and_greedy_decode_match_transformers(family, tiny_dir):
-    path = tiny_dir(family)
+@pytest.mark.parametrize("family,overrides", [(f, {}) for f in FAMILIES] + [("mixtral", {"sliding_window": 5})])
+def test_prefill_and_greedy_decode_match_transformers(family, overrides, tiny_dir):
+    path = tiny_dir(family, **overrides)
     ours, hf = ours_from(path), hf_from(path)
     tokens = prompt()
     with torch.no_grad():

@@ -103,10 +103,6 @@ class ModelConfig:
             sliding_window=d.get("sliding_window") if d.get("use_sliding_window") else None,
         )
 
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0 and bool(self.sparse_layers)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["sparse_layers"] = list(self.sparse_layers)
