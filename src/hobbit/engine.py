@@ -177,7 +177,7 @@ class Engine:
                     decode_tok_s=self.tokens_generated / self.decode_s if self.decode_s else 0.0, **self.memory())
 
     def memory(self) -> dict:
-        kv = sum(t.numel() * t.element_size() for t in self.model.kv_tensors())
+        kv = sum(t.numel() * t.element_size() for t in (self.model.k_cache, self.model.v_cache))
         dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return dict(budget_bytes=self.budget_bytes, cached_expert_bytes=self.provider.cached_bytes(),
                     dense_bytes=dense, kv_cache_bytes=kv,

@@ -98,6 +98,8 @@ class Loader:
                 with self._cv:
                     self._pending.pop(key, None)
                     self.loads[prio] += 1
+                if fut.done():  # close() already failed it, or a queued prefetch was cancelled
+                    continue
                 if error is None:
                     fut.set_result(result)
                 else:
