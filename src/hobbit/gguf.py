@@ -73,6 +73,21 @@ class GGUFModel:
     def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         return dict(self.tensors(dtype))
 
+    def save_hf(self, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> Path:
+        """Write config.json, model.safetensors and, if there is a tokenizer, tokenizer.json and
+        tokenizer_config.json to out_dir (created); returns out_dir."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = dict(tqdm(self.tensors(dtype), total=len(self.shapes), desc=f"dequantizing {self.path.name}",
+                          unit="tensor", disable=not progress))
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        config = dict(self.config, torch_dtype=str(dtype).removeprefix("torch."))
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if self.tokenizer_json is not None:
+            (out / "tokenizer.json").write_text(self.tokenizer_json)
+            (out / "tokenizer_config.json").write_text(json.dumps(self.tokenizer_config, indent=2) + "\n")
+        return out
+
 
 def load_gguf(path: str | Path) -> GGUFModel:
     """Open a GGUF; raises UnsupportedGGUF naming what it cannot handle."""
@@ -83,13 +98,16 @@ def load_gguf(path: str | Path) -> GGUFModel:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedGGUF(f"{path.name}: GGUF architecture {arch!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    heads = (meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"])
     shapes, types = {}, {}
     for t in reader.tensors:
         if not _can_dequantize(t.tensor_type):
             raise UnsupportedGGUF(f"{path.name}: tensor {t.name!r} has GGML type {t.tensor_type.name}, "
                                   f"which gguf.quants cannot dequantize")
-        for name, shape in _hf_shapes(t):
+        try:
+            hf = _hf_shapes(t)
+        except UnsupportedGGUF as e:
+            raise UnsupportedGGUF(f"{path.name}: {e}") from None
+        for name, shape in hf:
             shapes[name], types[name] = shape, t.tensor_type.name
     tokens = _field(reader, "tokenizer.ggml.tokens")
     config = _hf_config(meta, shapes, _field(reader, "tokenizer.ggml.bos_token_id"),
@@ -100,21 +118,8 @@ def load_gguf(path: str | Path) -> GGUFModel:
 
 def export_hf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
               progress: bool = True) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to out_dir."""
-    model = load_gguf(path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for name, w in tqdm(model.tensors(dtype), total=len(model.shapes), desc=f"dequantizing {model.path.name}",
-                        unit="tensor", disable=not progress):
-        state[name] = w
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = dict(model.config, torch_dtype=str(dtype).removeprefix("torch."))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if model.tokenizer_json is not None:
-        (out / "tokenizer.json").write_text(model.tokenizer_json)
-        (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config, indent=2) + "\n")
-    return out
+    """Write a GGUF as a standard HF folder (see `GGUFModel.save_hf`); returns out_dir."""
+    return load_gguf(path).save_hf(out_dir, dtype, progress)
 
 
 # ---------------------------------------------------------------- weights
