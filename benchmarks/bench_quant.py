@@ -2,6 +2,8 @@
 
 Usage: python benchmarks/bench_quant.py [--n 2048] [--k 1408] [--group-size 64] [--out FILE.json]
 Times are min over repeats (the machine is shared); linear runs on a hot (cache-resident) weight.
+quantize/dequantize allocate full-size temporaries: with glibc's default mmap threshold they pay
+page faults (2-4x slower); MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 avoids that.
 """
 from __future__ import annotations
 
