@@ -59,7 +59,7 @@ def roundtrip(w: np.ndarray, qtype: Q) -> torch.Tensor:
     return torch.from_numpy(np.array(dequantize(quantize(w, qtype), qtype), np.float32).reshape(w.shape))
 
 
-def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: bool = False,
+def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: bool = False, pre: str = "gpt2",
                arch: str = "llama", extra: dict | None = None) -> dict[str, torch.Tensor]:
     """A tiny GGUF as llama.cpp writes it; returns the HF state dict a reader must recover."""
     vocab = tok.get_vocab()
@@ -103,7 +103,7 @@ def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: b
         w.add_expert_count(experts)
         w.add_expert_used_count(2)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     w.add_token_merges(merges)
@@ -185,6 +185,17 @@ def test_tokenizer_round_trip(tiny_llama, bpe, tmp_path):
     write_gguf(with_bos, bpe, add_bos=True)
     ids = Tokenizer.from_str(load_gguf(with_bos).tokenizer_json).encode("hello").ids
     assert ids == [bpe.token_to_id("<|im_start|>")] + bpe.encode("hello").ids
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe"])
+def test_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, bpe, pre):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / f"{pre}.gguf"
+    write_gguf(path, bpe, pre=pre)
+    ours = Tokenizer.from_str(load_gguf(path).tokenizer_json)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in TEXTS + CORPUS[:3]:
+        assert ours.encode(text).ids == theirs(text).input_ids, text
 
 
 def test_export_matches_transformers_gguf_load_and_our_engine(tiny_llama, bpe, tmp_path):

@@ -91,7 +91,10 @@ def asset_path(name: str, progress: bool = True) -> Path:
             want = f"expected {expected[:12]}…" if expected else "no recorded sha256"
             _say(progress, f"hobbit: cached {name} at {dest} fails verification (sha256 {actual[:12]}…, "
                            f"{want}); fetching it again")
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            else:
+                dest.unlink()
         _say(progress, f"hobbit: fetching {name} from {asset.source}")
         with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
             built = Path(tmp) / asset.target
@@ -166,7 +169,7 @@ def _line_cut(text: str, fraction: float) -> int:
     """Start of the first line at or after `fraction` of the text (0 and 1 map to the ends)."""
     if fraction <= 0:
         return 0
-    at = text.find("\n", int(len(text) * fraction))
+    at = text.find("\n", max(int(len(text) * fraction) - 1, 0))
     return len(text) if fraction >= 1 or at < 0 else at + 1
 
 
