@@ -25,13 +25,13 @@ def decode_logits(engine, prompt: list[int], steps: int) -> tuple[torch.Tensor, 
             toks.append(tok)
             logits = engine.model.forward(torch.tensor([tok]), len(prompt) + i)[-1]
             engine.provider.end_step()
-            if engine.provider.cache is not None:
+            if engine.provider.scheduler.cache is not None:
                 check_budget(engine)
     return torch.stack(out), toks
 
 
 def check_budget(engine) -> None:
-    cache = engine.provider.cache
+    cache = engine.provider.scheduler.cache
     for pool, used in cache.used.items():
         assert used <= cache.budgets[pool], f"pool {pool} holds {used} > budget {cache.budgets[pool]}"
 

@@ -183,16 +183,18 @@ def test_eq3_weight_validation():
 
 
 def test_belady_evicts_farthest_next_use():
-    trace = [(0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 3)]
+    # one sequence, one layer: token 0 uses A,B,C; token 1 uses A; token 2 uses B; token 3 uses D
+    trace = [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 2), (0, 1, 0, 0), (0, 2, 0, 1), (0, 3, 0, 3)]
     p = Belady(trace)
-    touch_all(p, [A, B, C])
-    assert p.position == 3
-    assert (p.next_use(A), p.next_use(B), p.next_use(C)) == (3, 4, math.inf)
-    assert p.victim([A, B, C], 2, 0) == C
-    p.touch(D, 2, 0, True)  # not the next access: position stays
-    assert p.position == 3
-    touch_all(p, [A])
-    assert p.victim([A, B], 3, 0) == A  # A never used again
+    p.reset()
+    touch_all(p, [A, B, C])  # all at t=0 (touch_all uses t=0, layer 0)
+    assert (p.next_use(A, 0, 0), p.next_use(B, 0, 0), p.next_use(C, 0, 0)) == ((0, 1, 0), (0, 2, 0), Belady.NEVER)
+    assert p.victim([A, B, C], 0, 0) == C
+    # at token 3, layer 0: D is about to be used (not touched yet), A and B never again
+    assert p.next_use(D, 3, 0) == (0, 3, 0)
+    assert p.victim([A, D], 3, 0) == A
+    p.reset()  # a second sequence: nothing recorded for it
+    assert p.next_use(D, 0, 0) == Belady.NEVER
 
 
 def test_make_policy():
@@ -200,7 +202,7 @@ def test_make_policy():
     assert isinstance(make_policy("lfu", 4), LFU)
     assert make_policy("slru", 4, protected_fraction=0.5).protected_fraction == 0.5
     assert make_policy("hobbit", 4).num_layers == 4
-    assert make_policy("belady", 4, trace=[(0, 1)]).trace == [(0, 1)]
+    assert make_policy("belady", 4, trace=[(0, 0, 0, 1)]).next_use((0, 1, "bf16"), 0, 0) == (0, 0, 0)
     with pytest.raises(ValueError, match="lru, lfu, slru, hobbit, belady"):
         make_policy("fifo", 4)
     with pytest.raises(ValueError, match="trace"):
@@ -251,7 +253,7 @@ def workloads(draw):
 @given(workloads())
 def test_belady_is_a_lower_bound(workload):
     layers, sequences, capacity = workload
-    trace = [access for seq in sequences for token in seq for access in token]
+    trace = [(s, t, layer, e) for s, seq in enumerate(sequences) for t, token in enumerate(seq) for layer, e in token]
     best = simulate(Belady(trace), sequences, capacity)
     for policy in (LRU(), LFU(), SLRU(), SLRU(protected_fraction=0.5), Multidim(layers)):
         assert best <= simulate(policy, sequences, capacity), policy.name

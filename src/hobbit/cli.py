@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .provider import POLICIES
+from .schedule import POLICIES
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,10 @@ from torch import Tensor
 from .config import ModelConfig
 from .model import Transformer
 from .prefetch import DEMAND, PREFETCH
-from .provider import OffloadedExperts, ProviderOptions
+from .provider import OffloadedExperts, Predictor
+from .policies.prefetch import PredictionStats
+from .schedule import Options
+from .trace import TraceWriter
 from .store import ExpertStore
 from .tokenizer import Tokenizer
 
@@ -88,7 +91,7 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, gen: to
 class Engine:
     def __init__(self, store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16",
                  high: str | None = None, low: str | None = None, max_seq_len: int | None = None,
-                 threads: int = 1, direct_io: bool = True, **options):
+                 threads: int = 1, direct_io: bool = True, trace: str | Path | None = None, **options):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose bf16 or fp32")
         _tune_malloc()
@@ -106,10 +109,20 @@ class Engine:
         if not self.config.num_experts:
             policy = "resident"  # a dense model has no experts to offload
         self.policy = policy
-        self.provider = OffloadedExperts(self.store, self.config.num_layers, self.dtype, self.budget_bytes,
-                                         ProviderOptions(policy=policy, high=high, low=low, **options))
+        opts = Options(policy=policy, high=high, low=low, **options)
+        self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
+                                         self.budget_bytes, opts)
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
         self.model.load_dense(load_file(str(self.path / self.store.manifest["dense_file"])))
+        depth = max(opts.depth, 3 if trace else 0)  # traces record 3 layers of predictions for simulate
+        if depth and self.config.num_experts:
+            sparse = self.config.sparse_layers
+            self.provider.predictor = Predictor(
+                {i: self.model.layers[i].mlp.gate.weight for i in sparse},
+                {i: self.model.layers[i].post_attention_layernorm.weight for i in sparse},
+                depth, self.config.top_k, self.config.norm_topk_prob)
+        if trace:
+            self.provider.trace = TraceWriter(trace, self.trace_header())
         self.tokenizer = Tokenizer.from_dir(self.path)
         self.max_context = self.model.max_seq_len
         self.model_name = self.path.resolve().name
@@ -171,6 +184,14 @@ class Engine:
                      **self.memory())
         return Generation(out, finish, stats)
 
+    def trace_header(self) -> dict:
+        c = self.config
+        precs = self.store.precisions
+        return dict(store=str(self.path), arch=c.arch, num_layers=c.num_layers, sparse_layers=list(c.sparse_layers),
+                    num_experts=c.num_experts, top_k=c.top_k, precisions=precs,
+                    expert_ram_bytes={p: self.provider.expert_bytes(p) for p in precs},
+                    expert_disk_bytes={p: self.store.expert_nbytes(p) for p in precs})
+
     def stats(self) -> dict:
         s = self._counters()
         return dict(s, policy=self.policy, tokens_generated=self.tokens_generated,
@@ -228,6 +249,8 @@ class Engine:
                 out[k] = {kk: vv - a.get(k, {}).get(kk, 0) for kk, vv in v.items()}
             elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "hit_rate":
                 out[k] = v - a.get(k, 0)
+        if "prediction" in out:  # ratios of the differences, not differences of ratios
+            out["prediction"] = PredictionStats.from_counts(out["prediction"]).as_dict()
         hits, misses = out.get("hits", 0), out.get("misses", 0)
         out["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
         return out

@@ -1,30 +1,25 @@
 """OffloadedExperts: the ExpertProvider that serves experts from the store through a cache.
 
-Per MoE layer call: decide which experts and precisions are needed, look each one up in the
-cache, queue every miss on the loader at once (demand priority), then compute the experts in
+Per MoE layer call: the torch-free Scheduler decides, per selected expert, hit / load / skip;
+every miss is queued on the loader at once (demand priority), then the experts are computed in
 ascending id order as their loads land, so compute overlaps the reads still in flight. The
-order is fixed, so results do not depend on what happened to be cached.
+order is fixed, so results do not depend on what happened to be cached. After the layer, the
+next layers' experts are predicted with their stacked gates and prefetched (HOBBIT §3.3).
 """
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import quant
-from .cache import CacheFull, ExpertCache
-from .policies.eviction import make_policy
-from .policies.precision import HIGH, LOW, SKIP, ServeRule, decide
-from .prefetch import DEMAND, Loader
+from .prefetch import DEMAND, PREFETCH, Loader
+from .schedule import Options, Scheduler
 from .store import ExpertStore
-
-NO_CACHE_POLICIES = ("resident", "ondemand")
-CACHE_POLICIES = ("lru", "lfu", "slru", "belady", "lru+prefetch", "hobbit")
-POLICIES = NO_CACHE_POLICIES + CACHE_POLICIES
+from .trace import TraceWriter
 
 
 @dataclass
@@ -43,95 +38,67 @@ class Expert:
         return quant.linear(F.silu(gate) * up, self.w2)
 
 
-@dataclass
-class ProviderStats:
-    hits: Counter = field(default_factory=Counter)  # precision -> count
-    misses: Counter = field(default_factory=Counter)
-    skipped: int = 0
-    prefetch_used: int = 0
-    prefetch_issued: int = 0
-    loader_wait_s: float = 0.0
-    evictions: int = 0
+class Predictor:
+    """Next-layer expert prediction with stacked gates (HOBBIT's Stacking Computer).
 
-    def as_dict(self) -> dict:
-        hits, misses = sum(self.hits.values()), sum(self.misses.values())
-        precs = sorted(set(self.hits) | set(self.misses))
-        return dict(hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses),
-                    hits_by_precision={p: self.hits[p] for p in precs},
-                    misses_by_precision={p: self.misses[p] for p in precs},
-                    skipped=self.skipped, prefetch_issued=self.prefetch_issued,
-                    prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s,
-                    evictions=self.evictions)
+    At sparse layer i the router input x_i = rmsnorm(h) * g_i. Layer j's router sees (roughly) the
+    same residual normalized with its own norm weight g_j, so its logits are predicted by
+    x_i @ (W_j * g_j / g_i).T; the next `depth` layers' corrected gates are stacked into one matrix
+    and evaluated with a single matmul.
+    """
 
+    def __init__(self, gates: dict[int, Tensor], norms: dict[int, Tensor], depth: int, top_k: int,
+                 norm_topk_prob: bool):
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        layers = sorted(gates)
+        self.stacks: dict[int, tuple[list[int], Tensor]] = {}
+        for n, i in enumerate(layers):
+            ahead = layers[n + 1:n + 1 + depth]
+            if not ahead:
+                continue
+            ratio = lambda j: (norms[j].float() / norms[i].float().clamp_min(1e-6))  # noqa: E731 [H]
+            w = torch.cat([gates[j].float() * ratio(j)[None, :] for j in ahead])  # [depth*E, H]
+            self.stacks[i] = (ahead, w.to(gates[i].dtype))
 
-@dataclass
-class ProviderOptions:
-    policy: str = "lru"
-    high: str = "bf16"  # precision of 'high' loads (and of every load for full-precision policies)
-    low: str | None = None  # precision of 'low' loads (hobbit)
-    t1: float = 0.6
-    t2: float = 0.9
-    low_pool_fraction: float = 0.25  # hobbit: share of the budget for the low-precision pool
-    allow_low_for_high: bool = False
-    prefetch_depth: int = 0  # layers ahead to predict (0 = no prefetch)
-    eviction_options: dict = field(default_factory=dict)
+    def __call__(self, layer: int, x: Tensor) -> dict[int, list[tuple[int, float]]]:
+        """x [T,H] -> {later layer: [(expert, weight), ...]} for the last token."""
+        if layer not in self.stacks:
+            return {}
+        ahead, w = self.stacks[layer]
+        logits = (x[-1:] @ w.T).float().view(len(ahead), -1)  # [depth, E]
+        probs = torch.softmax(logits, dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)  # [depth, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return {j: list(zip(ids[n].tolist(), weights[n].tolist())) for n, j in enumerate(ahead)}
 
 
 class OffloadedExperts:
-    def __init__(self, store: ExpertStore, num_layers: int, dtype: torch.dtype, budget_bytes: int | None,
-                 options: ProviderOptions):
-        if options.policy not in POLICIES:
-            raise ValueError(f"unknown policy {options.policy!r}; choose from {', '.join(POLICIES)}")
+    def __init__(self, store: ExpertStore, num_layers: int, top_k: int, dtype: torch.dtype,
+                 budget_bytes: int | None, options: Options):
         for p in filter(None, (options.high, options.low)):
             if p not in store.precisions:
                 raise ValueError(f"precision {p!r} is not in the store (it has {', '.join(store.precisions)}); "
                                  f"re-convert with `--precisions` including it")
         self.store, self.dtype, self.opt = store, dtype, options
-        self.stats = ProviderStats()
-        self.serve_rule = ServeRule(allow_low_for_high=options.allow_low_for_high)
-        self.t = 0  # token clock of the current sequence
-        self.resident: dict[tuple[int, int], Expert] = {}
-        self.cache: ExpertCache | None = None
         self._expert_bytes: dict[str, int] = {}
         self.loader = Loader(self._load)
+        self.scheduler = Scheduler(options, num_layers, top_k, self.expert_bytes, budget_bytes)
+        self.stats = self.scheduler.stats
+        self.resident: dict[tuple[int, int], Expert] = {}
+        self.predictor: Predictor | None = None
+        self.trace: TraceWriter | None = None
+        self._inflight: dict[tuple[int, int, str], object] = {}  # prefetch key -> Future
         if options.policy == "resident":
             for layer, expert in sorted({(b.layer, b.expert) for b in store.blobs.values()}):
                 self.resident[(layer, expert)] = self._load((layer, expert, options.high))
-        elif options.policy in CACHE_POLICIES:
-            self.cache = self._make_cache(num_layers, budget_bytes)
 
-    # -- setup ---------------------------------------------------------------------------------
     def expert_bytes(self, precision: str) -> int:
         """RAM one prepared expert takes at this precision (what the budget counts), measured."""
         if precision not in self._expert_bytes:
             first = next(b for b in self.store.blobs.values() if b.precision == precision)
             self._expert_bytes[precision] = self._load((first.layer, first.expert, precision)).nbytes
         return self._expert_bytes[precision]
-
-    def _make_cache(self, num_layers: int, budget: int | None) -> ExpertCache:
-        o = self.opt
-        if budget is None:
-            raise ValueError(f"policy {o.policy!r} needs a budget (e.g. --budget 25%)")
-        top_k = self.store.manifest["config"]["top_k"]
-        need = top_k * self.expert_bytes(o.high)
-        if budget < need:
-            raise ValueError(f"budget {budget} bytes is too small: one layer's {top_k} active experts at "
-                             f"{o.high} need {need} bytes ({need / 2**20:.1f} MiB); raise --budget to at least that")
-        options = dict(o.eviction_options)
-        if o.policy == "belady":
-            if "trace" not in options:
-                raise ValueError("policy 'belady' needs the future access trace (a routing trace, --trace)")
-        kind = {"lru+prefetch": "lru"}.get(o.policy, o.policy)
-        policy = make_policy(kind, num_layers, **options)
-        if o.policy == "hobbit" and o.low:
-            low_budget = int(budget * o.low_pool_fraction)
-            pools = {HIGH: budget - low_budget, LOW: low_budget}
-            if pools[HIGH] < need:
-                raise ValueError(f"the high-precision pool ({pools[HIGH]} bytes) is below one layer's active "
-                                 f"experts ({need} bytes); raise --budget or lower the low-pool fraction")
-            high_fmt = o.high
-            return ExpertCache(pools, lambda prec: HIGH if prec == high_fmt else LOW, policy)
-        return ExpertCache({"all": budget}, lambda prec: "all", policy)
 
     def _load(self, key: tuple[int, int, str]) -> Expert:
         """Runs on the loader thread: read the blob and prepare it for the kernels."""
@@ -143,95 +110,66 @@ class OffloadedExperts:
 
     # -- sequence clock --------------------------------------------------------------------------
     def begin_sequence(self) -> None:
-        self.t = 0
-        if self.cache is not None:
-            self.cache.reset_sequence()
-            self.cache.unpin_all()
+        self.scheduler.begin_sequence()
         self.loader.cancel_prefetches()
+        self._inflight = {k: f for k, f in self._inflight.items() if not f.cancelled()}
+        if self.trace is not None:
+            self.trace.begin_sequence()
 
     def end_step(self) -> None:
-        self.t += 1
+        self.scheduler.end_step()
 
     # -- the hot path ----------------------------------------------------------------------------
-    def _wanted(self, ids: Tensor, weights: Tensor) -> dict[int, str]:
-        """Precision tier per unique expert: the highest any token asks for (hobbit: Eq. 2)."""
-        if self.opt.policy != "hobbit" or not self.opt.low:
-            return {e: HIGH for e in ids.unique().tolist()}
-        want: dict[int, str] = {}
-        rank = {HIGH: 0, LOW: 1, SKIP: 2}
-        for row_ids, row_w in zip(ids.tolist(), weights.tolist()):
-            for e, tier in zip(row_ids, decide(row_w, self.opt.t1, self.opt.t2)):
-                if e not in want or rank[tier] < rank[want[e]]:
-                    want[e] = tier
-        return want
-
-    def _lookup(self, layer: int, e: int, tier: str) -> Expert | None:
-        """A cached copy that may serve this tier, per the serve rule; records the use."""
-        o, cache = self.opt, self.cache
-        high_key, low_key = (layer, e, o.high), ((layer, e, o.low) if o.low else None)
-        served = self.serve_rule.serve(tier, cache.get(high_key) is not None,
-                                       low_key is not None and cache.get(low_key) is not None)
-        if served is None:
-            return None
-        key = high_key if served == HIGH else low_key
-        cache.touch(key, self.t, layer, served == HIGH)
-        return cache.get(key)
+    def _drain_prefetches(self, wait: bool = False) -> None:
+        for key, fut in list(self._inflight.items()):
+            if not (fut.done() or wait):
+                continue
+            del self._inflight[key]
+            if fut.cancelled() or fut.exception() is not None:
+                continue  # a failed prefetch is retried as a demand load if it is really needed
+            expert = fut.result()
+            self.scheduler.prefetched(key, expert, expert.nbytes)
 
     def experts(self, layer: int, x: Tensor, logits: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        self._drain_prefetches(wait=self.opt.sync_prefetch)
+        rows = list(zip(ids.tolist(), weights.tolist()))
+        steps = self.scheduler.plan(layer, rows, lambda l, e: self.resident[(l, e)])
+        futures = {s.expert: self.loader.request(s.key, DEMAND) for s in steps if s.action == "load"}
         out = torch.zeros_like(x)  # [T,H]
-        want = self._wanted(ids, weights)
-        ready: dict[int, Expert] = {}
-        futures = {}
-        for e, tier in sorted(want.items()):
-            if tier == SKIP:
-                self.stats.skipped += int((ids == e).sum())
-                continue
-            prec = self.opt.high if tier == HIGH else self.opt.low
-            if self.resident:
-                ready[e] = self.resident[(layer, e)]
-            elif self.cache is not None and (hit := self._lookup(layer, e, tier)) is not None:
-                ready[e] = hit
-            else:
-                futures[e] = self.loader.request((layer, e, prec), DEMAND)
-                continue
-            self.stats.hits[ready[e].precision] += 1
-        if self.cache is not None:
-            for e in ready:
-                self.cache.pin((layer, e, ready[e].precision))
         try:
-            for e in sorted(set(ready) | set(futures)):
-                if e in futures:
+            for s in steps:
+                if s.action == "skip":
+                    continue
+                if s.action == "load":
                     t0 = time.perf_counter()
-                    expert = futures[e].result()
+                    expert = futures[s.expert].result()
                     self.stats.loader_wait_s += time.perf_counter() - t0
-                    self.stats.misses[expert.precision] += 1
-                    self._admit(layer, e, expert)
+                    self._inflight.pop(s.key, None)
+                    self.scheduler.loaded(s.key, expert, expert.nbytes)
                 else:
-                    expert = ready[e]
-                tok, slot = (ids == e).nonzero(as_tuple=True)  # tokens routed to e, and which of their k slots
+                    expert = s.payload
+                mask = ids == s.expert  # [T,k]
+                tok, slot = mask.nonzero(as_tuple=True)  # tokens routed to this expert, and their slot
                 y = expert(x[tok])  # [n,H]
                 out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
         finally:
-            if self.cache is not None:
-                for e, expert in ready.items():
-                    self.cache.unpin((layer, e, expert.precision))
+            self.scheduler.finish_layer(layer, steps)
+        predicted = self.predictor(layer, x) if self.predictor is not None else {}
+        if self.trace is not None:
+            self.trace.record(self.scheduler.t, layer, rows, logits, predicted)
+        for key in self.scheduler.prefetch(layer, dict(sorted(predicted.items())[:self.opt.depth])):
+            if key not in self._inflight:
+                self._inflight[key] = self.loader.request(key, PREFETCH)
         return out
-
-    def _admit(self, layer: int, e: int, expert: Expert) -> None:
-        if self.cache is None:
-            return  # ondemand: use once and drop
-        key = (layer, e, expert.precision)
-        try:
-            evicted = self.cache.insert(key, expert, expert.nbytes, self.t, layer, expert.precision == self.opt.high)
-        except CacheFull:
-            return  # everything left is in use right now (large prefill): compute without caching
-        self.stats.evictions += len(evicted)
 
     def close(self) -> None:
         self.loader.close()
         self.store.close()
+        if self.trace is not None:
+            self.trace.close()
 
     def cached_bytes(self) -> int:
         if self.resident:
             return sum(x.nbytes for x in self.resident.values())
-        return sum(self.cache.used.values()) if self.cache is not None else 0
+        cache = self.scheduler.cache
+        return sum(cache.used.values()) if cache is not None else 0

@@ -291,49 +291,56 @@ class Multidim:
 class Belady:
     """Offline optimal eviction (Belady's MIN): evict the candidate whose next use is farthest.
 
-    Built from the full future access sequence of experts ``(layer, expert)`` in the order the
-    cache will see them; precision is ignored (the bound is for a full-precision run).
+    Built from a recorded routing trace: ``trace`` lists every expert use as ``(seq, t, layer,
+    expert)`` (sequence index, token step, layer, expert), one entry per expert per layer call.
+    Precision is ignored: it is the bound for a full-precision run.
 
-    Position tracking (ours): the policy keeps an index into ``trace`` (``position``), the next
-    access not yet seen. ``touch(key, ...)`` consumes that access when ``key``'s ``(layer,
-    expert)`` equals it and advances by one; any other touch (a prefetch insert, a repeated
-    touch) leaves the position where it is. So the trace must list exactly the demand uses the
-    cache will touch, in order. A candidate's next use is its first occurrence at or after
-    ``position``; never again = infinitely far. Ties (e.g. several never used again) go to the
-    least recent touch, then the key. The trace spans the whole run, so ``reset`` keeps the
-    position.
+    Time, not call order (ours): the clock is ``(seq, t, layer_now)``, with ``seq`` counted by
+    ``reset()`` (the cache calls it at every new sequence, the first call makes seq 0). A
+    candidate's next use is its first trace entry after now, or at now if it has not been
+    touched yet in this layer call (it is about to be used). So the order in which one layer's
+    hits and loads reach the cache does not matter. Ties go to the least recent touch.
     """
 
     name = "belady"
+    NEVER = (math.inf,)
 
-    def __init__(self, trace: Iterable[tuple[int, int]]) -> None:
-        self.trace: list[tuple[int, int]] = [(int(layer), int(expert)) for layer, expert in trace]
-        self._occurrences: dict[tuple[int, int], list[int]] = {}
-        for i, e in enumerate(self.trace):
-            self._occurrences.setdefault(e, []).append(i)
-        self.position = 0
+    def __init__(self, trace: Iterable[tuple[int, int, int, int]]) -> None:
+        self._occurrences: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for seq, t, layer, expert in trace:
+            self._occurrences.setdefault((int(layer), int(expert)), []).append((int(seq), int(t), int(layer)))
+        for occ in self._occurrences.values():
+            occ.sort()
+        self.seq = -1
+        self._now: tuple[int, int, int] | None = None
+        self._used_now: set[tuple[int, int]] = set()
         self._recency = _Recency()
 
     def reset(self) -> None:
-        pass
+        self.seq += 1
 
     def touch(self, key: Key, t: int, layer_now: int, high: bool) -> None:
-        if self.position < len(self.trace) and self.trace[self.position] == (key[0], key[1]):
-            self.position += 1
+        now = (self.seq, t, layer_now)
+        if now != self._now:
+            self._now, self._used_now = now, set()
+        self._used_now.add((key[0], key[1]))
         self._recency.touch(key)
 
     def remove(self, key: Key) -> None:
         self._recency.remove(key)
 
-    def next_use(self, key: Key) -> float:
-        """Trace index of the next use of ``key``'s expert at or after ``position``; inf if none."""
+    def next_use(self, key: Key, t: int, layer_now: int) -> tuple:
+        """(seq, t, layer) of the next use of ``key``'s expert, or NEVER."""
+        now = (self.seq, t, layer_now)
         occ = self._occurrences.get((key[0], key[1]), [])
-        i = bisect.bisect_left(occ, self.position)
-        return occ[i] if i < len(occ) else math.inf
+        i = bisect.bisect_left(occ, now)
+        if i < len(occ) and occ[i] == now and self._now == now and (key[0], key[1]) in self._used_now:
+            i += 1  # already served in this layer call
+        return occ[i] if i < len(occ) else self.NEVER
 
     def victim(self, candidates: Sequence[Key], t: int, layer_now: int) -> Key:
         _check_candidates(candidates)
-        return min(candidates, key=lambda k: (-self.next_use(k), self._recency.stamp(k), k))
+        return max(candidates, key=lambda k: (self.next_use(k, t, layer_now), -self._recency.stamp(k)))
 
 
 POLICY_NAMES = ("lru", "lfu", "slru", "hobbit", "belady")
@@ -343,7 +350,7 @@ def make_policy(name: str, num_layers: int, **options) -> EvictionPolicy:
     """Build a policy by name.
 
     ``options``: ``slru`` takes ``protected_fraction``; ``hobbit`` takes ``weights`` (keys lru,
-    lfu, lhu, fld); ``belady`` requires ``trace`` (sequence of ``(layer, expert)``). ``lru`` and
+    lfu, lhu, fld); ``belady`` requires ``trace`` (``(seq, t, layer, expert)`` uses, see ``Belady``). ``lru`` and
     ``lfu`` take none. An unknown option raises TypeError.
     """
     if name == "lru":
@@ -356,6 +363,6 @@ def make_policy(name: str, num_layers: int, **options) -> EvictionPolicy:
         return Multidim(num_layers, **options)
     if name == "belady":
         if "trace" not in options:
-            raise ValueError("policy 'belady' needs trace=[(layer, expert), ...] (the future accesses)")
+            raise ValueError("policy 'belady' needs trace=[(seq, t, layer, expert), ...]: a recorded routing trace")
         return Belady(**options)
     raise ValueError(f"unknown eviction policy {name!r}; valid names: {', '.join(POLICY_NAMES)}")

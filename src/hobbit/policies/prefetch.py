@@ -96,9 +96,18 @@ class PredictionStats:
         return self.top1_hits / self.samples if self.samples else 1.0
 
     def as_dict(self) -> dict[str, float]:
+        """The ratios plus the raw counts (so differences of two snapshots can be re-summarized)."""
         return {
             "precision": self.precision,
             "recall": self.recall,
             "top1_accuracy": self.top1_accuracy,
             "samples": self.samples,
+            "true_pos": self.true_pos,
+            "false_pos": self.false_pos,
+            "false_neg": self.false_neg,
+            "top1_hits": self.top1_hits,
         }
+
+    @classmethod
+    def from_counts(cls, d: dict) -> "PredictionStats":
+        return cls(d["true_pos"], d["false_pos"], d["false_neg"], d["top1_hits"], d["samples"])

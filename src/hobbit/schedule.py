@@ -1,0 +1,234 @@
+"""Scheduler: every expert-caching decision, torch-free, shared by the live engine and `hobbit simulate`.
+
+Per MoE layer call the live provider (or the simulator) asks `plan()` what to do with each
+selected expert: serve a cached copy ('hit'), load one at a precision ('load') or drop it
+('skip', HOBBIT Eq. 2). Loaded blobs come back through `loaded()`; prefetches through
+`prefetched()`. Because the simulator drives this same object with a recorded routing trace,
+its counters are the live engine's counters.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .cache import CacheFull, ExpertCache
+from .policies.eviction import make_policy
+from .policies.precision import HIGH, LOW, SKIP, ServeRule, decide
+from .policies.prefetch import PredictionStats, plan_prefetch
+
+Key = tuple[int, int, str]  # (layer, expert, precision)
+NO_CACHE_POLICIES = ("resident", "ondemand")
+CACHE_POLICIES = ("lru", "lfu", "slru", "belady", "lru+prefetch", "hobbit")
+POLICIES = NO_CACHE_POLICIES + CACHE_POLICIES
+
+
+@dataclass
+class Options:
+    policy: str = "lru"
+    high: str = "bf16"  # precision of 'high' loads (of every load, for full-precision policies)
+    low: str | None = None  # precision of 'low' loads (hobbit)
+    t1: float = 0.6  # Eq. 2 thresholds (the paper's Mixtral values)
+    t2: float = 0.9
+    low_pool_fraction: float = 0.25  # hobbit: share of the budget that holds low-precision copies
+    allow_low_for_high: bool = False  # a cached low copy may serve a request for high
+    prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
+    sync_prefetch: bool = False  # wait for in-flight prefetches at each layer (deterministic; tests, simulate parity)
+    eviction_options: dict = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        if self.prefetch_depth is not None:
+            return self.prefetch_depth
+        return {"hobbit": 2, "lru+prefetch": 1}.get(self.policy, 0)
+
+
+@dataclass
+class Stats:
+    hits: Counter = field(default_factory=Counter)  # precision -> count (one per expert per layer call)
+    misses: Counter = field(default_factory=Counter)
+    bytes_loaded: Counter = field(default_factory=Counter)  # 'demand' / 'prefetch' -> bytes
+    skipped: int = 0  # token-expert selections dropped by Eq. 2
+    selections: int = 0  # token-expert selections seen
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # prefetched copies that served a later request
+    loader_wait_s: float = 0.0
+    evictions: int = 0
+    prediction: PredictionStats = field(default_factory=PredictionStats)
+
+    def as_dict(self) -> dict:
+        hits, misses = sum(self.hits.values()), sum(self.misses.values())
+        precs = sorted(set(self.hits) | set(self.misses))
+        return dict(hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses),
+                    hits_by_precision={p: self.hits[p] for p in precs},
+                    misses_by_precision={p: self.misses[p] for p in precs},
+                    bytes_demand=self.bytes_loaded["demand"], bytes_prefetch=self.bytes_loaded["prefetch"],
+                    skipped=self.skipped, selections=self.selections, prefetch_issued=self.prefetch_issued,
+                    prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,
+                    prediction=self.prediction.as_dict())
+
+
+@dataclass
+class Step:
+    expert: int
+    action: str  # 'hit' | 'load' | 'skip'
+    key: Key | None = None
+    payload: object = None
+
+
+class Scheduler:
+    def __init__(self, opt: Options, num_layers: int, top_k: int, expert_nbytes: Callable[[str], int],
+                 budget_bytes: int | None):
+        if opt.policy not in POLICIES:
+            raise ValueError(f"unknown policy {opt.policy!r}; choose from {', '.join(POLICIES)}")
+        if opt.policy == "hobbit" and not opt.low:
+            raise ValueError("policy 'hobbit' needs a low precision (--low int4, int3 or int2) stored in the store")
+        self.opt, self.num_layers, self.expert_nbytes = opt, num_layers, expert_nbytes
+        self.serve_rule = ServeRule(allow_low_for_high=opt.allow_low_for_high)
+        self.stats = Stats()
+        self.t = 0
+        self.cache: ExpertCache | None = None
+        self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet used
+        self._pins: dict[int, list[Key]] = {}  # layer -> predicted keys pinned until that layer runs
+        self._predicted: dict[int, list[int]] = {}  # layer -> predicted experts (for precision/recall)
+        if opt.policy in CACHE_POLICIES:
+            self.cache = self._make_cache(top_k, budget_bytes)
+
+    def _make_cache(self, top_k: int, budget: int | None) -> ExpertCache:
+        o = self.opt
+        if budget is None:
+            raise ValueError(f"policy {o.policy!r} needs a budget (e.g. --budget 25%)")
+        need = top_k * self.expert_nbytes(o.high)
+        if budget < need:
+            raise ValueError(f"budget {budget} bytes is too small: one layer's {top_k} active experts at "
+                             f"{o.high} need {need} bytes ({need / 2**20:.1f} MiB); raise --budget to at least that")
+        policy = make_policy({"lru+prefetch": "lru"}.get(o.policy, o.policy), self.num_layers, **o.eviction_options)
+        if o.policy != "hobbit":
+            return ExpertCache({"all": budget}, lambda prec: "all", policy)
+        low_budget = int(budget * o.low_pool_fraction)
+        pools = {HIGH: budget - low_budget, LOW: low_budget}
+        if pools[HIGH] < need:
+            raise ValueError(f"the high-precision pool ({pools[HIGH]} bytes) is below one layer's active experts "
+                             f"({need} bytes); raise --budget or lower the low-pool fraction")
+        high = o.high
+        return ExpertCache(pools, lambda prec: HIGH if prec == high else LOW, policy)
+
+    # -- clock -----------------------------------------------------------------------------------
+    def begin_sequence(self) -> None:
+        self.t = 0
+        self._prefetched.clear()
+        self._pins.clear()
+        self._predicted.clear()
+        if self.cache is not None:
+            self.cache.unpin_all()
+            self.cache.reset_sequence()
+
+    def end_step(self) -> None:
+        self.t += 1
+
+    # -- per layer -------------------------------------------------------------------------------
+    def tiers(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]]) -> dict[int, str]:
+        """Tier per unique expert over the tokens of this call: the highest any token asks for."""
+        if self.opt.policy != "hobbit":
+            return {e: HIGH for ids, _ in rows for e in ids}
+        rank = {HIGH: 0, LOW: 1, SKIP: 2}
+        want: dict[int, str] = {}
+        for ids, weights in rows:
+            for e, tier in zip(ids, decide(weights, self.opt.t1, self.opt.t2)):
+                if e not in want or rank[tier] < rank[want[e]]:
+                    want[e] = tier
+        return want
+
+    def _fmt(self, tier: str) -> str:
+        return self.opt.high if tier == HIGH else self.opt.low
+
+    def _cached(self, layer: int, e: int, tier: str) -> str | None:
+        """The tier of the cached copy that serves this request (ServeRule), or None."""
+        c, o = self.cache, self.opt
+        return self.serve_rule.serve(tier, (layer, e, o.high) in c, o.low is not None and (layer, e, o.low) in c)
+
+    def plan(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]],
+             resident: Callable[[int, int], object] | None = None) -> list[Step]:
+        """rows: per token (expert ids sorted by weight desc, weights). Steps in ascending expert id."""
+        if layer in self._predicted:
+            self.stats.prediction.add(self._predicted.pop(layer), list(rows[-1][0]))
+        steps = []
+        want = self.tiers(rows)
+        self.stats.selections += sum(len(ids) for ids, _ in rows)
+        for e in sorted(want):
+            tier = want[e]
+            if tier == SKIP:
+                self.stats.skipped += sum(list(ids).count(e) for ids, _ in rows)
+                steps.append(Step(e, "skip"))
+            elif self.opt.policy == "resident":
+                key = (layer, e, self.opt.high)
+                self.stats.hits[key[2]] += 1
+                steps.append(Step(e, "hit", key, resident(layer, e) if resident else None))
+            elif self.cache is not None and (served := self._cached(layer, e, tier)) is not None:
+                key = (layer, e, self._fmt(served))
+                self.cache.touch(key, self.t, layer, served == HIGH)
+                self.cache.pin(key)  # not evictable while this layer still loads its misses
+                self.stats.hits[key[2]] += 1
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    self.stats.prefetch_used += 1
+                steps.append(Step(e, "hit", key, self.cache.get(key)))
+            else:
+                steps.append(Step(e, "load", (layer, e, self._fmt(tier))))
+        return steps
+
+    def loaded(self, key: Key, payload: object, nbytes: int) -> None:
+        """A demand load finished: count the miss, admit the copy if a cache keeps it."""
+        self.stats.misses[key[2]] += 1
+        self.stats.bytes_loaded["demand"] += nbytes
+        self._admit(key, payload, nbytes)
+
+    def finish_layer(self, layer: int, steps: Sequence[Step]) -> None:
+        if self.cache is None:
+            return
+        for s in steps:
+            if s.action == "hit":
+                self.cache.unpin(s.key)
+        for key in self._pins.pop(layer, []):
+            self.cache.unpin(key)
+
+    def _admit(self, key: Key, payload: object, nbytes: int) -> bool:
+        if self.cache is None:
+            return False
+        if key in self.cache:
+            return True
+        try:
+            evicted = self.cache.insert(key, payload, nbytes, self.t, key[0], key[2] == self.opt.high)
+        except CacheFull:
+            return False  # all that is left is in use right now (a big prefill): compute without keeping it
+        self.stats.evictions += len(evicted)
+        self._prefetched.difference_update(evicted)
+        return True
+
+    # -- prefetch --------------------------------------------------------------------------------
+    def prefetch(self, layer: int, predicted: dict[int, list[tuple[int, float]]]) -> list[Key]:
+        """After computing `layer`: HOBBIT's adaptive walk over predicted later layers. Pins the
+        predicted experts until their layer runs and returns the keys to load (prefetch priority)."""
+        if self.cache is None or self.opt.depth == 0:
+            return []
+        for j, pairs in predicted.items():
+            self._predicted[j] = [e for e, _ in pairs]
+        if self.opt.policy == "hobbit":
+            t1, t2 = self.opt.t1, self.opt.t2
+        else:
+            t1 = t2 = 1.0  # full-precision speculation: every predicted expert is high
+        plan = plan_prefetch(predicted, lambda j, e, tier: self._cached(j, e, tier) is not None, t1, t2)
+        for j, e, tier in plan.pins:
+            served = self._cached(j, e, tier)
+            key = (j, e, self._fmt(served or tier))
+            self.cache.pin(key)
+            self._pins.setdefault(j, []).append(key)
+        loads = [(j, e, self._fmt(tier)) for j, e, tier in plan.loads]
+        self.stats.prefetch_issued += len(loads)
+        return loads
+
+    def prefetched(self, key: Key, payload: object, nbytes: int) -> None:
+        """A prefetch finished: admit it (if the cache has room) so a later plan() finds it."""
+        self.stats.bytes_loaded["prefetch"] += nbytes
+        if self._admit(key, payload, nbytes):
+            self._prefetched.add(key)

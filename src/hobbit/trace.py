@@ -1,0 +1,90 @@
+"""Routing traces: per layer call, the tokens' router logits, selected experts and weights, plus the
+stacked-gate predictions for later layers. gzip'd JSON lines, torch-free to read, so
+`hobbit simulate` replays any policy over a trace without the model.
+
+    {"format": "hobbit-trace", "version": 1, "num_layers": .., "sparse_layers": [..], ...}   header
+    {"seq": 0, "t": 0, "layer": 1, "ids": [[3, 5], ...], "w": [[.6, .4], ...],
+     "logits": [[...], ...], "pred": {"2": [[3, 0.7], [1, 0.3]], ...}}                       one layer call
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+FORMAT = "hobbit-trace"
+
+
+@dataclass
+class LayerCall:
+    seq: int
+    t: int
+    layer: int
+    ids: list[list[int]]  # per token, sorted by weight desc
+    w: list[list[float]]
+    logits: list[list[float]] | None
+    pred: dict[int, list[tuple[int, float]]]
+
+    @property
+    def rows(self) -> list[tuple[list[int], list[float]]]:
+        return list(zip(self.ids, self.w))
+
+
+class TraceWriter:
+    def __init__(self, path: str | Path, header: dict, logits: bool = True):
+        self.f = gzip.open(path, "wt", encoding="utf-8")
+        self.f.write(json.dumps(dict(header, format=FORMAT, version=1)) + "\n")
+        self.seq = -1
+        self.logits = logits
+
+    def begin_sequence(self) -> None:
+        self.seq += 1
+
+    def record(self, t: int, layer: int, rows, logits, predicted: dict[int, list[tuple[int, float]]]) -> None:
+        """rows: [(ids, weights)] per token; logits: [T,E] tensor or None."""
+        rec = dict(seq=self.seq, t=t, layer=layer, ids=[r[0] for r in rows],
+                   w=[[round(x, 6) for x in r[1]] for r in rows],
+                   pred={str(j): [[e, round(w, 6)] for e, w in p] for j, p in predicted.items()})
+        if self.logits and logits is not None:
+            rec["logits"] = [[round(x, 4) for x in row] for row in logits.tolist()]
+        self.f.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_trace(path: str | Path) -> tuple[dict, list[LayerCall]]:
+    """(header, layer calls in recorded order); a clear error if the file is not a trace."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            header = json.loads(f.readline())
+            if header.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a hobbit routing trace (record one with `hobbit run ... --trace FILE`)")
+            calls = [_call(json.loads(line)) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable hobbit routing trace: {e}") from e
+    return header, calls
+
+
+def _call(r: dict) -> LayerCall:
+    return LayerCall(r["seq"], r["t"], r["layer"], r["ids"], r["w"], r.get("logits"),
+                     {int(j): [(int(e), float(w)) for e, w in p] for j, p in r.get("pred", {}).items()})
+
+
+def iter_steps(calls: list[LayerCall]) -> Iterator[tuple[int, int, list[LayerCall]]]:
+    """Group layer calls into (seq, t, calls of that forward step) in order."""
+    group: list[LayerCall] = []
+    for c in calls:
+        if group and (c.seq, c.t) != (group[0].seq, group[0].t):
+            yield group[0].seq, group[0].t, group
+            group = []
+        group.append(c)
+    if group:
+        yield group[0].seq, group[0].t, group
+
+
+def belady_accesses(calls: list[LayerCall]) -> list[tuple[int, int, int, int]]:
+    """The (seq, t, layer, expert) uses Belady's policy needs: unique experts per layer call."""
+    return [(c.seq, c.t, c.layer, e) for c in calls for e in sorted({e for ids in c.ids for e in ids})]
