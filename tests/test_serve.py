@@ -196,6 +196,18 @@ def test_eight_concurrent_streams_and_a_killed_client(base_url: str, engine: Any
     assert metric(base_url, "hobbit_completion_tokens_total") - tokens < 8 * 12 + 100   # not 200 for the killed one
 
 
+def test_non_streaming_client_that_gives_up_frees_the_engine(base_url: str, engine: Any) -> None:
+    cancelled = metric(base_url, 'hobbit_requests_total{finish_reason="cancelled"}')
+    body = {"model": engine.model_name, "prompt": "hi there", "max_tokens": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base_url + "/v1/completions", json=body, timeout=httpx.Timeout(TIMEOUT, read=0.3))
+    deadline = time.monotonic() + TIMEOUT
+    while metric(base_url, 'hobbit_requests_total{finish_reason="cancelled"}') == cancelled:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert metric(base_url, "hobbit_queue_depth ") == 0
+
+
 def test_requests_are_served_in_arrival_order(base_url: str, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     served: list[str] = []
     generate = engine.generate

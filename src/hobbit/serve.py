@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server over one engine (`hobbit serve`).
 
 The engine is synchronous and serves one sequence at a time, so a single worker thread takes
-jobs from a FIFO queue and runs `engine.generate`; its callback detokenizes (TextStream), checks
+jobs from a FIFO queue and runs `engine.generate`; its callback detokenizes (TextDeltas), checks
 stop strings and cancellation, and hands text to the request's asyncio queue through
 `loop.call_soon_threadsafe`. A client that goes away sets the job's cancel flag, and the
 callback returns False at the next token, which frees the engine.
@@ -50,16 +50,19 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], what: str, default: Any
     if value is None:
         return default
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise APIError(400, f"Invalid type for '{name}': expected {what}, but got "
-                       f"{type(value).__name__}.", name, "invalid_type")
+        raise APIError(400, f"Invalid type for '{name}': expected {what}, but got {type(value).__name__}.",
+                       name, "invalid_type")
     return value
+
+
+def _invalid(name: str, message: str) -> APIError:
+    return APIError(400, f"Invalid '{name}': {message}", name, "invalid_value")
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
     value = float(_get(body, name, (int, float), "a number", default))
     if not (lo < value <= hi if lo_open else lo <= value <= hi):
-        bracket = "(" if lo_open else "["
-        raise APIError(400, f"Invalid '{name}': {value} is not in {bracket}{lo}, {hi}].", name, "invalid_value")
+        raise _invalid(name, f"{value} is not in {'(' if lo_open else '['}{lo}, {hi}].")
     return value
 
 
@@ -78,28 +81,22 @@ class Params:
 def parse_params(body: dict, max_tokens_keys: tuple[str, ...]) -> Params:
     max_tokens = None
     for key in max_tokens_keys:
-        value = _get(body, key, (int,), "an integer")
-        if value is not None:
+        if (value := _get(body, key, (int,), "an integer")) is not None:
             if value < 1:
-                raise APIError(400, f"Invalid '{key}': integer below minimum value. Expected a value "
-                               f">= 1, but got {value} instead.", key, "integer_below_min_value")
+                raise _invalid(key, f"expected a value >= 1, but got {value} instead.")
             max_tokens = value
     stop = _get(body, "stop", (str, list), "a string or an array of strings", [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, f"Invalid 'stop': expected at most {MAX_STOP} strings.", "stop", "invalid_value")
+        raise _invalid("stop", f"expected at most {MAX_STOP} strings.")
     if _get(body, "n", (int,), "an integer", 1) != 1:
-        raise APIError(400, "Only n=1 is supported.", "n", "invalid_value")
+        raise _invalid("n", "only n=1 is supported.")
     options = _get(body, "stream_options", (dict,), "an object", {})
-    return Params(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        seed=_get(body, "seed", (int,), "an integer"),
-        stop=stop,
-        stream=_get(body, "stream", (bool,), "a boolean", False),
-        include_usage=_get(options, "include_usage", (bool,), "a boolean", False),
-    )
+    return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                  top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+                  seed=_get(body, "seed", (int,), "an integer"), stop=stop,
+                  stream=_get(body, "stream", (bool,), "a boolean", False),
+                  include_usage=_get(options, "include_usage", (bool,), "a boolean", False))
 
 
 def parse_messages(body: dict) -> list[dict[str, str]]:
@@ -108,20 +105,14 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
         raise APIError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
     out = []
     for i, m in enumerate(messages):
-        param = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise APIError(400, f"Invalid '{param}': expected an object with a role in {sorted(ROLES)}.",
-                           param, "invalid_value")
+            raise _invalid(f"messages[{i}]", f"expected an object with a role in {sorted(ROLES)}.")
         content = m.get("content") or ""
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise APIError(400, f"Invalid '{param}.content': only text parts are supported.",
-                               f"{param}.content", "invalid_value")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise APIError(400, f"Invalid type for '{param}.content': expected a string or an array "
-                           "of text parts.", f"{param}.content", "invalid_type")
+            raise _invalid(f"messages[{i}].content", "expected a string or an array of text parts.")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
 
@@ -131,16 +122,12 @@ def parse_prompt(body: dict, tokenizer: Any, vocab_size: int) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
-                                          for t in prompt):
-        ids = prompt
-    else:
-        raise APIError(400, "Invalid 'prompt': expected a string, one string in an array, or an "
-                       f"array of token ids in [0, {vocab_size}).", "prompt", "invalid_type")
-    if not ids:
-        raise APIError(400, "Invalid 'prompt': it encodes to no tokens.", "prompt", "invalid_value")
-    return list(ids)
+        prompt = tokenizer.encode(prompt)
+    elif not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in prompt or [None]):
+        raise _invalid("prompt", f"expected a string, one string in an array, or token ids in [0, {vocab_size}).")
+    if not prompt:
+        raise _invalid("prompt", "it encodes to no tokens.")
+    return list(prompt)
 
 
 # ---------------------------------------------------------------- the worker thread
@@ -161,21 +148,55 @@ class Job:
 
 
 class Metrics:
-    """Counters the worker updates (under `lock`) and /metrics renders."""
+    """Counters the worker and the error handlers update under `lock`; /metrics renders them."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.finished: dict[str, int] = {}
-        self.errors: dict[int, int] = {}
-        self.prompt_tokens = self.completion_tokens = 0
-        self.generation_seconds = 0.0
-        self.last_tokens_per_second = 0.0
-        self.waiting = self.running = 0
+        self.finished: dict[str, int] = {}   # finish_reason -> requests
+        self.errors: dict[int, int] = {}     # HTTP status -> error responses
+        self.prompt_tokens = self.completion_tokens = self.waiting = self.running = 0
+        self.generation_seconds = self.last_tokens_per_second = 0.0
         self.engine_stats: dict[str, Any] = {}
 
-    def count_error(self, status: int) -> None:
+    def count(self, table: dict, key: Any) -> None:
         with self.lock:
-            self.errors[status] = self.errors.get(status, 0) + 1
+            table[key] = table.get(key, 0) + 1
+
+    def render(self) -> str:
+        """Prometheus text format; engine.stats() entries become hobbit_engine_* gauges."""
+        with self.lock:
+            stats = self.engine_stats
+            hits, misses = stats.get("hits_by_precision", {}), stats.get("misses_by_precision", {})
+            rate = {p: hits.get(p, 0) / max(1, hits.get(p, 0) + misses.get(p, 0)) for p in set(hits) | set(misses)}
+            out = [_family("queue_depth", "gauge", self.waiting),
+                   _family("requests_running", "gauge", self.running),
+                   _family("tokens_per_second", "gauge", self.last_tokens_per_second),
+                   _family("prompt_tokens_total", "counter", self.prompt_tokens),
+                   _family("completion_tokens_total", "counter", self.completion_tokens),
+                   _family("generation_seconds_total", "counter", self.generation_seconds),
+                   _family("requests_total", "counter", self.finished, "finish_reason"),
+                   _family("request_errors_total", "counter", self.errors, "status"),
+                   _family("expert_hit_rate", "gauge", rate, "precision")]
+        labels = {"hits_by_precision": "precision", "misses_by_precision": "precision", "loads": "kind"}
+        for key, value in sorted(stats.items()):
+            if isinstance(value, dict) or _is_number(value):
+                name = "engine_" + "".join(c if c.isalnum() else "_" for c in key)
+                out.append(_family(name, "gauge", value, labels.get(key, "key")))
+        return "".join(out)
+
+
+def _family(name: str, kind: str, value: Any, label: str = "") -> str:
+    """One metric family: a number, or a dict of label value -> number."""
+    samples = {f'{{{label}="{k}"}}': v for k, v in sorted(value.items(), key=str)} if isinstance(value, dict) \
+        else {"": value}
+    lines = [f"# TYPE hobbit_{name} {kind}"]
+    lines += [f"hobbit_{name}{k} {v if isinstance(v, int) else f'{v:.9g}'}"
+              for k, v in samples.items() if _is_number(v)]
+    return "\n".join(lines) + "\n"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class EngineWorker:
@@ -211,7 +232,8 @@ class EngineWorker:
                 self.metrics.waiting -= 1
                 self.metrics.running = 1
             try:
-                if job.cancel.is_set() or self._closing.is_set():
+                if job.cancel.is_set() or self._closing.is_set():  # the client left while it waited
+                    self.metrics.count(self.metrics.finished, "cancelled")
                     job.emit("done", Outcome("cancelled", len(job.prompt_ids), 0))
                 else:
                     job.emit("done", self._generate(job))
@@ -232,8 +254,7 @@ class EngineWorker:
         def callback(token_id: int) -> bool:
             if job.cancel.is_set() or self._closing.is_set():
                 return False
-            text = stream.push(token_id)
-            if text:
+            if text := stream.push(token_id):
                 job.emit("text", text)
             return not stream.stopped
 
@@ -244,10 +265,9 @@ class EngineWorker:
         finish = "stop" if stream.stopped else gen.finish_reason
         if finish != "cancelled" and (tail := stream.flush()):
             job.emit("text", tail)
-        n = len(gen.token_ids)
-        m = self.metrics
+        n, m = len(gen.token_ids), self.metrics
+        m.count(m.finished, finish)
         with m.lock:
-            m.finished[finish] = m.finished.get(finish, 0) + 1
             m.prompt_tokens += len(job.prompt_ids)
             m.completion_tokens += n
             m.generation_seconds += seconds
@@ -258,50 +278,6 @@ class EngineWorker:
         stats = self.engine.stats()
         with self.metrics.lock:
             self.metrics.engine_stats = stats
-
-
-def render_metrics(m: Metrics) -> str:
-    """Prometheus text exposition format."""
-    with m.lock:
-        lines = [
-            "# TYPE hobbit_queue_depth gauge", f"hobbit_queue_depth {m.waiting}",
-            "# TYPE hobbit_requests_running gauge", f"hobbit_requests_running {m.running}",
-            "# TYPE hobbit_tokens_per_second gauge", f"hobbit_tokens_per_second {m.last_tokens_per_second:.6g}",
-            "# TYPE hobbit_prompt_tokens_total counter", f"hobbit_prompt_tokens_total {m.prompt_tokens}",
-            "# TYPE hobbit_completion_tokens_total counter", f"hobbit_completion_tokens_total {m.completion_tokens}",
-            "# TYPE hobbit_generation_seconds_total counter",
-            f"hobbit_generation_seconds_total {m.generation_seconds:.6g}",
-            "# TYPE hobbit_requests_total counter",
-        ]
-        lines += [f'hobbit_requests_total{{finish_reason="{k}"}} {v}' for k, v in sorted(m.finished.items())]
-        lines.append("# TYPE hobbit_request_errors_total counter")
-        lines += [f'hobbit_request_errors_total{{status="{k}"}} {v}' for k, v in sorted(m.errors.items())]
-        lines += engine_metric_lines(m.engine_stats)
-    return "\n".join(lines) + "\n"
-
-
-def engine_metric_lines(stats: dict[str, Any]) -> list[str]:
-    """engine.stats() as gauges (dicts become a label), plus the expert hit rate per precision."""
-    labels = {"hits_by_precision": "precision", "misses_by_precision": "precision", "loads": "kind"}
-    lines = []
-    for key, value in sorted(stats.items()):
-        name = "hobbit_engine_" + "".join(c if c.isalnum() else "_" for c in key)
-        if isinstance(value, dict):
-            label = labels.get(key, "key")
-            lines.append(f"# TYPE {name} gauge")
-            lines += [f'{name}{{{label}="{k}"}} {v:.6g}' for k, v in sorted(value.items()) if _is_number(v)]
-        elif _is_number(value):
-            lines += [f"# TYPE {name} gauge", f"{name} {value:.6g}"]
-    hits, misses = stats.get("hits_by_precision", {}), stats.get("misses_by_precision", {})
-    lines.append("# TYPE hobbit_expert_hit_rate gauge")
-    for prec in sorted(set(hits) | set(misses)):
-        total = hits.get(prec, 0) + misses.get(prec, 0)
-        lines.append(f'hobbit_expert_hit_rate{{precision="{prec}"}} {hits.get(prec, 0) / total if total else 0:.6g}')
-    return lines
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------- the app
@@ -319,10 +295,9 @@ def create_app(engine: Any) -> FastAPI:
         await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="hobbit", lifespan=lifespan)
-    app.state.worker = worker
 
     def fail(status: int, body: dict) -> JSONResponse:
-        worker.metrics.count_error(status)
+        worker.metrics.count(worker.metrics.errors, status)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(APIError)
@@ -331,10 +306,9 @@ def create_app(engine: Any) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        message = (f"Unknown request URL: {request.method} {request.url.path}." if e.status_code == 404
-                   else str(e.detail))
+        message = f"Unknown request URL: {request.method} {request.url.path}." if e.status_code == 404 else e.detail
         code = {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)
-        return fail(e.status_code, error_body(message, "invalid_request_error", None, code))
+        return fail(e.status_code, error_body(str(message), "invalid_request_error", None, code))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
@@ -348,8 +322,7 @@ def create_app(engine: Any) -> FastAPI:
             raise APIError(400, f"We could not parse the JSON body of your request ({e}).") from None
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.")
-        name = _get(body, "model", (str,), "a string")
-        if name is None:
+        if (name := _get(body, "model", (str,), "a string")) is None:
             raise APIError(400, "Missing required parameter: 'model'.", "model", "missing_required_parameter")
         if name != model:
             raise APIError(404, f"The model '{name}' does not exist.", "model", "model_not_found")
@@ -360,9 +333,9 @@ def create_app(engine: Any) -> FastAPI:
         if params.max_tokens is None:
             params.max_tokens = limit - len(prompt)
         if len(prompt) + params.max_tokens > limit or params.max_tokens < 1:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                           f"requested {len(prompt) + max(params.max_tokens, 1)} tokens ({len(prompt)} in "
-                           f"the {param}, {max(params.max_tokens, 1)} in the completion).",
+            want = max(params.max_tokens, 1)
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{len(prompt) + want} tokens ({len(prompt)} in the {param}, {want} in the completion).",
                            param, "context_length_exceeded")
 
     def submit(prompt: list[int], params: Params) -> tuple[Job, asyncio.Queue]:
@@ -378,51 +351,44 @@ def create_app(engine: Any) -> FastAPI:
         worker.submit(job)
         return job, events
 
-    async def run(request: Request, prompt: list[int], params: Params, kind: str) -> Response:
+    async def run(request: Request, prompt: list[int], params: Params, chat: bool) -> Response:
         job, events = submit(prompt, params)
-        rid, chat = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", kind == "chat"
-        head = {"id": rid, "created": int(time.time()), "model": model}
+        obj = ("chat.completion.chunk" if params.stream else "chat.completion") if chat else "text_completion"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
+                "created": int(time.time()), "model": model}
 
-        def usage(o: Outcome) -> dict:
-            return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
-                    "total_tokens": o.prompt_tokens + o.completion_tokens}
-
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant", "content": ""} if first else {}) | (
-                    {"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                body = head | {"object": "chat.completion.chunk", "choices": [choice]}
+        def body(text: str | None, finish: str | None, outcome: Outcome | None = None) -> dict:
+            if not chat:
+                part = {"text": text or ""}
+            elif params.stream:   # the first chunk carries the role, the last one only finish_reason
+                role = {"role": "assistant"} if text == "" else {}
+                part = {"delta": role | ({} if text is None else {"content": text})}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-                body = head | {"object": "text_completion", "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
+                part = {"message": {"role": "assistant", "content": text}}
+            out = head | {"choices": [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]}
+            if outcome is not None:
+                out["usage"] = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+                                "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+            return out
 
         if params.stream:
             async def sse() -> AsyncIterator[str]:
                 try:
                     if chat:
-                        yield chunk(None, None, first=True)
-                    while True:
-                        what, value = await events.get()
-                        if what == "text":
-                            yield chunk(value, None)
-                        elif what == "error":
-                            yield f"data: {json.dumps(error_body(value.message, value.type))}\n\n"
-                            return
-                        else:
-                            yield chunk(None if chat else "", value.finish_reason)
-                            if params.include_usage:
-                                body = head | {"object": "chat.completion.chunk" if chat else "text_completion",
-                                               "choices": [], "usage": usage(value)}
-                                yield f"data: {json.dumps(body)}\n\n"
-                            yield "data: [DONE]\n\n"
-                            return
+                        yield _sse(body("", None))
+                    while (event := await events.get())[0] == "text":
+                        yield _sse(body(event[1], None))
+                    if event[0] == "error":
+                        yield _sse(error_body(event[1].message, event[1].type))
+                        return
+                    yield _sse(body(None, event[1].finish_reason))
+                    if params.include_usage:
+                        yield _sse(body(None, None, event[1]) | {"choices": []})
+                    yield "data: [DONE]\n\n"
                 finally:
                     job.cancel.set()  # no-op when finished; frees the engine when the client left
 
-            return StreamingResponse(sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         parts: list[str] = []
@@ -434,15 +400,7 @@ def create_app(engine: Any) -> FastAPI:
             watcher.cancel()
         if event[0] == "error":
             raise event[1]
-        outcome, text = event[1], "".join(parts)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": outcome.finish_reason}
-            body = head | {"object": "chat.completion", "choices": [choice]}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}
-            body = head | {"object": "text_completion", "choices": [choice]}
-        return JSONResponse(body | {"usage": usage(outcome)})
+        return JSONResponse(body("".join(parts), event[1].finish_reason, event[1]))
 
     @app.get("/health")
     async def health() -> Response:
@@ -452,12 +410,11 @@ def create_app(engine: Any) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(render_metrics(worker.metrics), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(worker.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
-                                            "owned_by": "hobbit"}]}
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "hobbit"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -467,9 +424,9 @@ def create_app(engine: Any) -> FastAPI:
         try:
             prompt = engine.tokenizer.encode_chat(messages)
         except Exception as e:  # the template rejects this conversation (roles, order, ...)
-            raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
+            raise _invalid("messages", str(e)) from None
         fit_context(prompt, params, "messages")
-        return await run(request, prompt, params, "chat")
+        return await run(request, prompt, params, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -477,9 +434,13 @@ def create_app(engine: Any) -> FastAPI:
         params = parse_params(body, ("max_tokens",))
         prompt = parse_prompt(body, engine.tokenizer, engine.config.vocab_size)
         fit_context(prompt, params, "prompt")
-        return await run(request, prompt, params, "completion")
+        return await run(request, prompt, params, chat=False)
 
     return app
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
