@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import jinja2
@@ -74,6 +74,13 @@ def client(base_url: str) -> openai.OpenAI:
 def expected(engine: Any, prompt_ids: list[int], **options: Any) -> str:
     """The server's answer must be engine.generate on the same ids, decoded (what `hobbit run` prints)."""
     return engine.tokenizer.decode(engine.generate(prompt_ids, **options).token_ids)
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def metric(base_url: str, line_start: str | tuple[str, ...]) -> float:
@@ -192,7 +199,7 @@ def test_eight_concurrent_streams_and_a_killed_client(base_url: str, engine: Any
         assert list(got) == wants
         kill.result(TIMEOUT)
     assert killed.is_set()
-    assert metric(base_url, 'hobbit_requests_total{finish_reason="cancelled"}') == cancelled + 1
+    wait_until(lambda: metric(base_url, 'hobbit_requests_total{finish_reason="cancelled"}') == cancelled + 1)
     assert metric(base_url, "hobbit_completion_tokens_total") - tokens < 8 * 12 + 100   # not 200 for the killed one
 
 
@@ -201,10 +208,7 @@ def test_non_streaming_client_that_gives_up_frees_the_engine(base_url: str, engi
     body = {"model": engine.model_name, "prompt": "hi there", "max_tokens": 200}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base_url + "/v1/completions", json=body, timeout=httpx.Timeout(TIMEOUT, read=0.3))
-    deadline = time.monotonic() + TIMEOUT
-    while metric(base_url, 'hobbit_requests_total{finish_reason="cancelled"}') == cancelled:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: metric(base_url, 'hobbit_requests_total{finish_reason="cancelled"}') == cancelled + 1)
     assert metric(base_url, "hobbit_queue_depth ") == 0
 
 
@@ -226,11 +230,8 @@ def test_requests_are_served_in_arrival_order(base_url: str, engine: Any, monkey
         futures = []
         for i in range(4):   # each request arrives once the ones before it are queued or running
             futures.append(pool.submit(one, i))
-            deadline = time.monotonic() + TIMEOUT
-            while metric(base_url, ("hobbit_queue_depth ", "hobbit_requests_running ")) < i + 1 - sum(
-                    f.done() for f in futures):
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
+            wait_until(lambda: metric(base_url, ("hobbit_queue_depth ", "hobbit_requests_running "))
+                       >= i + 1 - sum(f.done() for f in futures))
         assert all(f.result() for f in futures)
     assert served == [f"request {i}" for i in range(4)]
 
