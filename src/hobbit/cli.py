@@ -15,6 +15,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "of all expert bytes at the highest stored precision (default 25%%)")
     p.add_argument("--policy", default="lru", choices=POLICIES, help="expert cache policy (default lru)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
+    p.add_argument("--dense", default=None, choices=("bf16", "fp32", "int8", "int4"),
+                   help="precision of the dense (non-expert) weights in RAM (default: the compute dtype)")
     p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
     p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
     p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; the loader uses another)")
@@ -24,7 +26,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_from_args(args: argparse.Namespace):
     from .engine import load
     return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
-                low=args.low, threads=args.threads, direct_io=not args.no_direct_io)
+                low=args.low, threads=args.threads, direct_io=not args.no_direct_io, dense=args.dense)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -91,7 +91,8 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, gen: to
 class Engine:
     def __init__(self, store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16",
                  high: str | None = None, low: str | None = None, max_seq_len: int | None = None,
-                 threads: int = 1, direct_io: bool = True, trace: str | Path | None = None, **options):
+                 threads: int = 1, direct_io: bool = True, trace: str | Path | None = None,
+                 dense: str | None = None, dense_group_size: int = 32, **options):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose bf16 or fp32")
         _tune_malloc()
@@ -114,6 +115,8 @@ class Engine:
                                          self.budget_bytes, opts)
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
         self.model.load_dense(load_file(str(self.path / self.store.manifest["dense_file"])))
+        if dense not in (None, dtype, {"bf16": "bfloat16", "fp32": "float32"}.get(dtype)):
+            self.model.quantize_dense(dense, dense_group_size)  # e.g. int4: 2.5-4x faster GEMV at batch 1
         depth = max(opts.depth, 3 if trace else 0)  # traces record 3 layers of predictions for simulate
         if depth and self.config.num_experts:
             sparse = self.config.sparse_layers

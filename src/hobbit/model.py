@@ -95,8 +95,24 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
+    def fuse(self) -> None:
+        """One matmul for gate and up: gate_up [2I,H] = cat(gate, up) rows."""
+        self.gate_up = _cat_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T,I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _cat_linear(*parts: nn.Linear) -> nn.Linear:
+    w = torch.cat([p.weight.detach() for p in parts])  # [sum N, K]
+    b = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if b is not None:
+        fused.bias = nn.Parameter(b, requires_grad=False)
+    return fused
 
 
 class Attention(nn.Module):
@@ -113,10 +129,16 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":  # olmoe: over the whole q / k projection
             self.q_norm, self.k_norm = RMSNorm(nh * D, cfg.rms_norm_eps), RMSNorm(nkv * D, cfg.rms_norm_eps)
 
+    def fuse(self) -> None:
+        """One matmul for q, k and v: qkv [(nh+2nkv)*D, H]."""
+        self.splits = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        self.qkv = _cat_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
                 k_cache: Tensor, v_cache: Tensor) -> Tensor:
         T, D = x.shape[0], self.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T,nh*D], [T,nkv*D], [T,nkv*D]
+        q, k, v = self.qkv(x).split(self.splits, dim=-1)  # [T,nh*D], [T,nkv*D], [T,nkv*D]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)  # [T,heads,D]
@@ -212,6 +234,18 @@ class Transformer(nn.Module):
         self.load_state_dict({n: t.to(device, self.dtype) for n, t in ours.items()}, strict=False, assign=True)
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        for m in list(self.modules()):  # fewer, bigger matmuls: per-token dispatch is the cost at batch 1
+            if isinstance(m, (Attention, MLP)):
+                m.fuse()
+
+    def quantize_dense(self, fmt: str, group_size: int = 32) -> None:
+        """Hold the dense projections (attention, dense/shared MLPs, LM head) in a quant format.
+        Routers and the shared-expert gate stay in the activation dtype: they decide routing."""
+        from .quant import QuantLinear
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and name not in ("gate", "shared_expert_gate"):
+                    setattr(parent, name, QuantLinear(child, fmt, group_size, self.dtype))
 
     def reset(self) -> None:
         self.k_cache.zero_()

@@ -265,3 +265,17 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, w.w, w.group_size, w.scales)
     return y.to(x.dtype)
+
+
+class QuantLinear(torch.nn.Module):
+    """A drop-in for nn.Linear whose weight is held in a quant format (dense weights at load time)."""
+
+    def __init__(self, linear: torch.nn.Linear, fmt: str, group_size: int, dtype: torch.dtype):
+        super().__init__()
+        w = linear.weight.detach()
+        self.w = prepare(quantize(w.float(), fmt, group_size), fmt, tuple(w.shape), group_size, dtype)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = linear(x, self.w)
+        return y if self.bias is None else y + self.bias
