@@ -8,12 +8,13 @@ import sys
 from .schedule import POLICIES
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str = "lru") -> None:
     """Options every command that loads a store shares."""
-    p.add_argument("store", help="expert store folder (made by `hobbit convert`)")
+    if store:
+        p.add_argument("store", help="expert store folder (made by `hobbit convert`)")
     p.add_argument("--budget", default="25%", help="RAM for cached experts: bytes, 512MiB, 2GiB, or 25%% "
                    "of all expert bytes at the highest stored precision (default 25%%)")
-    p.add_argument("--policy", default="lru", choices=POLICIES, help="expert cache policy (default lru)")
+    p.add_argument("--policy", default=policy, choices=POLICIES, help=f"expert cache policy (default {policy})")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
     p.add_argument("--dense", default=None, choices=("bf16", "fp32", "int8", "int4"),
                    help="precision of the dense (non-expert) weights in RAM (default: the compute dtype)")
@@ -54,8 +55,12 @@ def _format_stats(s: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    return generate_and_report(engine_from_args(args), args)
+
+
+def generate_and_report(engine, args: argparse.Namespace) -> int:
+    """Stream the answer to args.prompt (or args.prompt_ids), then the stats block (or one JSON object)."""
     from .tokenizer import TextStream
-    engine = engine_from_args(args)
     tok = engine.tokenizer
     if args.prompt_ids is not None:
         ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -81,6 +86,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(_format_stats(out.stats))
     engine.close()
     return 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from .assets import asset_path
+    print(asset_path(args.name))
+    return 0
+
+
+DEMO_PROMPT = "Write a short story about a hobbit who keeps the rarest books of the Shire in a cellar."
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default model: SmolMoE's experts on disk under a 25% budget."""
+    from .assets import asset_path
+    store = asset_path("smolmoe-store")  # built and cached on first use (a few minutes), then instant
+    args.store, args.chat, args.prompt_ids = str(store), True, None
+    print(f"store: {store}\npolicy {args.policy}, budget {args.budget} of the expert bytes\n", flush=True)
+    return generate_and_report(engine_from_args(args), args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -121,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run SmolMoE (built from SmolLM2-135M) with experts on disk, under a 25%% budget")
+    add_engine_args(p, store=False, policy="hobbit")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("assets", help="print the local path of a verified asset, fetching/building it on first use")
+    p.add_argument("name", help="smollm2-gguf | austen | wiki | smolmoe | smolmoe-store")
+    p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     add_engine_args(p)
