@@ -328,3 +328,11 @@ def test_terminal_chat_streams_keeps_history_and_prints_stats(engine: Any) -> No
     assert [m["role"] for m in session.history] == ["system", "user", "assistant", "user", "assistant"]
     run_chat(session, stdin=io.StringIO("/reset\n/exit\n"), stdout=out)
     assert session.history == [{"role": "system", "content": "be brief"}]
+
+
+def test_chat_answer_stops_when_interrupted(engine: Any) -> None:
+    session = ChatSession(engine, max_tokens=50)
+    seen: list[str] = []
+    answer, stats = session.ask("hello", seen.append, cancelled=lambda: True)   # Ctrl-C at the first token
+    assert stats.startswith("[1 tokens") and answer == "".join(seen)
+    assert session.history[-1] == {"role": "assistant", "content": answer}
