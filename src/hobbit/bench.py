@@ -1,0 +1,296 @@
+"""`hobbit bench`: speed and quality of expert-cache policies across budgets, in one process.
+
+    hobbit bench STORE --budget 10%,25%,50% --policies resident,ondemand,lru,lru+prefetch,belady,hobbit \
+        --text austen:emma --json bench.json --plot bench.png
+
+Every configuration (policy, budget) runs the same prompts, cut from real text with the store's
+tokenizer, at every (prompt length, output length) pair (the HOBBIT paper's 16/128 prompt and 32/128
+output tokens by default). A run loads a fresh engine, warms it up on a short prompt, drops the
+store's page cache and times one greedy generation; configurations take turns (round-robin, the
+order rotated every round) so drift hits all alike. resident and ondemand keep no cache, so they run
+once rather than per budget. belady (offline optimal eviction) replays a routing trace that an
+untimed lru run records on the same calls first. Quality is measured once per configuration on the
+same text: strided-window perplexity and teacher-forced top-1 agreement against the resident engine
+at the highest stored precision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .engine import load
+from .evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
+from .schedule import NO_CACHE_POLICIES, POLICIES
+from .store import ExpertStore
+from .trace import belady_accesses, read_trace
+
+_SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "decode_s", "hits", "misses",
+         "bytes_read", "loader_wait_s", "skipped", "selections")
+WARMUP_TOKENS = 8  # warm-up prompt length; it generates 4 tokens
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: str
+    budget: str | None  # as given ("25%", "512MiB"); None: the policy keeps no cache
+
+
+@dataclass
+class Settings:
+    """What every run shares: the store, engine options, prompts and the quality text."""
+    store: str
+    engine: dict  # load() keywords besides policy and budget
+    warmup: list[int]
+    items: list[tuple[list[int], int]]  # (prompt ids, max new tokens)
+    eval_ids: list[int]
+    window: int
+    stride: int
+
+
+def configs(policies: list[str], budgets: list[str]) -> list[Config]:
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    return [c for p in dict.fromkeys(policies)
+            for c in ([Config(p, None)] if p in NO_CACHE_POLICIES else [Config(p, b) for b in budgets])]
+
+
+def cut_prompts(ids: list[int], prompt_lens: list[int], output_lens: list[int],
+                per_pair: int) -> list[tuple[list[int], int]]:
+    """per_pair prompts for each (prompt length, output length), cut at evenly spaced offsets of ids."""
+    pairs = [(p, o) for p in prompt_lens for o in output_lens]
+    count = len(pairs) * per_pair
+    longest = max(prompt_lens)
+    if len(ids) < longest:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than the longest prompt ({longest})")
+    step = (len(ids) - longest) // max(1, count - 1)
+    return [(ids[i * step:i * step + p], o) for i, (p, o) in enumerate(pairs * per_pair)]
+
+
+def machine_info(threads: int) -> dict:
+    cpu, ram = platform.processor() or platform.machine(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal"))
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), ram_bytes=ram, torch=torch.__version__, threads=threads,
+                platform=platform.platform(), python=platform.python_version())
+
+
+def model_info(store: ExpertStore) -> dict:
+    c = store.manifest["config"]
+    return dict(name=store.path.resolve().name, store=str(store.path), arch=c["arch"], num_layers=c["num_layers"],
+                sparse_layers=len(c["sparse_layers"]), num_experts=c["num_experts"], top_k=c["top_k"],
+                precisions=store.precisions, expert_bytes={p: store.total_nbytes(p) for p in store.precisions},
+                dense_bytes=(store.path / store.manifest["dense_file"]).stat().st_size)
+
+
+def session(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool,
+            trace: Path | None = None, belady: list | None = None) -> tuple[dict, dict | None, int | None]:
+    """One engine's life: warm-up, page cache dropped, one timed generation, then (quality) the eval
+    windows. Returns (generation stats, quality result or None, budget bytes)."""
+    policy, opts = cfg.policy, dict(s.engine)
+    if trace is not None:
+        policy, opts["trace"] = "lru", trace
+    if belady is not None:
+        opts["eviction_options"] = {"trace": belady}
+    with load(s.store, budget=cfg.budget, policy=policy, **opts) as eng:
+        eng.generate(s.warmup, max_new_tokens=4, stop_token_ids=[])
+        eng.store.drop_page_cache()
+        prompt, new = item
+        stats = eng.generate(prompt, max_new_tokens=new, stop_token_ids=[]).stats
+        q = evaluate_ppl(eng, s.eval_ids, s.window, s.stride, keep_predictions=True) if quality else None
+        return stats, q, eng.budget_bytes
+
+
+def run_config(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool,
+               tmp: Path) -> tuple[dict, dict | None, int | None]:
+    if cfg.policy != "belady":
+        return session(s, cfg, item, quality)
+    path = tmp / "trace.jsonl.gz"
+    session(s, cfg, item, quality, trace=path)  # untimed lru run on the same calls, recording the routing
+    return session(s, cfg, item, quality, belady=belady_accesses(read_trace(path)[1]))
+
+
+def sample(stats: dict) -> dict:
+    keep = [k for k in _SUMS if k != "decode_tokens"] + ["hits_by_precision", "misses_by_precision"]
+    return dict({k: stats[k] for k in keep}, decode_tokens=max(0, stats["generated_tokens"] - 1))
+
+
+def summarize(cfg: Config, budget_bytes: int | None, total: int, samples: list[dict], q: dict, ref: dict) -> dict:
+    """One run record: sums over the samples, then the ratios the table prints."""
+    t = {k: sum(x[k] for x in samples) for k in _SUMS}
+    by = {k: {} for k in ("hits_by_precision", "misses_by_precision")}
+    for x in samples:
+        for k in by:
+            for p, n in x[k].items():
+                by[k][p] = by[k].get(p, 0) + n
+    precs = sorted(set(by["hits_by_precision"]) | set(by["misses_by_precision"]))
+    hit_by = {p: by["hits_by_precision"].get(p, 0) / max(1, by["hits_by_precision"].get(p, 0)
+                                                          + by["misses_by_precision"].get(p, 0)) for p in precs}
+    if cfg.policy == "resident":
+        budget_bytes, fraction = total, 1.0
+    else:
+        fraction = budget_bytes / total if budget_bytes is not None else None
+    tokens, seconds = t["prompt_tokens"] + t["generated_tokens"], t["prefill_s"] + t["decode_s"]
+    return dict(
+        policy=cfg.policy, budget=cfg.budget, budget_bytes=budget_bytes, budget_fraction=fraction,
+        prefill_s=t["prefill_s"] / len(samples), decode_tok_s=t["decode_tokens"] / t["decode_s"] if t["decode_s"] else 0.0,
+        hit_rate=t["hits"] / max(1, t["hits"] + t["misses"]), hit_rate_by_precision=hit_by,
+        bytes_per_token=t["bytes_read"] / tokens, loader_wait_frac=t["loader_wait_s"] / seconds,
+        skipped_frac=t["skipped"] / max(1, t["selections"]),
+        ppl=q["ppl"], ppl_full_precision=ref["ppl"], ppl_delta_pct=100 * (q["ppl"] / ref["ppl"] - 1),
+        top1_agreement=agreement(q["predictions"], ref["predictions"]),
+        tokens=tokens, seconds=seconds, prefill_s_total=t.pop("prefill_s"), decode_s_total=t.pop("decode_s"),
+        **t, **by, eval_tokens=q["tokens"], eval_nll=q["nll"],
+        eval_windows=q["windows"], samples=samples)
+
+
+def bench(s: Settings, cfgs: list[Config], repeats: int, total: int, log=print) -> tuple[list[dict], list[dict]]:
+    """All configurations, interleaved: returns (run records, configurations that could not run)."""
+    with load(s.store, policy="resident", **dict(s.engine, high=None)) as ref_engine:
+        log(f"reference: resident at {ref_engine.provider.opt.high}, {len(s.eval_ids)} tokens")
+        ref = evaluate_ppl(ref_engine, s.eval_ids, s.window, s.stride, keep_predictions=True)
+    samples: dict[Config, list[dict]] = {c: [] for c in cfgs}
+    quality, budgets, failed = {}, {}, []
+    active = list(cfgs)
+    rounds = [(r, i) for r in range(repeats) for i in range(len(s.items))]
+    with tempfile.TemporaryDirectory(prefix="hobbit-bench-") as tmp:
+        for n, (r, i) in enumerate(rounds):
+            turn = n % max(1, len(active))  # rotate who goes first
+            for cfg in active[turn:] + active[:turn]:
+                try:
+                    stats, q, budgets[cfg] = run_config(s, cfg, s.items[i], cfg not in quality, Path(tmp))
+                except ValueError as e:  # e.g. a budget below one layer's active experts
+                    failed.append(dict(policy=cfg.policy, budget=cfg.budget, error=str(e)))
+                    active.remove(cfg)
+                    log(f"skipping {cfg.policy} at {cfg.budget}: {e}")
+                    continue
+                if q is not None:
+                    quality[cfg] = q
+                samples[cfg].append(dict(sample(stats), repeat=r, item=i))
+                log(f"[{n + 1}/{len(rounds)}] {cfg.policy:>12} {cfg.budget or '-':>7} prompt {len(s.items[i][0]):>4} "
+                    f"+{stats['generated_tokens']:>4}: {stats['decode_tok_s']:7.2f} tok/s, hit {stats['hit_rate']:.0%}")
+    runs = [summarize(c, budgets[c], total, samples[c], quality[c], ref) for c in cfgs if c in active]
+    return runs, failed
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def format_table(runs: list[dict]) -> str:
+    head = ("policy", "budget", "MiB", "prefill s", "tok/s", "hit", "hit by precision", "KiB/tok", "wait", "skip",
+            "ppl", "Δppl", "top1")
+    rows = [head]
+    for x in runs:
+        rows.append((x["policy"], _pct(x["budget_fraction"]),
+                     "-" if x["budget_bytes"] is None else f"{x['budget_bytes'] / 2**20:.1f}",
+                     f"{x['prefill_s']:.3f}", f"{x['decode_tok_s']:.2f}", _pct(x["hit_rate"]),
+                     " ".join(f"{p}:{v:.0%}" for p, v in x["hit_rate_by_precision"].items()) or "-",
+                     f"{x['bytes_per_token'] / 1024:.1f}", _pct(x["loader_wait_frac"]), _pct(x["skipped_frac"]),
+                     f"{x['ppl']:.3f}", f"{x['ppl_delta_pct']:+.2f}%", f"{x['top1_agreement']:.1%}"))
+    widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def plot(runs: list[dict], path: str | Path, title: str) -> None:
+    """Two panels against budget: decode tok/s and perplexity delta (%), one line per policy;
+    policies without a cache (resident, ondemand) are horizontal dashed lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = ((axes[0], "decode_tok_s", "decode tokens/s"),
+              (axes[1], "ppl_delta_pct", "perplexity Δ vs full precision (%)"))
+    for ax, key, label in panels:
+        for policy in dict.fromkeys(x["policy"] for x in runs):
+            pts = [x for x in runs if x["policy"] == policy]
+            color = f"C{POLICIES.index(policy)}"  # a policy keeps its color across panels and benchmarks
+            if policy in NO_CACHE_POLICIES:
+                ax.axhline(pts[0][key], color=color, linestyle="--", linewidth=1.2, label=policy)
+            else:
+                pts.sort(key=lambda x: x["budget_fraction"])
+                ax.plot([100 * x["budget_fraction"] for x in pts], [x[key] for x in pts], color=color, marker="o",
+                        label=policy)
+        ax.set_xlabel("expert budget (% of expert bytes at the highest precision)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- `hobbit bench` ------------------------------------------------------------------------------
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="decode speed, cache stats and quality of policies across budgets")
+    p.add_argument("store", help="expert store folder (made by `hobbit convert`)")
+    p.add_argument("--budget", default="10%,25%,50%", help="comma list of budgets for the caching policies: "
+                   "bytes, 512MiB, or %% of expert bytes at the highest precision (default 10%%,25%%,50%%)")
+    p.add_argument("--policies", default="resident,ondemand,lru,lru+prefetch,belady,hobbit",
+                   help=f"comma list from {', '.join(POLICIES)}")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
+    p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
+    p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
+    p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1)")
+    p.add_argument("--no-direct-io", action="store_true", help="read blobs through the page cache")
+    add_text_args(p, max_tokens=512)
+    p.add_argument("--prompt-tokens", default="16,128", help="comma list of prompt lengths (default 16,128)")
+    p.add_argument("--max-new-tokens", default="32,128", help="comma list of output lengths (default 32,128)")
+    p.add_argument("--prompts", type=int, default=1, help="prompts per (prompt, output) length pair (default 1)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over all prompts (default 1)")
+    p.add_argument("--json", required=True, help="write the results here")
+    p.add_argument("--plot", default=None, help="write a PNG: tok/s and perplexity delta vs budget")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    cfgs = configs([x.strip() for x in args.policies.split(",") if x.strip()],
+                   [x.strip() for x in args.budget.split(",") if x.strip()])
+    store = ExpertStore(args.store)
+    model, total = model_info(store), store.total_nbytes(store.precisions[0])
+    store.close()
+    engine = dict(dtype=args.dtype, high=args.high, low=args.low, threads=args.threads,
+                  direct_io=not args.no_direct_io)
+    with load(args.store, policy="ondemand", **engine) as probe:  # tokenizer and context only
+        prompt_lens, output_lens = _ints(args.prompt_tokens), _ints(args.max_new_tokens)
+        if max(prompt_lens) + max(output_lens) > probe.max_context:
+            raise ValueError(f"prompt + output tokens exceed the context of {probe.max_context}")
+        ids = text_token_ids(probe.tokenizer, args.text, max(args.max_tokens, max(prompt_lens) * 4), args.split)
+        window = min(args.window, probe.max_context)
+    items = cut_prompts(ids, prompt_lens, output_lens, args.prompts)
+    offset = len(ids) // 2 + 1  # the warm-up prompt: a short slice from the middle of the text
+    s = Settings(args.store, engine, ids[offset:offset + WARMUP_TOKENS], items, ids[:args.max_tokens], window,
+                 min(args.stride or window, window))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    runs, failed = bench(s, cfgs, args.repeats, total, log)
+    out = dict(machine=machine_info(args.threads), model=model,
+               settings=dict(text=str(args.text), split=args.split, prompt_tokens=prompt_lens, max_new_tokens=output_lens,
+                             prompts=args.prompts, repeats=args.repeats, eval_tokens=len(s.eval_ids), window=s.window,
+                             stride=s.stride, dtype=args.dtype, high=args.high, low=args.low),
+               runs=runs, failed=failed)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(format_table(runs))
+    if args.plot:
+        plot(runs, args.plot, f"{model['name']} on {model['arch']}, {machine_info(args.threads)['cpu']}")
+    return 0

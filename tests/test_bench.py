@@ -1,0 +1,96 @@
+"""hobbit bench on the tiny store: JSON schema, recomputable numbers, belady from a trace, plot."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from hobbit.bench import Config, add_bench_args, cmd_bench, configs, cut_prompts, format_table
+
+RUN_KEYS = {"policy": str, "budget_bytes": int, "budget_fraction": float, "prefill_s": float, "decode_tok_s": float,
+            "hit_rate": float, "hit_rate_by_precision": dict, "bytes_per_token": float, "loader_wait_frac": float,
+            "skipped_frac": float, "ppl": float, "ppl_full_precision": float, "top1_agreement": float}
+
+
+def test_configs_and_prompts():
+    cfgs = configs(["resident", "lru", "ondemand", "lru"], ["10%", "50%"])
+    assert cfgs == [Config("resident", None), Config("lru", "10%"), Config("lru", "50%"), Config("ondemand", None)]
+    with pytest.raises(ValueError, match="unknown policies"):
+        configs(["fifo"], ["10%"])
+    ids = list(range(1000))
+    items = cut_prompts(ids, [16, 128], [32, 128], per_pair=2)
+    assert [(len(p), n) for p, n in items] == [(16, 32), (16, 128), (128, 32), (128, 128)] * 2
+    assert len({p[0] for p, _ in items}) == len(items)  # every prompt starts elsewhere
+    assert all(p == ids[p[0]:p[0] + len(p)] for p, _ in items)
+
+
+@pytest.fixture(scope="module")
+def bench_result(tiny_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    text = tmp / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife.\n" * 6, encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser.add_subparsers())
+    args = parser.parse_args(["bench", str(tiny_store), "--budget", "1%,50%", "--policies", "resident,lru,belady",
+                              "--text", str(text), "--split", "all", "--prompt-tokens", "8,16",
+                              "--max-new-tokens", "6", "--window", "64", "--max-tokens", "128",
+                              "--json", str(tmp / "out.json"), "--plot", str(tmp / "out.png")])
+    assert cmd_bench(args) == 0
+    return json.loads((tmp / "out.json").read_text()), tmp
+
+
+def test_schema(bench_result):
+    out, tmp = bench_result
+    assert {"machine", "model", "runs"} <= set(out)
+    m = out["machine"]
+    assert isinstance(m["cpu"], str) and m["cores"] >= 1 and m["ram_bytes"] > 0 and m["threads"] == 1
+    assert isinstance(m["torch"], str)
+    assert out["model"]["arch"] == "qwen2_moe" and out["model"]["precisions"][0] == "bf16"
+    assert [(r["policy"], r["budget_fraction"]) for r in out["runs"]] == [
+        ("resident", 1.0), ("lru", pytest.approx(0.5)), ("belady", pytest.approx(0.5))]
+    # 1% is below one layer's active experts: reported, not run
+    assert [(f["policy"], f["budget"]) for f in out["failed"]] == [("lru", "1%"), ("belady", "1%")]
+    for run in out["runs"]:
+        for key, typ in RUN_KEYS.items():
+            assert isinstance(run[key], typ), (run["policy"], key, run[key])
+    assert (tmp / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_numbers_recomputable(bench_result):
+    out, _ = bench_result
+    total = out["model"]["expert_bytes"]["bf16"]
+    for r in out["runs"]:
+        s = r["samples"]
+        assert len(s) == 2 and {x["prompt_tokens"] for x in s} == {8, 16} and all(x["generated_tokens"] == 6 for x in s)
+        assert r["tokens"] == sum(x["prompt_tokens"] + x["generated_tokens"] for x in s)
+        assert r["bytes_read"] == sum(x["bytes_read"] for x in s)
+        assert r["bytes_per_token"] == pytest.approx(r["bytes_read"] / r["tokens"])
+        assert r["hit_rate"] == pytest.approx(r["hits"] / (r["hits"] + r["misses"]))
+        for p, rate in r["hit_rate_by_precision"].items():
+            assert rate == pytest.approx(r["hits_by_precision"][p] / (r["hits_by_precision"][p] + r["misses_by_precision"][p]))
+        assert r["prefill_s"] == pytest.approx(sum(x["prefill_s"] for x in s) / len(s))
+        assert r["decode_tok_s"] == pytest.approx(sum(x["decode_tokens"] for x in s) / sum(x["decode_s"] for x in s))
+        assert r["loader_wait_frac"] == pytest.approx(r["loader_wait_s"] / (r["prefill_s_total"] + r["decode_s_total"]))
+        assert r["skipped_frac"] == pytest.approx(r["skipped"] / r["selections"])
+        assert r["ppl_delta_pct"] == pytest.approx(100 * (r["ppl"] / r["ppl_full_precision"] - 1))
+        assert r["budget_fraction"] == pytest.approx(r["budget_bytes"] / total)
+        # full-precision policies compute the same numbers as the reference
+        assert r["ppl"] == pytest.approx(r["ppl_full_precision"], rel=1e-9) and r["top1_agreement"] == 1.0
+    runs = {r["policy"]: r for r in out["runs"]}
+    assert runs["resident"]["hit_rate"] == 1.0 and runs["resident"]["bytes_read"] == 0
+    assert runs["lru"]["bytes_read"] > 0
+    # belady replays the trace of the same calls, so it can only miss less than lru at that budget
+    assert runs["belady"]["misses"] <= runs["lru"]["misses"]
+
+
+def test_table_rows_come_from_the_json(bench_result):
+    out, _ = bench_result
+    lines = format_table(out["runs"]).splitlines()
+    assert lines[0].split()[:3] == ["policy", "budget", "MiB"] and len(lines) == 1 + len(out["runs"])
+    for line, r in zip(lines[1:], out["runs"]):
+        cells = line.split()
+        assert cells[0] == r["policy"]
+        assert f"{r['decode_tok_s']:.2f}" in cells and f"{r['ppl']:.3f}" in cells
+        assert f"{r['bytes_per_token'] / 1024:.1f}" in cells and f"{r['top1_agreement']:.1%}" in cells
