@@ -1,0 +1,337 @@
+"""`hobbit simulate`: replay a recorded routing trace through the live engine's Scheduler, no model.
+
+The replay drives a fresh `Scheduler` exactly as `OffloadedExperts` does with
+`Options.sync_prefetch=True` (every prefetch lands before the next layer call):
+
+    per sequence:   begin_sequence (pending prefetches are dropped, as the loader cancels them)
+    per step:       per layer call: admit all pending prefetches (`prefetched`) -> plan ->
+                    `loaded` for each load, in ascending expert id -> finish_layer ->
+                    prefetch(layer, first `depth` predicted layers) -> pending (deduplicated
+                    like the engine's in-flight map);  end_step
+
+so its counters (hits/misses per precision, skips, evictions, prefetches, prediction accuracy)
+are the live engine's counters on the same routing. On top it reports what the live engine
+cannot: bytes moved in *disk* bytes (the header's `expert_disk_bytes`; the Scheduler's own byte
+counters are RAM bytes, which differ, e.g. for int2), the share of selections computed at each
+precision, the mixed-precision miss penalty (HOBBIT §3.4, in units of one high-precision load) and
+modeled load time over a link of a given bandwidth: demand time stalls compute, prefetch time is
+reported separately because it overlaps compute.
+
+Torch-free: it imports only the torch-free schedule/trace/policies/cache modules. (The budget
+parser lives in `hobbit.engine`, which imports torch; `parse_budget_for` imports it lazily, only
+for a budget given as a string.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .schedule import CACHE_POLICIES, POLICIES, Options, Scheduler
+from .trace import LayerCall, belady_accesses, iter_steps, read_trace
+
+HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
+               "expert_disk_bytes")
+LOW_DEFAULTS = ("int4", "int8")  # the engine's choice of --low for policy hobbit when none is given
+
+
+# -- trace ------------------------------------------------------------------------------------------
+
+def load_trace(path: str | Path) -> tuple[dict, list[LayerCall]]:
+    """`read_trace` plus a check that the header and every record carry what the replay needs;
+    anything else is a ValueError that names the file."""
+    try:
+        header, calls = read_trace(path)
+    except (AttributeError, KeyError, TypeError) as e:  # valid gzip'd JSON of the wrong shape
+        raise ValueError(f"{path} is not a valid hobbit routing trace: a record lacks {e}") from e
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if missing:
+        raise ValueError(f"{path}: the trace header lacks {', '.join(missing)} (record the trace with "
+                         f"`hobbit run ... --trace FILE` from this version)")
+    for c in calls:
+        if len(c.ids) != len(c.w) or any(len(i) != len(w) for i, w in zip(c.ids, c.w)) or not c.ids:
+            raise ValueError(f"{path}: malformed layer call (seq {c.seq}, t {c.t}, layer {c.layer}): "
+                             f"ids and weights differ in shape")
+    return header, calls
+
+
+def highest_total_bytes(header: dict) -> int:
+    """All experts at the highest stored precision, on disk: what '25%' budgets are relative to."""
+    top = header["precisions"][0]
+    return len(header["sparse_layers"]) * int(header["num_experts"]) * int(header["expert_disk_bytes"][top])
+
+
+def parse_budget_for(budget, header: dict) -> int | None:
+    """Bytes from the engine's budget forms (123, '512MiB', '25%'), '%' relative to the trace's store."""
+    if budget is None or isinstance(budget, int):
+        return budget
+    from .engine import parse_budget  # imports torch; only for string budgets
+    return parse_budget(budget, highest_total_bytes(header))
+
+
+def default_precisions(header: dict, policy: str, high: str | None, low: str | None) -> tuple[str, str | None]:
+    """The engine's defaults: high = the highest stored precision; low (hobbit) = int4 or int8."""
+    precs = list(header["precisions"])
+    high = high or (precs[0] if precs else "bf16")
+    if low is None and policy == "hobbit":
+        low = next((p for p in precs if p != high and p in LOW_DEFAULTS), None)
+    return high, low
+
+
+# -- replay -----------------------------------------------------------------------------------------
+
+class _Phase:
+    """Counters of one kind of step: 'prefill' (a forward over >1 token) or 'decode' (one token)."""
+    FIELDS = ("steps", "tokens", "demand_loads", "bytes_demand", "prefetch_loads", "bytes_prefetch", "hits")
+
+    def __init__(self) -> None:
+        self.c = Counter()
+
+    def as_dict(self, link: float | None) -> dict:
+        d = {k: self.c[k] for k in self.FIELDS}
+        n = max(1, d["tokens"])
+        d["demand_loads_per_token"] = d["demand_loads"] / n
+        d["bytes_demand_per_token"] = d["bytes_demand"] / n
+        d["demand_s_per_token"] = d["bytes_demand"] / link / n if link else None
+        return d
+
+
+def simulate(header: dict, calls: list[LayerCall], options: Options, budget_bytes: int | None,
+             link_gbps: float | None = None) -> dict:
+    """Replay `calls` (from `read_trace`) under `options` and a budget of `budget_bytes` (RAM bytes,
+    as the engine counts them); `link_gbps` (GB/s, 1e9 bytes) models load times. Returns a report
+    dict (see the module docstring; counters named as in `Stats.as_dict`, but `bytes_*` are disk
+    bytes and `ram_bytes_*` the Scheduler's RAM bytes)."""
+    ram = {p: int(b) for p, b in header["expert_ram_bytes"].items()}
+    disk = {p: int(b) for p, b in header["expert_disk_bytes"].items()}
+    for name, prec in (("high", options.high), ("low", options.low)):
+        if prec is not None and (prec not in ram or prec not in disk):
+            raise ValueError(f"{name} precision {prec!r} is not in the trace's store "
+                             f"(it has {', '.join(header['precisions'])})")
+    if link_gbps is not None and link_gbps <= 0:
+        raise ValueError(f"link bandwidth must be positive, got {link_gbps} GB/s")
+    opt = options
+    if opt.policy == "belady":
+        opt = replace(opt, eviction_options={"trace": belady_accesses(calls)})
+    sched = Scheduler(opt, int(header["num_layers"]), int(header["top_k"]), ram.__getitem__, budget_bytes)
+    depth = opt.depth
+    link = link_gbps * 1e9 if link_gbps else None
+
+    loads = {"demand": Counter(), "prefetch": Counter()}  # precision -> loads
+    served = Counter()  # precision -> token-expert selections computed with a copy at that precision
+    phases = {"prefill": _Phase(), "decode": _Phase()}
+    pending: dict = {}  # prefetch keys in flight, in issue order (the engine's _inflight)
+    seq, sequences, steps, tokens = -1, 0, 0, 0
+    stats = sched.stats
+
+    for s, t, group in iter_steps(calls):
+        if s != seq:
+            if s < seq:
+                raise ValueError(f"trace out of order: sequence {s} after {seq}")
+            for _ in range(s - seq):  # one begin_sequence per sequence the engine began
+                sched.begin_sequence()
+            pending.clear()  # the loader cancels queued prefetches at a new sequence
+            seq, sequences = s, sequences + 1
+        sched.t = t
+        ntok = len(group[0].ids)
+        ph = phases["prefill" if ntok > 1 else "decode"]
+        before = (sum(loads["demand"].values()), sum(loads["prefetch"].values()), sum(stats.hits.values()))
+        bd0 = sum(disk[p] * n for p, n in loads["demand"].items())
+        bp0 = sum(disk[p] * n for p, n in loads["prefetch"].items())
+        for call in group:
+            for key in pending:  # sync_prefetch: every prefetch has landed
+                sched.prefetched(key, None, ram[key[2]])
+                loads["prefetch"][key[2]] += 1
+            pending.clear()
+            rows = call.rows
+            plan = sched.plan(call.layer, rows)
+            counts = Counter(e for ids in call.ids for e in ids) if ntok > 1 else None
+            for st in plan:
+                if st.action == "skip":
+                    continue
+                if st.action == "load":
+                    sched.loaded(st.key, None, ram[st.key[2]])
+                    loads["demand"][st.key[2]] += 1
+                served[st.key[2]] += counts[st.expert] if counts is not None else 1
+            sched.finish_layer(call.layer, plan)
+            predicted = dict(sorted(call.pred.items())[:depth]) if depth else {}
+            for key in sched.prefetch(call.layer, predicted):
+                pending.setdefault(key, None)
+        sched.end_step()
+        steps += 1
+        tokens += ntok
+        ph.c["steps"] += 1
+        ph.c["tokens"] += ntok
+        ph.c["demand_loads"] += sum(loads["demand"].values()) - before[0]
+        ph.c["prefetch_loads"] += sum(loads["prefetch"].values()) - before[1]
+        ph.c["hits"] += sum(stats.hits.values()) - before[2]
+        ph.c["bytes_demand"] += sum(disk[p] * n for p, n in loads["demand"].items()) - bd0
+        ph.c["bytes_prefetch"] += sum(disk[p] * n for p, n in loads["prefetch"].items()) - bp0
+
+    return _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases,
+                   sequences, steps, tokens, disk)
+
+
+def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, sequences, steps, tokens,
+            disk) -> dict:
+    link = link_gbps * 1e9 if link_gbps else None
+    base = stats.as_dict()
+    precs = sorted(set(stats.hits) | set(stats.misses) | set(served), key=list(header["precisions"]).index)
+    bytes_demand = sum(disk[p] * n for p, n in loads["demand"].items())
+    bytes_prefetch = sum(disk[p] * n for p, n in loads["prefetch"].items())
+    high_disk = disk[opt.high]
+    selections = stats.selections
+    n = max(1, tokens)
+    options = {k: v for k, v in asdict(opt).items() if k != "eviction_options"}
+    options["eviction_options"] = {k: v for k, v in opt.eviction_options.items() if k != "trace"}
+    options["depth"] = opt.depth
+    demand_s = bytes_demand / link if link else None
+    prefetch_s = bytes_prefetch / link if link else None
+    return dict(
+        policy=opt.policy, options=options, budget_bytes=budget_bytes, link_gbps=link_gbps,
+        sequences=sequences, steps=steps, tokens=tokens,
+        hits=base["hits"], misses=base["misses"], hit_rate=base["hit_rate"],
+        hits_by_precision={p: stats.hits[p] for p in precs},
+        misses_by_precision={p: stats.misses[p] for p in precs},
+        hit_rate_by_precision={p: stats.hits[p] / max(1, stats.hits[p] + stats.misses[p]) for p in precs},
+        selections=selections, skipped=stats.skipped, skip_share=stats.skipped / max(1, selections),
+        selections_by_precision={p: served[p] for p in precs},
+        share_by_precision={p: served[p] / max(1, selections) for p in precs},
+        low_share=served[opt.low] / max(1, selections) if opt.low else 0.0,
+        evictions=stats.evictions, prefetch_issued=stats.prefetch_issued, prefetch_used=stats.prefetch_used,
+        demand_loads_by_precision=dict(loads["demand"]), prefetch_loads_by_precision=dict(loads["prefetch"]),
+        prefetch_loads=sum(loads["prefetch"].values()),
+        bytes_demand=bytes_demand, bytes_prefetch=bytes_prefetch,
+        ram_bytes_demand=base["bytes_demand"], ram_bytes_prefetch=base["bytes_prefetch"],
+        # HOBBIT §3.4: a high miss costs C, a low miss (B_low/B_high)·C; here C = 1 high-precision load
+        miss_penalty=sum(stats.misses[p] * disk[p] / high_disk for p in stats.misses),
+        demand_s=demand_s, prefetch_s=prefetch_s,
+        per_token=dict(misses=base["misses"] / n, bytes_demand=bytes_demand / n, bytes_prefetch=bytes_prefetch / n,
+                       demand_s=demand_s / n if link else None, prefetch_s=prefetch_s / n if link else None),
+        phases={k: v.as_dict(link) for k, v in phases.items() if v.c["steps"]},
+        prediction=base["prediction"],
+    )
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def parse_weights(spec: str | None) -> dict | None:
+    """'lru=0.4,lfu=0.2,lhu=0.2,fld=0.2' -> dict (Eq. 3 weights of the hobbit eviction policy)."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--weights {spec!r}: use name=value pairs, e.g. lru=0.4,lfu=0.2,lhu=0.2,fld=0.2")
+    return out
+
+
+def add_simulate_args(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("simulate", help="replay a routing trace through a cache policy (no model): hit "
+                              "rates, bytes moved, modeled load time")
+    p.add_argument("trace", help="routing trace recorded with `hobbit run ... --trace FILE`")
+    p.add_argument("--policy", default="lru", choices=POLICIES, help="expert cache policy (default lru)")
+    p.add_argument("--budget", required=True, help="RAM for cached experts: bytes, 512MiB, 2GiB, or 25%% of all "
+                   "expert bytes at the highest stored precision")
+    p.add_argument("--link", type=float, default=None, metavar="GB/s",
+                   help="storage bandwidth in GB/s for modeled load times (e.g. 3 for an NVMe SSD)")
+    p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
+    p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit; default int4 or int8)")
+    p.add_argument("--t1", type=float, default=None, help="Eq. 2 high/low threshold (default 0.6)")
+    p.add_argument("--t2", type=float, default=None, help="Eq. 2 low/skip threshold (default 0.9)")
+    p.add_argument("--prefetch-depth", type=int, default=None, help="layers ahead to prefetch "
+                   "(default: hobbit 2, lru+prefetch 1, others 0)")
+    p.add_argument("--low-pool-fraction", type=float, default=None, help="hobbit: share of the budget for "
+                   "low-precision copies (default 0.25)")
+    p.add_argument("--weights", default=None, help="hobbit Eq. 3 weights, e.g. lru=0.4,lfu=0.2,lhu=0.2,fld=0.2")
+    p.add_argument("--allow-low-for-high", action="store_true", help="a cached low copy may serve a high request")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_simulate)
+    return p
+
+
+def options_from_args(args: argparse.Namespace, header: dict) -> Options:
+    high, low = default_precisions(header, args.policy, args.high, args.low)
+    kw = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "low_pool_fraction")
+          if getattr(args, k, None) is not None}
+    weights = parse_weights(getattr(args, "weights", None))
+    if weights is not None:
+        if args.policy != "hobbit":
+            raise ValueError("--weights sets the hobbit eviction policy's Eq. 3 weights: use it with --policy hobbit")
+        kw["eviction_options"] = {"weights": weights}
+    return Options(policy=args.policy, high=high, low=low, sync_prefetch=True,
+                   allow_low_for_high=getattr(args, "allow_low_for_high", False), **kw)
+
+
+def format_report(r: dict) -> str:
+    mib = 2**20
+    by_prec = ", ".join(f"{p} {r['hits_by_precision'][p]}/{r['misses_by_precision'][p]} "
+                        f"({r['hit_rate_by_precision'][p]:.1%})" for p in r["hits_by_precision"]) or "-"
+    shares = ", ".join(f"{p} {s:.1%}" for p, s in r["share_by_precision"].items())
+    o = r["options"]
+    setting = f"policy {r['policy']}, high {o['high']}" + (f", low {o['low']}" if o["low"] else "")
+    if r["policy"] == "hobbit":
+        setting += f", t1 {o['t1']}, t2 {o['t2']}, low pool {o['low_pool_fraction']:.0%}"
+    setting += f", prefetch depth {o['depth']}"
+    pred = r["prediction"]
+    rows = [
+        ("setting", setting),
+        ("budget", f"{(r['budget_bytes'] or 0) / mib:.1f} MiB" if r["budget_bytes"] is not None else "-"),
+        ("trace", f"{r['sequences']} sequences, {r['steps']} steps, {r['tokens']} tokens"),
+        ("experts", f"hit rate {r['hit_rate']:.1%}; hits/misses by precision: {by_prec}; evictions {r['evictions']}"),
+        ("selections", f"{r['selections']}: computed at {shares or '-'}; skipped {r['skipped']} "
+                       f"({r['skip_share']:.1%})"),
+        ("miss penalty", f"{r['miss_penalty']:.1f} high-precision loads ({r['miss_penalty'] / max(1, r['tokens']):.2f}"
+                         f" per token)"),
+        ("read (demand)", f"{r['bytes_demand'] / mib:.1f} MiB ({r['per_token']['bytes_demand'] / mib:.2f} MiB/token)"),
+        ("read (prefetch)", f"{r['bytes_prefetch'] / mib:.1f} MiB in {r['prefetch_loads']} loads, "
+                            f"{r['prefetch_used']} used"),
+    ]
+    if r["link_gbps"]:
+        rows.append(("modeled load time", f"demand (stalls) {r['demand_s']:.3f} s = "
+                     f"{r['per_token']['demand_s'] * 1e3:.2f} ms/token; prefetch (overlaps compute) "
+                     f"{r['prefetch_s']:.3f} s at {r['link_gbps']:g} GB/s"))
+    for name, ph in r["phases"].items():
+        t = f", {ph['demand_s_per_token'] * 1e3:.2f} ms/token" if ph["demand_s_per_token"] is not None else ""
+        rows.append((name, f"{ph['steps']} steps, {ph['tokens']} tokens: {ph['demand_loads_per_token']:.2f} demand "
+                           f"loads/token, {ph['bytes_demand_per_token'] / mib:.2f} MiB/token{t}"))
+    if pred["samples"]:
+        rows.append(("prediction", f"precision {pred['precision']:.1%}, recall {pred['recall']:.1%}, top-1 "
+                                   f"{pred['top1_accuracy']:.1%} over {pred['samples']} layer calls"))
+    return "\n".join(f"  {k:<18} {v}" for k, v in rows)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    header, calls = load_trace(args.trace)
+    opt = options_from_args(args, header)
+    budget = parse_budget_for(args.budget, header) if opt.policy in CACHE_POLICIES else None
+    report = simulate(header, calls, opt, budget, args.link)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"simulated {args.trace}")
+        print(format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # `python -m hobbit.simulate` before the CLI wiring
+    ap = argparse.ArgumentParser(prog="hobbit")
+    add_simulate_args(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

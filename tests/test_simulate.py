@@ -1,0 +1,177 @@
+"""hobbit simulate: the replay's counters are the live engine's on the same routing; prefetch cuts
+demand stalls; prefetch does not change results; bad traces fail clearly."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+
+import hobbit
+from hobbit.prefetch import DEMAND, PREFETCH
+from hobbit.schedule import Options
+from hobbit.simulate import add_simulate_args, cmd_simulate, load_trace, parse_budget_for, simulate
+
+PROMPTS = ([3, 17, 42, 99, 7, 128, 64, 5, 200, 11, 31, 77], [9, 250, 14, 61])
+NEW_TOKENS = 24
+BUDGET = "45%"
+
+# (policy, Options overrides): the settings checked against the live engine
+SETTINGS = [
+    ("lru", {}),
+    ("lfu", {}),
+    ("lru+prefetch", {}),
+    ("hobbit", {"prefetch_depth": 0}),
+    ("hobbit", {}),  # prefetch depth 2
+]
+
+COMPARED = ("hits_by_precision", "misses_by_precision", "skipped", "selections", "evictions", "prefetch_issued",
+            "prefetch_used")
+
+
+def live_run(store, trace, policy, **options):
+    """Two greedy sequences through the live engine (sync prefetch), recording the trace."""
+    eng = hobbit.load(store, budget=BUDGET, policy=policy, low="int4" if policy == "hobbit" else None,
+                      trace=trace, sync_prefetch=True, **options)
+    outs = [eng.generate(p, max_new_tokens=NEW_TOKENS, stop_token_ids=[]) for p in PROMPTS]
+    stats = eng.provider.stats.as_dict()
+    opt, budget = eng.provider.opt, eng.budget_bytes
+    loads = dict(eng.provider.loader.loads)
+    eng.close()
+    return stats, opt, budget, outs, loads
+
+
+@pytest.mark.parametrize("policy,overrides", SETTINGS, ids=[f"{p}-{o}" for p, o in SETTINGS])
+def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
+    trace = tmp_path / "t.trace.gz"
+    live, opt, budget, outs, loads = live_run(tiny_store, trace, policy, **overrides)
+    header, calls = load_trace(trace)
+    assert parse_budget_for(BUDGET, header) == budget
+    sim = simulate(header, calls, opt, budget, link_gbps=2.0)
+    for k in COMPARED:
+        assert sim[k] == live[k], f"{k}: simulated {sim[k]} != live {live[k]}"
+    assert sim["misses"] > 0 and sim["evictions"] > 0, "the budget should make the cache work"
+    assert sim["ram_bytes_demand"] == live["bytes_demand"]
+    assert sim["ram_bytes_prefetch"] == live["bytes_prefetch"]
+    assert sim["prediction"] == live["prediction"]
+    # the live loader's reads are the simulated loads; its store reads are the simulated disk bytes
+    assert loads == {DEMAND: sim["misses"], PREFETCH: sim["prefetch_loads"]}
+    read = sum(o.stats["bytes_read"] for o in outs)
+    assert read == sim["bytes_demand"] + sim["bytes_prefetch"]
+    assert sim["sequences"] == len(PROMPTS)
+    assert sim["tokens"] == sum(len(p) + NEW_TOKENS - 1 for p in PROMPTS)
+    assert sim["demand_s"] == pytest.approx(sim["bytes_demand"] / 2e9)
+    if policy == "hobbit":
+        assert sim["hits_by_precision"].get("int4", 0) + sim["misses_by_precision"].get("int4", 0) > 0
+        assert sim["skipped"] > 0
+        assert 0 < sim["low_share"] < 1
+    if opt.depth:
+        assert sim["prefetch_issued"] > 0 and sim["prediction"]["samples"] > 0
+
+
+def test_prefetch_reduces_demand_stalls(tiny_store, tmp_path):
+    trace = tmp_path / "t.trace.gz"
+    _, opt, budget, _, _ = live_run(tiny_store, trace, "lru")
+    header, calls = load_trace(trace)
+    for policy in ("lru", "hobbit"):
+        base = Options(policy=policy, high="bf16", low="int4" if policy == "hobbit" else None)
+        none = simulate(header, calls, Options(**{**base.__dict__, "prefetch_depth": 0}), budget, link_gbps=1.0)
+        pre = simulate(header, calls, Options(**{**base.__dict__, "prefetch_depth": 1}), budget, link_gbps=1.0)
+        assert pre["prefetch_issued"] > 0 and pre["prefetch_used"] > 0
+        assert pre["misses"] < none["misses"], policy
+        assert pre["demand_s"] < none["demand_s"], policy
+        assert pre["phases"]["decode"]["demand_s_per_token"] < none["phases"]["decode"]["demand_s_per_token"]
+
+
+def test_belady_is_a_bound(tiny_store, tmp_path):
+    trace = tmp_path / "t.trace.gz"
+    _, _, budget, _, _ = live_run(tiny_store, trace, "lru")
+    header, calls = load_trace(trace)
+    misses = {p: simulate(header, calls, Options(policy=p, high="bf16"), budget)["misses"]
+              for p in ("lru", "lfu", "slru", "belady")}
+    assert misses["belady"] <= min(misses.values())
+    ondemand = simulate(header, calls, Options(policy="ondemand", high="bf16"), None)
+    assert ondemand["hits"] == 0 and ondemand["misses"] >= misses["lru"]
+
+
+def decode(engine, prompt, steps):
+    engine._begin()
+    out, toks = [], []
+    with torch.inference_mode():
+        logits = engine.model.forward(torch.tensor(prompt), 0)[-1]
+        engine.provider.end_step()
+        for i in range(steps):
+            out.append(logits.clone())
+            toks.append(int(logits.argmax()))
+            logits = engine.model.forward(torch.tensor([toks[-1]]), len(prompt) + i)[-1]
+            engine.provider.end_step()
+    return torch.stack(out), toks
+
+
+def test_prefetch_leaves_results_unchanged(tiny_store):
+    results = {}
+    for policy, kw in (("lru", {}), ("lru+prefetch", {}), ("lru+prefetch", {"sync_prefetch": True})):
+        eng = hobbit.load(tiny_store, budget=BUDGET, policy=policy, **kw)
+        results[(policy, bool(kw))] = decode(eng, PROMPTS[0], NEW_TOKENS)
+        if policy != "lru":
+            assert eng.provider.stats.prefetch_issued > 0
+        eng.close()
+    ref_logits, ref_toks = results[("lru", False)]
+    for key, (logits, toks) in results.items():
+        assert toks == ref_toks, key
+        assert torch.equal(logits, ref_logits), key
+
+
+def _args(trace, *extra):
+    import argparse
+    ap = argparse.ArgumentParser()
+    add_simulate_args(ap.add_subparsers())
+    return ap.parse_args(["simulate", str(trace), *extra])
+
+
+def test_cli(tiny_store, tmp_path, capsys):
+    trace = tmp_path / "t.trace.gz"
+    live, _, _, _, _ = live_run(tiny_store, trace, "hobbit", prefetch_depth=0)
+    assert cmd_simulate(_args(trace, "--policy", "hobbit", "--budget", BUDGET, "--low", "int4",
+                              "--prefetch-depth", "0", "--json")) == 0
+    r = json.loads(capsys.readouterr().out)
+    for k in COMPARED:
+        assert r[k] == live[k]
+    assert cmd_simulate(_args(trace, "--policy", "hobbit", "--budget", "50%", "--link", "3", "--t1", "0.5",
+                              "--weights", "lru=1,lfu=0,lhu=0,fld=1")) == 0
+    text = capsys.readouterr().out
+    assert "hit rate" in text and "modeled load time" in text and "t1 0.5" in text
+    with pytest.raises(ValueError, match="weights"):
+        cmd_simulate(_args(trace, "--policy", "lru", "--budget", "50%", "--weights", "lru=1"))
+    with pytest.raises(ValueError, match="not in the trace's store"):
+        cmd_simulate(_args(trace, "--policy", "lru", "--budget", "50%", "--high", "fp32"))
+    with pytest.raises(ValueError, match="too small"):
+        cmd_simulate(_args(trace, "--policy", "lru", "--budget", "1000"))
+
+
+def test_bad_trace_files(tmp_path):
+    def gz(name, text):
+        p = tmp_path / name
+        with gzip.open(p, "wt") as f:
+            f.write(text)
+        return p
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("hello\n")
+    cases = {
+        plain: "not a readable hobbit routing trace",
+        tmp_path / "missing.gz": "not a readable hobbit routing trace",
+        gz("empty.gz", ""): "not a readable",
+        gz("other.gz", json.dumps({"format": "something"}) + "\n"): "not a hobbit routing trace",
+        gz("list.gz", "[1, 2]\n"): "not a valid hobbit routing trace",
+        gz("nohdr.gz", json.dumps({"format": "hobbit-trace", "version": 1}) + "\n"): "header lacks",
+        gz("badrec.gz", json.dumps({"format": "hobbit-trace", "version": 1}) + "\n" + json.dumps({"seq": 0}) + "\n"):
+            "not a valid hobbit routing trace",
+        gz("trunc.gz", json.dumps({"format": "hobbit-trace", "version": 1}) + "\n{\"seq\": 0, "): "not a readable",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            load_trace(path)
+        with pytest.raises(ValueError, match=message):
+            cmd_simulate(_args(path, "--budget", "25%"))
