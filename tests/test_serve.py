@@ -203,7 +203,16 @@ def test_eight_concurrent_streams_and_a_killed_client(base_url: str, engine: Any
     assert metric(base_url, "hobbit_completion_tokens_total") - tokens < 8 * 12 + 100   # not 200 for the killed one
 
 
-def test_non_streaming_client_that_gives_up_frees_the_engine(base_url: str, engine: Any) -> None:
+def test_non_streaming_client_that_gives_up_frees_the_engine(base_url: str, engine: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    generate = engine.generate
+
+    def slow(prompt_ids: list[int], callback: Any = None, **options: Any) -> Any:
+        # never stops on its own within the client's patience: no EOS, 50 ms per token
+        options["stop_token_ids"] = []
+        return generate(prompt_ids, callback=lambda t: time.sleep(0.05) or callback(t), **options)
+
+    monkeypatch.setattr(engine, "generate", slow)
     cancelled = metric(base_url, 'hobbit_requests_total{finish_reason="cancelled"}')
     body = {"model": engine.model_name, "prompt": "hi there", "max_tokens": 200}
     with pytest.raises(httpx.ReadTimeout):
