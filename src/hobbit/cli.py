@@ -20,14 +20,20 @@ def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str 
                    help="precision of the dense (non-expert) weights in RAM (default: the compute dtype)")
     p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
     p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
+    p.add_argument("--t1", type=float, default=None, help="hobbit Eq. 2: high if score <= T1 (default 0.6 or tuned)")
+    p.add_argument("--t2", type=float, default=None, help="hobbit Eq. 2: low if score <= T2, else skip (default 0.9 or tuned)")
+    p.add_argument("--prefetch-depth", type=int, default=None,
+                   help="layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)")
     p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; the loader uses another)")
     p.add_argument("--no-direct-io", action="store_true", help="read blobs through the page cache")
 
 
 def engine_from_args(args: argparse.Namespace):
     from .engine import load
+    options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth") if getattr(args, k, None) is not None}
     return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
-                low=args.low, threads=args.threads, direct_io=not args.no_direct_io, dense=args.dense)
+                low=args.low, threads=args.threads, direct_io=not args.no_direct_io, dense=args.dense,
+                trace=getattr(args, "trace", None), **options)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--trace", default=None, help="record the routing trace here (for `hobbit simulate`)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="run SmolMoE (built from SmolLM2-135M) with experts on disk, under a 25%% budget")
@@ -174,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
+
+    from .bench import add_bench_args
+    from .evaluate import add_eval_args
+    from .simulate import add_simulate_args
+    from .tune import add_tune_args
+    for add in (add_eval_args, add_bench_args, add_simulate_args, add_tune_args):
+        add(sub)
     return ap
 
 

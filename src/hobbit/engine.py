@@ -110,6 +110,12 @@ class Engine:
         if not self.config.num_experts:
             policy = "resident"  # a dense model has no experts to offload
         self.policy = policy
+        self.tuned = False
+        if policy == "hobbit":  # `hobbit tune` results are the defaults; explicit options win
+            from .tune import load_tuned
+            tuned = load_tuned(self.path) or {}
+            self.tuned = bool(tuned)
+            options = {**tuned, **options}
         opts = Options(policy=policy, high=high, low=low, **options)
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
                                          self.budget_bytes, opts)
