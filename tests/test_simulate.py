@@ -70,6 +70,19 @@ def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
         assert sim["prefetch_issued"] > 0 and sim["prediction"]["samples"] > 0
 
 
+def test_one_full_precision_trace_replays_every_full_precision_policy(tiny_store, tmp_path):
+    """Full-precision policies compute the same tokens, so a trace recorded under lru predicts the
+    live counters of lfu, slru and lru+prefetch too."""
+    trace = tmp_path / "lru.trace.gz"
+    live_run(tiny_store, trace, "lru")
+    header, calls = load_trace(trace)
+    for policy in ("lfu", "slru", "lru+prefetch"):
+        live, opt, budget, _, _ = live_run(tiny_store, None, policy)
+        sim = simulate(header, calls, opt, budget)
+        for k in COMPARED:
+            assert sim[k] == live[k], f"{policy} {k}: simulated {sim[k]} != live {live[k]}"
+
+
 def test_prefetch_reduces_demand_stalls(tiny_store, tmp_path):
     trace = tmp_path / "t.trace.gz"
     _, opt, budget, _, _ = live_run(tiny_store, trace, "lru")

@@ -1,0 +1,370 @@
+"""`hobbit tune`: calibrate HOBBIT's settings for one store and budget with the simulator.
+
+1. Record a calibration routing trace: the live engine (policy lru, full precision, at the
+   budget) reads calibration text, teacher-forced: per sequence one prefill step of `prompt_len`
+   tokens, then one decode step per following token. The default text is the train split of
+   Austen's *Emma* (`hobbit.assets`), kept apart from evaluation text; `--text FILE` uses a file.
+2. Search with `hobbit.simulate` (HOBBIT §3.2, §3.4: "determined by minimizing the mixed-precision
+   cache miss penalty on a calibration dataset"), minimizing the miss penalty
+   `C·misses_high + C·(B_low/B_high)·misses_low` (B = bytes one expert load reads from disk):
+   a. T1/T2 of Eq. 2. Quality limits (defaults in the spirit of the paper's 67/30/3 split): at
+      most `max_low` of the token-expert selections computed at low precision and `max_skip`
+      skipped. A pair must respect them both as Eq. 2 *requests* them (the paper's statistic;
+      it does not depend on the budget) and as the simulation *serves* them. Requested shares
+      are exact and cheap, so only the pairs on the feasible frontier (per T2 the lowest
+      feasible T1: lower thresholds load less) are simulated, plus the paper's (0.6, 0.9) and
+      all-high (1, 1).
+   b. the share of the budget for low-precision copies, with (a)'s thresholds;
+   c. the Eq. 3 eviction weights, a grid over the simplex, with (a) and (b).
+   Each stage keeps the incumbent unless a setting lowers the penalty, so the result is never
+   worse than the defaults it starts from.
+3. Write STORE/hobbit_tuned.json: {"options": {t1, t2, low_pool_fraction, eviction_options},
+   "budget_bytes", "calibration", "search"}; `load_tuned(store)` returns the options.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import json
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+from .policies.eviction import DEFAULT_MULTIDIM_WEIGHTS
+from .policies.precision import TOLERANCE, scores
+from .schedule import Options
+from .simulate import default_precisions, simulate
+from .trace import LayerCall, read_trace
+
+TUNED_FILE = "hobbit_tuned.json"
+DEFAULT_TEXT = "austen:emma"
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
+POOL_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+PAPER_T = (0.6, 0.9)
+
+
+# -- reading the result -----------------------------------------------------------------------------
+
+def tuned_path(store: str | Path) -> Path:
+    return Path(store) / TUNED_FILE
+
+
+def read_tuned(store: str | Path) -> dict | None:
+    """The whole hobbit_tuned.json of a store, or None when it has none."""
+    path = tuned_path(store)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        opts = doc["options"]
+        if not isinstance(opts, dict):
+            raise TypeError("'options' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid tuning result ({e}); re-run `hobbit tune` or delete it") from e
+    return doc
+
+
+def load_tuned(store: str | Path) -> dict | None:
+    """The tuned `Options` keyword arguments (t1, t2, low_pool_fraction, eviction_options) of a
+    store, or None when it was never tuned. They were tuned for `read_tuned(store)["calibration"]`'s
+    high/low precisions and `["budget_bytes"]`."""
+    doc = read_tuned(store)
+    return None if doc is None else dict(doc["options"])
+
+
+# -- calibration trace ------------------------------------------------------------------------------
+
+def calibration_ids(tokenizer, text: str | Path | None, tokens: int) -> tuple[list[int], str]:
+    """The first `tokens` tokens of the calibration text, and a label naming it."""
+    from . import assets
+    spec = str(text) if text is not None else DEFAULT_TEXT
+    is_file = Path(spec).is_file()
+    try:
+        path = assets.text_file(spec, split="all" if is_file else "train")
+    except assets.AssetError as e:
+        raise RuntimeError(f"could not get the calibration text {spec!r} ({e}); pass --text FILE with a "
+                           f"plain-text file instead") from e
+    chars = max(4096, tokens * 8)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        body = f.read(chars)
+        ids = tokenizer.encode(body, add_special_tokens=False)
+        while len(ids) < tokens:  # rarely: a text that tokenizes into few tokens per character
+            more = f.read(chars)
+            if not more:
+                break
+            body += more
+            ids = tokenizer.encode(body, add_special_tokens=False)
+    label = f"{spec} (train split)" if not is_file else spec
+    return ids[:tokens], label
+
+
+def record_calibration(store: str | Path, budget, trace_path: str | Path, text=None, tokens: int = 256,
+                       seq_len: int = 128, prompt_len: int = 16, high: str | None = None,
+                       progress=None) -> dict:
+    """Run the engine (policy lru, full precision) over the calibration text, teacher-forced, recording
+    the routing trace to `trace_path`. Returns what was recorded."""
+    import torch
+
+    from .engine import load
+    engine = load(store, budget=budget, policy="lru", high=high, trace=trace_path)
+    try:
+        if not engine.config.num_experts:
+            raise ValueError(f"{store} holds a dense model: there are no experts to tune for")
+        if engine.tokenizer is None:
+            raise ValueError(f"{store} has no tokenizer.json, so `hobbit tune` cannot encode calibration text; "
+                             f"convert a model folder that has tokenizer files")
+        ids, label = calibration_ids(engine.tokenizer, text, tokens)
+        seq_len = min(seq_len, engine.max_context)
+        prompt_len = max(1, min(prompt_len, seq_len - 1))
+        if len(ids) < prompt_len + 1:
+            raise ValueError(f"the calibration text gives only {len(ids)} tokens; need at least {prompt_len + 1}")
+        t0 = time.perf_counter()
+        chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+        chunks = [c for c in chunks if len(c) > prompt_len] or [ids[:seq_len]]
+        with torch.inference_mode():
+            for n, chunk in enumerate(chunks):
+                if progress:
+                    progress(f"calibration sequence {n + 1}/{len(chunks)} ({len(chunk)} tokens)")
+                engine._begin()
+                engine.model.forward(torch.tensor(chunk[:prompt_len]), 0)
+                engine.provider.end_step()
+                for pos in range(prompt_len, len(chunk)):
+                    engine.model.forward(torch.tensor(chunk[pos:pos + 1]), pos)
+                    engine.provider.end_step()
+        return dict(text=label, tokens=sum(len(c) for c in chunks), sequences=len(chunks), seq_len=seq_len,
+                    prompt_len=prompt_len, trace_policy="lru", high=engine.provider.opt.high,
+                    budget_bytes=engine.budget_bytes, record_s=round(time.perf_counter() - t0, 3))
+    finally:
+        engine.close()
+
+
+# -- search -----------------------------------------------------------------------------------------
+
+class RequestedShares:
+    """Eq. 2's requested tiers over all token-expert selections of a trace, for any (T1, T2): the
+    unimportance scores of every non-top-1 selection, sorted once."""
+
+    def __init__(self, calls: list[LayerCall]):
+        self.total = 0
+        s: list[float] = []
+        for c in calls:
+            for w in c.w:
+                self.total += len(w)
+                s.extend(scores(w)[1:])  # the top-1 expert is always high
+        s.sort()
+        self.sorted = s
+
+    def __call__(self, t1: float, t2: float) -> tuple[float, float]:
+        """(low share, skip share) of all selections."""
+        n = len(self.sorted)
+        upto_t1 = bisect.bisect_right(self.sorted, t1 + TOLERANCE)
+        upto_t2 = bisect.bisect_right(self.sorted, t2 + TOLERANCE)
+        total = max(1, self.total)
+        return (upto_t2 - upto_t1) / total, (n - upto_t2) / total
+
+
+def simplex(step: float) -> list[dict[str, float]]:
+    """Eq. 3 weights on a grid over the simplex (every weight a multiple of `step`, summing to 1)."""
+    n = round(1 / step)
+    if n < 1 or abs(n * step - 1) > 1e-9:
+        raise ValueError(f"weight step {step} must divide 1 (e.g. 0.25, 1/3, 0.5)")
+    names = list(DEFAULT_MULTIDIM_WEIGHTS)
+    out = []
+    for parts in itertools.product(range(n + 1), repeat=len(names) - 1):
+        if sum(parts) <= n:
+            ks = (*parts, n - sum(parts))
+            out.append({name: float(Fraction(k, n)) for name, k in zip(names, ks)})
+    return out
+
+
+def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, low: str,
+           max_low: float = 0.30, max_skip: float = 0.03, thresholds=THRESHOLDS, pool_fractions=POOL_FRACTIONS,
+           weight_step: float = 0.25, prefetch_depth: int | None = None, progress=None) -> dict:
+    """The three-stage search (module docstring). Returns {"options", "result", "baseline", "search"}."""
+    if not (0 <= max_low <= 1 and 0 <= max_skip <= 1):
+        raise ValueError(f"quality limits are shares in [0, 1], got max_low={max_low}, max_skip={max_skip}")
+    requested = RequestedShares(calls)
+    rows: list[dict] = []
+
+    def run(stage: str, t1: float, t2: float, frac: float, weights: dict) -> dict:
+        req_low, req_skip = requested(t1, t2)
+        row = dict(stage=stage, t1=t1, t2=t2, low_pool_fraction=frac, weights=weights,
+                   requested_low_share=req_low, requested_skip_share=req_skip)
+        opt = Options(policy="hobbit", high=high, low=low, t1=t1, t2=t2, low_pool_fraction=frac,
+                      prefetch_depth=prefetch_depth, sync_prefetch=True, eviction_options={"weights": weights})
+        try:
+            r = simulate(header, calls, opt, budget_bytes)
+        except ValueError as e:  # e.g. the high pool is below one layer's active experts
+            row.update(feasible=False, penalty=None, note=str(e))
+        else:
+            feasible = max(req_low, r["low_share"]) <= max_low + 1e-12 and \
+                max(req_skip, r["skip_share"]) <= max_skip + 1e-12
+            row.update(feasible=feasible, penalty=r["miss_penalty"], hit_rate=r["hit_rate"],
+                       low_share=r["low_share"], skip_share=r["skip_share"], misses=r["misses_by_precision"],
+                       bytes_demand=r["bytes_demand"], bytes_prefetch=r["bytes_prefetch"])
+            if not feasible:
+                row["note"] = "exceeds the quality limits"
+        rows.append(row)
+        return row
+
+    def report(stage: str, row: dict) -> None:
+        if progress:
+            progress(f"  best {stage}: t1 {row['t1']:g} t2 {row['t2']:g} low pool {row['low_pool_fraction']:g} "
+                     f"weights {_w(row['weights'])}: miss penalty {row['penalty']:.1f}")
+
+    def best(candidates: list[dict], incumbent: dict | None) -> dict | None:
+        ok = [r for r in candidates if r["feasible"]]
+        if incumbent is not None and incumbent["feasible"]:
+            ok = [incumbent] + [r for r in ok if r is not incumbent]
+        # lowest penalty; ties: lower requested low+skip (quality), then the incumbent / earlier row
+        return min(ok, key=lambda r: (round(r["penalty"], 9), r["requested_low_share"] + r["requested_skip_share"]),
+                   default=None)
+
+    w0 = dict(DEFAULT_MULTIDIM_WEIGHTS)
+    f0 = Options.low_pool_fraction
+    # baseline: full precision LRU at the same budget (for the summary)
+    base = simulate(header, calls, Options(policy="lru", high=high, sync_prefetch=True), budget_bytes)
+    baseline = dict(policy="lru", penalty=base["miss_penalty"], hit_rate=base["hit_rate"],
+                    bytes_demand=base["bytes_demand"])
+
+    # stage a: thresholds on the frontier of the requested-share limits
+    ts = sorted(set(thresholds) | set(PAPER_T) | {1.0})
+    pairs = []
+    for t2 in ts:
+        feasible_t1 = [t1 for t1 in ts if t1 <= t2 and _within(requested(t1, t2), max_low, max_skip)]
+        if feasible_t1:
+            pairs.append((min(feasible_t1), t2))
+    pairs = sorted(set(pairs) | {PAPER_T, (1.0, 1.0)}, key=lambda p: (-p[1], -p[0]))
+    if progress:
+        progress(f"stage 1: thresholds ({len(pairs)} of {len(ts) * (len(ts) + 1) // 2} pairs on the feasible frontier)")
+    stage1 = [run("thresholds", t1, t2, f0, w0) for t1, t2 in pairs]
+    chosen = best(stage1, None)
+    if chosen is None:
+        notes = "; ".join(sorted({r.get("note", "") for r in stage1}))
+        raise ValueError(f"no HOBBIT setting fits budget {budget_bytes} bytes within the quality limits: {notes}")
+    report("thresholds", chosen)
+
+    if progress:
+        progress(f"stage 2: low-pool fraction ({len(pool_fractions)} values)")
+    stage2 = [chosen if f == chosen["low_pool_fraction"] else run("low_pool_fraction", chosen["t1"], chosen["t2"], f, w0)
+              for f in pool_fractions]
+    chosen = best(stage2, chosen)
+    report("low-pool fraction", chosen)
+
+    grid = simplex(weight_step)
+    if progress:
+        progress(f"stage 3: Eq. 3 weights ({len(grid)} points on the simplex, step {weight_step:g})")
+    stage3 = [chosen if w == chosen["weights"] else run("weights", chosen["t1"], chosen["t2"],
+                                                          chosen["low_pool_fraction"], w) for w in grid]
+    chosen = best(stage3, chosen)
+    report("weights", chosen)
+
+    options = dict(t1=chosen["t1"], t2=chosen["t2"], low_pool_fraction=chosen["low_pool_fraction"],
+                   eviction_options={"weights": chosen["weights"]})
+    default = next((r for r in stage1 if (r["t1"], r["t2"]) == PAPER_T), None)
+    return dict(options=options, result=chosen, baseline=baseline, paper_default=default, search=rows)
+
+
+def _within(shares: tuple[float, float], max_low: float, max_skip: float) -> bool:
+    return shares[0] <= max_low + 1e-12 and shares[1] <= max_skip + 1e-12
+
+
+def _w(weights: dict) -> str:
+    return "/".join(f"{weights[k]:.2f}" for k in DEFAULT_MULTIDIM_WEIGHTS)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int = 128, prompt_len: int = 16,
+         high: str | None = None, low: str | None = None, max_low: float = 0.30, max_skip: float = 0.03,
+         weight_step: float = 0.25, save_trace: str | Path | None = None, progress=None) -> dict:
+    """Record a calibration trace, search, write STORE/hobbit_tuned.json; returns what it wrote."""
+    store = Path(store)
+    with tempfile.TemporaryDirectory(prefix="hobbit-tune-") as tmp:
+        trace_path = Path(save_trace) if save_trace else Path(tmp) / "calibration.trace.gz"
+        if progress:
+            progress(f"recording a calibration trace ({tokens} tokens) with the engine")
+        calibration = record_calibration(store, budget, trace_path, text=text, tokens=tokens, seq_len=seq_len,
+                                         prompt_len=prompt_len, high=high, progress=progress)
+        header, calls = read_trace(trace_path)
+    high, low = default_precisions(header, "hobbit", calibration["high"], low)
+    if low is None or low == high:
+        raise ValueError(f"policy hobbit needs a low precision other than {high}; the store has "
+                         f"{', '.join(header['precisions'])} (pass --low)")
+    if low not in header["precisions"]:
+        raise ValueError(f"low precision {low!r} is not in the store (it has {', '.join(header['precisions'])})")
+    budget_bytes = calibration.pop("budget_bytes")
+    t0 = time.perf_counter()
+    found = search(header, calls, budget_bytes, high, low, max_low=max_low, max_skip=max_skip,
+                   weight_step=weight_step, progress=progress)
+    calibration.update(high=high, low=low, limits=dict(max_low=max_low, max_skip=max_skip),
+                       search_s=round(time.perf_counter() - t0, 3), result=found["result"],
+                       baseline_lru=found["baseline"], paper_default=found["paper_default"],
+                       trace=str(save_trace) if save_trace else None)
+    doc = dict(options=found["options"], budget_bytes=budget_bytes, calibration=calibration, search=found["search"])
+    tuned_path(store).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def format_summary(doc: dict, path: Path) -> str:
+    c, o = doc["calibration"], doc["options"]
+    r, b, d = c["result"], c["baseline_lru"], c["paper_default"]
+    lines = [f"calibration: {c['tokens']} tokens of {c['text']} in {c['sequences']} sequences; high {c['high']}, "
+             f"low {c['low']}; budget {doc['budget_bytes'] / 2**20:.1f} MiB; limits low <= {c['limits']['max_low']:.0%}, "
+             f"skip <= {c['limits']['max_skip']:.0%}",
+             f"{'stage':<18} {'t1':>5} {'t2':>5} {'lowpool':>7} {'weights lru/lfu/lhu/fld':>24} {'penalty':>9} "
+             f"{'hit':>6} {'low':>6} {'skip':>6}  note"]
+    for row in doc["search"]:
+        pen = f"{row['penalty']:.1f}" if row["penalty"] is not None else "-"
+        hit = f"{row['hit_rate']:.1%}" if "hit_rate" in row else "-"
+        low = f"{max(row['requested_low_share'], row.get('low_share', 0)):.1%}"
+        skip = f"{max(row['requested_skip_share'], row.get('skip_share', 0)):.1%}"
+        mark = "*" if row is r or row == r else ""
+        lines.append(f"{row['stage']:<18} {row['t1']:>5g} {row['t2']:>5g} {row['low_pool_fraction']:>7g} "
+                     f"{_w(row['weights']):>24} {pen:>9} {hit:>6} {low:>6} {skip:>6}  {mark}{row.get('note', '')}")
+    lines.append(f"chosen: t1 {o['t1']:g}, t2 {o['t2']:g}, low pool {o['low_pool_fraction']:g}, weights "
+                 f"{_w(o['eviction_options']['weights'])}: miss penalty {r['penalty']:.1f} high-precision loads "
+                 f"(full-precision lru {b['penalty']:.1f}"
+                 + (f", paper's t1 0.6 t2 0.9 {d['penalty']:.1f}" + ("" if d["feasible"] else " but over the limits")
+                    if d and d["penalty"] is not None else "")
+                 + f"); hit rate {r['hit_rate']:.1%}")
+    lines.append(f"wrote {path}")
+    return "\n".join(lines)
+
+
+def add_tune_args(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("tune", help="calibrate HOBBIT's thresholds, low-pool share and eviction weights "
+                              "for a store and budget (writes STORE/hobbit_tuned.json)")
+    p.add_argument("store", help="expert store folder (made by `hobbit convert`)")
+    p.add_argument("--budget", required=True, help="RAM for cached experts: bytes, 512MiB, 2GiB, or 25%% of all "
+                   "expert bytes at the highest stored precision")
+    p.add_argument("--text", default=None, help=f"calibration text: a name (austen:<novel>, austen, wiki; its train "
+                   f"split) or a plain-text FILE (default {DEFAULT_TEXT})")
+    p.add_argument("--tokens", type=int, default=256, help="calibration tokens (default 256)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prefill tokens per sequence (default 16)")
+    p.add_argument("--high", default=None, help="precision of high loads (default: highest stored)")
+    p.add_argument("--low", default=None, help="precision of low loads (default: the engine's, the first "
+                   "of int8/int4 the store holds)")
+    p.add_argument("--max-low", type=float, default=0.30, help="most selections at low precision (default 0.30)")
+    p.add_argument("--max-skip", type=float, default=0.03, help="most selections skipped (default 0.03)")
+    p.add_argument("--weight-step", type=float, default=0.25, help="grid step over the Eq. 3 weight simplex "
+                   "(default 0.25: 35 points)")
+    p.add_argument("--save-trace", default=None, help="keep the calibration trace here (for `hobbit simulate`)")
+    p.add_argument("--json", action="store_true", help="print the written JSON instead of the summary")
+    p.set_defaults(func=cmd_tune)
+    return p
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    if args.tokens < 2:
+        raise ValueError(f"--tokens must be at least 2, got {args.tokens}")
+    say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    doc = tune(args.store, args.budget, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
+               prompt_len=args.prompt_len, high=args.high, low=args.low, max_low=args.max_low,
+               max_skip=args.max_skip, weight_step=args.weight_step, save_trace=args.save_trace, progress=say)
+    print(json.dumps(doc) if args.json else format_summary(doc, tuned_path(args.store)))
+    return 0

@@ -1,0 +1,134 @@
+"""hobbit tune on the tiny store: a valid hobbit_tuned.json within the quality limits, whose options
+load into the engine; clear errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import pytest
+
+import hobbit
+from hobbit.schedule import Options
+from hobbit.simulate import load_trace, simulate
+from hobbit.tune import (RequestedShares, add_tune_args, cmd_tune, load_tuned, read_tuned, search, simplex,
+                         tuned_path, tune)
+
+TEXT = ("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to "
+        "unite some of the best blessings of existence; and had lived nearly twenty-one years in the world with "
+        "very little to distress or vex her. ") * 3
+BUDGET = "45%"
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    store = tmp / "store"
+    shutil.copytree(tiny_store, store)
+    text = tmp / "calib.txt"
+    text.write_text(TEXT)
+    trace = tmp / "calib.trace.gz"
+    doc = tune(store, BUDGET, text=text, tokens=96, seq_len=48, prompt_len=8, low="int4", save_trace=trace)
+    return store, doc, trace
+
+
+def test_tuned_file_is_valid_and_loads(tuned):
+    store, doc, _ = tuned
+    assert json.loads(tuned_path(store).read_text()) == doc == read_tuned(store)
+    opts = load_tuned(store)
+    assert set(opts) == {"t1", "t2", "low_pool_fraction", "eviction_options"}
+    w = opts["eviction_options"]["weights"]
+    assert set(w) == {"lru", "lfu", "lhu", "fld"} and sum(w.values()) == pytest.approx(1)
+    assert 0 <= opts["t1"] <= opts["t2"] <= 1 and 0 < opts["low_pool_fraction"] < 1
+    c = doc["calibration"]
+    assert c["tokens"] == 96 and c["sequences"] == 2 and (c["high"], c["low"]) == ("bf16", "int4")
+    assert doc["search"] and all("penalty" in r and "stage" in r for r in doc["search"])
+    eng = hobbit.load(store, policy="hobbit", budget=doc["budget_bytes"], low=c["low"], **opts)
+    assert eng.provider.opt.t1 == opts["t1"] and eng.provider.opt.eviction_options == opts["eviction_options"]
+    out = eng.generate([3, 17, 42, 99], max_new_tokens=8, stop_token_ids=[])
+    assert len(out.token_ids) == 8
+    eng.close()
+
+
+def test_tuned_respects_limits_and_beats_defaults(tuned):
+    store, doc, trace = tuned
+    header, calls = load_trace(trace)
+    o, c = doc["options"], doc["calibration"]
+    opt = Options(policy="hobbit", high=c["high"], low=c["low"], sync_prefetch=True, **o)
+    r = simulate(header, calls, opt, doc["budget_bytes"])
+    limits = c["limits"]
+    assert r["low_share"] <= limits["max_low"] and r["skip_share"] <= limits["max_skip"]
+    req_low, req_skip = RequestedShares(calls)(o["t1"], o["t2"])
+    assert req_low <= limits["max_low"] and req_skip <= limits["max_skip"]
+    assert r["miss_penalty"] == pytest.approx(c["result"]["penalty"])
+    # never worse than any feasible setting it tried, the defaults included
+    feasible = [row["penalty"] for row in doc["search"] if row["feasible"]]
+    assert r["miss_penalty"] <= min(feasible) + 1e-9
+    default = simulate(header, calls, Options(policy="hobbit", high=c["high"], low=c["low"], sync_prefetch=True),
+                       doc["budget_bytes"])
+    if c["paper_default"]["feasible"]:
+        assert r["miss_penalty"] <= default["miss_penalty"] + 1e-9
+
+
+def test_tight_limits_mean_full_precision(tuned):
+    store, doc, trace = tuned
+    header, calls = load_trace(trace)
+    found = search(header, calls, doc["budget_bytes"], "bf16", "int4", max_low=0.0, max_skip=0.0, weight_step=0.5)
+    o = found["options"]
+    r = simulate(header, calls, Options(policy="hobbit", high="bf16", low="int4", **o), doc["budget_bytes"])
+    assert r["skipped"] == 0 and r["low_share"] == 0
+    # looser limits allow a lower penalty
+    loose = search(header, calls, doc["budget_bytes"], "bf16", "int4", max_low=0.5, max_skip=0.1, weight_step=0.5)
+    assert loose["result"]["penalty"] <= found["result"]["penalty"]
+    assert loose["result"]["requested_skip_share"] <= 0.1
+
+
+def test_requested_shares_and_simplex():
+    from hobbit.trace import LayerCall
+    calls = [LayerCall(0, 0, 0, [[1, 2], [3, 4]], [[0.7, 0.3], [0.95, 0.05]], None, {})]
+    rs = RequestedShares(calls)  # non-top-1 scores: 0.7, 0.95 over 4 selections
+    assert rs(0.6, 0.9) == (0.25, 0.25)
+    assert rs(0.7, 0.95) == (0.25, 0.0)  # a score on a threshold stays on the '<=' side
+    assert rs(1.0, 1.0) == (0.0, 0.0)
+    grid = simplex(0.25)
+    assert len(grid) == 35 and all(sum(w.values()) == pytest.approx(1) for w in grid)
+    assert {"lru": 0.25, "lfu": 0.25, "lhu": 0.25, "fld": 0.25} in grid
+    with pytest.raises(ValueError, match="divide"):
+        simplex(0.3)
+
+
+def _args(*argv):
+    ap = argparse.ArgumentParser()
+    add_tune_args(ap.add_subparsers())
+    return ap.parse_args(["tune", *map(str, argv)])
+
+
+def test_errors(tiny_store, tmp_path):
+    assert load_tuned(tiny_store) is None
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    tuned_path(store).write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid tuning result"):
+        load_tuned(store)
+    tuned_path(store).unlink()
+    with pytest.raises(ValueError, match="neither a text name"):
+        cmd_tune(_args(store, "--budget", BUDGET, "--text", tmp_path / "missing.txt", "--tokens", 16))
+    (store / "tokenizer.json").unlink()
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        cmd_tune(_args(store, "--budget", BUDGET, "--text", text, "--tokens", 16))
+    assert not tuned_path(store).exists()
+
+
+def test_cli(tuned, tmp_path, capsys):
+    src, _, _ = tuned
+    text = src.parent / "calib.txt"
+    store = tmp_path / "store"
+    shutil.copytree(src, store)
+    assert cmd_tune(_args(store, "--budget", "60%", "--text", text, "--tokens", 40, "--seq-len", 40,
+                          "--weight-step", 0.5, "--low", "int2", "--max-skip", 0.1)) == 0
+    out = capsys.readouterr().out
+    assert "chosen: t1" in out and "wrote" in out and "hobbit_tuned.json" in out
+    doc = read_tuned(store)
+    assert doc["calibration"]["low"] == "int2" and doc["calibration"]["limits"]["max_skip"] == 0.1
