@@ -48,6 +48,29 @@ def test_tuned_file_is_valid_and_loads(tuned):
     out = eng.generate([3, 17, 42, 99], max_new_tokens=8, stop_token_ids=[])
     assert len(out.token_ids) == 8
     eng.close()
+    # the engine makes them policy hobbit's defaults; explicit options win
+    eng = hobbit.load(store, policy="hobbit", budget=doc["budget_bytes"], low=c["low"], t2=1.0)
+    assert (eng.provider.opt.t1, eng.provider.opt.t2) == (opts["t1"], 1.0)
+    assert eng.provider.opt.eviction_options == opts["eviction_options"]
+    eng.close()
+
+
+def test_simulate_cli_uses_tuned_options(tuned, capsys):
+    from hobbit.simulate import add_simulate_args, cmd_simulate
+    store, doc, trace = tuned
+    header, calls = load_trace(trace)
+    assert header["store"] == str(store)
+    ap = argparse.ArgumentParser()
+    add_simulate_args(ap.add_subparsers())
+    c = doc["calibration"]
+    base = ["simulate", str(trace), "--policy", "hobbit", "--budget", str(doc["budget_bytes"]), "--low", c["low"], "--json"]
+    assert cmd_simulate(ap.parse_args(base)) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tuned_from"] == str(tuned_path(store)) and r["options"]["t1"] == doc["options"]["t1"]
+    assert r["miss_penalty"] == pytest.approx(c["result"]["penalty"])
+    assert cmd_simulate(ap.parse_args(base + ["--no-tuned"])) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tuned_from"] is None and (r["options"]["t1"], r["options"]["t2"]) == (0.6, 0.9)
 
 
 def test_tuned_respects_limits_and_beats_defaults(tuned):

@@ -253,9 +253,22 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
                    "low-precision copies (default 0.25)")
     p.add_argument("--weights", default=None, help="hobbit Eq. 3 weights, e.g. lru=0.4,lfu=0.2,lhu=0.2,fld=0.2")
     p.add_argument("--allow-low-for-high", action="store_true", help="a cached low copy may serve a high request")
+    p.add_argument("--no-tuned", action="store_true", help="policy hobbit: ignore the store's `hobbit tune` "
+                   "result (by default its options are the defaults, as in the engine)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_simulate)
     return p
+
+
+def tuned_options(header: dict) -> tuple[dict, str | None]:
+    """The `hobbit tune` options of the trace's store, as the engine applies them to policy hobbit
+    ({} when the store is gone or was never tuned), and the file they came from."""
+    from .tune import load_tuned, tuned_path
+    store = header.get("store")
+    if not store or not Path(store).is_dir():
+        return {}, None
+    tuned = load_tuned(store) or {}
+    return tuned, str(tuned_path(store)) if tuned else None
 
 
 def options_from_args(args: argparse.Namespace, header: dict) -> Options:
@@ -267,8 +280,14 @@ def options_from_args(args: argparse.Namespace, header: dict) -> Options:
         if args.policy != "hobbit":
             raise ValueError("--weights sets the hobbit eviction policy's Eq. 3 weights: use it with --policy hobbit")
         kw["eviction_options"] = {"weights": weights}
+    if args.policy == "hobbit" and not getattr(args, "no_tuned", False):
+        kw = {**tuned_options(header)[0], **kw}  # like the engine: tuned defaults, explicit options win
     return Options(policy=args.policy, high=high, low=low, sync_prefetch=True,
                    allow_low_for_high=getattr(args, "allow_low_for_high", False), **kw)
+
+
+def _secs(x: float) -> str:
+    return f"{x:.3g} s" if x >= 1 else f"{x * 1e3:.3g} ms"
 
 
 def format_report(r: dict) -> str:
@@ -296,11 +315,11 @@ def format_report(r: dict) -> str:
                             f"{r['prefetch_used']} used"),
     ]
     if r["link_gbps"]:
-        rows.append(("modeled load time", f"demand (stalls) {r['demand_s']:.3f} s = "
-                     f"{r['per_token']['demand_s'] * 1e3:.2f} ms/token; prefetch (overlaps compute) "
-                     f"{r['prefetch_s']:.3f} s at {r['link_gbps']:g} GB/s"))
+        rows.append(("modeled load time", f"demand (stalls) {_secs(r['demand_s'])} = "
+                     f"{_secs(r['per_token']['demand_s'])}/token; prefetch (overlaps compute) "
+                     f"{_secs(r['prefetch_s'])} at {r['link_gbps']:g} GB/s"))
     for name, ph in r["phases"].items():
-        t = f", {ph['demand_s_per_token'] * 1e3:.2f} ms/token" if ph["demand_s_per_token"] is not None else ""
+        t = f", {_secs(ph['demand_s_per_token'])}/token" if ph["demand_s_per_token"] is not None else ""
         rows.append((name, f"{ph['steps']} steps, {ph['tokens']} tokens: {ph['demand_loads_per_token']:.2f} demand "
                            f"loads/token, {ph['bytes_demand_per_token'] / mib:.2f} MiB/token{t}"))
     if pred["samples"]:
@@ -314,10 +333,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     opt = options_from_args(args, header)
     budget = parse_budget_for(args.budget, header) if opt.policy in CACHE_POLICIES else None
     report = simulate(header, calls, opt, budget, args.link)
+    tuned = tuned_options(header)[1] if opt.policy == "hobbit" and not args.no_tuned else None
+    report["tuned_from"] = tuned
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"simulated {args.trace}")
+        print(f"simulated {args.trace}" + (f" (hobbit options tuned in {tuned})" if tuned else ""))
         print(format_report(report))
     return 0
 
