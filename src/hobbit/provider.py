@@ -148,8 +148,11 @@ class OffloadedExperts:
                     self.scheduler.loaded(s.key, expert, expert.nbytes)
                 else:
                     expert = s.payload
-                mask = ids == s.expert  # [T,k]
-                tok, slot = mask.nonzero(as_tuple=True)  # tokens routed to this expert, and their slot
+                if len(rows) == 1:  # decode: one token, no gather/scatter
+                    slot = rows[0][0].index(s.expert)
+                    out += (expert(x) * weights[:, slot, None]).to(x.dtype)
+                    continue
+                tok, slot = (ids == s.expert).nonzero(as_tuple=True)  # tokens routed to this expert, their slot
                 y = expert(x[tok])  # [n,H]
                 out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
         finally:
