@@ -97,9 +97,9 @@ def model_info(store: ExpertStore) -> dict:
 
 
 def session(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool,
-            trace: Path | None = None, belady: list | None = None) -> tuple[dict, dict | None, int | None]:
+            trace: Path | None = None, belady: list | None = None) -> tuple[dict, dict | None, dict]:
     """One engine's life: warm-up, page cache dropped, one timed generation, then (quality) the eval
-    windows. Returns (generation stats, quality result or None, budget bytes)."""
+    windows. Returns (generation stats, quality result or None, engine facts: budget_bytes, tuned)."""
     policy, opts = cfg.policy, dict(s.engine)
     if trace is not None:
         policy, opts["trace"] = "lru", trace
@@ -111,11 +111,11 @@ def session(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool
         prompt, new = item
         stats = eng.generate(prompt, max_new_tokens=new, stop_token_ids=[]).stats
         q = evaluate_ppl(eng, s.eval_ids, s.window, s.stride, keep_predictions=True) if quality else None
-        return stats, q, eng.budget_bytes
+        return stats, q, dict(budget_bytes=eng.budget_bytes, tuned=eng.tuned)
 
 
 def run_config(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool,
-               tmp: Path) -> tuple[dict, dict | None, int | None]:
+               tmp: Path) -> tuple[dict, dict | None, dict]:
     if cfg.policy != "belady":
         return session(s, cfg, item, quality)
     path = tmp / "trace.jsonl.gz"
@@ -128,8 +128,8 @@ def sample(stats: dict) -> dict:
     return dict({k: stats[k] for k in keep}, decode_tokens=max(0, stats["generated_tokens"] - 1))
 
 
-def summarize(cfg: Config, budget_bytes: int | None, total: int, samples: list[dict], q: dict, ref: dict) -> dict:
-    """One run record: sums over the samples, then the ratios the table prints."""
+def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict, ref: dict) -> dict:
+    """One run record: sums over the samples, then the ratios the table prints (info: from session)."""
     t = {k: sum(x[k] for x in samples) for k in _SUMS}
     by = {k: {} for k in ("hits_by_precision", "misses_by_precision")}
     for x in samples:
@@ -139,10 +139,12 @@ def summarize(cfg: Config, budget_bytes: int | None, total: int, samples: list[d
     precs = sorted(set(by["hits_by_precision"]) | set(by["misses_by_precision"]))
     hit_by = {p: by["hits_by_precision"].get(p, 0) / max(1, by["hits_by_precision"].get(p, 0)
                                                           + by["misses_by_precision"].get(p, 0)) for p in precs}
+    budget_bytes, fraction = None, None  # ondemand keeps nothing
     if cfg.policy == "resident":
         budget_bytes, fraction = total, 1.0
-    else:
-        fraction = budget_bytes / total if budget_bytes is not None else None
+    elif cfg.budget is not None:
+        budget_bytes = info["budget_bytes"]
+        fraction = budget_bytes / total
     tokens, seconds = t["prompt_tokens"] + t["generated_tokens"], t["prefill_s"] + t["decode_s"]
     return dict(
         policy=cfg.policy, budget=cfg.budget, budget_bytes=budget_bytes, budget_fraction=fraction,
@@ -154,16 +156,16 @@ def summarize(cfg: Config, budget_bytes: int | None, total: int, samples: list[d
         top1_agreement=agreement(q["predictions"], ref["predictions"]),
         tokens=tokens, seconds=seconds, prefill_s_total=t.pop("prefill_s"), decode_s_total=t.pop("decode_s"),
         **t, **by, eval_tokens=q["tokens"], eval_nll=q["nll"],
-        eval_windows=q["windows"], samples=samples)
+        eval_windows=q["windows"], tuned=info["tuned"], samples=samples)
 
 
 def bench(s: Settings, cfgs: list[Config], repeats: int, total: int, log=print) -> tuple[list[dict], list[dict]]:
     """All configurations, interleaved: returns (run records, configurations that could not run)."""
-    with load(s.store, policy="resident", **dict(s.engine, high=None)) as ref_engine:
+    with load(s.store, policy="resident", **dict(s.engine, high=None, dense=None)) as ref_engine:
         log(f"reference: resident at {ref_engine.provider.opt.high}, {len(s.eval_ids)} tokens")
         ref = evaluate_ppl(ref_engine, s.eval_ids, s.window, s.stride, keep_predictions=True)
     samples: dict[Config, list[dict]] = {c: [] for c in cfgs}
-    quality, budgets, failed = {}, {}, []
+    quality, info, failed = {}, {}, []
     active = list(cfgs)
     rounds = [(r, i) for r in range(repeats) for i in range(len(s.items))]
     with tempfile.TemporaryDirectory(prefix="hobbit-bench-") as tmp:
@@ -171,7 +173,7 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int, log=print) 
             turn = n % max(1, len(active))  # rotate who goes first
             for cfg in active[turn:] + active[:turn]:
                 try:
-                    stats, q, budgets[cfg] = run_config(s, cfg, s.items[i], cfg not in quality, Path(tmp))
+                    stats, q, info[cfg] = run_config(s, cfg, s.items[i], cfg not in quality, Path(tmp))
                 except ValueError as e:  # e.g. a budget below one layer's active experts
                     failed.append(dict(policy=cfg.policy, budget=cfg.budget, error=str(e)))
                     active.remove(cfg)
@@ -182,7 +184,7 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int, log=print) 
                 samples[cfg].append(dict(sample(stats), repeat=r, item=i))
                 log(f"[{n + 1}/{len(rounds)}] {cfg.policy:>12} {cfg.budget or '-':>7} prompt {len(s.items[i][0]):>4} "
                     f"+{stats['generated_tokens']:>4}: {stats['decode_tok_s']:7.2f} tok/s, hit {stats['hit_rate']:.0%}")
-    runs = [summarize(c, budgets[c], total, samples[c], quality[c], ref) for c in cfgs if c in active]
+    runs = [summarize(c, info[c], total, samples[c], quality[c], ref) for c in cfgs if c in active]
     return runs, failed
 
 
@@ -241,17 +243,14 @@ def _ints(s: str) -> list[int]:
 
 
 def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="decode speed, cache stats and quality of policies across budgets")
-    p.add_argument("store", help="expert store folder (made by `hobbit convert`)")
+    from .cli import add_engine_args  # lazy: cli imports this module
+    p = subparsers.add_parser("bench", help="decode speed, cache stats and quality of policies across budgets",
+                              conflict_handler="resolve")  # --budget and --policy take lists here
+    add_engine_args(p)
     p.add_argument("--budget", default="10%,25%,50%", help="comma list of budgets for the caching policies: "
                    "bytes, 512MiB, or %% of expert bytes at the highest precision (default 10%%,25%%,50%%)")
-    p.add_argument("--policies", default="resident,ondemand,lru,lru+prefetch,belady,hobbit",
-                   help=f"comma list from {', '.join(POLICIES)}")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
-    p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
-    p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
-    p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1)")
-    p.add_argument("--no-direct-io", action="store_true", help="read blobs through the page cache")
+    p.add_argument("--policies", "--policy", default="resident,ondemand,lru,lru+prefetch,belady,hobbit",
+                   help=f"comma list from {', '.join(POLICIES)} (default: all but lfu and slru)")
     add_text_args(p, max_tokens=512)
     p.add_argument("--prompt-tokens", default="16,128", help="comma list of prompt lengths (default 16,128)")
     p.add_argument("--max-new-tokens", default="32,128", help="comma list of output lengths (default 32,128)")
@@ -270,8 +269,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     store = ExpertStore(args.store)
     model, total = model_info(store), store.total_nbytes(store.precisions[0])
     store.close()
-    engine = dict(dtype=args.dtype, high=args.high, low=args.low, threads=args.threads,
-                  direct_io=not args.no_direct_io)
+    engine = dict(dtype=args.dtype, dense=args.dense, high=args.high, low=args.low, threads=args.threads,
+                  direct_io=not args.no_direct_io,
+                  **{k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth") if getattr(args, k) is not None})
     with load(args.store, policy="ondemand", **engine) as probe:  # tokenizer and context only
         prompt_lens, output_lens = _ints(args.prompt_tokens), _ints(args.max_new_tokens)
         if max(prompt_lens) + max(output_lens) > probe.max_context:
@@ -287,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = dict(machine=machine_info(args.threads), model=model,
                settings=dict(text=str(args.text), split=args.split, prompt_tokens=prompt_lens, max_new_tokens=output_lens,
                              prompts=args.prompts, repeats=args.repeats, eval_tokens=len(s.eval_ids), window=s.window,
-                             stride=s.stride, dtype=args.dtype, high=args.high, low=args.low),
+                             stride=s.stride, engine=engine),
                runs=runs, failed=failed)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(format_table(runs))
