@@ -23,6 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -131,6 +132,7 @@ def sample(stats: dict) -> dict:
 def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict, ref: dict) -> dict:
     """One run record: sums over the samples, then the ratios the table prints (info: from session)."""
     t = {k: sum(x[k] for x in samples) for k in _SUMS}
+    prefill_s, decode_s = t.pop("prefill_s"), t.pop("decode_s")  # totals
     by = {k: {} for k in ("hits_by_precision", "misses_by_precision")}
     for x in samples:
         for k in by:
@@ -145,21 +147,21 @@ def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict,
     elif cfg.budget is not None:
         budget_bytes = info["budget_bytes"]
         fraction = budget_bytes / total
-    tokens, seconds = t["prompt_tokens"] + t["generated_tokens"], t["prefill_s"] + t["decode_s"]
+    tokens, seconds = t["prompt_tokens"] + t["generated_tokens"], prefill_s + decode_s
     return dict(
         policy=cfg.policy, budget=cfg.budget, budget_bytes=budget_bytes, budget_fraction=fraction,
-        prefill_s=t["prefill_s"] / len(samples), decode_tok_s=t["decode_tokens"] / t["decode_s"] if t["decode_s"] else 0.0,
+        prefill_s=prefill_s / len(samples), decode_tok_s=t["decode_tokens"] / decode_s if decode_s else 0.0,
         hit_rate=t["hits"] / max(1, t["hits"] + t["misses"]), hit_rate_by_precision=hit_by,
         bytes_per_token=t["bytes_read"] / tokens, loader_wait_frac=t["loader_wait_s"] / seconds,
         skipped_frac=t["skipped"] / max(1, t["selections"]),
         ppl=q["ppl"], ppl_full_precision=ref["ppl"], ppl_delta_pct=100 * (q["ppl"] / ref["ppl"] - 1),
         top1_agreement=agreement(q["predictions"], ref["predictions"]),
-        tokens=tokens, seconds=seconds, prefill_s_total=t.pop("prefill_s"), decode_s_total=t.pop("decode_s"),
-        **t, **by, eval_tokens=q["tokens"], eval_nll=q["nll"],
-        eval_windows=q["windows"], tuned=info["tuned"], samples=samples)
+        tokens=tokens, seconds=seconds, prefill_s_total=prefill_s, decode_s_total=decode_s, **t, **by,
+        eval_tokens=q["tokens"], eval_nll=q["nll"], eval_windows=q["windows"], tuned=info["tuned"], samples=samples)
 
 
-def bench(s: Settings, cfgs: list[Config], repeats: int, total: int, log=print) -> tuple[list[dict], list[dict]]:
+def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
+          log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
     """All configurations, interleaved: returns (run records, configurations that could not run)."""
     with load(s.store, policy="resident", **dict(s.engine, high=None, dense=None)) as ref_engine:
         log(f"reference: resident at {ref_engine.provider.opt.high}, {len(s.eval_ids)} tokens")
@@ -272,7 +274,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine = dict(dtype=args.dtype, dense=args.dense, high=args.high, low=args.low, threads=args.threads,
                   direct_io=not args.no_direct_io,
                   **{k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth") if getattr(args, k) is not None})
-    with load(args.store, policy="ondemand", **engine) as probe:  # tokenizer and context only
+    with load(args.store, policy="ondemand", **dict(engine, dense=None)) as probe:  # tokenizer and context only
         prompt_lens, output_lens = _ints(args.prompt_tokens), _ints(args.max_new_tokens)
         if max(prompt_lens) + max(output_lens) > probe.max_context:
             raise ValueError(f"prompt + output tokens exceed the context of {probe.max_context}")
