@@ -22,7 +22,6 @@ from hobbit.policies import (
     make_policy,
     plan_prefetch,
     scores,
-    token_fallback,
 )
 
 A, B, C, D = (0, 0, "bf16"), (0, 1, "bf16"), (0, 2, "bf16"), (0, 3, "bf16")
@@ -313,10 +312,3 @@ def test_biglittle_little_set():
     assert little_weights([0.3, 0.1, 0.05, 0.05]) == pytest.approx([0.375, 0.125])
     with pytest.raises(ValueError):
         little_mass([0.1, 0.9])
-
-
-def test_biglittle_token_fallback():
-    assert token_fallback(0.3, 0.5) is True
-    assert token_fallback(0.9, 0.5) is False
-    with pytest.raises(ValueError):
-        token_fallback(1.5, 0.5)

@@ -22,6 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str 
     p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
     p.add_argument("--t1", type=float, default=None, help="hobbit Eq. 2: high if score <= T1 (default 0.6 or tuned)")
     p.add_argument("--t2", type=float, default=None, help="hobbit Eq. 2: low if score <= T2, else skip (default 0.9 or tuned)")
+    p.add_argument("--little", type=float, default=None, metavar="MASS",
+                   help="MoBiLE big-little: a token whose top-ceil(k/2) experts hold this share of its routing "
+                        "mass runs only those (e.g. 0.8); others run all k")
     p.add_argument("--prefetch-depth", type=int, default=None,
                    help="layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)")
     p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; the loader uses another)")
@@ -30,7 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str 
 
 def engine_from_args(args: argparse.Namespace):
     from .engine import load
-    options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth") if getattr(args, k, None) is not None}
+    options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "little") if getattr(args, k, None) is not None}
     return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
                 low=args.low, threads=args.threads, direct_io=not args.no_direct_io, dense=args.dense,
                 trace=getattr(args, "trace", None), **options)

@@ -134,6 +134,8 @@ class OffloadedExperts:
         self._drain_prefetches(wait=self.opt.sync_prefetch)
         rows = list(zip(ids.tolist(), weights.tolist()))
         steps = self.scheduler.plan(layer, rows, lambda l, e: self.resident[(l, e)])
+        if self.scheduler.weights is not None:  # per-token drops (Eq. 2 skip, MoBiLE little set)
+            weights = torch.tensor(self.scheduler.weights, dtype=weights.dtype)
         futures = {s.expert: self.loader.request(s.key, DEMAND) for s in steps if s.action == "load"}
         out = torch.zeros_like(x)  # [T,H]
         try:

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from .cache import CacheFull, ExpertCache
 from .policies.eviction import make_policy
+from .policies.biglittle import layer_weights
 from .policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from .policies.prefetch import PredictionStats, plan_prefetch
 
@@ -32,6 +33,7 @@ class Options:
     t2: float = 0.9
     low_pool_fraction: float = 0.25  # hobbit: share of the budget that holds low-precision copies
     allow_low_for_high: bool = False  # a cached low copy may serve a request for high
+    little: float | None = None  # MoBiLE: run the top-ceil(k/2) experts when they hold this share of the routing mass
     prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
     sync_prefetch: bool = False  # wait for in-flight prefetches at each layer (deterministic; tests, simulate parity)
     eviction_options: dict = field(default_factory=dict)
@@ -48,7 +50,8 @@ class Stats:
     hits: Counter = field(default_factory=Counter)  # precision -> count (one per expert per layer call)
     misses: Counter = field(default_factory=Counter)
     bytes_loaded: Counter = field(default_factory=Counter)  # 'demand' / 'prefetch' -> bytes
-    skipped: int = 0  # token-expert selections dropped by Eq. 2
+    skipped: int = 0  # token-expert selections dropped (Eq. 2 skips and MoBiLE's little set)
+    little_tokens: int = 0  # token-layers that ran MoBiLE's little set
     selections: int = 0  # token-expert selections seen
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched copies that served a later request
@@ -63,7 +66,7 @@ class Stats:
                     hits_by_precision={p: self.hits[p] for p in precs},
                     misses_by_precision={p: self.misses[p] for p in precs},
                     bytes_demand=self.bytes_loaded["demand"], bytes_prefetch=self.bytes_loaded["prefetch"],
-                    skipped=self.skipped, selections=self.selections, prefetch_issued=self.prefetch_issued,
+                    skipped=self.skipped, little_tokens=self.little_tokens, selections=self.selections, prefetch_issued=self.prefetch_issued,
                     prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,
                     prediction=self.prediction.as_dict())
 
@@ -86,6 +89,7 @@ class Scheduler:
         self.opt, self.num_layers, self.expert_nbytes = opt, num_layers, expert_nbytes
         self.serve_rule = ServeRule(allow_low_for_high=opt.allow_low_for_high)
         self.stats = Stats()
+        self.weights: list[list[float]] | None = None  # per-token weights of the last plan(), when changed
         self.t = 0
         self.cache: ExpertCache | None = None
         self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet used
@@ -127,17 +131,36 @@ class Scheduler:
         self.t += 1
 
     # -- per layer -------------------------------------------------------------------------------
-    def tiers(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]]) -> dict[int, str]:
-        """Tier per unique expert over the tokens of this call: the highest any token asks for."""
-        if self.opt.policy != "hobbit":
-            return {e: HIGH for ids, _ in rows for e in ids}
+    def select(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]]) -> tuple[dict[int, str], list[list[float]] | None]:
+        """Per token: MoBiLE's little set (if `little` is set), then HOBBIT Eq. 2 tiers (policy hobbit).
+
+        Returns the tier per unique expert (the highest any token asks for) and, when a token
+        drops or rescales an expert, the weights to compute with ([T][k], 0 for a dropped slot;
+        the kept ones are not renormalized after an Eq. 2 skip, per the notes), else None.
+        """
+        o = self.opt
         rank = {HIGH: 0, LOW: 1, SKIP: 2}
         want: dict[int, str] = {}
+        out, changed = [], False
         for ids, weights in rows:
-            for e, tier in zip(ids, decide(weights, self.opt.t1, self.opt.t2)):
+            w = list(weights)
+            if o.little is not None:
+                kept = layer_weights(w, o.little)
+                if len(kept) < len(w):
+                    self.stats.little_tokens += 1
+                    self.stats.skipped += len(w) - len(kept)
+                    w, changed = kept + [0.0] * (len(w) - len(kept)), True
+            n = sum(1 for x in w if x > 0) or 1
+            tiers = decide(w[:n], o.t1, o.t2) if o.policy == "hobbit" else [HIGH] * n
+            for slot, e in enumerate(ids):
+                tier = tiers[slot] if slot < n else SKIP
+                if tier == SKIP and slot < n:
+                    self.stats.skipped += 1
+                    w[slot], changed = 0.0, True
                 if e not in want or rank[tier] < rank[want[e]]:
                     want[e] = tier
-        return want
+            out.append(w)
+        return want, (out if changed else None)
 
     def _fmt(self, tier: str) -> str:
         return self.opt.high if tier == HIGH else self.opt.low
@@ -153,12 +176,11 @@ class Scheduler:
         if layer in self._predicted:
             self.stats.prediction.add(self._predicted.pop(layer), list(rows[-1][0]))
         steps = []
-        want = self.tiers(rows)
+        want, self.weights = self.select(rows)
         self.stats.selections += sum(len(ids) for ids, _ in rows)
         for e in sorted(want):
             tier = want[e]
             if tier == SKIP:
-                self.stats.skipped += sum(list(ids).count(e) for ids, _ in rows)
                 steps.append(Step(e, "skip"))
             elif self.opt.policy == "resident":
                 key = (layer, e, self.opt.high)

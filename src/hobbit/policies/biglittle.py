@@ -9,9 +9,8 @@ reconstruction (notes: algorithms.md §2.3), not the paper's stated algorithm:
 - Per token and layer, importance is the share of the top-K routing mass the little set
   captures: at or above ``threshold`` the little set suffices, below it the layer uses all K
   (a per-layer rule, no second forward pass, as in AdapMoE).
-- Per token, a fallback can instead be decided after a little-model forward pass from the LM
-  head's confidence (max token probability), speculative-decoding style: below ``threshold`` the
-  token is recomputed with the big model.
+- Not implemented: a per-token fallback decided after a little-model forward pass from the LM
+  head's confidence (speculative-decoding style), which costs a second forward pass.
 
 All weight arguments are the selected experts' routing weights, sorted descending, as the family
 defines them (renormalized or not).
@@ -67,10 +66,3 @@ def layer_weights(weights: Sequence[float], threshold: float) -> list[float]:
     w = _check(weights)
     return little_weights(w) if little_mass(w) >= threshold else w
 
-
-def token_fallback(max_prob: float, threshold: float) -> bool:
-    """Per-token fallback after a little-model pass: True (recompute with big) when the LM head's
-    max token probability is below ``threshold``."""
-    if not 0.0 <= max_prob <= 1.0:
-        raise ValueError(f"max_prob must be a probability, got {max_prob}")
-    return max_prob < threshold

@@ -1,0 +1,58 @@
+"""The Scheduler's per-token selection (HOBBIT Eq. 2 skips, MoBiLE little set), torch-free, and
+its effect end to end."""
+from __future__ import annotations
+
+import pytest
+
+from hobbit.schedule import Options, Scheduler
+
+MB = 1 << 20
+
+
+def scheduler(**kw) -> Scheduler:
+    return Scheduler(Options(**kw), num_layers=4, top_k=3, expert_nbytes=lambda p: MB, budget_bytes=64 * MB)
+
+
+def test_eq2_skip_zeroes_only_that_tokens_slot():
+    s = scheduler(policy="hobbit", high="bf16", low="int4", t1=0.6, t2=0.9)
+    # token 0: scores [0, .65, .95] -> high, low, skip; token 1 routes expert 3 first -> high
+    rows = [([1, 2, 3], [0.65, 0.3, 0.05]), ([3, 1, 2], [0.7, 0.2, 0.1])]
+    want, weights = s.select(rows)
+    assert want == {1: "high", 2: "low", 3: "high"}
+    assert weights == [[0.65, 0.3, 0.0], [0.7, 0.2, 0.1]]
+    assert s.stats.skipped == 1
+
+
+def test_full_precision_policies_keep_the_weights():
+    s = scheduler(policy="lru")
+    want, weights = s.select([([1, 2, 3], [0.5, 0.45, 0.05])])
+    assert want == {1: "high", 2: "high", 3: "high"} and weights is None
+
+
+def test_little_set_for_unimportant_tokens():
+    s = scheduler(policy="lru", little=0.8)
+    rows = [([4, 5, 6], [0.6, 0.3, 0.1]),  # little = top-2 holds 0.9 >= 0.8: drop expert 6, rescale
+            ([7, 8, 9], [0.4, 0.3, 0.3])]  # little holds 0.7: big, all three
+    want, weights = s.select(rows)
+    assert want == {4: "high", 5: "high", 6: "skip", 7: "high", 8: "high", 9: "high"}
+    assert weights[0] == pytest.approx([0.6 / 0.9, 0.3 / 0.9, 0.0])
+    assert weights[1] == [0.4, 0.3, 0.3]
+    assert s.stats.little_tokens == 1 and s.stats.skipped == 1
+
+
+def test_little_end_to_end(tiny_store):
+    import hobbit
+    prompt = [3, 17, 42, 99, 7, 128]
+    ref = hobbit.load(tiny_store, policy="lru", budget="50%")
+    never = hobbit.load(tiny_store, policy="lru", budget="50%", little=1.01)
+    always = hobbit.load(tiny_store, policy="lru", budget="50%", little=0.0)
+    base = ref.logits(prompt)
+    assert (never.logits(prompt) == base).all()  # the big set every time: unchanged
+    out = always.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+    sparse = len(always.config.sparse_layers)
+    # top-2 routers: the little set is the top-1 expert, for every token at every sparse layer
+    assert out.stats["little_tokens"] == sparse * (len(prompt) + 3)
+    assert out.stats["skipped"] == out.stats["little_tokens"]
+    assert not (always.logits(prompt) == base).all()
+    for e in (ref, never, always):
+        e.close()
