@@ -59,6 +59,7 @@ def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
     assert loads == {DEMAND: sim["misses"], PREFETCH: sim["prefetch_loads"]}
     read = sum(o.stats["bytes_read"] for o in outs)
     assert read == sim["bytes_demand"] + sim["bytes_prefetch"]
+    assert sum(sim["selections_by_precision"].values()) + sim["skipped"] == sim["selections"]
     assert sim["sequences"] == len(PROMPTS)
     assert sim["tokens"] == sum(len(p) + NEW_TOKENS - 1 for p in PROMPTS)
     assert sim["demand_s"] == pytest.approx(sim["bytes_demand"] / 2e9)

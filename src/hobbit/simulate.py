@@ -148,14 +148,23 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
             pending.clear()
             rows = call.rows
             plan = sched.plan(call.layer, rows)
-            counts = Counter(e for ids in call.ids for e in ids) if ntok > 1 else None
+            prec_of = {}
             for st in plan:
                 if st.action == "skip":
                     continue
                 if st.action == "load":
                     sched.loaded(st.key, None, ram[st.key[2]])
                     loads["demand"][st.key[2]] += 1
-                served[st.key[2]] += counts[st.expert] if counts is not None else 1
+                prec_of[st.expert] = st.key[2]
+            # selections computed, per precision: a token's slot counts unless the plan dropped it
+            # (weight 0 in the Scheduler's per-token weights, when it has them)
+            kept = getattr(sched, "weights", None)
+            for r, ids in enumerate(call.ids):
+                wr = kept[r] if kept is not None else None
+                for slot, e in enumerate(ids):
+                    p = prec_of.get(e)
+                    if p is not None and (wr is None or wr[slot] > 0):
+                        served[p] += 1
             sched.finish_layer(call.layer, plan)
             predicted = dict(sorted(call.pred.items())[:depth]) if depth else {}
             for key in sched.prefetch(call.layer, predicted):
