@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import ModelConfig
+from .quant import FORMATS as QUANT_FORMATS
 from .model import Transformer
 from .prefetch import DEMAND, PREFETCH
 from .provider import OffloadedExperts, Predictor
@@ -103,12 +104,13 @@ class Engine:
         self.dtype = DTYPES[dtype]
         precs = self.store.precisions
         high = high or (precs[0] if precs else "bf16")
-        if low is None and policy == "hobbit":
-            low = next((p for p in precs if p != high and p in ("int4", "int8")), None)
-        top = self.store.total_nbytes(precs[0]) if self.store.blobs else 0
-        self.budget_bytes = parse_budget(budget, top)
+        if low is None and policy == "hobbit":  # the paper's pairs: bf16 + int4, int8 + int2
+            lower = [p for p in precs if p in QUANT_FORMATS and QUANT_FORMATS.index(p) > QUANT_FORMATS.index(high)]
+            low = next((p for p in ("int4", "int2", "int3", "int8") if p in lower), None)
         if not self.config.num_experts:
             policy = "resident"  # a dense model has no experts to offload
+        top = self.store.total_nbytes(precs[0]) if self.store.blobs else 0
+        self.budget_bytes = parse_budget(budget, top) if policy not in ("resident", "ondemand") else None
         self.policy = policy
         self.tuned = False
         if policy == "hobbit":  # `hobbit tune` results are the defaults; explicit options win
@@ -267,5 +269,6 @@ class Engine:
 
 def load(store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16", **options) -> Engine:
     """Open a converted expert store. budget: bytes, "2GiB" or "25%" of all expert bytes at the
-    highest stored precision; policy: resident | ondemand | lru | lfu | slru | lru+prefetch | hobbit."""
+    highest stored precision (ignored by resident and ondemand); policy: resident | ondemand | lru | lfu |
+    slru | lru+prefetch | belady (needs eviction_options={"trace": ...}) | hobbit."""
     return Engine(store, budget=budget, policy=policy, dtype=dtype, **options)
