@@ -45,8 +45,10 @@ class TraceWriter:
     def record(self, t: int, layer: int, rows, logits, predicted: dict[int, list[tuple[int, float]]]) -> None:
         """rows: [(ids, weights)] per token; logits: [T,E] tensor or None."""
         rec = dict(seq=self.seq, t=t, layer=layer, ids=[r[0] for r in rows],
-                   w=[[round(x, 6) for x in r[1]] for r in rows],
-                   pred={str(j): [[e, round(w, 6)] for e, w in p] for j, p in predicted.items()})
+                   # weights exactly (JSON floats round-trip): bf16 routing weights often sit exactly on
+                   # an Eq. 2 / little-set threshold, and rounding would flip the replayed decision
+                   w=[list(r[1]) for r in rows],
+                   pred={str(j): [[e, w] for e, w in p] for j, p in predicted.items()})
         if self.logits and logits is not None:
             rec["logits"] = [[round(x, 4) for x in row] for row in logits.tolist()]
         self.f.write(json.dumps(rec) + "\n")
