@@ -24,6 +24,7 @@ SETTINGS = [
     ("lru+prefetch", {}),
     ("hobbit", {"prefetch_depth": 0}),
     ("hobbit", {}),  # prefetch depth 2
+    ("lru", {"little": 0.6}),  # MoBiLE's little set
 ]
 
 COMPARED = ("hits_by_precision", "misses_by_precision", "skipped", "selections", "evictions", "prefetch_issued",
@@ -156,6 +157,9 @@ def test_cli(tiny_store, tmp_path, capsys):
                               "--weights", "lru=1,lfu=0,lhu=0,fld=1")) == 0
     text = capsys.readouterr().out
     assert "hit rate" in text and "modeled load time" in text and "t1 0.5" in text
+    assert cmd_simulate(_args(trace, "--policy", "lru", "--budget", BUDGET, "--little", "0.6", "--json")) == 0
+    little = json.loads(capsys.readouterr().out)
+    assert little["options"]["little"] == 0.6 and little["skipped"] > 0
     with pytest.raises(ValueError, match="weights"):
         cmd_simulate(_args(trace, "--policy", "lru", "--budget", "50%", "--weights", "lru=1"))
     with pytest.raises(ValueError, match="not in the trace's store"):

@@ -260,6 +260,8 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
                    "(default: hobbit 2, lru+prefetch 1, others 0)")
     p.add_argument("--low-pool-fraction", type=float, default=None, help="hobbit: share of the budget for "
                    "low-precision copies (default 0.25)")
+    p.add_argument("--little", type=float, default=None, help="MoBiLE: run only the top ceil(k/2) experts of a "
+                   "token when they hold this share of its routing mass")
     p.add_argument("--weights", default=None, help="hobbit Eq. 3 weights, e.g. lru=0.4,lfu=0.2,lhu=0.2,fld=0.2")
     p.add_argument("--allow-low-for-high", action="store_true", help="a cached low copy may serve a high request")
     p.add_argument("--no-tuned", action="store_true", help="policy hobbit: ignore the store's `hobbit tune` "
@@ -282,7 +284,7 @@ def tuned_options(header: dict) -> tuple[dict, str | None]:
 
 def options_from_args(args: argparse.Namespace, header: dict) -> Options:
     high, low = default_precisions(header, args.policy, args.high, args.low)
-    kw = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "low_pool_fraction")
+    kw = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "low_pool_fraction", "little")
           if getattr(args, k, None) is not None}
     weights = parse_weights(getattr(args, "weights", None))
     if weights is not None:
