@@ -1,0 +1,380 @@
+"""MoEfication: turn a dense Llama checkpoint (SmolLM2-135M) into a Qwen2-MoE checkpoint ("SmolMoE").
+
+Per layer, sequentially on calibration text (each layer sees the outputs of the already-MoEfied layers):
+1. the S neurons of the dense SwiGLU MLP with the largest mean |contribution| become the shared expert;
+2. the other neurons are split into E equal experts by balanced k-means of their co-activation patterns;
+3. a linear router (no bias, as Qwen2-MoE has none) is trained to predict each expert's share of the
+   output norm (soft cross-entropy), then sharpened by a temperature, so a gate weight tells how much
+   its expert contributes;
+4. per-expert output scales are fit in closed form for the weighted top-k sum (Qwen2-MoE semantics:
+   softmax -> top-k -> renormalize), and the result is propagated to the next layer.
+
+What is learned (neuron order, routers, shared gates, scales) is a small *recipe*; `apply_recipe`
+rebuilds the full Qwen2-MoE weights from the dense ones. `build_smolmoe` does that for the committed
+recipe and the SmolLM2 GGUF asset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
+
+
+@dataclass
+class MoefyConfig:
+    experts: int = 8          # routed experts per layer
+    top_k: int = 2            # default top-k written to config.json
+    shared: int = 512         # neurons of the always-on shared expert
+    tau: float = 0.5          # router temperature (folded into the router weights)
+    norm: bool = True         # norm_topk_prob: renormalize the top-k weights to sum 1
+    router_epochs: int = 30
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- dense model (functional Llama)
+
+def load_dense(src: str | Path) -> tuple[dict[str, Tensor], dict, str | None, dict]:
+    """(fp32 state dict, HF config, tokenizer.json text, tokenizer_config) of a GGUF or an HF Llama folder."""
+    src = Path(src)
+    if src.is_file():
+        from hobbit.gguf import load_gguf
+        g = load_gguf(src)
+        return g.state_dict(torch.float32), g.config, g.tokenizer_json, g.tokenizer_config
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        sd.update({k: v.float() for k, v in load_file(f).items()})
+    tok = src / "tokenizer.json"
+    tcfg = src / "tokenizer_config.json"
+    return (sd, json.loads((src / "config.json").read_text()), tok.read_text() if tok.is_file() else None,
+            json.loads(tcfg.read_text()) if tcfg.is_file() else {})
+
+
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class Dense:
+    """Just enough of a Llama forward for calibration: batched windows, no KV cache."""
+
+    def __init__(self, sd: dict[str, Tensor], cfg: dict):
+        self.sd, self.cfg = sd, cfg
+        self.H, self.L, self.eps = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["rms_norm_eps"]
+        self.nh, self.nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.hd = cfg.get("head_dim") or self.H // self.nh
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)
+        self.inv = 1.0 / (theta ** (torch.arange(0, self.hd, 2).float() / self.hd))
+
+    def w(self, l: int, name: str) -> Tensor:
+        return self.sd[f"model.layers.{l}.{name}.weight"]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.sd["model.embed_tokens.weight"][ids]
+
+    def attention(self, l: int, h: Tensor) -> Tensor:
+        """Residual stream h [B,T,H] -> after layer l's attention."""
+        B, T, _ = h.shape
+        f = torch.outer(torch.arange(T).float(), self.inv)
+        cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+        rot = lambda t: torch.cat([-t[..., self.hd // 2:], t[..., :self.hd // 2]], -1)  # noqa: E731
+        x = _rms(h, self.w(l, "input_layernorm"), self.eps)
+        q, k, v = ((x @ self.w(l, f"self_attn.{p}_proj").T).view(B, T, n, self.hd).transpose(1, 2)
+                   for p, n in (("q", self.nh), ("k", self.nkv), ("v", self.nkv)))
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return h + o.transpose(1, 2).reshape(B, T, -1) @ self.w(l, "self_attn.o_proj").T
+
+    def ffn_in(self, l: int, h: Tensor) -> Tensor:
+        return _rms(h, self.w(l, "post_attention_layernorm"), self.eps)
+
+    def act(self, l: int, x: Tensor) -> Tensor:
+        return F.silu(x @ self.w(l, "mlp.gate_proj").T) * (x @ self.w(l, "mlp.up_proj").T)
+
+    def mlp(self, l: int, x: Tensor) -> Tensor:
+        return self.act(l, x) @ self.w(l, "mlp.down_proj").T
+
+    def logits(self, h: Tensor) -> Tensor:
+        head = self.sd.get("lm_head.weight", self.sd["model.embed_tokens.weight"])
+        return _rms(h, self.sd["model.norm.weight"], self.eps) @ head.T
+
+    def forward(self, ids: Tensor, mlp=None) -> Tensor:
+        """ids [B,T] -> logits [B,T,V]; mlp(l, x) replaces the dense MLP (e.g. a MoE)."""
+        mlp = mlp or self.mlp
+        h = self.embed(ids)
+        for l in range(self.L):
+            h = self.attention(l, h)
+            h = h + mlp(l, self.ffn_in(l, h))
+        return self.logits(h)
+
+
+# ---------------------------------------------------------------- MoE layers from a recipe
+
+def moe_layer(dense: Dense, l: int, r: dict[str, Tensor], S: int) -> dict[str, Tensor]:
+    """Qwen2-MoE tensors of layer l: dense MLP rows/columns reordered by the recipe and scaled."""
+    perm, E = r["perm"].long(), r["router"].shape[0]
+    g, u, d = dense.w(l, "mlp.gate_proj")[perm], dense.w(l, "mlp.up_proj")[perm], dense.w(l, "mlp.down_proj")[:, perm]
+    I = (perm.numel() - S) // E
+    scale = r["scale"]
+    d_r = d[:, S:].reshape(-1, E, I) * scale[:E, None]  # [H,E,I]
+    return dict(router=r["router"], shared_gate=r["shared_gate"],
+                shared_gate_proj=g[:S], shared_up_proj=u[:S], shared_down_proj=d[:, :S] * scale[E],
+                gate_proj=g[S:].reshape(E, I, -1), up_proj=u[S:].reshape(E, I, -1),
+                down_proj=d_r.permute(1, 0, 2).contiguous())
+
+
+def route(logits: Tensor, k: int, norm: bool = True) -> tuple[Tensor, Tensor]:
+    """Qwen2-MoE routing: softmax (fp32) -> top-k -> renormalize. Returns (weights [N,k], ids [N,k])."""
+    w, ids = torch.topk(F.softmax(logits.float(), -1), k, -1)
+    return (w / w.sum(-1, keepdim=True) if norm else w), ids
+
+
+def moe_forward(m: dict[str, Tensor], x: Tensor, k: int, norm: bool = True) -> Tensor:
+    """Reference Qwen2-MoE block on x [N,H] (all experts computed, unselected ones weighted 0)."""
+    E, I, H = m["gate_proj"].shape
+    w, ids = route(x @ m["router"].T, k, norm)
+    coef = torch.zeros(x.shape[0], E, dtype=x.dtype).scatter_(1, ids, w.to(x.dtype))
+    a = F.silu(x @ m["gate_proj"].reshape(E * I, H).T) * (x @ m["up_proj"].reshape(E * I, H).T)
+    a = (a.view(-1, E, I) * coef[..., None]).reshape(-1, E * I)
+    out = a @ m["down_proj"].permute(1, 0, 2).reshape(H, E * I).T
+    shared = (F.silu(x @ m["shared_gate_proj"].T) * (x @ m["shared_up_proj"].T)) @ m["shared_down_proj"].T
+    return out + torch.sigmoid(x @ m["shared_gate"].T) * shared
+
+
+# ---------------------------------------------------------------- calibration
+
+def balanced_kmeans(feat: Tensor, E: int, iters: int = 20, seed: int = 0) -> Tensor:
+    """Cosine k-means of L2-normalized rows with exactly n/E rows per cluster (greedy assignment)."""
+    n, cap = feat.shape[0], feat.shape[0] // E
+    cent = feat[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:E]]
+    assign = None
+    for _ in range(iters):
+        order = (feat @ cent.T).flatten().argsort(descending=True).tolist()
+        new, count, left = [-1] * n, [0] * E, n
+        for idx in order:
+            i, e = divmod(idx, E)
+            if new[i] < 0 and count[e] < cap:
+                new[i], left = e, left - 1
+                count[e] += 1
+                if not left:
+                    break
+        new = torch.tensor(new)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        cent = F.normalize(torch.stack([feat[assign == e].mean(0) for e in range(E)]), dim=-1)
+    return assign
+
+
+def train_router(x: Tensor, target: Tensor, epochs: int, seed: int, lr: float = 3e-3, bs: int = 4096) -> Tensor:
+    """Linear router [E,H] whose softmax fits target [N,E] (soft cross-entropy, Adam)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(target.shape[1], x.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(epochs):
+        for b in torch.randperm(x.shape[0], generator=g).split(bs):
+            loss = -(target[b] * F.log_softmax(x[b] @ w.T, -1)).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.detach()
+
+
+def calibrate_layer(dense: Dense, l: int, x: Tensor, mc: MoefyConfig) -> dict[str, Tensor]:
+    """Recipe of layer l from its FFN inputs x [N,H]."""
+    E, S = mc.experts, mc.shared
+    a, d = dense.act(l, x), dense.w(l, "mlp.down_proj")
+    c = a.abs() * d.norm(dim=0)                                  # |contribution| per token and neuron
+    shared = c.mean(0).argsort(descending=True)[:S]
+    rest = torch.ones(a.shape[1], dtype=torch.bool)
+    rest[shared] = False
+    rest = rest.nonzero().squeeze(1)
+    sub = c[:: max(1, c.shape[0] // 8192), rest]               # clustering on <= ~8k tokens
+    sub = sub / (sub.mean(1, keepdim=True) + 1e-6)
+    feat = F.normalize((sub - sub.mean(0)).T, dim=-1)          # neuron co-activation (correlation) features
+    assign = balanced_kmeans(feat, E, seed=mc.seed)
+    groups = [rest[assign == e] for e in range(E)]
+    perm = torch.cat([shared, *groups])
+    Y = torch.stack([a[:, gi] @ d[:, gi].T for gi in groups], 1)  # [N,E,H] expert outputs
+    norms = Y.norm(dim=-1)
+    router = train_router(x, norms / norms.sum(-1, keepdim=True), mc.router_epochs, mc.seed) / mc.tau
+    w, ids = route(x @ router.T, mc.top_k, mc.norm)
+    wf = torch.zeros_like(norms).scatter_(1, ids, w)
+    # per-expert scale s: min sum_n ||sum_e w_ne s_e Y_ne - r_n||^2, r = the routed part of the dense output
+    r = Y.sum(1)
+    A = torch.einsum("ne,nf,nef->ef", wf, wf, Y @ Y.transpose(1, 2))
+    b = (wf * (Y @ r[:, :, None]).squeeze(-1)).sum(0)
+    s = torch.linalg.solve(A + 1e-6 * A.diagonal().mean() * torch.eye(E), b)
+    # shared gate starts at 0 -> sigmoid 0.5, so the shared expert's down_proj is scaled by 2
+    return dict(perm=perm.to(torch.int16), router=router, shared_gate=torch.zeros(1, x.shape[1]),
+                scale=torch.cat([s, torch.tensor([2.0])]))
+
+
+def calibrate(dense: Dense, ids: Tensor, mc: MoefyConfig, log=print) -> dict[str, Tensor]:
+    """Sequential layer-by-layer calibration on token windows ids [B,T] -> recipe tensors."""
+    recipe, h, chunk = {}, dense.embed(ids), 8
+    for l in range(dense.L):
+        t = time.time()
+        h = torch.cat([dense.attention(l, hc) for hc in h.split(chunk)])
+        x = dense.ffn_in(l, h).reshape(-1, dense.H)
+        r = calibrate_layer(dense, l, x, mc)
+        recipe.update({f"layers.{l}.{k}": v for k, v in r.items()})
+        m = moe_layer(dense, l, r, mc.shared)
+        y = torch.cat([moe_forward(m, xc, mc.top_k, mc.norm) for xc in x.split(8192)])
+        ref = dense.mlp(l, x)
+        rel = ((y - ref).pow(2).sum() / ref.pow(2).sum()).item()
+        h = h + y.view_as(h)
+        log(f"layer {l:2d}: relative FFN error {rel:.3f} ({time.time() - t:.1f} s)")
+    return recipe
+
+
+# ---------------------------------------------------------------- recipe -> Qwen2-MoE checkpoint
+
+def save_recipe(path: str | Path, recipe: dict[str, Tensor], mc: MoefyConfig, provenance: dict) -> None:
+    meta = {"moefy": json.dumps(asdict(mc)), "provenance": json.dumps(provenance)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sorted(recipe.items())}, str(path), metadata=meta)
+
+
+def load_recipe(path: str | Path) -> tuple[dict[str, Tensor], MoefyConfig, dict]:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        recipe = {k: f.get_tensor(k) for k in f.keys()}
+    return recipe, MoefyConfig(**json.loads(meta["moefy"])), json.loads(meta.get("provenance", "{}"))
+
+
+def layer_recipe(recipe: dict[str, Tensor], l: int) -> dict[str, Tensor]:
+    return {k.split(".", 2)[2]: v for k, v in recipe.items() if k.startswith(f"layers.{l}.")}
+
+
+def qwen2_moe_config(cfg: dict, mc: MoefyConfig) -> dict:
+    I = (cfg["intermediate_size"] - mc.shared) // mc.experts
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+            "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+    return dict({k: cfg[k] for k in keep if k in cfg}, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                num_experts=mc.experts, num_experts_per_tok=mc.top_k, moe_intermediate_size=I,
+                shared_expert_intermediate_size=mc.shared, norm_topk_prob=mc.norm, decoder_sparse_step=1,
+                mlp_only_layers=[], qkv_bias=True, use_sliding_window=False, output_router_logits=False,
+                torch_dtype="bfloat16")
+
+
+def apply_recipe(sd: dict[str, Tensor], cfg: dict, recipe: dict[str, Tensor], mc: MoefyConfig,
+                 dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, Tensor], dict]:
+    """Dense Llama weights + recipe -> (Qwen2-MoE state dict with per-expert names, config.json dict)."""
+    dense, out = Dense(sd, cfg), {}
+    for name, w in sd.items():
+        if ".mlp." not in name:
+            out[name] = w
+    for l in range(dense.L):
+        m, p = moe_layer(dense, l, layer_recipe(recipe, l), mc.shared), f"model.layers.{l}."
+        for proj in ("q", "k", "v"):
+            out[p + f"self_attn.{proj}_proj.bias"] = torch.zeros(dense.w(l, f"self_attn.{proj}_proj").shape[0])
+        out[p + "mlp.gate.weight"] = m["router"]
+        out[p + "mlp.shared_expert_gate.weight"] = m["shared_gate"]
+        for proj in ("gate", "up", "down"):
+            out[p + f"mlp.shared_expert.{proj}_proj.weight"] = m[f"shared_{proj}_proj"]
+            for e in range(mc.experts):
+                out[p + f"mlp.experts.{e}.{proj}_proj.weight"] = m[f"{proj}_proj"][e]
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}, qwen2_moe_config(cfg, mc)
+
+
+def write_checkpoint(out_dir: str | Path, state: dict[str, Tensor], config: dict, tokenizer_json: str | None,
+                     tokenizer_config: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dict(sorted(state.items())), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_json is not None:
+        (out / "tokenizer.json").write_text(tokenizer_json)
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return out
+
+
+def build_smolmoe(out_dir: str | Path, recipe_path: str | Path = RECIPE, progress: bool = True) -> Path:
+    """SmolMoE = the SmolLM2-135M GGUF asset + the committed recipe, written as a Qwen2-MoE HF folder."""
+    from hobbit.assets import asset_path
+    sd, cfg, tok, tok_cfg = load_dense(asset_path("smollm2-gguf", progress))
+    recipe, mc, _ = load_recipe(recipe_path)
+    state, config = apply_recipe(sd, cfg, recipe, mc)
+    return write_checkpoint(out_dir, state, config, tok, tok_cfg)
+
+
+def _register_asset() -> None:
+    from hobbit import assets
+    assets.register(assets.Asset("smolmoe", f"SmolLM2 GGUF + {RECIPE.name} (hobbit.moefy.build_smolmoe)", "smolmoe",
+                                 lambda dest, progress: build_smolmoe(dest, progress=progress)))
+
+
+_register_asset()
+
+
+# ---------------------------------------------------------------- calibration text and the CLI
+
+DEFAULT_CALIB = ["austen:emma", "austen:mansfield_park", "austen:northanger_abbey", "austen:persuasion",
+                 "austen:sense_and_sensibility", "wiki@train"]
+
+
+def calib_windows(tokenizer_json: str, specs: list[str], tokens: int, window: int = 512) -> Tensor:
+    """Token windows [B,window], spread evenly over each text; `tokens` in all, half of them from
+    'wiki@…' texts when the specs mix Wikipedia and others. A spec is an asset text name
+    (austen:<novel>, wiki) or a file, with an optional '@split' (train/test/all)."""
+    from tokenizers import Tokenizer
+
+    from hobbit.assets import text_file
+    tok, n_win = Tokenizer.from_str(tokenizer_json), max(1, tokens // window)
+    per = [n_win // len(specs) + (i < n_win % len(specs)) for i in range(len(specs))]
+    out = []
+    for spec, n in zip(specs, per):
+        name, _, split = spec.partition("@")
+        ids = tok.encode(Path(text_file(name, split or "all", progress=False)).read_text(encoding="utf-8")).ids
+        step = max(1, (len(ids) - window) // max(n, 1))
+        out += [torch.tensor(ids[i * step:i * step + window]) for i in range(n) if i * step + window <= len(ids)]
+    return torch.stack(out)
+
+
+def add_moefy_args(p: argparse.ArgumentParser) -> None:
+    d = MoefyConfig()
+    p.add_argument("src", help="dense Llama: GGUF file or HF folder")
+    p.add_argument("out", help="output folder (Qwen2-MoE HF checkpoint)")
+    p.add_argument("--experts", type=int, default=d.experts, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--shared", type=int, default=d.shared, help="neurons in the always-on shared expert")
+    p.add_argument("--tau", type=float, default=d.tau, help="router temperature")
+    p.add_argument("--calib", nargs="+", default=DEFAULT_CALIB,
+                   help="calibration texts: austen:<novel>, wiki, or a file, each with an optional @split")
+    p.add_argument("--calib-tokens", type=int, default=32768)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--recipe", help="where to write the recipe (default OUT/moefy_recipe.safetensors)")
+    p.add_argument("--from-recipe", help="skip calibration: apply this recipe")
+
+
+def moefy_main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    sd, cfg, tok, tok_cfg = load_dense(args.src)
+    if args.from_recipe:
+        recipe, mc, _ = load_recipe(args.from_recipe)
+    else:
+        if tok is None:
+            raise SystemExit("moefy: the source has no tokenizer to read the calibration text with")
+        mc = MoefyConfig(experts=args.experts, top_k=args.top_k, shared=args.shared, tau=args.tau, seed=args.seed)
+        torch.manual_seed(mc.seed)
+        ids = calib_windows(tok, args.calib, args.calib_tokens)
+        print(f"moefy: {ids.numel()} calibration tokens from {', '.join(args.calib)}", flush=True)
+        recipe = calibrate(Dense(sd, cfg), ids, mc)
+        prov = dict(src=Path(args.src).name, calib=args.calib, calib_tokens=int(ids.numel()), seed=mc.seed)
+        save_recipe(args.recipe or Path(args.out) / "moefy_recipe.safetensors", recipe, mc, prov)
+    state, config = apply_recipe(sd, cfg, recipe, mc)
+    write_checkpoint(args.out, state, config, tok, tok_cfg)
+    print(f"moefy: wrote {args.out}", flush=True)
+    return 0

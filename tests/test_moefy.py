@@ -1,0 +1,63 @@
+"""moefy on a tiny dense Llama made by transformers: shapes, determinism, parity with transformers."""
+
+import argparse
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hobbit import moefy  # noqa: E402
+
+MC = moefy.MoefyConfig(experts=4, top_k=2, shared=16, tau=0.5, router_epochs=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, rope_theta=1e4, tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    sd, hf_cfg, _, _ = moefy.load_dense(d)
+    ids = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(1))
+    return d, sd, hf_cfg, ids
+
+
+def test_recipe_shapes_and_determinism(tiny):
+    _, sd, cfg, ids = tiny
+    r1 = moefy.calibrate(moefy.Dense(sd, cfg), ids, MC, log=lambda s: None)
+    r2 = moefy.calibrate(moefy.Dense(sd, cfg), ids, MC, log=lambda s: None)
+    assert r1.keys() == r2.keys() and all(torch.equal(r1[k], r2[k]) for k in r1)
+    for l in range(2):
+        perm = r1[f"layers.{l}.perm"].long()
+        assert sorted(perm.tolist()) == list(range(64))  # a partition of the neurons
+        assert r1[f"layers.{l}.router"].shape == (4, 32) and r1[f"layers.{l}.scale"].shape == (5,)
+    m = moefy.moe_layer(moefy.Dense(sd, cfg), 0, moefy.layer_recipe(r1, 0), MC.shared)
+    assert m["gate_proj"].shape == (4, 12, 32) and m["down_proj"].shape == (4, 32, 12)
+    assert m["shared_up_proj"].shape == (16, 32)
+
+
+def test_checkpoint_matches_transformers(tiny, tmp_path):
+    d, sd, cfg, ids = tiny
+    out = tmp_path / "moe"
+    args = argparse.Namespace(src=str(d), out=str(out), from_recipe=None, recipe=str(tmp_path / "r.safetensors"))
+    recipe = moefy.calibrate(moefy.Dense(sd, cfg), ids, MC, log=lambda s: None)
+    moefy.save_recipe(args.recipe, recipe, MC, {"test": True})
+    args.from_recipe = args.recipe
+    assert moefy.moefy_main(args) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    # our reference forward on the checkpoint's bf16 tensors
+    state, _ = moefy.apply_recipe(sd, cfg, recipe, MC)
+    dense = moefy.Dense({k: v.to(torch.bfloat16).float() for k, v in sd.items()}, cfg)
+    layers = {}
+    for l in range(2):
+        m = moefy.moe_layer(moefy.Dense(sd, cfg), l, moefy.layer_recipe(recipe, l), MC.shared)
+        layers[l] = {k: v.to(torch.bfloat16).float() for k, v in m.items()}
+        assert torch.equal(state[f"model.layers.{l}.mlp.experts.1.down_proj.weight"].float(), layers[l]["down_proj"][1])
+    ours = dense.forward(ids[:2], lambda l, x: moefy.moe_forward(layers[l], x.reshape(-1, 32), MC.top_k).view_as(x))
+    with torch.no_grad():
+        theirs = model(ids[:2]).logits
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
