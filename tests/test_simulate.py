@@ -193,3 +193,17 @@ def test_bad_trace_files(tmp_path):
             load_trace(path)
         with pytest.raises(ValueError, match=message):
             cmd_simulate(_args(path, "--budget", "25%"))
+
+
+def test_default_precisions_follow_the_engine(tiny_store):
+    from hobbit.quant import FORMATS
+    from hobbit.simulate import FORMAT_ORDER, default_precisions
+    assert FORMAT_ORDER == FORMATS
+    h = {"precisions": ["bf16", "int8", "int4", "int2"]}
+    assert default_precisions(h, "hobbit", None, None) == ("bf16", "int4")
+    assert default_precisions(h, "hobbit", "int8", None) == ("int8", "int4")
+    assert default_precisions({"precisions": ["int8", "int2"]}, "hobbit", None, None) == ("int8", "int2")
+    assert default_precisions(h, "lru", None, None) == ("bf16", None)
+    eng = hobbit.load(tiny_store, budget=BUDGET, policy="hobbit")
+    assert (eng.provider.opt.high, eng.provider.opt.low) == default_precisions(h, "hobbit", None, None)
+    eng.close()

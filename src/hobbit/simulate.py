@@ -35,7 +35,10 @@ from .trace import LayerCall, belady_accesses, iter_steps, read_trace
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
                "expert_disk_bytes")
-LOW_DEFAULTS = ("int4", "int8")  # the engine's choice of --low for policy hobbit when none is given
+# the engine's choice of --low for policy hobbit (the paper's pairs: bf16 + int4, int8 + int2): the first of
+# LOW_DEFAULTS stored below `high` in FORMAT_ORDER (hobbit.quant.FORMATS, which imports torch)
+FORMAT_ORDER = ("fp32", "bf16", "int8", "int4", "int3", "int2")
+LOW_DEFAULTS = ("int4", "int2", "int3", "int8")
 
 
 # -- trace ------------------------------------------------------------------------------------------
@@ -73,11 +76,13 @@ def parse_budget_for(budget, header: dict) -> int | None:
 
 
 def default_precisions(header: dict, policy: str, high: str | None, low: str | None) -> tuple[str, str | None]:
-    """The engine's defaults: high = the highest stored precision; low (hobbit) = int4 or int8."""
+    """The engine's defaults: high = the highest stored precision; low (hobbit) = the first of int4,
+    int2, int3, int8 stored below high."""
     precs = list(header["precisions"])
     high = high or (precs[0] if precs else "bf16")
-    if low is None and policy == "hobbit":
-        low = next((p for p in precs if p != high and p in LOW_DEFAULTS), None)
+    if low is None and policy == "hobbit" and high in FORMAT_ORDER:
+        lower = [p for p in precs if p in FORMAT_ORDER and FORMAT_ORDER.index(p) > FORMAT_ORDER.index(high)]
+        low = next((p for p in LOW_DEFAULTS if p in lower), None)
     return high, low
 
 
@@ -253,7 +258,8 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--link", type=float, default=None, metavar="GB/s",
                    help="storage bandwidth in GB/s for modeled load times (e.g. 3 for an NVMe SSD)")
     p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
-    p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit; default int4 or int8)")
+    p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit; default as the engine: "
+                   "int4, else int2, int3, int8 below --high)")
     p.add_argument("--t1", type=float, default=None, help="Eq. 2 high/low threshold (default 0.6)")
     p.add_argument("--t2", type=float, default=None, help="Eq. 2 low/skip threshold (default 0.9)")
     p.add_argument("--prefetch-depth", type=int, default=None, help="layers ahead to prefetch "

@@ -347,8 +347,8 @@ def add_tune_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--prompt-len", type=int, default=16, help="prefill tokens per sequence (default 16)")
     p.add_argument("--high", default=None, help="precision of high loads (default: highest stored)")
-    p.add_argument("--low", default=None, help="precision of low loads (default: the engine's, the first "
-                   "of int8/int4 the store holds)")
+    p.add_argument("--low", default=None, help="precision of low loads (default as the engine: int4, else "
+                   "int2, int3, int8 below --high)")
     p.add_argument("--max-low", type=float, default=0.30, help="most selections at low precision (default 0.30)")
     p.add_argument("--max-skip", type=float, default=0.03, help="most selections skipped (default 0.03)")
     p.add_argument("--weight-step", type=float, default=0.25, help="grid step over the Eq. 3 weight simplex "
