@@ -17,15 +17,24 @@ def test_eq2_skip_zeroes_only_that_tokens_slot():
     s = scheduler(policy="hobbit", high="bf16", low="int4", t1=0.6, t2=0.9)
     # token 0: scores [0, .65, .95] -> high, low, skip; token 1 routes expert 3 first -> high
     rows = [([1, 2, 3], [0.65, 0.3, 0.05]), ([3, 1, 2], [0.7, 0.2, 0.1])]
-    want, weights = s.select(rows)
+    want, weights = s.select(0, rows)
     assert want == {1: "high", 2: "low", 3: "high"}
     assert weights == [[0.65, 0.3, 0.0], [0.7, 0.2, 0.1]]
     assert s.stats.skipped == 1
 
 
+def test_eq2_never_skips_a_cached_expert():
+    s = scheduler(policy="hobbit", high="bf16", low="int4", t1=0.6, t2=0.9)
+    s.cache.insert((0, 3, "int4"), "payload", MB, 0, 0, False)
+    want, weights = s.select(0, [([1, 2, 3], [0.65, 0.3, 0.05])])
+    assert want[3] == "low" and weights is None and s.stats.skipped == 0
+    steps = s.plan(0, [([1, 2, 3], [0.65, 0.3, 0.05])])
+    assert [(x.expert, x.action) for x in steps] == [(1, "load"), (2, "load"), (3, "hit")]
+
+
 def test_full_precision_policies_keep_the_weights():
     s = scheduler(policy="lru")
-    want, weights = s.select([([1, 2, 3], [0.5, 0.45, 0.05])])
+    want, weights = s.select(0, [([1, 2, 3], [0.5, 0.45, 0.05])])
     assert want == {1: "high", 2: "high", 3: "high"} and weights is None
 
 
@@ -33,7 +42,7 @@ def test_little_set_for_unimportant_tokens():
     s = scheduler(policy="lru", little=0.8)
     rows = [([4, 5, 6], [0.6, 0.3, 0.1]),  # little = top-2 holds 0.9 >= 0.8: drop expert 6, rescale
             ([7, 8, 9], [0.4, 0.3, 0.3])]  # little holds 0.7: big, all three
-    want, weights = s.select(rows)
+    want, weights = s.select(0, rows)
     assert want == {4: "high", 5: "high", 6: "skip", 7: "high", 8: "high", 9: "high"}
     assert weights[0] == pytest.approx([0.6 / 0.9, 0.3 / 0.9, 0.0])
     assert weights[1] == [0.4, 0.3, 0.3]

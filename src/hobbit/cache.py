@@ -69,6 +69,7 @@ class ExpertCache:
         self.counters: dict[str, int] = {"inserts": 0, "evictions": 0, "evicted_bytes": 0, "rejected": 0}
         self._entries: dict[Key, _Entry] = {}
         self._pins: dict[Key, int] = {}
+        self._by_pool: dict[str, dict[Key, None]] = {name: {} for name in pools}  # insertion-ordered key sets
 
     def __contains__(self, key: Key) -> bool:
         return key in self._entries
@@ -108,19 +109,21 @@ class ExpertCache:
             return []
         pool = self._pool(key)
         budget = self.budgets[pool]
-        pinned = sum(e.nbytes for k, e in self._entries.items() if e.pool == pool and self._pins.get(k))
+        # pins are few (one layer's experts plus predictions): sum over them, not over the cache
+        pinned = sum(self._entries[k].nbytes for k in self._pins if k in self._entries and self._entries[k].pool == pool)
         if pinned + nbytes > budget:
             self.counters["rejected"] += 1
             raise CacheFull(key, pool, nbytes, budget, pinned)
         evicted: list[Key] = []
         while self.used[pool] + nbytes > budget:
-            candidates = [k for k, e in self._entries.items() if e.pool == pool and not self._pins.get(k)]
+            candidates = [k for k in self._by_pool[pool] if k not in self._pins]
             victim = self.policy.victim(candidates, t, layer_now)
             if victim not in candidates:
                 raise RuntimeError(f"policy {self.policy.name!r} chose {victim}, which is not an evictable candidate")
             self._evict(victim)
             evicted.append(victim)
         self._entries[key] = _Entry(payload, nbytes, pool)
+        self._by_pool[pool][key] = None
         self.used[pool] += nbytes
         if self.used[pool] > budget:
             raise AssertionError(f"pool {pool!r} holds {self.used[pool]} bytes, over its budget of {budget}")
@@ -130,6 +133,7 @@ class ExpertCache:
 
     def _evict(self, key: Key) -> None:
         entry = self._entries.pop(key)
+        del self._by_pool[entry.pool][key]
         self.used[entry.pool] -= entry.nbytes
         self.counters["evictions"] += 1
         self.counters["evicted_bytes"] += entry.nbytes

@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import ctypes
-import re
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,37 +24,12 @@ from .model import Transformer
 from .prefetch import DEMAND, PREFETCH
 from .provider import OffloadedExperts, Predictor
 from .policies.prefetch import PredictionStats
-from .schedule import Options
+from .schedule import Options, parse_budget
 from .trace import TraceWriter
 from .store import ExpertStore
 from .tokenizer import Tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-def parse_budget(budget: int | float | str | None, total_bytes: int) -> int | None:
-    """Bytes from 123, "512MiB", "2GiB", "1.5GB" or "25%" (of all expert bytes at the top precision)."""
-    if budget is None or isinstance(budget, int):
-        return budget
-    if isinstance(budget, float):
-        return int(budget)
-    s = budget.strip().lower().replace(" ", "")
-    if s.endswith("%"):
-        try:
-            pct = float(s[:-1])
-        except ValueError:
-            pct = -1
-        if not 0 < pct <= 100:
-            raise ValueError(f"budget {budget!r}: a percentage must be in (0, 100]")
-        return int(total_bytes * pct / 100)
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
-    if not m or m.group(2) not in _UNITS:
-        raise ValueError(f"budget {budget!r} is not understood; use bytes (123), a size (512MiB, 2GiB) or a share (25%)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
 def _tune_malloc() -> None:
     """Keep big freed blocks in the heap: fresh mmap'd buffers page-fault at ~2 GB/s (environment notes)."""
     if sys.platform.startswith("linux"):
@@ -114,10 +89,16 @@ class Engine:
         self.policy = policy
         self.tuned = False
         if policy == "hobbit":  # `hobbit tune` results are the defaults; explicit options win
-            from .tune import load_tuned
-            tuned = load_tuned(self.path) or {}
-            self.tuned = bool(tuned)
-            options = {**tuned, **options}
+            from .tune import read_tuned
+            doc = read_tuned(self.path)
+            if doc is not None:
+                cal = doc["calibration"]
+                if (cal.get("high"), cal.get("low")) == (high, low):
+                    self.tuned = True
+                    options = {**doc["options"], **options}
+                else:
+                    warnings.warn(f"{self.path}/hobbit_tuned.json was tuned for {cal.get('high')}+{cal.get('low')}, "
+                                  f"not {high}+{low}: using the default thresholds; re-run `hobbit tune`")
         opts = Options(policy=policy, high=high, low=low, **options)
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
                                          self.budget_bytes, opts)

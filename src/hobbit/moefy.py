@@ -107,14 +107,17 @@ class Dense:
         head = self.sd.get("lm_head.weight", self.sd["model.embed_tokens.weight"])
         return _rms(h, self.sd["model.norm.weight"], self.eps) @ head.T
 
-    def forward(self, ids: Tensor, mlp=None) -> Tensor:
-        """ids [B,T] -> logits [B,T,V]; mlp(l, x) replaces the dense MLP (e.g. a MoE)."""
+    def final_hidden(self, ids: Tensor, mlp=None) -> Tensor:
+        """ids [B,T] -> last residual stream [B,T,H]; mlp(l, x) replaces the dense MLP (e.g. a MoE)."""
         mlp = mlp or self.mlp
         h = self.embed(ids)
         for l in range(self.L):
             h = self.attention(l, h)
             h = h + mlp(l, self.ffn_in(l, h))
-        return self.logits(h)
+        return h
+
+    def forward(self, ids: Tensor, mlp=None) -> Tensor:
+        return self.logits(self.final_hidden(ids, mlp))
 
 
 # ---------------------------------------------------------------- MoE layers from a recipe
@@ -126,8 +129,9 @@ def moe_layer(dense: Dense, l: int, r: dict[str, Tensor], S: int) -> dict[str, T
     I = (perm.numel() - S) // E
     scale = r["scale"]
     d_r = d[:, S:].reshape(-1, E, I) * scale[:E, None]  # [H,E,I]
+    d_s = d[:, :S] * scale[E] + (r["lora_b"] @ r["lora_a"] if "lora_a" in r else 0)
     return dict(router=r["router"], shared_gate=r["shared_gate"],
-                shared_gate_proj=g[:S], shared_up_proj=u[:S], shared_down_proj=d[:, :S] * scale[E],
+                shared_gate_proj=g[:S], shared_up_proj=u[:S], shared_down_proj=d_s,
                 gate_proj=g[S:].reshape(E, I, -1), up_proj=u[S:].reshape(E, I, -1),
                 down_proj=d_r.permute(1, 0, 2).contiguous())
 
@@ -277,7 +281,10 @@ def apply_recipe(sd: dict[str, Tensor], cfg: dict, recipe: dict[str, Tensor], mc
         if ".mlp." not in name:
             out[name] = w
     for l in range(dense.L):
-        m, p = moe_layer(dense, l, layer_recipe(recipe, l), mc.shared), f"model.layers.{l}."
+        r, p = layer_recipe(recipe, l), f"model.layers.{l}."
+        m = moe_layer(dense, l, r, mc.shared)
+        if "ffn_norm" in r:
+            out[p + "post_attention_layernorm.weight"] = r["ffn_norm"]
         for proj in ("q", "k", "v"):
             out[p + f"self_attn.{proj}_proj.bias"] = torch.zeros(dense.w(l, f"self_attn.{proj}_proj").shape[0])
         out[p + "mlp.gate.weight"] = m["router"]

@@ -8,6 +8,7 @@ its counters are the live engine's counters.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -22,6 +23,31 @@ Key = tuple[int, int, str]  # (layer, expert, precision)
 NO_CACHE_POLICIES = ("resident", "ondemand")
 CACHE_POLICIES = ("lru", "lfu", "slru", "belady", "lru+prefetch", "hobbit")
 POLICIES = NO_CACHE_POLICIES + CACHE_POLICIES
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_budget(budget: int | float | str | None, total_bytes: int) -> int | None:
+    """Bytes from 123, "512MiB", "2GiB", "1.5GB" or "25%" (of `total_bytes`: all expert bytes at the top precision)."""
+    if budget is None or isinstance(budget, int):
+        return budget
+    if isinstance(budget, float):
+        return int(budget)
+    s = budget.strip().lower().replace(" ", "")
+    if s.endswith("%"):
+        try:
+            pct = float(s[:-1])
+        except ValueError:
+            pct = -1
+        if not 0 < pct <= 100:
+            raise ValueError(f"budget {budget!r}: a percentage must be in (0, 100]")
+        return int(total_bytes * pct / 100)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"budget {budget!r} is not understood; use bytes (123), a size (512MiB, 2GiB) or a share (25%)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 @dataclass
@@ -131,8 +157,10 @@ class Scheduler:
         self.t += 1
 
     # -- per layer -------------------------------------------------------------------------------
-    def select(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]]) -> tuple[dict[int, str], list[list[float]] | None]:
+    def select(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]]
+               ) -> tuple[dict[int, str], list[list[float]] | None]:
         """Per token: MoBiLE's little set (if `little` is set), then HOBBIT Eq. 2 tiers (policy hobbit).
+        Eq. 2 decides misses only: an expert it would skip is still used when a copy is cached.
 
         Returns the tier per unique expert (the highest any token asks for) and, when a token
         drops or rescales an expert, the weights to compute with ([T][k], 0 for a dropped slot;
@@ -154,6 +182,8 @@ class Scheduler:
             tiers = decide(w[:n], o.t1, o.t2) if o.policy == "hobbit" else [HIGH] * n
             for slot, e in enumerate(ids):
                 tier = tiers[slot] if slot < n else SKIP
+                if tier == SKIP and slot < n and self._cached(layer, e, LOW) is not None:
+                    tier = LOW  # cached: costs nothing to use
                 if tier == SKIP and slot < n:
                     self.stats.skipped += 1
                     w[slot], changed = 0.0, True
@@ -168,6 +198,8 @@ class Scheduler:
     def _cached(self, layer: int, e: int, tier: str) -> str | None:
         """The tier of the cached copy that serves this request (ServeRule), or None."""
         c, o = self.cache, self.opt
+        if c is None:
+            return None
         return self.serve_rule.serve(tier, (layer, e, o.high) in c, o.low is not None and (layer, e, o.low) in c)
 
     def plan(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]],
@@ -176,7 +208,7 @@ class Scheduler:
         if layer in self._predicted:
             self.stats.prediction.add(self._predicted.pop(layer), list(rows[-1][0]))
         steps = []
-        want, self.weights = self.select(rows)
+        want, self.weights = self.select(layer, rows)
         self.stats.selections += sum(len(ids) for ids, _ in rows)
         for e in sorted(want):
             tier = want[e]

@@ -17,9 +17,7 @@ precision, the mixed-precision miss penalty (HOBBIT §3.4, in units of one high-
 modeled load time over a link of a given bandwidth: demand time stalls compute, prefetch time is
 reported separately because it overlaps compute.
 
-Torch-free: it imports only the torch-free schedule/trace/policies/cache modules. (The budget
-parser lives in `hobbit.engine`, which imports torch; `parse_budget_for` imports it lazily, only
-for a budget given as a string.)
+Torch-free: it imports only the torch-free schedule/trace/policies/cache modules.
 """
 from __future__ import annotations
 
@@ -30,7 +28,7 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .schedule import CACHE_POLICIES, POLICIES, Options, Scheduler
+from .schedule import CACHE_POLICIES, POLICIES, Options, Scheduler, parse_budget
 from .trace import LayerCall, belady_accesses, iter_steps, read_trace
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
@@ -71,7 +69,6 @@ def parse_budget_for(budget, header: dict) -> int | None:
     """Bytes from the engine's budget forms (123, '512MiB', '25%'), '%' relative to the trace's store."""
     if budget is None or isinstance(budget, int):
         return budget
-    from .engine import parse_budget  # imports torch; only for string budgets
     return parse_budget(budget, highest_total_bytes(header))
 
 

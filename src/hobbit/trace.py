@@ -62,10 +62,10 @@ def read_trace(path: str | Path) -> tuple[dict, list[LayerCall]]:
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             header = json.loads(f.readline())
-            if header.get("format") != FORMAT:
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a hobbit routing trace (record one with `hobbit run ... --trace FILE`)")
             calls = [_call(json.loads(line)) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError, EOFError) as e:
+    except (OSError, json.JSONDecodeError, EOFError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not a readable hobbit routing trace: {e}") from e
     return header, calls
 
