@@ -329,20 +329,21 @@ _register_asset()
 # ---------------------------------------------------------------- calibration text and the CLI
 
 DEFAULT_CALIB = ["austen:emma", "austen:mansfield_park", "austen:northanger_abbey", "austen:persuasion",
-                 "austen:sense_and_sensibility", "wiki@train"]
+                 "austen:sense_and_sensibility", "wiki@train*5"]  # half Austen (not Pride and Prejudice), half Wikipedia
 
 
 def calib_windows(tokenizer_json: str, specs: list[str], tokens: int, window: int = 512) -> Tensor:
-    """Token windows [B,window], spread evenly over each text; `tokens` in all, half of them from
-    'wiki@…' texts when the specs mix Wikipedia and others. A spec is an asset text name
-    (austen:<novel>, wiki) or a file, with an optional '@split' (train/test/all)."""
+    """Token windows [B,window] spread evenly over each text. A spec is an asset text name (austen:<novel>,
+    wiki) or a file, with an optional '@split' (train/test/all) and '*weight' (its share of `tokens`)."""
     from tokenizers import Tokenizer
 
     from hobbit.assets import text_file
     tok, n_win = Tokenizer.from_str(tokenizer_json), max(1, tokens // window)
-    per = [n_win // len(specs) + (i < n_win % len(specs)) for i in range(len(specs))]
-    out = []
-    for spec, n in zip(specs, per):
+    parsed = [(s.partition("*")[0], float(s.partition("*")[2] or 1)) for s in specs]
+    total, out, done = sum(w for _, w in parsed), [], 0.0
+    for spec, weight in parsed:
+        n = round((done + weight) / total * n_win) - round(done / total * n_win)
+        done += weight
         name, _, split = spec.partition("@")
         ids = tok.encode(Path(text_file(name, split or "all", progress=False)).read_text(encoding="utf-8")).ids
         step = max(1, (len(ids) - window) // max(n, 1))
@@ -359,9 +360,12 @@ def add_moefy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared", type=int, default=d.shared, help="neurons in the always-on shared expert")
     p.add_argument("--tau", type=float, default=d.tau, help="router temperature")
     p.add_argument("--calib", nargs="+", default=DEFAULT_CALIB,
-                   help="calibration texts: austen:<novel>, wiki, or a file, each with an optional @split")
+                   help="calibration texts: austen:<novel>, wiki, or a file, each with optional @split and *weight")
     p.add_argument("--calib-tokens", type=int, default=32768)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--distill-steps", type=int, default=0, help="end-to-end KL distillation steps (1 window each)")
+    p.add_argument("--lora-rank", type=int, default=0, help="rank of the distilled shared-expert down_proj delta")
+    p.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
     p.add_argument("--recipe", help="where to write the recipe (default OUT/moefy_recipe.safetensors)")
     p.add_argument("--from-recipe", help="skip calibration: apply this recipe")
 
@@ -379,9 +383,20 @@ def moefy_main(args: argparse.Namespace) -> int:
         ids = calib_windows(tok, args.calib, args.calib_tokens)
         print(f"moefy: {ids.numel()} calibration tokens from {', '.join(args.calib)}", flush=True)
         recipe = calibrate(Dense(sd, cfg), ids, mc)
-        prov = dict(src=Path(args.src).name, calib=args.calib, calib_tokens=int(ids.numel()), seed=mc.seed)
+        if args.distill_steps:
+            from hobbit.moefy_train import distill
+            recipe = distill(Dense(sd, cfg), recipe, mc, ids, args.distill_steps, args.lr, rank=args.lora_rank,
+                             seed=mc.seed)
+        prov = dict(src=Path(args.src).name, calib=args.calib, calib_tokens=int(ids.numel()), seed=mc.seed,
+                    distill_steps=args.distill_steps, lora_rank=args.lora_rank, lr=args.lr)
         save_recipe(args.recipe or Path(args.out) / "moefy_recipe.safetensors", recipe, mc, prov)
     state, config = apply_recipe(sd, cfg, recipe, mc)
     write_checkpoint(args.out, state, config, tok, tok_cfg)
     print(f"moefy: wrote {args.out}", flush=True)
     return 0
+
+
+if __name__ == "__main__":  # python -m hobbit.moefy SRC OUT ... (the same as `hobbit moefy`)
+    parser = argparse.ArgumentParser(prog="hobbit moefy", description=__doc__.split("\n")[0])
+    add_moefy_args(parser)
+    raise SystemExit(moefy_main(parser.parse_args()))

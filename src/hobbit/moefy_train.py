@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hobbit.moefy import Dense, MoefyConfig, layer_recipe, moe_layer, route
+from hobbit.moefy import Dense, MoefyConfig, layer_recipe, moe_forward, moe_layer, route
 
 
 def _moe(m: dict[str, Tensor], p: dict[str, Tensor], x: Tensor, k: int, norm: bool) -> Tensor:
