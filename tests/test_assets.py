@@ -77,9 +77,6 @@ def test_errors_name_the_source(cache, monkeypatch):
         asset_path("down", progress=False)
     with pytest.raises(AssetError, match="unknown asset 'nope'; known: .*smollm2-gguf"):
         asset_path("nope")
-    for name in ("smolmoe", "smolmoe-store"):
-        with pytest.raises(AssetError, match=f"'{name}' is not built yet"):
-            asset_path(name, progress=False)
 
 
 def test_cache_location(monkeypatch, tmp_path):

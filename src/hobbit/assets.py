@@ -359,11 +359,24 @@ def _build_wiki(dest: Path, progress: bool) -> None:
 
 # ---------------------------------------------------------------- registry
 
-def _not_built(name: str) -> Callable[[Path, bool], None]:
-    def build(dest: Path, progress: bool) -> None:
-        raise AssetError(f"asset {name!r} is not built yet: SmolMoE is made from SmolLM2 by its own builder, "
-                         f"which registers itself with hobbit.assets.register()")
-    return build
+SMOLMOE_RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
+
+
+def _recipe_tag() -> str:
+    """SmolMoE's cache folders are named by the recipe's hash, so a new recipe rebuilds them."""
+    if not SMOLMOE_RECIPE.is_file():
+        return "norecipe"
+    return hashlib.sha256(SMOLMOE_RECIPE.read_bytes()).hexdigest()[:12]
+
+
+def _build_smolmoe(dest: Path, progress: bool) -> None:
+    from .moefy import build_smolmoe
+    build_smolmoe(dest, recipe_path=SMOLMOE_RECIPE, progress=progress)
+
+
+def _build_smolmoe_store(dest: Path, progress: bool) -> None:
+    from .convert import convert
+    convert(asset_path("smolmoe", progress), dest, progress=progress)  # the default precisions
 
 
 for _asset in (
@@ -373,7 +386,9 @@ for _asset in (
           "67e877a91d1873371c7e371304ad41f39966c80cc575584317bc779ccbbe646e"),
     Asset("wiki", "PyPI wheel gensim==4.4.0 test data (pip download --no-deps)", "wiki", _build_wiki,
           "95775d22f0dde62b44cd83aaff2c1ceb08b09ec78ae99a5ca15a4e97fc8e8eea"),
-    Asset("smolmoe", "SmolMoE builder (not registered yet)", "smolmoe", _not_built("smolmoe")),
-    Asset("smolmoe-store", "SmolMoE store builder (not registered yet)", "smolmoe-store", _not_built("smolmoe-store")),
+    Asset("smolmoe", "the SmolLM2 GGUF asset + the committed SmolMoE recipe (hobbit.moefy)",
+          f"smolmoe-{_recipe_tag()}", _build_smolmoe),
+    Asset("smolmoe-store", "the smolmoe asset, converted (bf16, int4, int2)", f"smolmoe-store-{_recipe_tag()}",
+          _build_smolmoe_store),
 ):
     register(_asset)

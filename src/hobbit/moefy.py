@@ -317,15 +317,6 @@ def build_smolmoe(out_dir: str | Path, recipe_path: str | Path = RECIPE, progres
     return write_checkpoint(out_dir, state, config, tok, tok_cfg)
 
 
-def _register_asset() -> None:
-    from hobbit import assets
-    assets.register(assets.Asset("smolmoe", f"SmolLM2 GGUF + {RECIPE.name} (hobbit.moefy.build_smolmoe)", "smolmoe",
-                                 lambda dest, progress: build_smolmoe(dest, progress=progress)))
-
-
-_register_asset()
-
-
 # ---------------------------------------------------------------- calibration text and the CLI
 
 DEFAULT_CALIB = ["austen:emma", "austen:mansfield_park", "austen:northanger_abbey", "austen:persuasion",
