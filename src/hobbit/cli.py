@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--precisions", default="bf16,int4,int2", help="comma list of fp32,bf16,int8,int4,int3,int2")
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=None,
+                   help="quantization group size (default 64, or the largest of 128/64/32 that fits the experts)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("run", help="generate text from a prompt, streaming, then print stats")

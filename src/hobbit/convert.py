@@ -31,9 +31,10 @@ def parse_precisions(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return sorted(dict.fromkeys(items), key=quant.FORMATS.index)
 
 
-def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, group_size: int = 64,
+def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, group_size: int | None = None,
             progress: bool = True) -> Path:
-    """Write the expert store for `src` (HF folder or .gguf file) into `dst`; returns dst."""
+    """Write the expert store for `src` (HF folder or .gguf file) into `dst`; returns dst.
+    group_size None picks 64, or the largest of 128/64/32 dividing every expert's input width."""
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist: give a Hugging Face model folder or a .gguf file")
@@ -47,18 +48,21 @@ def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, gro
                        source={"path": str(src.resolve()), "format": "hf"})
 
 
-def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int, progress: bool,
+def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | None, progress: bool,
                 source: dict) -> Path:
     ckpt = open_checkpoint(src)
     cfg = ckpt.config
     if cfg.num_experts:
         shapes = {"w13": (2 * cfg.moe_intermediate_size, cfg.hidden_size),
                   "w2": (cfg.hidden_size, cfg.moe_intermediate_size)}
+        if group_size is None:
+            ks = [k for _, k in shapes.values()]
+            group_size = next((g for g in (64, 128, 32) if all(k % g == 0 for k in ks)), 64)
         for fmt in precisions:  # fail before writing anything
             for shape in shapes.values():
                 quant.check_shape(fmt, shape, group_size)
     else:
-        shapes = {}
+        shapes, group_size = {}, group_size or 64
     dst.mkdir(parents=True, exist_ok=True)
     for stale in ("manifest.json", "experts.bin"):
         (dst / stale).unlink(missing_ok=True)
