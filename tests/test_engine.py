@@ -165,7 +165,7 @@ def test_loader_error_surfaces_and_engine_stays_usable(tiny_store):
         eng.generate(PROMPT, max_new_tokens=4)
     out = eng.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
     assert len(out.token_ids) == 4
-    assert eng.provider.loader._thread.is_alive()
+    assert eng.provider.loader.alive()
     eng.close()
 
 

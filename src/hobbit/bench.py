@@ -272,8 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, total = model_info(store), store.total_nbytes(store.precisions[0])
     store.close()
     engine = dict(dtype=args.dtype, dense=args.dense, high=args.high, low=args.low, threads=args.threads,
-                  direct_io=not args.no_direct_io,
-                  **{k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth") if getattr(args, k) is not None})
+                  direct_io=not args.no_direct_io, io_threads=args.io_threads,
+                  **{k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "little") if getattr(args, k) is not None})
     with load(args.store, policy="ondemand", **dict(engine, dense=None)) as probe:  # tokenizer and context only
         prompt_lens, output_lens = _ints(args.prompt_tokens), _ints(args.max_new_tokens)
         if max(prompt_lens) + max(output_lens) > probe.max_context:

@@ -29,6 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str 
                    help="layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)")
     p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; the loader uses another)")
     p.add_argument("--no-direct-io", action="store_true", help="read blobs through the page cache")
+    p.add_argument("--io-threads", type=int, default=1, help="blobs read at once by the loader (default 1)")
 
 
 def engine_from_args(args: argparse.Namespace):
@@ -36,6 +37,7 @@ def engine_from_args(args: argparse.Namespace):
     options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "little") if getattr(args, k, None) is not None}
     return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
                 low=args.low, threads=args.threads, direct_io=not args.no_direct_io, dense=args.dense,
+                io_threads=args.io_threads,
                 trace=getattr(args, "trace", None), **options)
 
 

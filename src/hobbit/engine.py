@@ -68,7 +68,7 @@ class Engine:
     def __init__(self, store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16",
                  high: str | None = None, low: str | None = None, max_seq_len: int | None = None,
                  threads: int = 1, direct_io: bool = True, trace: str | Path | None = None,
-                 dense: str | None = None, dense_group_size: int = 32, **options):
+                 dense: str | None = None, dense_group_size: int = 32, io_threads: int = 1, **options):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose bf16 or fp32")
         _tune_malloc()
@@ -101,7 +101,7 @@ class Engine:
                                   f"not {high}+{low}: using the default thresholds; re-run `hobbit tune`")
         opts = Options(policy=policy, high=high, low=low, **options)
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
-                                         self.budget_bytes, opts)
+                                         self.budget_bytes, opts, io_threads=io_threads)
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
         self.model.load_dense(load_file(str(self.path / self.store.manifest["dense_file"])))
         if dense not in (None, dtype, {"bf16": "bfloat16", "fp32": "float32"}.get(dtype)):

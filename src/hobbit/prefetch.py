@@ -22,8 +22,10 @@ class LoaderDead(RuntimeError):
 
 
 class Loader:
-    def __init__(self, read: Callable[[Key], object], name: str = "hobbit-loader"):
-        """read(key) -> payload runs on the loader thread (disk read + prepare)."""
+    def __init__(self, read: Callable[[Key], object], threads: int = 1, name: str = "hobbit-loader"):
+        """read(key) -> payload runs on a loader thread (disk read + prepare). With threads > 1,
+        several blobs are read at once (small random reads are latency-bound); each thread still
+        takes the most urgent request first."""
         self._read = read
         self._heap: list[tuple[int, int, Key]] = []
         self._pending: dict[Key, tuple[int, Future]] = {}  # key -> (priority, future), queued or running
@@ -33,8 +35,12 @@ class Loader:
         self._fatal: BaseException | None = None
         self.loads = {DEMAND: 0, PREFETCH: 0}
         self.read_s = 0.0
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._main, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for th in self._threads:
+            th.start()
+
+    def alive(self) -> bool:
+        return all(th.is_alive() for th in self._threads)
 
     def request(self, key: Key, priority: int = DEMAND) -> Future:
         """Queue a load (or join one in flight); a demand promotes a queued prefetch."""
@@ -89,13 +95,14 @@ class Loader:
                     if entry is None or entry[0] != prio:
                         continue  # stale entry of a promoted or cancelled request
                     fut = entry[1]
+                    self._pending[key] = (-1, fut)  # running: neither promoted nor cancelled any more
                 t0 = time.perf_counter()
                 try:
                     result, error = self._read(key), None
                 except Exception as e:  # delivered to whoever waits on this key
                     result, error = None, e
-                self.read_s += time.perf_counter() - t0
                 with self._cv:
+                    self.read_s += time.perf_counter() - t0
                     self._pending.pop(key, None)
                     self.loads[prio] += 1
                 if fut.done():  # close() already failed it, or a queued prefetch was cancelled
@@ -121,5 +128,6 @@ class Loader:
                     fut.set_exception(LoaderDead("the loader was closed"))
             self._pending.clear()
             self._cv.notify_all()
-        self._thread.join(timeout=10)
+        for th in self._threads:
+            th.join(timeout=10)
 

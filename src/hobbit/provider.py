@@ -75,14 +75,14 @@ class Predictor:
 
 class OffloadedExperts:
     def __init__(self, store: ExpertStore, num_layers: int, top_k: int, dtype: torch.dtype,
-                 budget_bytes: int | None, options: Options):
+                 budget_bytes: int | None, options: Options, io_threads: int = 1):
         for p in filter(None, (options.high, options.low)):
             if p not in store.precisions:
                 raise ValueError(f"precision {p!r} is not in the store (it has {', '.join(store.precisions)}); "
                                  f"re-convert with `--precisions` including it")
         self.store, self.dtype, self.opt = store, dtype, options
         self._expert_bytes: dict[str, int] = {}
-        self.loader = Loader(self._load)
+        self.loader = Loader(self._load, threads=io_threads)
         self.scheduler = Scheduler(options, num_layers, top_k, self.expert_bytes, budget_bytes)
         self.stats = self.scheduler.stats
         self.resident: dict[tuple[int, int], Expert] = {}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,8 +156,9 @@ class ExpertStore:
                 self.fd = -1
         if self.fd < 0:
             self.fd = os.open(self.blob_path, os.O_RDONLY)
-        self._staging: mmap.mmap | None = None
+        self._local = threading.local()  # one staging buffer per loader thread
         self.bytes_read = 0
+        self._count_lock = threading.Lock()
 
     # -- metadata ---------------------------------------------------------------------------
     def blob(self, layer: int, expert: int, precision: str) -> BlobSpec:
@@ -176,9 +178,10 @@ class ExpertStore:
 
     # -- I/O --------------------------------------------------------------------------------
     def _buffer(self, n: int) -> mmap.mmap:
-        if self._staging is None or len(self._staging) < n:
-            self._staging = mmap.mmap(-1, _round_up(n, ALIGN))  # anonymous mmap: page aligned
-        return self._staging
+        buf = getattr(self._local, "staging", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.staging = mmap.mmap(-1, _round_up(n, ALIGN))  # anonymous mmap: page aligned
+        return buf
 
     def read(self, layer: int, expert: int, precision: str) -> dict[str, dict[str, torch.Tensor]]:
         """Read one blob; returns {proj: {key: tensor}} owning its memory (the staging buffer is reused)."""
@@ -198,7 +201,8 @@ class ExpertStore:
                              f"{got} of {b.nbytes} bytes; the store file is truncated, re-run `hobbit convert`")
         if not self.direct:
             os.posix_fadvise(self.fd, b.offset, n, os.POSIX_FADV_DONTNEED)
-        self.bytes_read += b.nbytes
+        with self._count_lock:
+            self.bytes_read += b.nbytes
         k = blob_key(layer, expert, precision)
         if self.verify == "always" or (self.verify == "once" and k not in self._verified):
             digest = hashlib.sha256(memoryview(buf)[:b.nbytes]).hexdigest()
