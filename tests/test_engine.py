@@ -11,28 +11,12 @@ import hobbit
 from hobbit.cli import main as cli_main
 from hobbit.store import ExpertStore, StoreError
 
-
-def decode_logits(engine, prompt: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
-    """Prefill then `steps` greedy decode steps through the real provider; returns stacked logits."""
-    engine._begin()
-    out, toks = [], []
-    with torch.inference_mode():
-        logits = engine.model.forward(torch.tensor(prompt), 0)[-1]
-        engine.provider.end_step()
-        for i in range(steps):
-            out.append(logits.clone())
-            tok = int(logits.argmax())
-            toks.append(tok)
-            logits = engine.model.forward(torch.tensor([tok]), len(prompt) + i)[-1]
-            engine.provider.end_step()
-            if engine.provider.scheduler.cache is not None:
-                check_budget(engine)
-    return torch.stack(out), toks
+from tiny import decode_logits
 
 
 def check_budget(engine) -> None:
     cache = engine.provider.scheduler.cache
-    for pool, used in cache.used.items():
+    for pool, used in (cache.used.items() if cache is not None else ()):
         assert used <= cache.budgets[pool], f"pool {pool} holds {used} > budget {cache.budgets[pool]}"
 
 
@@ -49,7 +33,7 @@ def test_offloaded_equals_resident(tiny_store, precision):
         # the minimum budget (one layer's active experts) is below one token's working set across
         # the sparse layers, so every token evicts
         eng = hobbit.load(tiny_store, policy=policy, high=precision, budget=minimum)
-        logits, toks = decode_logits(eng, PROMPT, 32)
+        logits, toks = decode_logits(eng, PROMPT, 32, after_step=check_budget)
         assert toks == ref_toks
         assert torch.equal(logits, ref_logits), f"{policy} differs from resident"
         stats = eng.provider.stats

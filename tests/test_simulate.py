@@ -13,6 +13,8 @@ from hobbit.prefetch import DEMAND, PREFETCH
 from hobbit.schedule import Options
 from hobbit.simulate import add_simulate_args, cmd_simulate, load_trace, parse_budget_for, simulate
 
+from tiny import decode_logits
+
 PROMPTS = ([3, 17, 42, 99, 7, 128, 64, 5, 200, 11, 31, 77], [9, 250, 14, 61])
 NEW_TOKENS = 24
 BUDGET = "45%"
@@ -110,25 +112,11 @@ def test_belady_is_a_bound(tiny_store, tmp_path):
     assert ondemand["hits"] == 0 and ondemand["misses"] >= misses["lru"]
 
 
-def decode(engine, prompt, steps):
-    engine._begin()
-    out, toks = [], []
-    with torch.inference_mode():
-        logits = engine.model.forward(torch.tensor(prompt), 0)[-1]
-        engine.provider.end_step()
-        for i in range(steps):
-            out.append(logits.clone())
-            toks.append(int(logits.argmax()))
-            logits = engine.model.forward(torch.tensor([toks[-1]]), len(prompt) + i)[-1]
-            engine.provider.end_step()
-    return torch.stack(out), toks
-
-
 def test_prefetch_leaves_results_unchanged(tiny_store):
     results = {}
     for policy, kw in (("lru", {}), ("lru+prefetch", {}), ("lru+prefetch", {"sync_prefetch": True})):
         eng = hobbit.load(tiny_store, budget=BUDGET, policy=policy, **kw)
-        results[(policy, bool(kw))] = decode(eng, PROMPTS[0], NEW_TOKENS)
+        results[(policy, bool(kw))] = decode_logits(eng, PROMPTS[0], NEW_TOKENS)
         if policy != "lru":
             assert eng.provider.stats.prefetch_issued > 0
         eng.close()

@@ -126,14 +126,8 @@ class _SequenceRecords:
             self.high_uses[e] = self.high_uses.get(e, 0) + 1
 
 
-class LFU:
-    """Least frequently used within the current sequence; ties go to the least recently used.
-
-    Counts are per expert and reset per sequence (HOBBIT §3.4: sequence-level LFU beats
-    model-level LFU by 4.5% hit ratio).
-    """
-
-    name = "lfu"
+class _Recorded:
+    """Keeps per-sequence records (last use, uses, high-precision uses) plus recency for ties."""
 
     def __init__(self) -> None:
         self._records = _SequenceRecords()
@@ -148,6 +142,16 @@ class LFU:
 
     def remove(self, key: Key) -> None:
         self._recency.remove(key)
+
+
+class LFU(_Recorded):
+    """Least frequently used within the current sequence; ties go to the least recently used.
+
+    Counts are per expert and reset per sequence (HOBBIT §3.4: sequence-level LFU beats
+    model-level LFU by 4.5% hit ratio).
+    """
+
+    name = "lfu"
 
     def victim(self, candidates: Sequence[Key], t: int, layer_now: int) -> Key:
         _check_candidates(candidates)
@@ -227,7 +231,7 @@ DEFAULT_MULTIDIM_WEIGHTS: dict[str, float] = {"lru": 0.25, "lfu": 0.25, "lhu": 0
 so every term counts equally until calibrated."""
 
 
-class Multidim:
+class Multidim(_Recorded):
     """HOBBIT's multidimensional cache priority (arXiv 2411.01433 §3.4, Eq. 3); evicts the lowest.
 
         p = w_lru*R/T + w_lfu*F/T + w_lhu*H/T + w_fld*(1 - ((l_t - l_i + l_n) % l_n) / l_n)
@@ -257,18 +261,7 @@ class Multidim:
         total = sum(w.values())
         self.weights = {k: v / total for k, v in w.items()}
         self.num_layers = num_layers
-        self._records = _SequenceRecords()
-        self._recency = _Recency()
-
-    def reset(self) -> None:
-        self._records.clear()
-
-    def touch(self, key: Key, t: int, layer_now: int, high: bool) -> None:
-        self._records.record(key, t, high)
-        self._recency.touch(key)
-
-    def remove(self, key: Key) -> None:
-        self._recency.remove(key)
+        super().__init__()
 
     def priority(self, key: Key, t: int, layer_now: int) -> float:
         """Eq. 3 for ``key`` at token ``t`` while computing ``layer_now``."""
