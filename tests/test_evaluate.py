@@ -97,3 +97,14 @@ def test_eval_command_json(tiny_store, resident, text, capsys):
                        "--max-tokens", "100", "--policy", "resident"])
     assert cmd_eval(args) == 0
     assert "ppl" in capsys.readouterr().out
+
+
+def test_stepwise_scoring_matches_prefill_at_full_precision(tiny_store):
+    import hobbit
+    eng = hobbit.load(tiny_store, policy="resident", dtype="fp32")
+    ids = [3, 17, 42, 99, 7, 128, 64, 5, 200, 11]
+    a, b = eng.logits(ids), eng.logits(ids, stepwise=True)
+    assert a.shape == b.shape and (a - b).abs().max() < 1e-4  # same math, one token per pass
+    res = evaluate_ppl(eng, ids, window=10, stepwise=True)
+    assert res["stepwise"] and res["ppl"] == pytest.approx(evaluate_ppl(eng, ids, window=10)["ppl"], rel=1e-4)
+    eng.close()

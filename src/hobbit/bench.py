@@ -54,6 +54,7 @@ class Settings:
     eval_ids: list[int]
     window: int
     stride: int
+    stepwise: bool = False
 
 
 def configs(policies: list[str], budgets: list[str]) -> list[Config]:
@@ -111,7 +112,8 @@ def session(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool
         eng.store.drop_page_cache()
         prompt, new = item
         stats = eng.generate(prompt, max_new_tokens=new, stop_token_ids=[]).stats
-        q = evaluate_ppl(eng, s.eval_ids, s.window, s.stride, keep_predictions=True) if quality else None
+        q = evaluate_ppl(eng, s.eval_ids, s.window, s.stride, keep_predictions=True, stepwise=s.stepwise) \
+            if quality else None
         return stats, q, dict(budget_bytes=eng.budget_bytes, tuned=eng.tuned)
 
 
@@ -165,7 +167,7 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
     """All configurations, interleaved: returns (run records, configurations that could not run)."""
     with load(s.store, policy="resident", **dict(s.engine, high=None, dense=None)) as ref_engine:
         log(f"reference: resident at {ref_engine.provider.opt.high}, {len(s.eval_ids)} tokens")
-        ref = evaluate_ppl(ref_engine, s.eval_ids, s.window, s.stride, keep_predictions=True)
+        ref = evaluate_ppl(ref_engine, s.eval_ids, s.window, s.stride, keep_predictions=True, stepwise=s.stepwise)
     samples: dict[Config, list[dict]] = {c: [] for c in cfgs}
     quality, info, failed = {}, {}, []
     active = list(cfgs)
@@ -283,11 +285,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     items = cut_prompts(ids, prompt_lens, output_lens, args.prompts)
     offset = len(ids) // 2 + 1  # the warm-up prompt: a short slice from the middle of the text
     s = Settings(args.store, engine, ids[offset:offset + WARMUP_TOKENS], items, ids[:args.max_tokens], window,
-                 min(args.stride or window, window))
+                 min(args.stride or window, window), args.stepwise)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     runs, failed = bench(s, cfgs, args.repeats, total, log)
     out = dict(machine=machine_info(args.threads), model=model,
-               settings=dict(text=str(args.text), split=args.split, prompt_tokens=prompt_lens, max_new_tokens=output_lens,
+               settings=dict(text=str(args.text), split=args.split, stepwise=args.stepwise,
+                             prompt_tokens=prompt_lens, max_new_tokens=output_lens,
                              prompts=args.prompts, repeats=args.repeats, eval_tokens=len(s.eval_ids), window=s.window,
                              stride=s.stride, engine=engine),
                runs=runs, failed=failed)

@@ -122,14 +122,22 @@ class Engine:
         self.decode_s = 0.0
 
     # -- public API -------------------------------------------------------------------------------
-    def logits(self, token_ids: list[int] | Tensor) -> Tensor:
-        """[T, V] fp32 logits of a fresh sequence."""
+    def logits(self, token_ids: list[int] | Tensor, stepwise: bool = False) -> Tensor:
+        """[T, V] fp32 logits of a fresh sequence. stepwise feeds one token per forward pass, as
+        decoding does, so each token picks its own experts' precisions (HOBBIT, MoBiLE); otherwise
+        the whole sequence is one prefill pass."""
         ids = self._check_prompt(token_ids)
         self._begin()
         with torch.inference_mode():
-            out = self.model.forward(ids, 0)
-        self.provider.end_step()
-        return out
+            if not stepwise:
+                out = self.model.forward(ids, 0)
+                self.provider.end_step()
+                return out
+            rows = []
+            for i in range(ids.numel()):
+                rows.append(self.model.forward(ids[i:i + 1], i))  # [1, V]
+                self.provider.end_step()
+        return torch.cat(rows)
 
     def generate(self, prompt_ids: list[int] | Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,

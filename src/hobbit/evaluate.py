@@ -67,11 +67,14 @@ def _counters(engine: Engine) -> dict:
 
 
 def evaluate_ppl(engine: Engine, token_ids: list[int], window: int = 512, stride: int | None = None,
-                 max_tokens: int | None = None, progress: bool = False, keep_predictions: bool = False) -> dict:
+                 max_tokens: int | None = None, progress: bool = False, keep_predictions: bool = False,
+                 stepwise: bool = False) -> dict:
     """Perplexity of `engine` on token_ids (cut to max_tokens) over strided windows (stride defaults
     to window, i.e. disjoint windows). Returns ppl, nll (sum over scored tokens), tokens (scored),
     windows, expert counters of the pass (hits, misses, hit_rate, bytes_read, ...), seconds; with
-    keep_predictions also `predictions`: the argmax next-token id at every scored position."""
+    keep_predictions also `predictions`: the argmax next-token id at every scored position. stepwise
+    scores token by token as decoding runs (see Engine.logits): slower, but what HOBBIT's per-token
+    precision choice does to quality."""
     ids = list(token_ids[:max_tokens] if max_tokens is not None else token_ids)
     stride = stride or window
     if window > engine.max_context:
@@ -83,7 +86,7 @@ def evaluate_ppl(engine: Engine, token_ids: list[int], window: int = 512, stride
     nll, preds = 0.0, []
     t0 = time.perf_counter()
     for begin, end, first in tqdm(spans, desc=f"ppl {engine.policy}", unit="window", disable=not progress):
-        logits = engine.logits(ids[begin:end])[first - 1 - begin:end - 1 - begin]  # predicts ids[first:end]
+        logits = engine.logits(ids[begin:end], stepwise)[first - 1 - begin:end - 1 - begin]  # predicts ids[first:end]
         target = torch.tensor(ids[first:end])
         nll += float(F.cross_entropy(logits.double(), target, reduction="sum"))
         if keep_predictions:
@@ -92,7 +95,7 @@ def evaluate_ppl(engine: Engine, token_ids: list[int], window: int = 512, stride
     delta = {k: v - before[k] for k, v in _counters(engine).items()}
     scored = sum(end - first for _, end, first in spans)
     out = dict(ppl=math.exp(nll / scored), nll=nll, tokens=scored, windows=len(spans), window=window, stride=stride,
-               policy=engine.policy, budget_bytes=engine.budget_bytes, seconds=seconds, tokens_per_s=scored / seconds,
+               policy=engine.policy, budget_bytes=engine.budget_bytes, stepwise=stepwise, seconds=seconds, tokens_per_s=scored / seconds,
                hit_rate=delta["hits"] / max(1, delta["hits"] + delta["misses"]), **delta)
     if keep_predictions:
         out["predictions"] = preds
@@ -107,10 +110,11 @@ def agreement(predictions: list[int], reference: list[int]) -> float:
 
 
 def top1_agreement(engine: Engine, reference: Engine, token_ids: list[int], window: int = 512,
-                   stride: int | None = None, max_tokens: int | None = None) -> float:
+                   stride: int | None = None, max_tokens: int | None = None, stepwise: bool = False) -> float:
     """Share of scored positions where `engine`'s argmax next token equals `reference`'s (usually the
     resident engine at the highest stored precision), teacher-forced on the same windows."""
-    runs = [evaluate_ppl(e, token_ids, window, stride, max_tokens, keep_predictions=True) for e in (engine, reference)]
+    runs = [evaluate_ppl(e, token_ids, window, stride, max_tokens, keep_predictions=True, stepwise=stepwise)
+            for e in (engine, reference)]
     return agreement(runs[0]["predictions"], runs[1]["predictions"])
 
 
@@ -124,6 +128,8 @@ def add_text_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512, capped at the context)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens of text to score (default {max_tokens})")
+    p.add_argument("--stepwise", action="store_true", help="score token by token as decoding does, so each token "
+                   "picks its own expert precisions (slower; the honest quality of hobbit/--little)")
 
 
 def add_eval_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -141,7 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with engine_from_args(args) as engine:
         ids = text_token_ids(engine.tokenizer, args.text, args.max_tokens, args.split)
         window = min(args.window, engine.max_context)
-        res = evaluate_ppl(engine, ids, window, min(args.stride or window, window), progress=not args.json)
+        res = evaluate_ppl(engine, ids, window, min(args.stride or window, window), progress=not args.json,
+                           stepwise=args.stepwise)
     res.update(text=str(args.text), split=args.split, store=str(args.store))
     if args.json:
         print(json.dumps(res))
