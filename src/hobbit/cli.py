@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
 
+    from .moefy import add_moefy_args, moefy_main
+    p = sub.add_parser("moefy", help="split a dense Llama's FFN neurons into experts and learn routers "
+                       "(writes a Qwen2-MoE checkpoint; SmolMoE is made this way)")
+    add_moefy_args(p)
+    p.set_defaults(func=moefy_main)
+
     from .bench import add_bench_args
     from .evaluate import add_eval_args
     from .simulate import add_simulate_args
