@@ -21,9 +21,9 @@ Formats (``FORMATS``) and their storage form (what ``quantize`` returns and the 
   against ``_convert_weight_to_int4pack_for_cpu``; on other CPUs (AVX2, Arm) prepare decodes the
   codes and lets the op pack them.
 
-int2/int3 scale and offset are fitted by least squares (``_fit``: HQQ-style alternation between
-codes and parameters; 20-40% lower error than min/max); int4/int8 use round-to-nearest min/max
-(``_fit`` would cut int4 error only ~6% for ~20x the quantize time). Scale and offset are rounded
+int4/int3/int2 scale and offset are fitted by least squares (``_fit``: HQQ-style alternation
+between codes and parameters; 20-40% lower error than min/max at 2-3 bits, ~6% at 4 bits, for
+~20x the quantize time, paid once at convert); int8 is round-to-nearest. Scale and offset are rounded
 to bf16 before the codes are chosen, so ``dequantize`` is exactly the weight the kernel uses.
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ def quantize(w: Tensor, fmt: str, group_size: int = 64) -> dict[str, Tensor]:
     bits = _BITS[fmt]
     N, K = w.shape
     g = w.view(N, K // group_size, group_size)
-    s, m = (_rtn if bits == 4 else _fit)(g, bits)
+    s, m = _fit(g, bits)
     s, m = _bf16(s), _bf16(m)
     codes = (g - m[..., None]).div_(s[..., None]).add_(2 ** (bits - 1)).round_().clamp_(0, 2 ** bits - 1)
     sz = torch.stack((s, m), -1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [G, N, 2]
