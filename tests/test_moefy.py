@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hobbit import moefy  # noqa: E402
+from hobbit.moefy_train import distill, moe_layers  # noqa: E402
 
 MC = moefy.MoefyConfig(experts=4, top_k=2, shared=16, tau=0.5, router_epochs=3)
 
@@ -44,6 +45,8 @@ def test_checkpoint_matches_transformers(tiny, tmp_path):
     out = tmp_path / "moe"
     args = argparse.Namespace(src=str(d), out=str(out), from_recipe=None, recipe=str(tmp_path / "r.safetensors"))
     recipe = moefy.calibrate(moefy.Dense(sd, cfg), ids, MC, log=lambda s: None)
+    recipe = distill(moefy.Dense(sd, cfg), recipe, MC, ids, steps=3, rank=2, log=lambda s: None)
+    assert {"layers.0.ffn_norm", "layers.0.lora_a", "layers.1.lora_b"} <= recipe.keys()
     moefy.save_recipe(args.recipe, recipe, MC, {"test": True})
     args.from_recipe = args.recipe
     assert moefy.moefy_main(args) == 0
@@ -51,13 +54,11 @@ def test_checkpoint_matches_transformers(tiny, tmp_path):
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     # our reference forward on the checkpoint's bf16 tensors
     state, _ = moefy.apply_recipe(sd, cfg, recipe, MC)
-    dense = moefy.Dense({k: v.to(torch.bfloat16).float() for k, v in sd.items()}, cfg)
-    layers = {}
-    for l in range(2):
-        m = moefy.moe_layer(moefy.Dense(sd, cfg), l, moefy.layer_recipe(recipe, l), MC.shared)
-        layers[l] = {k: v.to(torch.bfloat16).float() for k, v in m.items()}
-        assert torch.equal(state[f"model.layers.{l}.mlp.experts.1.down_proj.weight"].float(), layers[l]["down_proj"][1])
-    ours = dense.forward(ids[:2], lambda l, x: moefy.moe_forward(layers[l], x.reshape(-1, 32), MC.top_k).view_as(x))
+    md, layers = moe_layers(moefy.Dense(sd, cfg), recipe, MC)
+    md = moefy.Dense({k: v.to(torch.bfloat16).float() for k, v in md.sd.items()}, cfg)
+    layers = [{k: v.to(torch.bfloat16).float() for k, v in m.items()} for m in layers]
+    assert torch.equal(state["model.layers.1.mlp.shared_expert.down_proj.weight"].float(), layers[1]["shared_down_proj"])
+    ours = md.forward(ids[:2], lambda l, x: moefy.moe_forward(layers[l], x.reshape(-1, 32), MC.top_k).view_as(x))
     with torch.no_grad():
         theirs = model(ids[:2]).logits
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)

@@ -355,6 +355,7 @@ def add_moefy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-tokens", type=int, default=32768)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--distill-steps", type=int, default=0, help="end-to-end KL distillation steps (1 window each)")
+    p.add_argument("--distill-tokens", type=int, default=65536, help="distillation windows (same texts as --calib)")
     p.add_argument("--lora-rank", type=int, default=0, help="rank of the distilled shared-expert down_proj delta")
     p.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
     p.add_argument("--recipe", help="where to write the recipe (default OUT/moefy_recipe.safetensors)")
@@ -376,10 +377,12 @@ def moefy_main(args: argparse.Namespace) -> int:
         recipe = calibrate(Dense(sd, cfg), ids, mc)
         if args.distill_steps:
             from hobbit.moefy_train import distill
-            recipe = distill(Dense(sd, cfg), recipe, mc, ids, args.distill_steps, args.lr, rank=args.lora_rank,
+            train_ids = calib_windows(tok, args.calib, args.distill_tokens)
+            recipe = distill(Dense(sd, cfg), recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank,
                              seed=mc.seed)
         prov = dict(src=Path(args.src).name, calib=args.calib, calib_tokens=int(ids.numel()), seed=mc.seed,
-                    distill_steps=args.distill_steps, lora_rank=args.lora_rank, lr=args.lr)
+                    distill_steps=args.distill_steps, distill_tokens=args.distill_tokens if args.distill_steps else 0,
+                    lora_rank=args.lora_rank, lr=args.lr)
         save_recipe(args.recipe or Path(args.out) / "moefy_recipe.safetensors", recipe, mc, prov)
     state, config = apply_recipe(sd, cfg, recipe, mc)
     write_checkpoint(args.out, state, config, tok, tok_cfg)

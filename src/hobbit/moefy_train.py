@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -148,3 +149,59 @@ def routing_stats(dense: Dense, layers: list[dict[str, Tensor]], ids: Tensor, k:
             w1_hist=torch.histc(wn[:, 1], 5, 0, 0.5).div(wn.shape[0]).tolist()))
     mean = {key: sum(p[key] for p in per_layer) / len(per_layer) for key in per_layer[0] if key != "w1_hist"}
     return dict(mean=mean, layers=per_layer)
+
+
+EVAL_TEXTS = {"pride_and_prejudice": ("austen:pride_and_prejudice", "all", 3000), "wiki_test": ("wiki", "test", 0)}
+
+
+def eval_windows(tokenizer_json: str, n: int = 8, window: int = 512) -> dict[str, Tensor]:
+    """Held-out windows: Pride and Prejudice (never calibrated on) and the Wikipedia test split."""
+    from tokenizers import Tokenizer
+
+    from hobbit.assets import text_file
+    tok, out = Tokenizer.from_str(tokenizer_json), {}
+    for name, (text, split, start) in EVAL_TEXTS.items():
+        ids = tok.encode(Path(text_file(text, split, progress=False)).read_text(encoding="utf-8")[start:]).ids
+        out[name] = torch.tensor(ids[:n * window]).view(n, window)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Perplexities (dense, MoE with all experts, MoE at top-k) and routing statistics of a recipe, as JSON."""
+    import argparse
+    import json
+
+    from hobbit.moefy import RECIPE, load_dense, load_recipe
+    p = argparse.ArgumentParser(prog="python -m hobbit.moefy_train", description=main.__doc__)
+    p.add_argument("--src", help="dense GGUF/HF folder (default: the smollm2-gguf asset)")
+    p.add_argument("--recipe", default=str(RECIPE))
+    p.add_argument("--top-k", type=int, nargs="*", help="top-k values to evaluate (default: the recipe's)")
+    p.add_argument("--windows", type=int, default=8, help="512-token windows per text")
+    p.add_argument("--stats-windows", type=int, default=4)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.src is None:
+        from hobbit.assets import asset_path
+        args.src = asset_path("smollm2-gguf")
+    sd, cfg, tok, _ = load_dense(args.src)
+    recipe, mc, prov = load_recipe(args.recipe)
+    dense = Dense(sd, cfg)
+    md, layers = moe_layers(dense, recipe, mc)
+    texts = eval_windows(tok, args.windows)
+    res = {"recipe": args.recipe, "moefy": vars(mc), "provenance": prov, "perplexity": {}, "routing": {}}
+    for k in [None, mc.experts] + (args.top_k or [mc.top_k]):
+        mlp = None if k is None else (lambda l, x, k=k: moe_forward(layers[l], x.reshape(-1, x.shape[-1]), k,
+                                                                    mc.norm).view_as(x))
+        name = "dense" if k is None else f"top{k}"
+        res["perplexity"][name] = {t: round(perplexity(dense if k is None else md, ids, mlp), 2)
+                                   for t, ids in texts.items()}
+        print(name, res["perplexity"][name], flush=True)
+    for k in args.top_k or [mc.top_k]:
+        res["routing"][f"top{k}"] = {t: routing_stats(md, layers, ids[:args.stats_windows], k, mc.norm)
+                                     for t, ids in texts.items()}
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
