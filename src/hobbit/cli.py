@@ -105,7 +105,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_PROMPT = "Write a short story about a hobbit who keeps the rarest books of the Shire in a cellar."
+DEMO_PROMPT = "Tell me about the Shire, where hobbits live."
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -161,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run SmolMoE (built from SmolLM2-135M) with experts on disk, under a 25%% budget")
     add_engine_args(p, store=False, policy="hobbit")
     p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    # SmolMoE is a 135M model that loops when greedy: sample lightly, seeded, so runs repeat
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
 
