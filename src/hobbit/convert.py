@@ -10,7 +10,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
