@@ -117,6 +117,7 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         opt = replace(opt, eviction_options={"trace": belady_accesses(calls)})
     sched = Scheduler(opt, int(header["num_layers"]), int(header["top_k"]), ram.__getitem__, budget_bytes)
     depth = opt.depth
+    link = link_gbps * 1e9 if link_gbps else None
 
     loads = {"demand": Counter(), "prefetch": Counter()}  # precision -> loads
     served = Counter()  # precision -> token-expert selections computed with a copy at that precision
