@@ -117,7 +117,6 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         opt = replace(opt, eviction_options={"trace": belady_accesses(calls)})
     sched = Scheduler(opt, int(header["num_layers"]), int(header["top_k"]), ram.__getitem__, budget_bytes)
     depth = opt.depth
-    link = link_gbps * 1e9 if link_gbps else None
 
     loads = {"demand": Counter(), "prefetch": Counter()}  # precision -> loads
     served = Counter()  # precision -> token-expert selections computed with a copy at that precision
@@ -185,6 +184,7 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
 
 def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, sequences, steps, tokens,
             disk) -> dict:
+    link = link_gbps * 1e9 if link_gbps else None
     base = stats.as_dict()
     precs = sorted(set(stats.hits) | set(stats.misses) | set(served), key=list(header["precisions"]).index)
     bytes_demand = sum(disk[p] * n for p, n in loads["demand"].items())
