@@ -358,15 +358,20 @@ def add_moefy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-tokens", type=int, default=65536, help="distillation windows (same texts as --calib)")
     p.add_argument("--lora-rank", type=int, default=0, help="rank of the distilled shared-expert down_proj delta")
     p.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
+    p.add_argument("--importance", type=float, default=0.0,
+                   help="distillation weight of the routers' cross-entropy to the experts' output-norm shares")
     p.add_argument("--recipe", help="where to write the recipe (default OUT/moefy_recipe.safetensors)")
-    p.add_argument("--from-recipe", help="skip calibration: apply this recipe")
+    p.add_argument("--from-recipe", help="skip calibration: apply this recipe (and distill it further "
+                   "with --distill-steps, writing the result to --recipe)")
 
 
 def moefy_main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     sd, cfg, tok, tok_cfg = load_dense(args.src)
-    if args.from_recipe:
-        recipe, mc, _ = load_recipe(args.from_recipe)
+    stage = dict(src=Path(args.src).name, calib=args.calib, seed=args.seed)
+    if args.from_recipe:  # apply it, or distill it further with --distill-steps
+        recipe, mc, prov = load_recipe(args.from_recipe)
+        history = prov.pop("history", []) + [prov] if args.distill_steps else []
     else:
         if tok is None:
             raise SystemExit("moefy: the source has no tokenizer to read the calibration text with")
@@ -374,16 +379,18 @@ def moefy_main(args: argparse.Namespace) -> int:
         torch.manual_seed(mc.seed)
         ids = calib_windows(tok, args.calib, args.calib_tokens)
         print(f"moefy: {ids.numel()} calibration tokens from {', '.join(args.calib)}", flush=True)
-        recipe = calibrate(Dense(sd, cfg), ids, mc)
-        if args.distill_steps:
-            from hobbit.moefy_train import distill
-            train_ids = calib_windows(tok, args.calib, args.distill_tokens)
-            recipe = distill(Dense(sd, cfg), recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank,
-                             seed=mc.seed)
-        prov = dict(src=Path(args.src).name, calib=args.calib, calib_tokens=int(ids.numel()), seed=mc.seed,
-                    distill_steps=args.distill_steps, distill_tokens=args.distill_tokens if args.distill_steps else 0,
-                    lora_rank=args.lora_rank, lr=args.lr)
-        save_recipe(args.recipe or Path(args.out) / "moefy_recipe.safetensors", recipe, mc, prov)
+        recipe, history = calibrate(Dense(sd, cfg), ids, mc), []
+        stage.update(calib_tokens=int(ids.numel()), experts=mc.experts, top_k=mc.top_k, shared=mc.shared, tau=mc.tau)
+    if args.distill_steps:
+        from hobbit.moefy_train import distill
+        train_ids = calib_windows(tok, args.calib, args.distill_tokens)
+        recipe = distill(Dense(sd, cfg), recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank,
+                         seed=args.seed, importance=args.importance)
+        stage.update(distill_steps=args.distill_steps, distill_tokens=int(train_ids.numel()),
+                     lora_rank=args.lora_rank, lr=args.lr, importance=args.importance)
+    if history or not args.from_recipe:
+        save_recipe(args.recipe or Path(args.out) / "moefy_recipe.safetensors", recipe, mc,
+                    dict(stage, history=history) if history else stage)
     state, config = apply_recipe(sd, cfg, recipe, mc)
     write_checkpoint(args.out, state, config, tok, tok_cfg)
     print(f"moefy: wrote {args.out}", flush=True)

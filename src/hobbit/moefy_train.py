@@ -18,23 +18,31 @@ from torch import Tensor
 from hobbit.moefy import Dense, MoefyConfig, layer_recipe, moe_forward, moe_layer, route
 
 
-def _moe(m: dict[str, Tensor], p: dict[str, Tensor], x: Tensor, k: int, norm: bool) -> Tensor:
-    """moefy.moe_forward with the trainable tensors p (router, scale, shared_gate, lora_a/b)."""
+def _moe(m: dict[str, Tensor], p: dict[str, Tensor], x: Tensor, k: int, norm: bool) -> tuple[Tensor, Tensor]:
+    """moefy.moe_forward with the trainable tensors p (router, scale, shared_gate, lora_a/b), plus the
+    router's cross-entropy to the experts' output-norm shares (what keeps gate weights meaningful)."""
     E, I, H = m["gate_proj"].shape
-    w, ids = route(x @ p["router"].T, k, norm)
-    coef = torch.zeros(x.shape[0], E, dtype=w.dtype).scatter(1, ids, w) * p["scale"][:E]
+    logits = x @ p["router"].T
+    w, ids = route(logits, k, norm)
+    coef = torch.zeros(x.shape[0], E, dtype=w.dtype).scatter(1, ids, w)
     a = F.silu(x @ m["gate_proj"].reshape(E * I, H).T) * (x @ m["up_proj"].reshape(E * I, H).T)
-    out = (a.view(-1, E, I) * coef[..., None].to(a.dtype)).reshape(-1, E * I) @ m["down_all"].T
+    y = torch.einsum("nei,ehi->neh", a.view(-1, E, I), m["down_proj"]) * p["scale"][:E, None].to(a.dtype)
+    out = (y * coef[..., None].to(y.dtype)).sum(1)
+    with torch.no_grad():
+        share = y.float().norm(dim=-1)
+        share = share / share.sum(-1, keepdim=True)
+    importance = -(share * F.log_softmax(logits.float(), -1)).sum(-1).mean()
     s = F.silu(x @ m["shared_gate_proj"].T) * (x @ m["shared_up_proj"].T)
     shared = s @ m["shared_down_proj"].T * p["scale"][E]
     if "lora_a" in p:
         shared = shared + (s @ p["lora_a"].T) @ p["lora_b"].T
-    return out + torch.sigmoid(x @ p["shared_gate"].T) * shared
+    return out + torch.sigmoid(x @ p["shared_gate"].T) * shared, importance
 
 
 def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tensor, steps: int, lr: float = 1e-3,
-            batch: int = 1, rank: int = 0, seed: int = 0, log=print) -> dict[str, Tensor]:
-    """Returns the recipe with its trainable tensors distilled (and 'ffn_norm', lora tensors added)."""
+            batch: int = 1, rank: int = 0, seed: int = 0, importance: float = 0.0, log=print) -> dict[str, Tensor]:
+    """Returns the recipe with its trainable tensors distilled (and 'ffn_norm', lora tensors added).
+    `importance` weighs the routers' output-norm cross-entropy (summed over layers) against the KL."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         teacher = torch.cat([dense.final_hidden(b) for b in ids.split(4)])  # logits are recomputed per step
@@ -43,11 +51,10 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
         r = layer_recipe(recipe, l)
         m = moe_layer(dense, l, {k: v for k, v in r.items() if k in ("perm", "router", "shared_gate")}
                       | {"scale": torch.ones(mc.experts + 1)}, mc.shared)
-        m["down_all"] = m["down_proj"].permute(1, 0, 2).reshape(dense.H, -1)
         m = {k: v.to(torch.bfloat16) for k, v in m.items()}
         p = {"router": r["router"], "scale": r["scale"], "shared_gate": r["shared_gate"],
              "ffn_norm": r.get("ffn_norm", dense.w(l, "post_attention_layernorm"))}
-        if rank:
+        if rank or "lora_a" in r:  # a recipe's LoRA keeps training (its own rank)
             p["lora_a"] = r.get("lora_a", torch.randn(rank, mc.shared, generator=g) / mc.shared ** 0.5)
             p["lora_b"] = r.get("lora_b", torch.zeros(dense.H, rank))
         p = {k: v.clone().float().requires_grad_() for k, v in p.items()}
@@ -59,21 +66,23 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
     for step in range(steps):
         b = torch.randint(0, ids.shape[0], (batch,), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = dense.embed(ids[b])
+            h, imp = dense.embed(ids[b]), 0.0
             for l in range(dense.L):
                 h = dense.attention(l, h)
                 x = F.rms_norm(h, (dense.H,), params[l]["ffn_norm"], dense.eps)
-                h = h + _moe(layers[l], params[l], x.reshape(-1, dense.H), mc.top_k, mc.norm).view_as(h)
+                y, aux = _moe(layers[l], params[l], x.reshape(-1, dense.H), mc.top_k, mc.norm)
+                h, imp = h + y.view_as(h), imp + aux
             logp = F.log_softmax(dense.logits(h).float(), -1)
         with torch.no_grad():
             tp = F.log_softmax(dense.logits(teacher[b]), -1)
-        loss = (tp.exp() * (tp - logp)).sum(-1).mean()
+        kl = (tp.exp() * (tp - logp)).sum(-1).mean()
+        loss = kl + importance * imp
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 10 == 0 or step == steps - 1:
-            log(f"step {step}: KL {loss.item():.4f} ({time.time() - t0:.0f} s)")
+            log(f"step {step}: KL {kl.item():.4f}, router CE {imp.item() / dense.L:.4f} ({time.time() - t0:.0f} s)")
     out = dict(recipe)
     for l, p in enumerate(params):
         out.update({f"layers.{l}.{k}": v.detach().clone() for k, v in p.items()})
