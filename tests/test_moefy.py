@@ -43,7 +43,9 @@ def test_recipe_shapes_and_determinism(tiny):
 def test_checkpoint_matches_transformers(tiny, tmp_path):
     d, sd, cfg, ids = tiny
     out = tmp_path / "moe"
-    args = argparse.Namespace(src=str(d), out=str(out), from_recipe=None, recipe=str(tmp_path / "r.safetensors"))
+    parser = argparse.ArgumentParser()
+    moefy.add_moefy_args(parser)
+    args = parser.parse_args([str(d), str(out), "--recipe", str(tmp_path / "r.safetensors")])
     recipe = moefy.calibrate(moefy.Dense(sd, cfg), ids, MC, log=lambda s: None)
     recipe = distill(moefy.Dense(sd, cfg), recipe, MC, ids, steps=3, rank=2, log=lambda s: None)
     assert {"layers.0.ffn_norm", "layers.0.lora_a", "layers.1.lora_b"} <= recipe.keys()
@@ -57,7 +59,8 @@ def test_checkpoint_matches_transformers(tiny, tmp_path):
     md, layers = moe_layers(moefy.Dense(sd, cfg), recipe, MC)
     md = moefy.Dense({k: v.to(torch.bfloat16).float() for k, v in md.sd.items()}, cfg)
     layers = [{k: v.to(torch.bfloat16).float() for k, v in m.items()} for m in layers]
-    assert torch.equal(state["model.layers.1.mlp.shared_expert.down_proj.weight"].float(), layers[1]["shared_down_proj"])
+    shared_down = state["model.layers.1.mlp.shared_expert.down_proj.weight"].float()
+    assert torch.equal(shared_down, layers[1]["shared_down_proj"])
     ours = md.forward(ids[:2], lambda l, x: moefy.moe_forward(layers[l], x.reshape(-1, 32), MC.top_k).view_as(x))
     with torch.no_grad():
         theirs = model(ids[:2]).logits

@@ -319,8 +319,9 @@ def build_smolmoe(out_dir: str | Path, recipe_path: str | Path = RECIPE, progres
 
 # ---------------------------------------------------------------- calibration text and the CLI
 
+# half Austen (all but Pride and Prejudice), half Wikipedia (train split)
 DEFAULT_CALIB = ["austen:emma", "austen:mansfield_park", "austen:northanger_abbey", "austen:persuasion",
-                 "austen:sense_and_sensibility", "wiki@train*5"]  # half Austen (not Pride and Prejudice), half Wikipedia
+                 "austen:sense_and_sensibility", "wiki@train*5"]
 
 
 def calib_windows(tokenizer_json: str, specs: list[str], tokens: int, window: int = 512) -> Tensor:
@@ -358,8 +359,6 @@ def add_moefy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-tokens", type=int, default=65536, help="distillation windows (same texts as --calib)")
     p.add_argument("--lora-rank", type=int, default=0, help="rank of the distilled shared-expert down_proj delta")
     p.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
-    p.add_argument("--importance", type=float, default=0.0,
-                   help="distillation weight of the routers' cross-entropy to the experts' output-norm shares")
     p.add_argument("--recipe", help="where to write the recipe (default OUT/moefy_recipe.safetensors)")
     p.add_argument("--from-recipe", help="skip calibration: apply this recipe (and distill it further "
                    "with --distill-steps, writing the result to --recipe)")
@@ -385,9 +384,9 @@ def moefy_main(args: argparse.Namespace) -> int:
         from hobbit.moefy_train import distill
         train_ids = calib_windows(tok, args.calib, args.distill_tokens)
         recipe = distill(Dense(sd, cfg), recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank,
-                         seed=args.seed, importance=args.importance)
+                         seed=args.seed)
         stage.update(distill_steps=args.distill_steps, distill_tokens=int(train_ids.numel()),
-                     lora_rank=args.lora_rank, lr=args.lr, importance=args.importance)
+                     lora_rank=args.lora_rank, lr=args.lr)
     if history or not args.from_recipe:
         save_recipe(args.recipe or Path(args.out) / "moefy_recipe.safetensors", recipe, mc,
                     dict(stage, history=history) if history else stage)

@@ -18,31 +18,23 @@ from torch import Tensor
 from hobbit.moefy import Dense, MoefyConfig, layer_recipe, moe_forward, moe_layer, route
 
 
-def _moe(m: dict[str, Tensor], p: dict[str, Tensor], x: Tensor, k: int, norm: bool) -> tuple[Tensor, Tensor]:
-    """moefy.moe_forward with the trainable tensors p (router, scale, shared_gate, lora_a/b), plus the
-    router's cross-entropy to the experts' output-norm shares (what keeps gate weights meaningful)."""
+def _moe(m: dict[str, Tensor], p: dict[str, Tensor], x: Tensor, k: int, norm: bool) -> Tensor:
+    """moefy.moe_forward with the trainable tensors p (router, scale, shared_gate, lora_a/b)."""
     E, I, H = m["gate_proj"].shape
-    logits = x @ p["router"].T
-    w, ids = route(logits, k, norm)
-    coef = torch.zeros(x.shape[0], E, dtype=w.dtype).scatter(1, ids, w)
+    w, ids = route(x @ p["router"].T, k, norm)
+    coef = torch.zeros(x.shape[0], E, dtype=w.dtype).scatter(1, ids, w) * p["scale"][:E]
     a = F.silu(x @ m["gate_proj"].reshape(E * I, H).T) * (x @ m["up_proj"].reshape(E * I, H).T)
-    y = torch.einsum("nei,ehi->neh", a.view(-1, E, I), m["down_proj"]) * p["scale"][:E, None].to(a.dtype)
-    out = (y * coef[..., None].to(y.dtype)).sum(1)
-    with torch.no_grad():
-        share = y.float().norm(dim=-1)
-        share = share / share.sum(-1, keepdim=True)
-    importance = -(share * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+    out = (a.view(-1, E, I) * coef[..., None].to(a.dtype)).reshape(-1, E * I) @ m["down_all"].T
     s = F.silu(x @ m["shared_gate_proj"].T) * (x @ m["shared_up_proj"].T)
     shared = s @ m["shared_down_proj"].T * p["scale"][E]
     if "lora_a" in p:
         shared = shared + (s @ p["lora_a"].T) @ p["lora_b"].T
-    return out + torch.sigmoid(x @ p["shared_gate"].T) * shared, importance
+    return out + torch.sigmoid(x @ p["shared_gate"].T) * shared
 
 
 def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tensor, steps: int, lr: float = 1e-3,
-            batch: int = 1, rank: int = 0, seed: int = 0, importance: float = 0.0, log=print) -> dict[str, Tensor]:
-    """Returns the recipe with its trainable tensors distilled (and 'ffn_norm', lora tensors added).
-    `importance` weighs the routers' output-norm cross-entropy (summed over layers) against the KL."""
+            batch: int = 1, rank: int = 0, seed: int = 0, log=print) -> dict[str, Tensor]:
+    """Returns the recipe with its trainable tensors distilled (and 'ffn_norm', lora tensors added)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         teacher = torch.cat([dense.final_hidden(b) for b in ids.split(4)])  # logits are recomputed per step
@@ -51,6 +43,7 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
         r = layer_recipe(recipe, l)
         m = moe_layer(dense, l, {k: v for k, v in r.items() if k in ("perm", "router", "shared_gate")}
                       | {"scale": torch.ones(mc.experts + 1)}, mc.shared)
+        m["down_all"] = m["down_proj"].permute(1, 0, 2).reshape(dense.H, -1)
         m = {k: v.to(torch.bfloat16) for k, v in m.items()}
         p = {"router": r["router"], "scale": r["scale"], "shared_gate": r["shared_gate"],
              "ffn_norm": r.get("ffn_norm", dense.w(l, "post_attention_layernorm"))}
@@ -61,28 +54,27 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
         layers.append(m)
         params.append(p)
     opt = torch.optim.Adam([t for p in params for t in p.values()], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    warmup_cosine = lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     t0 = time.time()
     for step in range(steps):
         b = torch.randint(0, ids.shape[0], (batch,), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            h, imp = dense.embed(ids[b]), 0.0
+            h = dense.embed(ids[b])
             for l in range(dense.L):
                 h = dense.attention(l, h)
                 x = F.rms_norm(h, (dense.H,), params[l]["ffn_norm"], dense.eps)
-                y, aux = _moe(layers[l], params[l], x.reshape(-1, dense.H), mc.top_k, mc.norm)
-                h, imp = h + y.view_as(h), imp + aux
+                h = h + _moe(layers[l], params[l], x.reshape(-1, dense.H), mc.top_k, mc.norm).view_as(h)
             logp = F.log_softmax(dense.logits(h).float(), -1)
         with torch.no_grad():
             tp = F.log_softmax(dense.logits(teacher[b]), -1)
-        kl = (tp.exp() * (tp - logp)).sum(-1).mean()
-        loss = kl + importance * imp
+        loss = (tp.exp() * (tp - logp)).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 10 == 0 or step == steps - 1:
-            log(f"step {step}: KL {kl.item():.4f}, router CE {imp.item() / dense.L:.4f} ({time.time() - t0:.0f} s)")
+            log(f"step {step}: KL {loss.item():.4f} ({time.time() - t0:.0f} s)")
     out = dict(recipe)
     for l, p in enumerate(params):
         out.update({f"layers.{l}.{k}": v.detach().clone() for k, v in p.items()})
