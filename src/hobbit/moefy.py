@@ -8,24 +8,24 @@ Per layer, sequentially on calibration text (each layer sees the outputs of the 
    its expert contributes;
 4. per-expert output scales are fit in closed form for the weighted top-k sum (Qwen2-MoE semantics:
    softmax -> top-k -> renormalize), and the result is propagated to the next layer.
+Then, optionally (`moefy_train.distill`), routers, scales, shared gates, FFN input norms and a low-rank
+delta of each shared down_proj are distilled end to end against the dense model.
 
-What is learned (neuron order, routers, shared gates, scales) is a small *recipe*; `apply_recipe`
-rebuilds the full Qwen2-MoE weights from the dense ones. `build_smolmoe` does that for the committed
-recipe and the SmolLM2 GGUF asset.
+What is learned is a small *recipe*; `apply_recipe` rebuilds the full Qwen2-MoE weights from the dense
+ones. `build_smolmoe` does that for the committed recipe and the SmolLM2 GGUF asset (docs/smolmoe.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
@@ -35,7 +35,7 @@ RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
 class MoefyConfig:
     experts: int = 8          # routed experts per layer
     top_k: int = 2            # default top-k written to config.json
-    shared: int = 512         # neurons of the always-on shared expert
+    shared: int = 1024        # neurons of the always-on shared expert
     tau: float = 0.5          # router temperature (folded into the router weights)
     norm: bool = True         # norm_topk_prob: renormalize the top-k weights to sum 1
     router_epochs: int = 30
@@ -51,13 +51,13 @@ def load_dense(src: str | Path) -> tuple[dict[str, Tensor], dict, str | None, di
         from hobbit.gguf import load_gguf
         g = load_gguf(src)
         return g.state_dict(torch.float32), g.config, g.tokenizer_json, g.tokenizer_config
-    sd = {}
-    for f in sorted(src.glob("*.safetensors")):
-        sd.update({k: v.float() for k, v in load_file(f).items()})
-    tok = src / "tokenizer.json"
-    tcfg = src / "tokenizer_config.json"
-    return (sd, json.loads((src / "config.json").read_text()), tok.read_text() if tok.is_file() else None,
-            json.loads(tcfg.read_text()) if tcfg.is_file() else {})
+    from hobbit.checkpoint import open_checkpoint
+    ck = open_checkpoint(src)
+    if ck.config.arch != "llama":
+        raise ValueError(f"{src}: moefy needs a dense Llama, not {ck.config.arch}")
+    tok, tok_cfg = src / "tokenizer.json", src / "tokenizer_config.json"
+    return ({k: v.float() for k, v in ck.dense_state_dict().items()}, ck.raw_config,
+            tok.read_text() if tok.is_file() else None, json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {})
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:

@@ -18,18 +18,13 @@ from torch import Tensor
 from hobbit.moefy import Dense, MoefyConfig, layer_recipe, moe_forward, moe_layer, route
 
 
-def _moe(m: dict[str, Tensor], p: dict[str, Tensor], x: Tensor, k: int, norm: bool) -> Tensor:
-    """moefy.moe_forward with the trainable tensors p (router, scale, shared_gate, lora_a/b)."""
-    E, I, H = m["gate_proj"].shape
-    w, ids = route(x @ p["router"].T, k, norm)
-    coef = torch.zeros(x.shape[0], E, dtype=w.dtype).scatter(1, ids, w) * p["scale"][:E]
-    a = F.silu(x @ m["gate_proj"].reshape(E * I, H).T) * (x @ m["up_proj"].reshape(E * I, H).T)
-    out = (a.view(-1, E, I) * coef[..., None].to(a.dtype)).reshape(-1, E * I) @ m["down_all"].T
-    s = F.silu(x @ m["shared_gate_proj"].T) * (x @ m["shared_up_proj"].T)
-    shared = s @ m["shared_down_proj"].T * p["scale"][E]
+def _moe_tensors(m0: dict[str, Tensor], p: dict[str, Tensor], E: int) -> dict[str, Tensor]:
+    """The MoE tensors of a layer (as `moe_layer` makes them) from the frozen, unscaled m0 and the trainables p."""
+    shared_down = m0["shared_down_proj"] * p["scale"][E]
     if "lora_a" in p:
-        shared = shared + (s @ p["lora_a"].T) @ p["lora_b"].T
-    return out + torch.sigmoid(x @ p["shared_gate"].T) * shared
+        shared_down = shared_down + p["lora_b"] @ p["lora_a"]
+    return dict(m0, router=p["router"], shared_gate=p["shared_gate"], shared_down_proj=shared_down,
+                down_proj=m0["down_proj"] * p["scale"][:E, None, None])
 
 
 def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tensor, steps: int, lr: float = 1e-3,
@@ -43,7 +38,6 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
         r = layer_recipe(recipe, l)
         m = moe_layer(dense, l, {k: v for k, v in r.items() if k in ("perm", "router", "shared_gate")}
                       | {"scale": torch.ones(mc.experts + 1)}, mc.shared)
-        m["down_all"] = m["down_proj"].permute(1, 0, 2).reshape(dense.H, -1)
         m = {k: v.to(torch.bfloat16) for k, v in m.items()}
         p = {"router": r["router"], "scale": r["scale"], "shared_gate": r["shared_gate"],
              "ffn_norm": r.get("ffn_norm", dense.w(l, "post_attention_layernorm"))}
@@ -64,7 +58,8 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
             for l in range(dense.L):
                 h = dense.attention(l, h)
                 x = F.rms_norm(h, (dense.H,), params[l]["ffn_norm"], dense.eps)
-                h = h + _moe(layers[l], params[l], x.reshape(-1, dense.H), mc.top_k, mc.norm).view_as(h)
+                m = _moe_tensors(layers[l], params[l], mc.experts)
+                h = h + moe_forward(m, x.reshape(-1, dense.H), mc.top_k, mc.norm).view_as(h)
             logp = F.log_softmax(dense.logits(h).float(), -1)
         with torch.no_grad():
             tp = F.log_softmax(dense.logits(teacher[b]), -1)
@@ -79,7 +74,6 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
     for l, p in enumerate(params):
         out.update({f"layers.{l}.{k}": v.detach().clone() for k, v in p.items()})
     return out
-
 
 
 # ---------------------------------------------------------------- evaluation
