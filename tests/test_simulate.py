@@ -21,8 +21,11 @@ BUDGET = "45%"
 
 # (policy, Options overrides): the settings checked against the live engine
 SETTINGS = [
+    ("resident", {}),
+    ("ondemand", {}),
     ("lru", {}),
     ("lfu", {}),
+    ("slru", {}),
     ("lru+prefetch", {}),
     ("hobbit", {"prefetch_depth": 0}),
     ("hobbit", {}),  # prefetch depth 2
@@ -50,11 +53,14 @@ def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
     trace = tmp_path / "t.trace.gz"
     live, opt, budget, outs, loads = live_run(tiny_store, trace, policy, **overrides)
     header, calls = load_trace(trace)
-    assert parse_budget_for(BUDGET, header) == budget
+    cached = policy not in ("resident", "ondemand")
+    assert (parse_budget_for(BUDGET, header) if cached else None) == budget
     sim = simulate(header, calls, opt, budget, link_gbps=2.0)
     for k in COMPARED:
         assert sim[k] == live[k], f"{k}: simulated {sim[k]} != live {live[k]}"
-    assert sim["misses"] > 0 and sim["evictions"] > 0, "the budget should make the cache work"
+    assert (sim["misses"] > 0) == (policy != "resident")
+    assert (sim["hits"] > 0) == (policy != "ondemand")
+    assert (sim["evictions"] > 0) == cached, "the budget should make the cache work"
     assert sim["ram_bytes_demand"] == live["bytes_demand"]
     assert sim["ram_bytes_prefetch"] == live["bytes_prefetch"]
     assert sim["prediction"] == live["prediction"]

@@ -78,6 +78,35 @@ class Loader:
             entry[2].cancel()
             return True
 
+    def run_here(self, job: Hashable) -> bool:
+        """Run a queued job on the calling thread (a caller about to wait for it saves the hand-off
+        to a loader thread and back); False when it already started or is unknown."""
+        with self._cv:
+            entry = self._jobs.get(job)
+            if entry is None or entry[0] == _RUNNING:
+                return False
+            self._jobs[job] = (_RUNNING, entry[1], entry[2])  # its heap entry is skipped when popped
+        self._run(job, entry[0], entry[1], entry[2])
+        return True
+
+    def _run(self, job: Hashable, prio: int, fn: Callable[[], None], fut: Future) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn()
+            error = None
+        except Exception as e:  # delivered to whoever waits on this job
+            error = e
+        with self._cv:
+            self.read_s += time.perf_counter() - t0
+            self._jobs.pop(job, None)
+            self.loads[self._kind.pop(job, prio)] += 1
+        if fut.done():  # close() already failed it
+            return
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
     def _push(self, priority: int, job: Hashable) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (priority, self._seq, job))
@@ -97,22 +126,7 @@ class Loader:
                         continue  # stale entry of a promoted or cancelled job
                     _, fn, fut = entry
                     self._jobs[job] = (_RUNNING, fn, fut)  # neither promoted nor cancelled any more
-                t0 = time.perf_counter()
-                try:
-                    fn()
-                    error = None
-                except Exception as e:  # delivered to whoever waits on this job
-                    error = e
-                with self._cv:
-                    self.read_s += time.perf_counter() - t0
-                    self._jobs.pop(job, None)
-                    self.loads[self._kind.pop(job, prio)] += 1
-                if fut.done():  # close() already failed it
-                    continue
-                if error is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(error)
+                self._run(job, prio, fn, fut)
         except BaseException as e:  # a bug in the loop itself: fail every waiter instead of hanging them
             with self._cv:
                 self._fatal = e

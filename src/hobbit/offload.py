@@ -102,12 +102,13 @@ class SlotFetcher:
             raise RuntimeError(f"slot {slot} of the {key[2]} pool holds {entry[0]}, not {key}")
         fut = entry[1]
         if not fut.done():
-            self.loader.promote((key[2], slot, key))
             t0 = time.perf_counter()
-            try:
-                fut.result()
-            except Exception:
-                pass
+            if not self.loader.run_here((key[2], slot, key)):  # not started: read it here, no hand-off
+                self.loader.promote((key[2], slot, key))
+                try:
+                    fut.result()
+                except Exception:
+                    pass
             self.stats.loader_wait_s += time.perf_counter() - t0
         if fut.exception() is not None:
             if entry[2] == PREFETCH:  # a failed prefetch is retried once as a demand load
