@@ -42,9 +42,11 @@ class Loader:
     def alive(self) -> bool:
         return all(th.is_alive() for th in self._threads)
 
-    def submit(self, job: Hashable, fn: Callable[[], None], priority: int = DEMAND) -> Future:
+    def submit(self, job: Hashable, fn: Callable[[], None], priority: int = DEMAND, wake: bool = True) -> Future:
         """Queue `fn` under the id `job` (or return the Future of that job if it is queued or running;
-        a demand promotes a queued prefetch)."""
+        a demand promotes a queued prefetch). wake=False leaves an idle thread asleep: for a job the
+        caller will soon `run_here` itself (waking a thread only to hand the GIL back and forth
+        cost ~1 ms per job on a busy 2-core box); a thread that wakes for other work still takes it."""
         with self._cv:
             if self._fatal is not None or self._closed:
                 raise LoaderDead(f"the loader thread is not running ({self._fatal or 'closed'})")
@@ -52,12 +54,12 @@ class Loader:
                 prio, f, fut = self._jobs[job]
                 if 0 <= priority < prio:  # promote: a fresh heap entry; the stale one is skipped when popped
                     self._jobs[job] = (priority, f, fut)
-                    self._push(priority, job)
+                    self._push(priority, job, wake)
                 return fut
             fut: Future = Future()
             self._jobs[job] = (priority, fn, fut)
             self._kind[job] = priority
-            self._push(priority, job)
+            self._push(priority, job, wake)
             return fut
 
     def promote(self, job: Hashable) -> None:
@@ -107,10 +109,11 @@ class Loader:
         else:
             fut.set_exception(error)
 
-    def _push(self, priority: int, job: Hashable) -> None:
+    def _push(self, priority: int, job: Hashable, wake: bool = True) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (priority, self._seq, job))
-        self._cv.notify()
+        if wake:
+            self._cv.notify()
 
     def _main(self) -> None:
         try:

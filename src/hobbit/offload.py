@@ -74,11 +74,15 @@ class SlotPool:
 
 
 class SlotFetcher:
-    """The live `Fetcher`: reads blobs into slots on the loader; at most one read per slot at a time,
-    so a slot's bytes are never overwritten by a stale read after it is reused."""
+    """The live `Fetcher`: reads blobs into slots, prefetches on the loader thread, demand loads on the
+    compute thread when it needs them (unless several loader threads read in parallel). At most one
+    read per slot at a time, so a slot's bytes are never overwritten by a stale read after reuse."""
 
-    def __init__(self, pools: dict[str, SlotPool], loader: Loader, stats):
+    def __init__(self, pools: dict[str, SlotPool], loader: Loader, stats, demand_on_loader: bool = False):
+        """demand_on_loader: loader threads take demand reads too (several reads at once); by default the
+        compute thread reads its own demand loads when it needs them, and the loader does the prefetches."""
         self.pools, self.loader, self.stats = pools, loader, stats
+        self.demand_on_loader = demand_on_loader
         self._reads: dict[tuple[str, int], tuple[Key, object, int]] = {}  # (precision, slot) -> (key, future, priority)
 
     def fetch(self, key: Key, slot: int, priority: int) -> None:
@@ -91,7 +95,8 @@ class SlotFetcher:
                 prev[1].result()  # a read into this slot is running: let it finish before reusing the slot
             except Exception:
                 pass
-        fut = self.loader.submit((prec, slot, key), lambda: self.pools[prec].load(slot, key[0], key[1]), priority)
+        fut = self.loader.submit((prec, slot, key), lambda: self.pools[prec].load(slot, key[0], key[1]), priority,
+                                 wake=priority == PREFETCH or self.demand_on_loader)
         self._reads[(prec, slot)] = (key, fut, priority)
 
     def wait(self, key: Key, slot: int) -> None:
@@ -184,7 +189,7 @@ class OffloadedExperts:
                 self.resident[(layer, expert)] = self.pools[options.high].experts[slot]
         else:
             self.pools = {p: SlotPool(store, p, n, dtype) for p, n in self.scheduler.capacity.items()}
-        self.fetcher = SlotFetcher(self.pools, self.loader, self.stats)
+        self.fetcher = SlotFetcher(self.pools, self.loader, self.stats, demand_on_loader=io_threads > 1)
 
     def expert_bytes(self, precision: str) -> int:
         """RAM one expert slot takes at this precision (what the budget counts), measured on a 1-slot pool."""
