@@ -375,11 +375,11 @@ def convert_stores(cli: HobbitCLI, gguf: Path, rows: list[str], folder: Path, en
         if row == LLAMA_ROW:
             continue
         dense = row.removeprefix("hobbit-")
-        key = dense if cli.convert_dense else "any"
-        if key not in stores:
+        store = folder / f"store-{dense if cli.convert_dense else 'any'}"
+        if store not in stores.values():
             _step(f"converting {gguf.name} for hobbit ({'--dense ' + dense if cli.convert_dense else 'dense at run time'})")
-            subprocess.run(cli.convert_cmd(gguf, folder / f"store-{key}", dense), check=True, env=env, stdout=subprocess.DEVNULL)
-        stores[row] = folder / f"store-{key}"
+            subprocess.run(cli.convert_cmd(gguf, store, dense), check=True, env=env, stdout=subprocess.DEVNULL)
+        stores[row] = store
     return stores
 
 

@@ -128,3 +128,14 @@ def test_built_llamacpp_is_found_without_rebuilding():
     if not all((bindir / t).is_file() for t in peer.TARGETS):
         pytest.skip("needs the llama.cpp build (run benchmarks/peer_llamacpp.py once, ~5 min on 2 cores)")
     assert peer.build_llamacpp() == bindir
+
+
+def test_one_store_serves_every_row_when_dense_is_a_run_option(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(peer.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    rows = ["llama.cpp", "hobbit-int4", "hobbit-bf16"]
+    s = peer.convert_stores(peer.HobbitCLI(False, True), Path("m.gguf"), rows, tmp_path, {})
+    assert len(calls) == 1 and s == {"hobbit-int4": tmp_path / "store-any", "hobbit-bf16": tmp_path / "store-any"}
+    calls.clear()
+    s = peer.convert_stores(peer.HobbitCLI(True, False), Path("m.gguf"), rows, tmp_path, {})
+    assert len(calls) == 2 and s["hobbit-int4"] == tmp_path / "store-int4" and calls[0][-2:] == ["--dense", "int4"]
