@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = {
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -43,7 +43,7 @@ class GGUFArch:
 
     dense: str                  # HF architectures[0] without experts
     moe: str | None             # ... with experts (None: this arch has none)
-    block: dict[str, str]       # per-layer tensors beyond _BLOCK: GGUF part -> HF module
+    block: dict[str, str]       # per-layer tensors beyond BLOCK_NAMES: GGUF part -> HF module
     experts: str                # HF module of one expert, {e} = its index
     expert_proj: dict[str, str]  # stacked GGUF expert tensor -> HF projection name
     permute_qk: bool            # llama.cpp interleaved Q/K rows for its rotary kernel (NORM rope)
@@ -54,8 +54,8 @@ _QWEN2MOE_BLOCK = {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared
                    "ffn_down_shexp": "mlp.shared_expert.down_proj"}
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("LlamaForCausalLM", "MixtralForCausalLM", {"ffn_gate_inp": "block_sparse_moe.gate"},
-                      "block_sparse_moe.experts.{e}", {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"},
-                      permute_qk=True),
+                      "block_sparse_moe.experts.{e}",
+                      {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}, permute_qk=True),
     "qwen2": GGUFArch("Qwen2ForCausalLM", None, {}, "", {}, permute_qk=False),
     "qwen2moe": GGUFArch("Qwen2MoeForCausalLM", "Qwen2MoeForCausalLM", _QWEN2MOE_BLOCK, "mlp.experts.{e}",
                          {"ffn_gate_exps": "gate_proj", "ffn_down_exps": "down_proj", "ffn_up_exps": "up_proj"},
@@ -74,7 +74,7 @@ _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 splits di
 # llama.cpp `tokenizer.ggml.pre` -> how the HF tokenizer splits: (regex or None = GPT-2's, digits
 # one by one first, merges ignored for whole-vocabulary words, NFC normalizer)
 PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool, bool]] = {
-    "gpt2": (None, False, False, False),
+    "gpt-2": (None, False, False, False),  # llama.cpp's spelling; "gpt2" and "default" are read as it too
     "smollm": (None, True, False, False),
     "llama-bpe": (_LLAMA3_SPLIT, False, True, False),
     "llama3": (_LLAMA3_SPLIT, False, True, False),
@@ -192,12 +192,12 @@ def _hf_shapes(t: ReaderTensor, arch: str) -> list[tuple[str, tuple[int, ...]]]:
     shape = tuple(int(x) for x in reversed(t.shape))
     layer, part, kind = split_name(t.name)
     spec = ARCHS[arch]
-    if layer is None and part in _TOP:
-        return [(f"{_TOP[part]}.{kind}", shape)]
+    if layer is None and part in TOP_NAMES:
+        return [(f"{TOP_NAMES[part]}.{kind}", shape)]
     prefix = f"model.layers.{layer}"
     if layer is not None and part == "ffn_gate_inp_shexp":
         return [(f"{prefix}.{spec.block[part]}.{kind}", (1, *shape))]  # llama.cpp keeps the [1, H] gate as [H]
-    if layer is not None and (module := spec.block.get(part) or _BLOCK.get(part)):
+    if layer is not None and (module := spec.block.get(part) or BLOCK_NAMES.get(part)):
         return [(f"{prefix}.{module}.{kind}", shape)]
     if layer is not None and part in spec.expert_proj:
         return [(f"{prefix}.{spec.experts.format(e=e)}.{spec.expert_proj[part]}.{kind}", shape[1:])
@@ -272,7 +272,8 @@ def _hf_config(meta: dict, arch: str, shapes: dict[str, tuple[int, ...]], bos: i
                       moe_intermediate_size=g("expert_feed_forward_length"),
                       intermediate_size=g("feed_forward_length") or shexp,
                       shared_expert_intermediate_size=shexp,
-                      norm_topk_prob=False,  # llama.cpp's qwen2moe never renormalizes the top-k weights
+                      # llama.cpp's qwen2moe never renormalizes; `hobbit export --allow-inexact` records it here
+                      norm_topk_prob=bool(g("expert_weights_norm", False)),
                       qkv_bias=config["attention_bias"], use_sliding_window=False, decoder_sparse_step=1,
                       mlp_only_layers=[i for i in range(g("block_count")) if i not in sparse])
     elif hf_arch == "Qwen2ForCausalLM":
@@ -300,9 +301,9 @@ def _byte_to_unicode() -> dict[int, str]:
 
 def pre_tokenizer(pre: str | None) -> tuple[pre_tokenizers.PreTokenizer, bool, normalizers.Normalizer | None]:
     """(pre-tokenizer, ignore_merges, normalizer) of the HF tokenizer llama.cpp's `tokenizer.ggml.pre` names."""
-    if pre not in PRE_TOKENIZERS and pre not in (None, "default"):
+    if pre not in PRE_TOKENIZERS and pre not in (None, "default", "gpt2"):
         warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known here; using GPT-2's byte-level split")
-    split, digits, ignore_merges, nfc = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["gpt2"])
+    split, digits, ignore_merges, nfc = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["gpt-2"])
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if split is None:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
@@ -311,6 +312,24 @@ def pre_tokenizer(pre: str | None) -> tuple[pre_tokenizers.PreTokenizer, bool, n
                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     return (steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)), ignore_merges, \
         (normalizers.NFC() if nfc else None)
+
+
+def _signature(pre: dict | None) -> tuple:
+    """What decides how a tokenizer.json pre-tokenizer splits text (not offsets or prefix spaces)."""
+    steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
+    return tuple((s["type"], (s.get("pattern") or {}).get("Regex"), s.get("individual_digits"), s.get("use_regex"))
+                 for s in steps if s)
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
+    """The llama.cpp `tokenizer.ggml.pre` whose split a tokenizer.json uses, None if none of PRE_TOKENIZERS."""
+    want = _signature(tokenizer_json.get("pre_tokenizer"))
+    for name in PRE_TOKENIZERS:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizer(name)[0]
+        if _signature(json.loads(tok.to_str())["pre_tokenizer"]) == want:
+            return name
+    return None
 
 
 def _tokenizer(reader: GGUFReader, tokens: list[str] | None, context: int) -> tuple[str | None, dict]:
