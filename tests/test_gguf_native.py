@@ -12,7 +12,7 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 from hobbit import quant
-from hobbit.gguf_native import affine_4bit, int4_storage, native_expert_int4, native_int4
+from hobbit.gguf_native import affine_4bit, int4_storage, native_expert_int4, native_experts, native_int4
 from kquants import quantize_k
 
 torch.set_num_threads(1)
@@ -92,6 +92,9 @@ def test_gguf_tensors_and_stacked_experts(tmp_path):
     assert rel(w13, np.concatenate([ref(t["ffn_gate_exps"])[2], ref(t["ffn_up_exps"])[2]])) < 0.004
     assert rel(quant.dequantize(expert["w2"], "int4", (H, I), 32), ref(t["ffn_down_exps"])[2]) < 0.004
     assert rel(quant.dequantize(native_int4(t["attn_q"]), "int4", (I, H), 32), ref(t["attn_q"])) < 0.004
+    by_name = {x.name: x for x in GGUFReader(path).tensors}
+    assert torch.equal(native_experts(by_name)(0, 2)["w2"]["q"], expert["w2"]["q"])
+    assert native_experts(by_name)(1, 0) is None  # no such layer: the caller quantizes as usual
     with pytest.raises(ValueError, match="Q8_0 has no 4-bit affine grid.*Q4_0, Q4_1, Q4_K"):
         native_int4(t["attn_k"])
     with pytest.raises(ValueError, match="2-D tensor.*native_expert_int4"):

@@ -106,12 +106,15 @@ class GGUFModel:
             for name, w in _convert(t, self.arch, *heads):
                 yield name, torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
 
+    @functools.cached_property
+    def raw(self) -> dict[str, ReaderTensor]:
+        """Every tensor as stored (quantized blocks and all, mmap-backed), by its GGUF name."""
+        return {t.name: t for t in self._reader.tensors}
+
     def raw_tensor(self, gguf_name: str) -> ReaderTensor:
-        """One tensor as stored (quantized blocks and all), by its GGUF name."""
-        for t in self._reader.tensors:
-            if t.name == gguf_name:
-                return t
-        raise KeyError(f"{self.path.name}: no GGUF tensor named {gguf_name!r}")
+        if gguf_name not in self.raw:
+            raise KeyError(f"{self.path.name}: no GGUF tensor named {gguf_name!r}")
+        return self.raw[gguf_name]
 
     def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         return dict(self.tensors(dtype))

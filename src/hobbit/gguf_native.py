@@ -13,6 +13,8 @@ GGUF's inputs in their order (rows may be regrouped; columns must stay in aligne
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, ReaderTensor
@@ -75,3 +77,15 @@ def native_expert_int4(gate: ReaderTensor, up: ReaderTensor, down: ReaderTensor,
     (cg, ag, bg), (cu, au, bu), (cd, ad, bd) = (affine_4bit(t.data[expert], t.tensor_type) for t in (gate, up, down))
     w13 = int4_storage(np.concatenate((cg, cu)), np.concatenate((ag, au)), np.concatenate((bg, bu)))
     return {"w13": w13, "w2": int4_storage(cd, ad, bd)}
+
+
+def native_experts(raw: Mapping[str, ReaderTensor]) -> Callable[[int, int], dict[str, dict[str, torch.Tensor]] | None]:
+    """For a GGUF's tensors by name (`GGUFModel.raw`): (layer, expert) -> the store's int4 parts
+    (group 32) from `blk.{layer}.ffn_{gate,up,down}_exps`, or None where those are missing or not
+    all Q4_0/Q4_1/Q4_K (the caller then quantizes the dequantized weights as usual)."""
+    def parts(layer: int, expert: int) -> dict[str, dict[str, torch.Tensor]] | None:
+        t = [raw.get(f"blk.{layer}.ffn_{p}_exps.weight") for p in ("gate", "up", "down")]
+        if any(x is None or x.tensor_type not in NATIVE_TYPES for x in t):
+            return None
+        return native_expert_int4(*t, expert)
+    return parts
