@@ -49,18 +49,18 @@ class ExportRefused(ValueError):
     """The store cannot be written as a GGUF llama.cpp runs the way hobbit does; says why and what to do."""
 
 
-def export_gguf(store: str | Path, out: str | Path, type: str = "bf16", allow_inexact: bool = False,
+def export_gguf(store: str | Path, out: str | Path, gguf_type: str = "bf16", allow_inexact: bool = False,
                 progress: bool = True) -> Path:
-    """Write `store` as a GGUF at `out` (replaced atomically); returns out."""
-    if type not in EXPORT_TYPES:
-        raise ValueError(f"unknown GGUF type {type!r}; choose from {', '.join(EXPORT_TYPES)}")
+    """Write `store` as a GGUF of `gguf_type` (bf16 | q8_0 | q4_0) at `out` (replaced atomically); returns out."""
+    if gguf_type not in EXPORT_TYPES:
+        raise ValueError(f"unknown GGUF type {gguf_type!r}; choose from {', '.join(EXPORT_TYPES)}")
     store, out = Path(store), Path(out)
     experts = ExpertStore(store, direct_io=False)
     try:
         cfg = ModelConfig.from_dict(experts.manifest["config"])
         check_exportable(cfg, allow_inexact, store)
         arch = LLAMA_CPP_ARCH[cfg.arch]
-        qtype, ftype = EXPORT_TYPES[type]
+        qtype, ftype = EXPORT_TYPES[gguf_type]
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         w = GGUFWriter(str(tmp), arch, use_temp_file=True)  # tensors spill to a temp file, not RAM
         try:
@@ -69,7 +69,7 @@ def export_gguf(store: str | Path, out: str | Path, type: str = "bf16", allow_in
             per_layer = 3 if cfg.shared_expert_intermediate_size else 7  # + the null shared expert's 4
             total = len(_dense_names(store)) + per_layer * len(cfg.sparse_layers)
             for name, t in tqdm(_tensors(store, experts, cfg, arch), total=total, disable=not progress,
-                                desc=f"exporting {type}", unit="tensor"):
+                                desc=f"exporting {gguf_type}", unit="tensor"):
                 tt = _tensor_type(name.split(".")[-2], t, qtype)
                 w.add_tensor(name, t if tt == Q.F32 else quantize(t, tt), raw_dtype=None if tt == Q.F32 else tt)
             w.write_header_to_file()
@@ -137,8 +137,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _tensors(store: Path, experts: ExpertStore, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array in numpy order [out, in]) for every tensor to write."""
     with safe_open(str(store / "dense.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
         for hf_name in _dense_names(store):
-            t = f.get_tensor("model.embed_tokens.weight" if hf_name not in f.keys() else hf_name)  # tied: twice
+            t = f.get_tensor(hf_name if hf_name in stored else "model.embed_tokens.weight")  # tied: written twice
             name = gguf_name(arch, hf_name)
             w = t.float().numpy()
             part = name.split(".")[-2]

@@ -199,7 +199,7 @@ def _hf_shapes(t: ReaderTensor, arch: str) -> list[tuple[str, tuple[int, ...]]]:
         return [(f"{TOP_NAMES[part]}.{kind}", shape)]
     prefix = f"model.layers.{layer}"
     if layer is not None and part == "ffn_gate_inp_shexp":
-        return [(f"{prefix}.{spec.block[part]}.{kind}", (1, *shape))]  # llama.cpp keeps the [1, H] gate as [H]
+        return [(f"{prefix}.{spec.block[part]}.{kind}", (1, shape[-1]))]  # HF's [1, H] gate; llama.cpp: [H]
     if layer is not None and (module := spec.block.get(part) or BLOCK_NAMES.get(part)):
         return [(f"{prefix}.{module}.{kind}", shape)]
     if layer is not None and part in spec.expert_proj:
@@ -270,7 +270,7 @@ def _hf_config(meta: dict, arch: str, shapes: dict[str, tuple[int, ...]], bos: i
         config.update(num_local_experts=experts, num_experts_per_tok=g("expert_used_count"),
                       intermediate_size=g("expert_feed_forward_length") or g("feed_forward_length"))
     elif hf_arch == "Qwen2MoeForCausalLM":
-        shexp = shapes.get(f"model.layers.{sparse[0]}.mlp.shared_expert.up_proj.weight", (0,))[0]
+        shexp = shapes.get(f"model.layers.{sparse[0] if sparse else 0}.mlp.shared_expert.up_proj.weight", (0,))[0]
         config.update(num_experts=experts, num_experts_per_tok=g("expert_used_count"),
                       moe_intermediate_size=g("expert_feed_forward_length"),
                       intermediate_size=g("feed_forward_length") or shexp,
