@@ -252,9 +252,9 @@ def test_mixtral_gguf_experts(tmp_path, bpe):
 
 
 def test_unsupported_inputs_are_named(tmp_path, bpe):
-    write_gguf(tmp_path / "qwen.gguf", bpe, arch="qwen2")
-    with pytest.raises(UnsupportedGGUF, match="architecture 'qwen2'.*supported: llama"):
-        load_gguf(tmp_path / "qwen.gguf")
+    write_gguf(tmp_path / "gemma.gguf", bpe, arch="gemma")
+    with pytest.raises(UnsupportedGGUF, match="architecture 'gemma'.*supported: llama, qwen2, qwen2moe"):
+        load_gguf(tmp_path / "gemma.gguf")
     write_gguf(tmp_path / "int.gguf", bpe, extra={"blk.0.attn_scale.weight": np.ones(4, np.int8)})
     with pytest.raises(UnsupportedGGUF, match="'blk.0.attn_scale.weight' has GGML type I8"):
         load_gguf(tmp_path / "int.gguf")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 VOCAB = 272  # 256 byte tokens + 4 specials, padded
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 256..259
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
@@ -30,6 +30,8 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=True, rope_theta=500000.0,
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=64))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_hidden_layers=2, intermediate_size=128,
+                                                      tie_word_embeddings=True, rope_theta=1e6)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         num_hidden_layers=2, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(

@@ -392,3 +392,5 @@ for _asset in (
           _build_smolmoe_store),
 ):
     register(_asset)
+
+from . import assets_coder  # noqa: E402,F401  registers qwen-coder-gguf (its builder lives there)

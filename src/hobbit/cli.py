@@ -48,6 +48,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_gguf
+    out = export_gguf(args.store, args.out, args.type, allow_inexact=args.allow_inexact)
+    print(f"{out}: {args.type} GGUF, {out.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
 def _format_stats(s: dict) -> str:
     by_prec = ", ".join(f"{p} {s['hits_by_precision'].get(p, 0)}/{s['misses_by_precision'].get(p, 0)}"
                         for p in sorted(set(s["hits_by_precision"]) | set(s["misses_by_precision"]))) or "-"
@@ -157,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size (default 64, or the largest of 128/64/32 that fits the experts)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a store as a GGUF that stock llama.cpp runs (qwen2moe, qwen2, llama)")
+    p.add_argument("store")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="bf16", choices=("bf16", "q8_0", "q4_0"),
+                   help="weight type (norms, biases, routers stay F32; q4_0 keeps embeddings/output at q8_0)")
+    p.add_argument("--allow-inexact", action="store_true",
+                   help="export even if llama.cpp will run the model differently: with norm_topk_prob = true "
+                        "hobbit renormalizes the top-k routing weights, llama.cpp's qwen2moe does not")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="generate text from a prompt, streaming, then print stats")
     add_engine_args(p)

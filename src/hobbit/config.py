@@ -9,14 +9,15 @@ from typing import Any
 # HF `architectures[0]` -> our family name.
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
 }
 # Values transformers uses when config.json leaves a field out.
-DEFAULT_ROPE_THETA = {"llama": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4}
-DEFAULT_RMS_EPS = {"llama": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5}
+DEFAULT_ROPE_THETA = {"llama": 1e4, "qwen2": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4}
+DEFAULT_RMS_EPS = {"llama": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -26,7 +27,7 @@ class UnsupportedArchitecture(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str  # 'llama' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe'
+    arch: str  # 'llama' | 'qwen2' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -46,7 +47,7 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # qwen2_moe shared expert (sigmoid-gated); 0 = none
     qk_norm: str = "none"  # 'none' | 'head' (qwen3: over head_dim) | 'full' (olmoe: over the whole projection)
     sparse_layers: tuple[int, ...] = ()  # layer indices whose MLP is a MoE block
-    attention_bias: bool = False  # bias on q/k/v (qwen2_moe); o_proj never has one here
+    attention_bias: bool = False  # bias on q/k/v (qwen2, qwen2_moe); o_proj never has one here
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # mixtral / qwen3_moe with use_sliding_window: keys within the last W
@@ -74,8 +75,8 @@ class ModelConfig:
             eos_token_ids=eos_ids(d.get("eos_token_id")),
         )
         common["rope_theta"], common["rope_scaling"] = _rope(d, arch)
-        if arch == "llama":
-            return cls(**common)
+        if arch in ("llama", "qwen2"):  # dense; qwen2 always has q/k/v bias
+            return cls(**common, attention_bias=arch == "qwen2")
         n_exp = d["num_local_experts"] if "num_local_experts" in d else d["num_experts"]  # v5 writes either
         moe = dict(num_experts=n_exp, top_k=d["num_experts_per_tok"])
         if arch in ("mixtral", "olmoe"):  # every layer sparse; expert width is `intermediate_size`
@@ -144,13 +145,13 @@ def _reject(d: dict[str, Any], arch: str) -> None:
     problems = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d['hidden_act']!r}")
-    if arch != "qwen2_moe" and d.get("attention_bias"):
+    if arch not in ("qwen2", "qwen2_moe") and d.get("attention_bias"):
         problems.append("attention_bias=True")
     if d.get("mlp_bias"):
         problems.append("mlp_bias=True")
     if d.get("clip_qkv") is not None:
         problems.append(f"clip_qkv={d['clip_qkv']}")
-    if arch == "qwen2_moe" and d.get("use_sliding_window"):
+    if arch in ("qwen2", "qwen2_moe") and d.get("use_sliding_window"):
         problems.append("use_sliding_window=True (per-layer windows)")
     if (d.get("pretraining_tp") or 1) != 1:
         problems.append(f"pretraining_tp={d['pretraining_tp']}")

@@ -1,8 +1,9 @@
-"""Read a llama.cpp GGUF (Llama or Mixtral, 'llama' architecture) as an HF checkpoint.
+"""Read a llama.cpp GGUF (architectures `llama` incl. Mixtral, `qwen2`, `qwen2moe`) as an HF checkpoint.
 
 `load_gguf(path)` gives the HF `config.json` dict, the weights under HF names (dequantized to
-float, llama.cpp's Q/K row permutation undone), a `tokenizers` tokenizer.json string and a
-`tokenizer_config.json` dict. `export_hf(path, out_dir)` writes those as a standard HF folder.
+float by gguf.quants: F32/F16/BF16, Q8_0, Q4_0/Q4_1, K-quants; llama.cpp's Q/K row permutation
+undone for `llama`), a `tokenizers` tokenizer.json string and a `tokenizer_config.json` dict.
+`export_hf(path, out_dir)` writes those as a standard HF folder.
 """
 
 from __future__ import annotations
@@ -19,13 +20,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = {
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -35,16 +34,52 @@ _BLOCK = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-    "ffn_gate_inp": "block_sparse_moe.gate",
 }
-# Mixtral experts stacked [E, out, in] in one GGUF tensor -> one HF tensor per expert.
-_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one llama.cpp architecture names things in HF terms."""
+
+    dense: str                  # HF architectures[0] without experts
+    moe: str | None             # ... with experts (None: this arch has none)
+    block: dict[str, str]       # per-layer tensors beyond BLOCK_NAMES: GGUF part -> HF module
+    experts: str                # HF module of one expert, {e} = its index
+    expert_proj: dict[str, str]  # stacked GGUF expert tensor -> HF projection name
+    permute_qk: bool            # llama.cpp interleaved Q/K rows for its rotary kernel (NORM rope)
+
+
+_QWEN2MOE_BLOCK = {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+                   "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                   "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("LlamaForCausalLM", "MixtralForCausalLM", {"ffn_gate_inp": "block_sparse_moe.gate"},
+                      "block_sparse_moe.experts.{e}",
+                      {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}, permute_qk=True),
+    "qwen2": GGUFArch("Qwen2ForCausalLM", None, {}, "", {}, permute_qk=False),
+    "qwen2moe": GGUFArch("Qwen2MoeForCausalLM", "Qwen2MoeForCausalLM", _QWEN2MOE_BLOCK, "mlp.experts.{e}",
+                         {"ffn_gate_exps": "gate_proj", "ffn_down_exps": "down_proj", "ffn_up_exps": "up_proj"},
+                         permute_qk=False),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHS)
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral", "Qwen2ForCausalLM": "qwen2",
+               "Qwen2MoeForCausalLM": "qwen2_moe"}
 
 _CONTROL, _USER_DEFINED = 3, 4
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 splits digits one by one
+# llama.cpp `tokenizer.ggml.pre` -> how the HF tokenizer splits: (regex or None = GPT-2's, digits
+# one by one first, merges ignored for whole-vocabulary words, NFC normalizer)
+PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool, bool]] = {
+    "gpt-2": (None, False, False, False),  # llama.cpp's spelling; "gpt2" and "default" are read as it too
+    "smollm": (None, True, False, False),
+    "llama-bpe": (_LLAMA3_SPLIT, False, True, False),
+    "llama3": (_LLAMA3_SPLIT, False, True, False),
+    "qwen2": (_QWEN2_SPLIT, False, False, True),
+}
 
 
 class UnsupportedGGUF(ValueError):
@@ -56,6 +91,7 @@ class GGUFModel:
     """A GGUF seen as an HF checkpoint. Weights are dequantized lazily by `tensors()`."""
 
     path: Path
+    arch: str                           # llama.cpp architecture ('llama', 'qwen2', 'qwen2moe')
     config: dict                        # HF config.json
     tokenizer_json: str | None          # tokenizers.Tokenizer JSON; None if the GGUF has no usable one
     tokenizer_config: dict              # HF tokenizer_config.json
@@ -67,8 +103,18 @@ class GGUFModel:
         """(HF name, tensor) for every weight, dequantized one GGUF tensor at a time."""
         heads = (self.config["num_attention_heads"], self.config["num_key_value_heads"])
         for t in self._reader.tensors:
-            for name, w in _convert(t, *heads):
+            for name, w in _convert(t, self.arch, *heads):
                 yield name, torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+
+    @functools.cached_property
+    def raw(self) -> dict[str, ReaderTensor]:
+        """Every tensor as stored (quantized blocks and all, mmap-backed), by its GGUF name."""
+        return {t.name: t for t in self._reader.tensors}
+
+    def raw_tensor(self, gguf_name: str) -> ReaderTensor:
+        if gguf_name not in self.raw:
+            raise KeyError(f"{self.path.name}: no GGUF tensor named {gguf_name!r}")
+        return self.raw[gguf_name]
 
     def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         return dict(self.tensors(dtype))
@@ -95,7 +141,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
     reader = GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHS:
         raise UnsupportedGGUF(f"{path.name}: GGUF architecture {arch!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     shapes, types = {}, {}
@@ -104,16 +150,17 @@ def load_gguf(path: str | Path) -> GGUFModel:
             raise UnsupportedGGUF(f"{path.name}: tensor {t.name!r} has GGML type {t.tensor_type.name}, "
                                   f"which gguf.quants cannot dequantize")
         try:
-            hf = _hf_shapes(t)
+            hf = _hf_shapes(t, arch)
         except UnsupportedGGUF as e:
             raise UnsupportedGGUF(f"{path.name}: {e}") from None
         for name, shape in hf:
             shapes[name], types[name] = shape, t.tensor_type.name
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    config = _hf_config(meta, shapes, _field(reader, "tokenizer.ggml.bos_token_id"),
-                        _field(reader, "tokenizer.ggml.eos_token_id"))
+    eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
+    config = _hf_config(meta, arch, shapes, _field(reader, "tokenizer.ggml.bos_token_id"),
+                        list(dict.fromkeys(i for i in eos if i is not None)))
     tokenizer_json, tokenizer_config = _tokenizer(reader, tokens, config["max_position_embeddings"])
-    return GGUFModel(path, config, tokenizer_json, tokenizer_config, shapes, types, reader)
+    return GGUFModel(path, arch, config, tokenizer_json, tokenizer_config, shapes, types, reader)
 
 
 def export_hf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -134,7 +181,7 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
     return True
 
 
-def _split_name(name: str) -> tuple[int | None, str, str]:
+def split_name(name: str) -> tuple[int | None, str, str]:
     """'blk.3.attn_q.weight' -> (3, 'attn_q', 'weight'); 'output.weight' -> (None, 'output', 'weight')."""
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
@@ -144,18 +191,21 @@ def _split_name(name: str) -> tuple[int | None, str, str]:
     raise UnsupportedGGUF(f"unsupported GGUF tensor {name!r}")
 
 
-def _hf_shapes(t: ReaderTensor) -> list[tuple[str, tuple[int, ...]]]:
+def _hf_shapes(t: ReaderTensor, arch: str) -> list[tuple[str, tuple[int, ...]]]:
     shape = tuple(int(x) for x in reversed(t.shape))
-    layer, part, kind = _split_name(t.name)
-    if layer is None and part in _TOP:
-        return [(f"{_TOP[part]}.{kind}", shape)]
+    layer, part, kind = split_name(t.name)
+    spec = ARCHS[arch]
+    if layer is None and part in TOP_NAMES:
+        return [(f"{TOP_NAMES[part]}.{kind}", shape)]
     prefix = f"model.layers.{layer}"
-    if layer is not None and part in _BLOCK:
-        return [(f"{prefix}.{_BLOCK[part]}.{kind}", shape)]
-    if layer is not None and part in _EXPERTS:
-        return [(f"{prefix}.block_sparse_moe.experts.{e}.{_EXPERTS[part]}.{kind}", shape[1:])
+    if layer is not None and part == "ffn_gate_inp_shexp":
+        return [(f"{prefix}.{spec.block[part]}.{kind}", (1, shape[-1]))]  # HF's [1, H] gate; llama.cpp: [H]
+    if layer is not None and (module := spec.block.get(part) or BLOCK_NAMES.get(part)):
+        return [(f"{prefix}.{module}.{kind}", shape)]
+    if layer is not None and part in spec.expert_proj:
+        return [(f"{prefix}.{spec.experts.format(e=e)}.{spec.expert_proj[part]}.{kind}", shape[1:])
                 for e in range(shape[0])]
-    raise UnsupportedGGUF(f"unsupported GGUF tensor {t.name!r} for architecture 'llama'")
+    raise UnsupportedGGUF(f"unsupported GGUF tensor {t.name!r} for architecture {arch!r}")
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -163,18 +213,21 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _convert(t: ReaderTensor, n_head: int, n_kv: int) -> list[tuple[str, np.ndarray]]:
-    names = _hf_shapes(t)
+def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
+    """A GGUF tensor as float32 [rows, ..., cols] (numpy order: the reverse of GGUF's ne)."""
     w = dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
-    w = np.require(w, np.float32, ["C", "W"])  # F32 tensors come back as read-only views of the mmap
-    part = _split_name(t.name)[1]
-    if part == "attn_q":
-        w = _unpermute(w, n_head)
-    elif part == "attn_k":
-        w = _unpermute(w, n_kv)
-    if part in _EXPERTS:
+    return np.require(w, np.float32, ["C", "W"])  # F32 tensors come back as read-only views of the mmap
+
+
+def _convert(t: ReaderTensor, arch: str, n_head: int, n_kv: int) -> list[tuple[str, np.ndarray]]:
+    spec, names = ARCHS[arch], _hf_shapes(t, arch)
+    w = dequantize_tensor(t)
+    part = split_name(t.name)[1]
+    if spec.permute_qk and part in ("attn_q", "attn_k"):
+        w = _unpermute(w, n_head if part == "attn_q" else n_kv)  # also right for the biases (rows only)
+    if part in spec.expert_proj:
         return [(name, w[e]) for e, (name, _) in enumerate(names)]
-    return [(names[0][0], w)]
+    return [(names[0][0], w.reshape(names[0][1]))]
 
 
 # ---------------------------------------------------------------- config
@@ -184,16 +237,21 @@ def _field(reader: GGUFReader, key: str):
     return None if f is None else f.contents()
 
 
-def _hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], bos: int | None, eos: int | None) -> dict:
-    g = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
+def _hf_config(meta: dict, arch: str, shapes: dict[str, tuple[int, ...]], bos: int | None,
+               eos: list[int]) -> dict:
+    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
     hidden, n_head = g("embedding_length"), g("attention.head_count")
-    experts = g("expert_count", 0)
+    experts, spec = g("expert_count", 0), ARCHS[arch]
+    if experts and spec.moe is None:
+        raise UnsupportedGGUF(f"GGUF architecture {arch!r} with {experts} experts is not supported")
+    hf_arch = spec.moe if experts else spec.dense
+    sparse = sorted({int(n.split(".")[2]) for n in shapes if ".experts." in n})
     config = {
-        "architectures": ["MixtralForCausalLM" if experts else "LlamaForCausalLM"],
-        "model_type": "mixtral" if experts else "llama",
+        "architectures": [hf_arch],
+        "model_type": MODEL_TYPES[hf_arch],
         "vocab_size": shapes["model.embed_tokens.weight"][0],
         "hidden_size": hidden,
-        "intermediate_size": g("expert_feed_forward_length") or g("feed_forward_length"),
+        "intermediate_size": g("feed_forward_length"),
         "num_hidden_layers": g("block_count"),
         "num_attention_heads": n_head,
         "num_key_value_heads": g("attention.head_count_kv", n_head),
@@ -201,24 +259,37 @@ def _hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], bos: int | None, 
         "hidden_act": "silu",
         "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(g("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta),
+        "rope_scaling": _rope_scaling(meta, arch),
         "max_position_embeddings": g("context_length"),
         "tie_word_embeddings": "lm_head.weight" not in shapes,
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in shapes,
         "bos_token_id": bos,
-        "eos_token_id": eos,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
     }
-    if experts:
-        config.update(num_local_experts=experts, num_experts_per_tok=g("expert_used_count"))
+    if hf_arch == "MixtralForCausalLM":
+        config.update(num_local_experts=experts, num_experts_per_tok=g("expert_used_count"),
+                      intermediate_size=g("expert_feed_forward_length") or g("feed_forward_length"))
+    elif hf_arch == "Qwen2MoeForCausalLM":
+        shexp = shapes.get(f"model.layers.{sparse[0] if sparse else 0}.mlp.shared_expert.up_proj.weight", (0,))[0]
+        config.update(num_experts=experts, num_experts_per_tok=g("expert_used_count"),
+                      moe_intermediate_size=g("expert_feed_forward_length"),
+                      intermediate_size=g("feed_forward_length") or shexp,
+                      shared_expert_intermediate_size=shexp,
+                      # llama.cpp's qwen2moe never renormalizes; `hobbit export --allow-inexact` records it here
+                      norm_topk_prob=bool(g("expert_weights_norm", False)),
+                      qkv_bias=config["attention_bias"], use_sliding_window=False, decoder_sparse_step=1,
+                      mlp_only_layers=[i for i in range(g("block_count")) if i not in sparse])
+    elif hf_arch == "Qwen2ForCausalLM":
+        config.update(use_sliding_window=False)
     return config
 
 
-def _rope_scaling(meta: dict) -> dict | None:
-    kind = meta.get("llama.rope.scaling.type", "none")
+def _rope_scaling(meta: dict, arch: str) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+        return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
     raise UnsupportedGGUF(f"GGUF rope scaling type {kind!r} is not supported (supported: none, linear)")
 
 
@@ -231,18 +302,37 @@ def _byte_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
-def _pre_tokenizer(pre: str | None) -> tuple[pre_tokenizers.PreTokenizer, bool]:
-    """(pre-tokenizer, ignore_merges) of the HF tokenizer llama.cpp's `tokenizer.ggml.pre` names."""
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre == "smollm":  # SmolLM/StarCoder: digits one by one, then GPT-2
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), False
-    if pre in ("llama-bpe", "llama3"):
-        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
-        no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        return pre_tokenizers.Sequence([split, no_regex]), True
-    if pre not in (None, "default", "gpt2"):
+def pre_tokenizer(pre: str | None) -> tuple[pre_tokenizers.PreTokenizer, bool, normalizers.Normalizer | None]:
+    """(pre-tokenizer, ignore_merges, normalizer) of the HF tokenizer llama.cpp's `tokenizer.ggml.pre` names."""
+    if pre not in PRE_TOKENIZERS and pre not in (None, "default", "gpt2"):
         warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known here; using GPT-2's byte-level split")
-    return byte_level, False
+    split, digits, ignore_merges, nfc = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["gpt-2"])
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    return (steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)), ignore_merges, \
+        (normalizers.NFC() if nfc else None)
+
+
+def _signature(pre: dict | None) -> tuple:
+    """What decides how a tokenizer.json pre-tokenizer splits text (not offsets or prefix spaces)."""
+    steps = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
+    return tuple((s["type"], (s.get("pattern") or {}).get("Regex"), s.get("individual_digits"), s.get("use_regex"))
+                 for s in steps if s)
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
+    """The llama.cpp `tokenizer.ggml.pre` whose split a tokenizer.json uses, None if none of PRE_TOKENIZERS."""
+    want = _signature(tokenizer_json.get("pre_tokenizer"))
+    for name in PRE_TOKENIZERS:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizer(name)[0]
+        if _signature(json.loads(tok.to_str())["pre_tokenizer"]) == want:
+            return name
+    return None
 
 
 def _tokenizer(reader: GGUFReader, tokens: list[str] | None, context: int) -> tuple[str | None, dict]:
@@ -258,9 +348,11 @@ def _tokenizer(reader: GGUFReader, tokens: list[str] | None, context: int) -> tu
     vocab = {tok if set(tok) <= alphabet else "".join(spell[b] for b in tok.encode()): i
              for i, tok in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges") or []]
-    pre, ignore_merges = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre"))
+    pre, ignore_merges, normalizer = pre_tokenizer(_field(reader, "tokenizer.ggml.pre"))
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges))
     tok.pre_tokenizer, tok.decoder = pre, decoders.ByteLevel()
+    if normalizer is not None:
+        tok.normalizer = normalizer
 
     ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)

@@ -188,6 +188,18 @@ def quantize(w: Tensor, fmt: str, group_size: int = 64) -> dict[str, Tensor]:
     return {"q": _pack(codes.to(torch.uint8).view(N, K), bits), "sz": sz}
 
 
+def int4_from_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> dict[str, Tensor]:
+    """int4 storage form of a grid chosen elsewhere (e.g. a GGUF's own 4-bit blocks): codes uint8
+    [N, K] in 0..15, scale and zero [N, K/group_size] with w = (q - 8) * scale + zero. Codes are kept
+    as they are; scale and zero are rounded to bf16 (the kernel's dtype)."""
+    N, K = codes.shape
+    if scale.shape != zero.shape or scale.shape[0] != N or K % scale.shape[1]:
+        raise ValueError(f"int4_from_codes: codes {tuple(codes.shape)} need scale/zero [N, K/group_size], "
+                         f"got {tuple(scale.shape)} and {tuple(zero.shape)}")
+    sz = torch.stack((scale.float(), zero.float()), -1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [G, N, 2]
+    return {"q": _pack(codes.to(torch.uint8).contiguous(), 4), "sz": sz}
+
+
 def dequantize(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: int) -> Tensor:
     """Plain-torch fp32 reference: the [N, K] weight the storage form represents."""
     check_shape(fmt, shape, group_size)
