@@ -312,3 +312,20 @@ def test_biglittle_little_set():
     assert little_weights([0.3, 0.1, 0.05, 0.05]) == pytest.approx([0.375, 0.125])
     with pytest.raises(ValueError):
         little_mass([0.1, 0.9])
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.booleans(), st.integers(0, 6)), min_size=1,
+                max_size=40), st.integers(0, 3))
+@settings(max_examples=100, deadline=None)
+def test_eq3_victim_is_the_lowest_priority(uses, layer_now):
+    """The inlined scan picks exactly min over (priority, recency, key), ties included."""
+    p = Multidim(num_layers=4, weights={"lru": 0.3, "lfu": 0.1, "lhu": 0.2, "fld": 0.4})
+    keys = []
+    for layer, expert, high, t in uses:
+        key = (layer, expert, "bf16" if high else "int4")
+        p.touch(key, t, layer, high)
+        keys.append(key)
+    keys = sorted(set(keys))
+    t = max(u[3] for u in uses)
+    expected = min(keys, key=lambda k: (p.priority(k, t, layer_now), p._recency.stamp(k), k))
+    assert p.victim(keys, t, layer_now) == expected

@@ -277,8 +277,23 @@ class Multidim(_Recorded):
         )
 
     def victim(self, candidates: Sequence[Key], t: int, layer_now: int) -> Key:
+        """The lowest (priority, stamp, key); `priority` inlined (same expression, same floats): this
+        scan runs once per eviction over the whole pool, so its per-candidate cost is the hot path."""
         _check_candidates(candidates)
-        return min(candidates, key=lambda k: (self.priority(k, t, layer_now), self._recency.stamp(k), k))
+        big_t, n, w = t + 1, self.num_layers, self.weights
+        wl, wf, wh, wd = w["lru"], w["lfu"], w["lhu"], w["fld"]
+        last, uses, high = self._records.last.get, self._records.uses.get, self._records.high_uses.get
+        fld = [wd * (1.0 - ((layer - layer_now + n) % n) / n) for layer in range(n)]  # the FLD term per layer
+        stamp = self._recency.stamp
+        best, best_rank = None, None
+        for k in candidates:
+            e = (k[0], k[1])
+            p = wl * last(e, 0) / big_t + wf * uses(e, 0) / big_t + wh * high(e, 0) / big_t + fld[k[0] % n]
+            if best_rank is None or p <= best_rank[0]:
+                rank = (p, stamp(k), k)
+                if best_rank is None or rank < best_rank:
+                    best, best_rank = k, rank
+        return best
 
 
 class Belady:
