@@ -314,6 +314,17 @@ def test_biglittle_little_set():
         little_mass([0.1, 0.9])
 
 
+def test_adapmoe_drops_small_normalized_weights():
+    from hobbit.policies import adapmoe_weights
+    assert adapmoe_weights([0.7, 0.3], 0.35) == pytest.approx([1.0])  # AdapMoE's top-2 code: keep top-1, renormalized
+    assert adapmoe_weights([0.7, 0.3], 0.3) == [0.7, 0.3]  # at the threshold: kept
+    assert adapmoe_weights([0.3, 0.1, 0.1], 0.25) == pytest.approx([0.5])  # unnormalized: same total
+    assert adapmoe_weights([0.5, 0.3, 0.2], 0.0) == [0.5, 0.3, 0.2]
+    assert adapmoe_weights([0.2, 0.2], 1.0) == pytest.approx([0.4])  # the top-1 always stays
+    with pytest.raises(ValueError, match="threshold"):
+        adapmoe_weights([0.5, 0.5], 1.5)
+
+
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.booleans(), st.integers(0, 6)), min_size=1,
                 max_size=40), st.integers(0, 3))
 @settings(max_examples=100, deadline=None)

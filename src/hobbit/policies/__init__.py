@@ -1,7 +1,7 @@
 """Torch-free cache policies: eviction (LRU, LFU, SLRU, HOBBIT Eq. 3, Belady), the HOBBIT Eq. 2
-precision rule and serve rule, MoBiLE big-little choices, and the HOBBIT prefetch walk."""
+precision rule and serve rule, MoBiLE big-little and AdapMoE weight rules, and the HOBBIT prefetch walk."""
 
-from hobbit.policies.biglittle import layer_weights, little_k, little_mass, little_weights
+from hobbit.policies.biglittle import LITTLE_RULES, adapmoe_weights, layer_weights, little_k, little_mass, little_weights
 from hobbit.policies.eviction import (
     DEFAULT_MULTIDIM_WEIGHTS,
     LFU,
@@ -18,7 +18,7 @@ from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide, scores
 from hobbit.policies.prefetch import PredictionStats, PrefetchPlan, plan_prefetch
 
 __all__ = [
-    "layer_weights", "little_k", "little_mass", "little_weights",
+    "LITTLE_RULES", "adapmoe_weights", "layer_weights", "little_k", "little_mass", "little_weights",
     "DEFAULT_MULTIDIM_WEIGHTS", "LFU", "LRU", "POLICY_NAMES", "SLRU", "Belady", "EvictionPolicy",
     "Key", "Multidim", "make_policy",
     "HIGH", "LOW", "SKIP", "ServeRule", "decide", "scores",

@@ -1,16 +1,18 @@
-"""MoBiLE big-little experts (arXiv 2510.12357), as our hypothesis. Torch-free.
+"""MoBiLE big-little experts (arXiv 2510.12357) and AdapMoE's weight threshold, as per-token
+weight rules. Torch-free.
 
-Only the abstract and secondary reviews of MoBiLE were available, so the rules below are our
-reconstruction (notes: algorithms.md §2.3), not the paper's stated algorithm:
+Only the abstract and secondary notes on MoBiLE were available (notes: mobile_and_users.md §1):
 
 - The "big" model uses the router's own top-K; the "little" model uses the first ``ceil(K/2)``
-  of them (the abstract: "reduces the number of experts for unimportant tokens to half"), with
-  their weights rescaled to the top-K's total so the output scale matches the big model.
-- Per token and layer, importance is the share of the top-K routing mass the little set
-  captures: at or above ``threshold`` the little set suffices, below it the layer uses all K
-  (a per-layer rule, no second forward pass, as in AdapMoE).
-- Not implemented: a per-token fallback decided after a little-model forward pass from the LM
-  head's confidence (speculative-decoding style), which costs a second forward pass.
+  of them, with their weights rescaled to the top-K's total so the output scale matches the big
+  model (``little_weights``).
+- MoBiLE's importance is per token, from the little pass's output confidence (top next-token
+  probability below gamma -> recompute the token big); that decode loop lives in the engine
+  (`Sequence.step`), the scheduler only runs a pass little or big (`Scheduler.begin_pass`).
+- Two per-layer rules need no second pass: ``layer_weights`` (our earlier reading of the
+  abstract: little when the little set holds at least a share of the routing mass) and
+  ``adapmoe_weights`` (AdapMoE's code: drop an expert whose normalized weight is under a
+  threshold, renormalize the rest).
 
 All weight arguments are the selected experts' routing weights, sorted descending, as the family
 defines them (renormalized or not).
@@ -66,3 +68,20 @@ def layer_weights(weights: Sequence[float], threshold: float) -> list[float]:
     w = _check(weights)
     return little_weights(w) if little_mass(w) >= threshold else w
 
+
+
+def adapmoe_weights(weights: Sequence[float], threshold: float) -> list[float]:
+    """AdapMoE's gating baseline for one token: keep the leading experts whose normalized weight is
+    at least ``threshold`` (the top-1 always), rescaled to the top-K's total, as AdapMoE renormalizes
+    its kept top-1 to 1. ``threshold`` in [0, 1]; 0 keeps every expert."""
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    w = _check(weights)
+    total = sum(w)
+    head = [x for i, x in enumerate(w) if i == 0 or x / total >= threshold]
+    scale = total / sum(head)
+    return [x * scale for x in head]
+
+
+LITTLE_RULES = {"mass": layer_weights, "adapmoe": adapmoe_weights}
+"""--little-rule name -> (weights, threshold) -> the leading weights to compute with."""
