@@ -52,6 +52,42 @@ def test_little_set_for_unimportant_tokens():
     assert s.stats.little_tokens == 1 and s.stats.skipped == 1
 
 
+def test_little_rules_and_mobile_options():
+    s = scheduler(policy="lru", little_rule="adapmoe", little=0.25)
+    want, weights = s.select(0, [([4, 5, 6], [0.6, 0.3, 0.1])])  # 0.1 < 0.25: dropped, the rest rescaled
+    assert want == {4: "high", 5: "high", 6: "skip"} and weights[0] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert Options(little=0.8).little_rule == "mass"
+    with pytest.raises(ValueError, match="needs a threshold"):
+        Options(little_rule="adapmoe")
+    with pytest.raises(ValueError, match="unknown little rule"):
+        Options(little_rule="median", little=0.5)
+    o = Options(policy="hobbit+mobile", low="int4")
+    assert (o.policy, o.mobile, o.name) == ("hobbit", True, "hobbit+mobile")
+    assert Options(policy="mobile").name == "mobile" and Options(policy="lru").name == "lru"
+
+
+def test_mobile_little_pass_prefetches_what_a_fallback_adds():
+    s = scheduler(policy="hobbit", high="bf16", low="int4", t1=0.6, t2=0.9, mobile=True)
+    f = CountingFetcher()
+    rows = [([1, 2, 3], [0.5, 0.3, 0.2])]  # k=3: little = experts 1, 2; scores [0, .5, .8]: 2 high, 3 low
+    s.begin_pass(True)
+    weights = s.run_layer(0, rows, f)
+    assert weights[0] == pytest.approx([0.625, 0.375, 0.0])
+    assert f.loads["demand"] == {"bf16": 2} and f.loads["prefetch"] == {"int4": 1}  # expert 3, at Eq. 2's tier
+    s.end_step()
+    s.begin_pass(False)  # unsure: the same token again, big
+    assert s.run_layer(0, rows, f) is None
+    assert f.loads["demand"] == {"bf16": 2}  # the fallback hit everything
+    s.end_step()
+    st = s.stats
+    assert (st.little_steps, st.fallbacks, st.fallback_prefetch_issued, st.fallback_prefetch_used) == (1, 1, 1, 1)
+    s.begin_pass(True)  # the next token; a confident one needs no fallback: no big pass follows
+    s.run_layer(0, [([4, 5, 1], [0.5, 0.4, 0.1])], f)  # score of expert 1 is 0.9 <= t2, but it is cached: no read
+    s.end_step()
+    s.begin_pass(True)
+    assert st.little_steps == 3 and st.fallbacks == 1
+
+
 def test_little_end_to_end(tiny_store):
     import hobbit
     prompt = [3, 17, 42, 99, 7, 128]

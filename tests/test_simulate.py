@@ -29,16 +29,19 @@ SETTINGS = [
     ("lru+prefetch", {}),
     ("hobbit", {"prefetch_depth": 0}),
     ("hobbit", {}),  # prefetch depth 2
-    ("lru", {"little": 0.6}),  # MoBiLE's little set
+    ("lru", {"little": 0.6}),  # the routing-mass little rule
+    ("lru", {"little_rule": "adapmoe", "little": 0.3}),  # AdapMoE's weight threshold
+    ("mobile", {"gamma": 0.035}),  # MoBiLE: little passes, some redone big (the tiny model's confidences)
+    ("hobbit+mobile", {"gamma": 0.035}),
 ]
 
 COMPARED = ("hits_by_precision", "misses_by_precision", "skipped", "selections", "evictions", "prefetch_issued",
-            "prefetch_used")
+            "prefetch_used", "little_steps", "fallbacks", "fallback_prefetch_issued", "fallback_prefetch_used")
 
 
 def live_run(store, trace, policy, **options):
     """Two greedy sequences through the live engine, recording the trace."""
-    eng = hobbit.load(store, budget=BUDGET, policy=policy, low="int4" if policy == "hobbit" else None,
+    eng = hobbit.load(store, budget=BUDGET, policy=policy, low="int4" if "hobbit" in policy else None,
                       trace=trace, **options)
     outs = [eng.generate(p, max_new_tokens=NEW_TOKENS, stop_token_ids=[]) for p in PROMPTS]
     stats = eng.provider.stats.as_dict()
@@ -73,9 +76,12 @@ def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
         sim["bytes_demand"] + sim["bytes_prefetch"] >= read
     assert sum(sim["selections_by_precision"].values()) + sim["skipped"] == sim["selections"]
     assert sim["sequences"] == len(PROMPTS)
-    assert sim["tokens"] == sum(len(p) + NEW_TOKENS - 1 for p in PROMPTS)
+    assert sim["tokens"] == sum(len(p) + NEW_TOKENS - 1 for p in PROMPTS) + live["fallbacks"]  # a redo is a pass
+    if opt.mobile:
+        assert 0 < sim["fallbacks"] < sim["little_steps"] == len(PROMPTS) * (NEW_TOKENS - 1)
+        assert sim["fallback_prefetch_issued"] > 0 and sim["policy"] == policy
     assert sim["demand_s"] == pytest.approx(sim["bytes_demand"] / 2e9)
-    if policy == "hobbit":
+    if "hobbit" in policy:
         assert sim["hits_by_precision"].get("int4", 0) + sim["misses_by_precision"].get("int4", 0) > 0
         assert sim["skipped"] > 0
         assert 0 < sim["low_share"] < 1

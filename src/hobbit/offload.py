@@ -205,12 +205,15 @@ class OffloadedExperts:
     def end_step(self) -> None:
         self.scheduler.end_step()
 
+    def begin_pass(self, little: bool) -> None:
+        self.scheduler.begin_pass(little)
+
     # -- the hot path ----------------------------------------------------------------------------
     def experts(self, layer: int, x: Tensor, logits: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         rows = list(zip(ids.tolist(), weights.tolist()))
         predicted = self.predictor(layer, x) if self.predictor is not None else {}
         if self.trace is not None:
-            self.trace.record(self.scheduler.t, layer, rows, logits, predicted)
+            self.trace.record(self.scheduler.t, layer, rows, logits, predicted, little=self.scheduler.little_pass)
         done: dict[int, tuple[Tensor | None, Tensor]] = {}  # expert -> (its tokens, or None at decode; weighted output)
         if self.resident:  # no scheduler: every copy is in RAM
             experts = sorted({e for r, _ in rows for e in r})

@@ -20,14 +20,22 @@ from typing import Callable, Protocol, Sequence
 
 from .cache import CacheFull, ExpertCache
 from .policies.eviction import Key, make_policy
-from .policies.biglittle import layer_weights
+from .policies.biglittle import LITTLE_RULES, little_k, little_weights
 from .policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from .policies.prefetch import PredictionStats, plan_prefetch
 
 DEMAND, PREFETCH = 0, 1  # fetch priorities: demand loads always go first
+FALLBACK_PINS = -1  # the `_pins` entry of MoBiLE's fallback reads: held through the little pass
 NO_CACHE_POLICIES = ("resident", "ondemand")
 CACHE_POLICIES = ("lru", "lfu", "slru", "belady", "lru+prefetch", "hobbit")
-POLICIES = NO_CACHE_POLICIES + CACHE_POLICIES
+# MoBiLE decoding over a cache policy: every decode token runs little first, unsure ones again big
+MOBILE_POLICIES = {"mobile": "lru", "hobbit+mobile": "hobbit"}
+POLICIES = NO_CACHE_POLICIES + CACHE_POLICIES + tuple(MOBILE_POLICIES)
+
+
+def base_policy(policy: str) -> str:
+    """The cache policy under a policy name: 'hobbit+mobile' -> 'hobbit', 'mobile' -> 'lru'."""
+    return MOBILE_POLICIES.get(policy, policy)
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
@@ -64,9 +72,31 @@ class Options:
     t2: float = 0.9
     low_pool_fraction: float = 0.25  # hobbit: share of the budget that holds low-precision copies
     allow_low_for_high: bool = False  # a cached low copy may serve a request for high
-    little: float | None = None  # MoBiLE: run the top-ceil(k/2) experts when they hold this share of the routing mass
+    little: float | None = None  # threshold of the per-layer little rule (no second pass)
+    little_rule: str | None = None  # 'mass' (top-ceil(k/2) hold this share of the mass) | 'adapmoe' (drop normalized weights under it)
+    mobile: bool = False  # MoBiLE decoding (set by the policy names in MOBILE_POLICIES; `policy` is then the base)
+    gamma: float = 0.7  # MoBiLE: a little pass whose top next-token probability is below gamma is redone big
     prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
     eviction_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.policy in MOBILE_POLICIES:
+            self.policy, self.mobile = MOBILE_POLICIES[self.policy], True
+        if self.little is not None and self.little_rule is None:
+            self.little_rule = "mass"  # `--little MASS` alone is the routing-mass rule
+        if self.little_rule is not None:
+            if self.little_rule not in LITTLE_RULES:
+                raise ValueError(f"unknown little rule {self.little_rule!r}; choose from {', '.join(LITTLE_RULES)}")
+            if self.little is None:
+                raise ValueError(f"little rule {self.little_rule!r} needs a threshold (--little X)")
+        if not 0 <= self.gamma <= 1.01:
+            raise ValueError(f"gamma must be in [0, 1] (above 1: every token falls back), got {self.gamma}")
+
+    @property
+    def name(self) -> str:
+        """The policy as the user names it ('hobbit+mobile', not the base 'hobbit')."""
+        return next((k for k, v in MOBILE_POLICIES.items() if v == self.policy), self.policy) if self.mobile \
+            else self.policy
 
     @property
     def depth(self) -> int:
@@ -80,8 +110,12 @@ class Stats:
     hits: Counter = field(default_factory=Counter)  # precision -> count (one per expert per layer call)
     misses: Counter = field(default_factory=Counter)
     bytes_loaded: Counter = field(default_factory=Counter)  # 'demand' / 'prefetch' -> bytes
-    skipped: int = 0  # token-expert selections dropped (Eq. 2 skips and MoBiLE's little set)
-    little_tokens: int = 0  # token-layers that ran MoBiLE's little set
+    skipped: int = 0  # token-expert selections dropped (Eq. 2 skips, little sets and rules)
+    little_tokens: int = 0  # token-layers that ran a little set (MoBiLE's little pass or a little rule)
+    little_steps: int = 0  # MoBiLE: little forward passes
+    fallbacks: int = 0  # MoBiLE: big passes that redid a little pass (the token was unsure)
+    fallback_prefetch_issued: int = 0  # MoBiLE: reads queued during little passes for what a fallback adds
+    fallback_prefetch_used: int = 0  # ... that served the fallback pass of the same token
     selections: int = 0  # token-expert selections seen
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched copies that served a later request
@@ -98,6 +132,9 @@ class Stats:
                     misses_by_precision={p: self.misses[p] for p in precs},
                     bytes_demand=self.bytes_loaded["demand"], bytes_prefetch=self.bytes_loaded["prefetch"],
                     skipped=self.skipped, little_tokens=self.little_tokens, selections=self.selections, prefetch_issued=self.prefetch_issued,
+                    little_steps=self.little_steps, fallbacks=self.fallbacks,
+                    fallback_prefetch_issued=self.fallback_prefetch_issued,
+                    fallback_prefetch_used=self.fallback_prefetch_used,
                     prefetch_cancelled=self.prefetch_cancelled, prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,
                     prediction=self.prediction.as_dict())
 
@@ -142,6 +179,8 @@ class Scheduler:
         self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet used
         self._pins: dict[int, list[Key]] = {}  # layer -> predicted keys pinned until that layer runs
         self._predicted: dict[int, list[int]] = {}  # layer -> predicted experts (for precision/recall)
+        self.little_pass = False  # MoBiLE: this forward pass runs each token's little set (begin_pass)
+        self._fallback: set[Key] = set()  # admitted for a fallback by the last little pass, not yet used
         if opt.policy == "ondemand":  # no cache: top_k staging slots, emptied after each expert is computed
             self.cache = self._pools({"all": top_k * expert_nbytes(opt.high)}, lambda prec: "all", "lru")
         elif opt.policy in CACHE_POLICIES:
@@ -186,12 +225,26 @@ class Scheduler:
         self._prefetched.clear()
         self._pins.clear()
         self._predicted.clear()
+        self.little_pass = False
+        self._fallback.clear()
         if self.cache is not None:
             self.cache.unpin_all()
             self.cache.reset_sequence()
 
     def end_step(self) -> None:
         self.t += 1
+
+    def begin_pass(self, little: bool) -> None:
+        """MoBiLE: the next forward pass is a little pass, or big. A big pass right after a little one
+        is its fallback (the same token redone); a little pass starts a new token."""
+        for key in self._pins.pop(FALLBACK_PINS, []):  # the little pass is over: its fallback copies may go
+            self.cache.unpin(key)
+        if little:
+            self.stats.little_steps += 1
+            self._fallback.clear()  # the previous token is settled: its fallback copies are plain cache now
+        elif self.little_pass:
+            self.stats.fallbacks += 1
+        self.little_pass = little
 
     # -- one MoE layer call ----------------------------------------------------------------------
     def run_layer(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]], fetcher: Fetcher,
@@ -207,6 +260,9 @@ class Scheduler:
         for s in ready:
             if s.action == "load":
                 fetcher.fetch(s.key, s.slot, DEMAND)
+        if self.little_pass:  # read what a fallback would add while the little set computes
+            for key, slot in self.prefetch_fallback(layer, rows):
+                fetcher.fetch(key, slot, PREFETCH)
         try:
             i = 0
             while i < len(ready) or waiting:
@@ -263,7 +319,8 @@ class Scheduler:
     # -- decisions -------------------------------------------------------------------------------
     def select(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]]
                ) -> tuple[dict[int, str], list[list[float]] | None]:
-        """Per token: MoBiLE's little set (if `little` is set), then HOBBIT Eq. 2 tiers (policy hobbit).
+        """Per token: the little set (a MoBiLE little pass, or the `little_rule` when set), then HOBBIT
+        Eq. 2 tiers (policy hobbit).
         Eq. 2 decides misses only: an expert it would skip is still used when a copy is cached.
 
         Returns the tier per unique expert (the highest any token asks for) and, when a token
@@ -276,14 +333,15 @@ class Scheduler:
         out, changed = [], False
         for ids, weights in rows:
             w = list(weights)
-            if o.little is not None:
-                kept = layer_weights(w, o.little)
-                if len(kept) < len(w):
-                    self.stats.little_tokens += 1
-                    self.stats.skipped += len(w) - len(kept)
-                    w, changed = kept + [0.0] * (len(w) - len(kept)), True
+            kept = little_weights(w) if self.little_pass else \
+                LITTLE_RULES[o.little_rule](w, o.little) if o.little_rule is not None else w
+            if len(kept) < len(w):
+                self.stats.little_tokens += 1
+                self.stats.skipped += len(w) - len(kept)
+                w, changed = kept + [0.0] * (len(w) - len(kept)), True
             n = sum(1 for x in w if x > 0) or 1
-            tiers = decide(w[:n], o.t1, o.t2) if o.policy == "hobbit" else [HIGH] * n
+            # Eq. 2 on the full top-k: dropping the tail does not change the mass ranked above an expert
+            tiers = decide(weights, o.t1, o.t2)[:n] if o.policy == "hobbit" else [HIGH] * n
             for slot, e in enumerate(ids):
                 tier = tiers[slot] if slot < n else SKIP
                 if tier == SKIP and slot < n and self._cached(layer, e, LOW) is not None:
@@ -329,6 +387,9 @@ class Scheduler:
                 if key in self._prefetched:
                     self._prefetched.discard(key)
                     self.stats.prefetch_used += 1
+                if key in self._fallback:
+                    self._fallback.discard(key)
+                    self.stats.fallback_prefetch_used += 1
                 steps.append(Step(e, "hit", key, self._slot[key]))
             else:
                 key = (layer, e, self._fmt(tier))
@@ -351,6 +412,7 @@ class Scheduler:
         if self.opt.policy != "ondemand":
             self.stats.evictions += len(evicted)
         self._prefetched.difference_update(evicted)
+        self._fallback.difference_update(evicted)
         for k in evicted:
             self._free[k[2]].append(self._slot.pop(k))
         slot = self._slot[key] = self._free[key[2]].pop()
@@ -362,6 +424,7 @@ class Scheduler:
             self.cache.discard(key)
             self._free[key[2]].append(self._slot.pop(key))
             self._prefetched.discard(key)
+            self._fallback.discard(key)
 
     def _unpin_predicted(self, layer: int) -> None:
         for key in self._pins.pop(layer, []):
@@ -395,4 +458,30 @@ class Scheduler:
             self.stats.bytes_loaded["prefetch"] += self.expert_nbytes(key[2])
             self._prefetched.add(key)
             loads.append((key, slot))
+        return loads
+
+    def prefetch_fallback(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]]
+                          ) -> list[tuple[Key, int]]:
+        """During a MoBiLE little pass: admit what a fallback (big) pass of this layer adds, the last
+        floor(k/2) experts of each token, at the tier HOBBIT's Eq. 2 gives on the full top-k (policy
+        hobbit; high otherwise; skips are not read). Returns (key, slot) of the reads to start."""
+        if self.cache is None or self.opt.policy == "ondemand":
+            return []
+        loads = []
+        for ids, weights in rows:
+            tiers = decide(weights, self.opt.t1, self.opt.t2) if self.opt.policy == "hobbit" else [HIGH] * len(ids)
+            for e, tier in list(zip(ids, tiers))[little_k(len(ids)):]:
+                if tier == SKIP or self._cached(layer, e, tier) is not None:
+                    continue
+                key = (layer, e, self._fmt(tier))
+                if key in self._slot or (slot := self._admit(key)) is None:
+                    continue  # queued already, or no room: the fallback loads it on demand
+                self.stats.prefetch_issued += 1
+                self.stats.fallback_prefetch_issued += 1
+                self.stats.bytes_loaded["prefetch"] += self.expert_nbytes(key[2])
+                self._prefetched.add(key)
+                self._fallback.add(key)
+                self.cache.pin(key)  # else Eq. 3's layer distance evicts it first, before the fallback needs it
+                self._pins.setdefault(FALLBACK_PINS, []).append(key)
+                loads.append((key, slot))
         return loads

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .schedule import CACHE_POLICIES, DEMAND, POLICIES, Options, Scheduler, parse_budget
+from .schedule import CACHE_POLICIES, DEMAND, POLICIES, Options, Scheduler, base_policy, parse_budget
 from .trace import LayerCall, belady_accesses, iter_steps, read_trace
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
@@ -68,7 +68,7 @@ def default_precisions(header: dict, policy: str, high: str | None, low: str | N
     int2, int3, int8 stored below high."""
     precs = list(header["precisions"])
     high = high or (precs[0] if precs else "bf16")
-    if low is None and policy == "hobbit" and high in FORMAT_ORDER:
+    if low is None and base_policy(policy) == "hobbit" and high in FORMAT_ORDER:
         lower = [p for p in precs if p in FORMAT_ORDER and FORMAT_ORDER.index(p) > FORMAT_ORDER.index(high)]
         low = next((p for p in LOW_DEFAULTS if p in lower), None)
     return high, low
@@ -142,6 +142,7 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
                 sched.begin_sequence(fetcher)
             seq, sequences = s, sequences + 1
         sched.t = t
+        sched.begin_pass(group[0].little)  # MoBiLE: the live run's little/fallback passes, as recorded
         ntok = len(group[0].ids)
         ph = phases["prefill" if ntok > 1 else "decode"]
         before = (sum(loads["demand"].values()), sum(loads["prefetch"].values()), sum(stats.hits.values()))
@@ -189,7 +190,7 @@ def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, 
     demand_s = bytes_demand / link if link else None
     prefetch_s = bytes_prefetch / link if link else None
     return dict(
-        policy=opt.policy, options=options, budget_bytes=budget_bytes, link_gbps=link_gbps,
+        policy=opt.name, options=options, budget_bytes=budget_bytes, link_gbps=link_gbps,
         sequences=sequences, steps=steps, tokens=tokens,
         hits=base["hits"], misses=base["misses"], hit_rate=base["hit_rate"],
         hits_by_precision={p: stats.hits[p] for p in precs},
@@ -200,6 +201,9 @@ def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, 
         share_by_precision={p: served[p] / max(1, selections) for p in precs},
         low_share=served[opt.low] / max(1, selections) if opt.low else 0.0,
         evictions=stats.evictions, prefetch_issued=stats.prefetch_issued, prefetch_used=stats.prefetch_used,
+        little_steps=stats.little_steps, fallbacks=stats.fallbacks,
+        fallback_rate=stats.fallbacks / stats.little_steps if stats.little_steps else None,
+        fallback_prefetch_issued=stats.fallback_prefetch_issued, fallback_prefetch_used=stats.fallback_prefetch_used,
         demand_loads_by_precision=dict(loads["demand"]), prefetch_loads_by_precision=dict(loads["prefetch"]),
         prefetch_loads=sum(loads["prefetch"].values()),
         bytes_demand=bytes_demand, bytes_prefetch=bytes_prefetch,
@@ -250,8 +254,8 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
                    "(default: hobbit 2, lru+prefetch 1, others 0)")
     p.add_argument("--low-pool-fraction", type=float, default=None, help="hobbit: share of the budget for "
                    "low-precision copies (default 0.25)")
-    p.add_argument("--little", type=float, default=None, help="MoBiLE: run only the top ceil(k/2) experts of a "
-                   "token when they hold this share of its routing mass")
+    from .cli import add_little_args  # lazy: cli imports this module
+    add_little_args(p)
     p.add_argument("--weights", default=None, help="hobbit Eq. 3 weights, e.g. lru=0.4,lfu=0.2,lhu=0.2,fld=0.2")
     p.add_argument("--allow-low-for-high", action="store_true", help="a cached low copy may serve a high request")
     p.add_argument("--no-tuned", action="store_true", help="policy hobbit: ignore the store's `hobbit tune` "
@@ -274,14 +278,15 @@ def tuned_options(header: dict) -> tuple[dict, str | None]:
 
 def options_from_args(args: argparse.Namespace, header: dict) -> Options:
     high, low = default_precisions(header, args.policy, args.high, args.low)
-    kw = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "low_pool_fraction", "little")
+    kw = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "low_pool_fraction", "little", "little_rule",
+                                        "gamma")
           if getattr(args, k, None) is not None}
     weights = parse_weights(getattr(args, "weights", None))
     if weights is not None:
-        if args.policy != "hobbit":
+        if base_policy(args.policy) != "hobbit":
             raise ValueError("--weights sets the hobbit eviction policy's Eq. 3 weights: use it with --policy hobbit")
         kw["eviction_options"] = {"weights": weights}
-    if args.policy == "hobbit" and not getattr(args, "no_tuned", False):
+    if base_policy(args.policy) == "hobbit" and not getattr(args, "no_tuned", False):
         kw = {**tuned_options(header)[0], **kw}  # like the engine: tuned defaults, explicit options win
     return Options(policy=args.policy, high=high, low=low,
                    allow_low_for_high=getattr(args, "allow_low_for_high", False), **kw)
@@ -298,7 +303,7 @@ def format_report(r: dict) -> str:
     shares = ", ".join(f"{p} {s:.1%}" for p, s in r["share_by_precision"].items())
     o = r["options"]
     setting = f"policy {r['policy']}, high {o['high']}" + (f", low {o['low']}" if o["low"] else "")
-    if r["policy"] == "hobbit":
+    if o["policy"] == "hobbit":
         setting += f", t1 {o['t1']}, t2 {o['t2']}, low pool {o['low_pool_fraction']:.0%}"
     setting += f", prefetch depth {o['depth']}"
     pred = r["prediction"]
@@ -323,6 +328,10 @@ def format_report(r: dict) -> str:
         t = f", {_secs(ph['demand_s_per_token'])}/token" if ph["demand_s_per_token"] is not None else ""
         rows.append((name, f"{ph['steps']} steps, {ph['tokens']} tokens: {ph['demand_loads_per_token']:.2f} demand "
                            f"loads/token, {ph['bytes_demand_per_token'] / mib:.2f} MiB/token{t}"))
+    if r["little_steps"]:
+        rows.append(("MoBiLE", f"{r['fallbacks']} of {r['little_steps']} little passes redone big "
+                               f"({r['fallback_rate']:.1%}); {r['fallback_prefetch_used']} of "
+                               f"{r['fallback_prefetch_issued']} fallback prefetches used by a fallback"))
     if pred["samples"]:
         rows.append(("prediction", f"precision {pred['precision']:.1%}, recall {pred['recall']:.1%}, top-1 "
                                    f"{pred['top1_accuracy']:.1%} over {pred['samples']} layer calls"))

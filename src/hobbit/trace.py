@@ -5,6 +5,7 @@ stacked-gate predictions for later layers. gzip'd JSON lines, torch-free to read
     {"format": "hobbit-trace", "version": 1, "num_layers": .., "sparse_layers": [..], ...}   header
     {"seq": 0, "t": 0, "layer": 1, "ids": [[3, 5], ...], "w": [[.6, .4], ...],
      "logits": [[...], ...], "pred": {"2": [[3, 0.7], [1, 0.3]], ...}}                       one layer call
+    (+ "little": 1 on a MoBiLE little pass; a big pass after it at the next t is its fallback)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class LayerCall:
     w: list[list[float]]
     logits: list[list[float]] | None
     pred: dict[int, list[tuple[int, float]]]
+    little: bool = False  # a MoBiLE little pass
 
     @property
     def rows(self) -> list[tuple[list[int], list[float]]]:
@@ -42,13 +44,16 @@ class TraceWriter:
     def begin_sequence(self) -> None:
         self.seq += 1
 
-    def record(self, t: int, layer: int, rows, logits, predicted: dict[int, list[tuple[int, float]]]) -> None:
+    def record(self, t: int, layer: int, rows, logits, predicted: dict[int, list[tuple[int, float]]],
+               little: bool = False) -> None:
         """rows: [(ids, weights)] per token; logits: [T,E] tensor or None."""
         rec = dict(seq=self.seq, t=t, layer=layer, ids=[r[0] for r in rows],
                    # weights exactly (JSON floats round-trip): bf16 routing weights often sit exactly on
                    # an Eq. 2 / little-set threshold, and rounding would flip the replayed decision
                    w=[list(r[1]) for r in rows],
                    pred={str(j): [[e, w] for e, w in p] for j, p in predicted.items()})
+        if little:
+            rec["little"] = 1
         if self.logits and logits is not None:
             rec["logits"] = [[round(x, 4) for x in row] for row in logits.tolist()]
         self.f.write(json.dumps(rec) + "\n")
@@ -72,7 +77,8 @@ def read_trace(path: str | Path) -> tuple[dict, list[LayerCall]]:
 
 def _call(r: dict) -> LayerCall:
     return LayerCall(r["seq"], r["t"], r["layer"], r["ids"], r["w"], r.get("logits"),
-                     {int(j): [(int(e), float(w)) for e, w in p] for j, p in r.get("pred", {}).items()})
+                     {int(j): [(int(e), float(w)) for e, w in p] for j, p in r.get("pred", {}).items()},
+                     bool(r.get("little", 0)))
 
 
 def iter_steps(calls: list[LayerCall]) -> Iterator[tuple[int, int, list[LayerCall]]]:
