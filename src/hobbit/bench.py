@@ -34,7 +34,8 @@ from .store import ExpertStore
 from .trace import belady_accesses, read_trace
 
 _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "decode_s", "hits", "misses",
-         "bytes_read", "loader_wait_s", "skipped", "selections")
+         "bytes_read", "loader_wait_s", "skipped", "selections", "little_steps", "fallbacks",
+         "fallback_prefetch_issued", "fallback_prefetch_used")
 WARMUP_TOKENS = 8  # warm-up prompt length; it generates 4 tokens
 
 
@@ -156,6 +157,11 @@ def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict,
         hit_rate=t["hits"] / max(1, t["hits"] + t["misses"]), hit_rate_by_precision=hit_by,
         bytes_per_token=t["bytes_read"] / tokens, loader_wait_frac=t["loader_wait_s"] / seconds,
         skipped_frac=t["skipped"] / max(1, t["selections"]),
+        # MoBiLE: share of little passes redone big, and of the reads queued for them that a fallback used
+        fallback_rate=t["fallbacks"] / t["little_steps"] if t["little_steps"] else None,
+        fallback_prefetch_used_frac=t["fallback_prefetch_used"] / t["fallback_prefetch_issued"]
+        if t["fallback_prefetch_issued"] else None,
+        eval_fallback_rate=q["fallbacks"] / q["little_steps"] if q.get("little_steps") else None,
         ppl=q["ppl"], ppl_full_precision=ref["ppl"], ppl_delta_pct=100 * (q["ppl"] / ref["ppl"] - 1),
         top1_agreement=agreement(q["predictions"], ref["predictions"]),
         tokens=tokens, seconds=seconds, prefill_s_total=prefill_s, decode_s_total=decode_s, **t, **by,
@@ -198,7 +204,7 @@ def _pct(x: float | None) -> str:
 
 def format_table(runs: list[dict]) -> str:
     head = ("policy", "budget", "MiB", "prefill s", "tok/s", "hit", "hit by precision", "KiB/tok", "wait", "skip",
-            "ppl", "Δppl", "top1")
+            "ppl", "Δppl", "top1", "fallback")
     rows = [head]
     for x in runs:
         rows.append((x["policy"], _pct(x["budget_fraction"]),
@@ -206,7 +212,8 @@ def format_table(runs: list[dict]) -> str:
                      f"{x['prefill_s']:.3f}", f"{x['decode_tok_s']:.2f}", _pct(x["hit_rate"]),
                      " ".join(f"{p}:{v:.0%}" for p, v in x["hit_rate_by_precision"].items()) or "-",
                      f"{x['bytes_per_token'] / 1024:.1f}", _pct(x["loader_wait_frac"]), _pct(x["skipped_frac"]),
-                     f"{x['ppl']:.3f}", f"{x['ppl_delta_pct']:+.2f}%", f"{x['top1_agreement']:.1%}"))
+                     f"{x['ppl']:.3f}", f"{x['ppl_delta_pct']:+.2f}%", f"{x['top1_agreement']:.1%}",
+                     _pct(x["fallback_rate"])))
     widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
@@ -267,6 +274,7 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .cli import LITTLE_OPTIONS  # lazy: cli imports this module
     torch.set_num_threads(args.threads)
     cfgs = configs([x.strip() for x in args.policies.split(",") if x.strip()],
                    [x.strip() for x in args.budget.split(",") if x.strip()])
@@ -275,7 +283,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     store.close()
     engine = dict(dtype=args.dtype, dense=args.dense, high=args.high, low=args.low, threads=args.threads,
                   direct_io=not args.no_direct_io, io_threads=args.io_threads,
-                  **{k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "little") if getattr(args, k) is not None})
+                  **{k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", *LITTLE_OPTIONS)
+                     if getattr(args, k) is not None})
     with load(args.store, policy="ondemand", **dict(engine, dense=None)) as probe:  # tokenizer and context only
         prompt_lens, output_lens = _ints(args.prompt_tokens), _ints(args.max_new_tokens)
         if max(prompt_lens) + max(output_lens) > probe.max_context:

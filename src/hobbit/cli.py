@@ -22,9 +22,7 @@ def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str 
     p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
     p.add_argument("--t1", type=float, default=None, help="hobbit Eq. 2: high if score <= T1 (default 0.6 or tuned)")
     p.add_argument("--t2", type=float, default=None, help="hobbit Eq. 2: low if score <= T2, else skip (default 0.9 or tuned)")
-    p.add_argument("--little", type=float, default=None, metavar="MASS",
-                   help="MoBiLE big-little: a token whose top-ceil(k/2) experts hold this share of its routing "
-                        "mass runs only those (e.g. 0.8); others run all k")
+    add_little_args(p)
     p.add_argument("--prefetch-depth", type=int, default=None,
                    help="layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)")
     p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; the loader uses another)")
@@ -32,9 +30,24 @@ def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str 
     p.add_argument("--io-threads", type=int, default=1, help="blobs read at once by the loader (default 1)")
 
 
+LITTLE_OPTIONS = ("little", "little_rule", "gamma")
+
+
+def add_little_args(p: argparse.ArgumentParser) -> None:
+    """Per-token expert-count rules: the per-layer little rules and MoBiLE's confidence threshold."""
+    p.add_argument("--little", type=float, default=None, metavar="X",
+                   help="threshold of the per-layer little rule (--little-rule; mass by default): e.g. 0.8")
+    p.add_argument("--little-rule", default=None, choices=("mass", "adapmoe"),
+                   help="mass: a token whose top-ceil(k/2) experts hold X of its routing mass runs only those; "
+                        "adapmoe: drop experts whose normalized weight is under X (AdapMoE's baseline)")
+    p.add_argument("--gamma", type=float, default=None, help="policies mobile, hobbit+mobile: a token decoded "
+                   "little whose top next-token probability is below this is redone big (default 0.7)")
+
+
 def engine_from_args(args: argparse.Namespace):
     from .engine import load
-    options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "little") if getattr(args, k, None) is not None}
+    options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", *LITTLE_OPTIONS)
+               if getattr(args, k, None) is not None}
     return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
                 low=args.low, threads=args.threads, direct_io=not args.no_direct_io, dense=args.dense,
                 io_threads=args.io_threads,

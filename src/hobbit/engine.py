@@ -22,7 +22,7 @@ from .model import Transformer
 from .loader import DEMAND, PREFETCH
 from .offload import OffloadedExperts, Predictor
 from .policies.prefetch import PredictionStats
-from .schedule import Options, parse_budget
+from .schedule import Options, base_policy, parse_budget
 from .trace import TraceWriter
 from .store import ExpertStore
 from .tokenizer import Tokenizer
@@ -31,21 +31,46 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 
 
 class Sequence:
-    """One sequence: owns the position and the step clock. Every forward pass goes through `step`,
-    so the expert schedule sees exactly one step per pass (prefill counts one)."""
+    """One sequence: owns the position and the step clock. `pos` counts positions; the clock counts
+    forward passes, so the expert schedule sees exactly one step per pass (prefill counts one, and a
+    MoBiLE fallback is a second pass at the same position)."""
 
     def __init__(self, engine: "Engine"):
         self.model, self.provider = engine.model, engine.provider
         self.model.reset()
         self.provider.begin_sequence()
+        opt = self.provider.opt
+        self.gamma = opt.gamma if opt.mobile else None
         self.pos = 0
+        self._last = 0  # tokens of the last pass: what `redo` runs again
 
     def step(self, tokens: Tensor) -> Tensor:
-        """tokens [T] int64 at the next positions -> logits [T, V] fp32."""
+        """tokens [T] int64 at the next positions -> logits [T, V] fp32. Under MoBiLE a single token is
+        decoded little first and redone big when the little pass's top next-token probability is
+        below gamma; the logits returned are the accepted pass's."""
+        if self.gamma is None or tokens.shape[0] != 1:
+            return self.forward(tokens)
+        logits = self.forward(tokens, little=True)
+        if float(torch.softmax(logits[-1], dim=-1).max()) < self.gamma:
+            logits = self.redo(tokens)
+        return logits
+
+    def forward(self, tokens: Tensor, little: bool = False) -> Tensor:
+        """One forward pass (little: each token runs the first ceil(k/2) of its top-k experts)."""
+        self.provider.begin_pass(little)
         logits = self.model.forward(tokens, self.pos)
         self.pos += tokens.shape[0]
+        self._last = tokens.shape[0]
         self.provider.end_step()
         return logits
+
+    def redo(self, tokens: Tensor) -> Tensor:
+        """The last pass's tokens again, big, at the same positions: their KV entries are overwritten,
+        so the state is as if the first pass never ran; `pos` does not advance twice."""
+        if tokens.shape[0] != self._last:
+            raise ValueError(f"redo needs the last pass's {self._last} tokens, got {tokens.shape[0]}")
+        self.pos -= self._last
+        return self.forward(tokens)
 @dataclass
 class Generation:
     token_ids: list[int]
@@ -83,7 +108,7 @@ class Engine:
         self.dtype = DTYPES[dtype]
         precs = self.store.precisions
         high = high or (precs[0] if precs else "bf16")
-        if low is None and policy == "hobbit":  # the paper's pairs: bf16 + int4, int8 + int2
+        if low is None and base_policy(policy) == "hobbit":  # the paper's pairs: bf16 + int4, int8 + int2
             lower = [p for p in precs if p in QUANT_FORMATS and QUANT_FORMATS.index(p) > QUANT_FORMATS.index(high)]
             low = next((p for p in ("int4", "int2", "int3", "int8") if p in lower), None)
         if not self.config.num_experts:
@@ -92,7 +117,7 @@ class Engine:
         self.budget_bytes = parse_budget(budget, top) if policy not in ("resident", "ondemand") else None
         self.policy = policy
         self.tuned = False
-        if policy == "hobbit":  # `hobbit tune` results are the defaults; explicit options win
+        if base_policy(policy) == "hobbit":  # `hobbit tune` results are the defaults; explicit options win
             from .tune import read_tuned
             doc = read_tuned(self.path)
             if doc is not None:
@@ -253,5 +278,6 @@ class Engine:
 def load(store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16", **options) -> Engine:
     """Open a converted expert store. budget: bytes, "2GiB" or "25%" of all expert bytes at the
     highest stored precision (ignored by resident and ondemand); policy: resident | ondemand | lru | lfu |
-    slru | lru+prefetch | belady (needs eviction_options={"trace": ...}) | hobbit."""
+    slru | lru+prefetch | belady (needs eviction_options={"trace": ...}) | hobbit | mobile | hobbit+mobile
+    (MoBiLE decoding over lru / hobbit; `gamma=` its confidence threshold)."""
     return Engine(store, budget=budget, policy=policy, dtype=dtype, **options)

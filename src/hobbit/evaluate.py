@@ -26,7 +26,7 @@ from .assets import SPLITS, text_file
 from .engine import Engine
 from .tokenizer import Tokenizer
 
-_COUNTERS = ("hits", "misses", "bytes_read", "skipped", "selections", "loader_wait_s")
+_COUNTERS = ("hits", "misses", "bytes_read", "skipped", "selections", "loader_wait_s", "little_steps", "fallbacks")
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
