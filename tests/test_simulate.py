@@ -163,6 +163,10 @@ def test_cli(tiny_store, tmp_path, capsys):
     assert cmd_simulate(_args(trace, "--policy", "lru", "--budget", BUDGET, "--little", "0.6", "--json")) == 0
     little = json.loads(capsys.readouterr().out)
     assert little["options"]["little"] == 0.6 and little["skipped"] > 0
+    assert cmd_simulate(_args(trace, "--policy", "lru", "--budget", BUDGET, "--little-rule", "adapmoe", "--little",
+                              "0.3", "--json")) == 0
+    adap = json.loads(capsys.readouterr().out)
+    assert adap["options"]["little_rule"] == "adapmoe" and adap["skipped"] > 0
     with pytest.raises(ValueError, match="weights"):
         cmd_simulate(_args(trace, "--policy", "lru", "--budget", "50%", "--weights", "lru=1"))
     with pytest.raises(ValueError, match="not in the trace's store"):

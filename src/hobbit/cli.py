@@ -82,6 +82,9 @@ def _format_stats(s: dict) -> str:
                    f"{(s['budget_bytes'] or 0) / 2**20:.1f} MiB, dense {s['dense_bytes'] / 2**20:.1f} MiB, "
                    f"KV cache {s['kv_cache_bytes'] / 2**20:.1f} MiB, peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB"),
     ]
+    if s.get("little_steps"):
+        rows.append(("MoBiLE", f"{s['fallbacks']} of {s['little_steps']} little passes redone big; "
+                               f"{s['fallback_prefetch_used']} of {s['fallback_prefetch_issued']} fallback prefetches used"))
     return "\n".join(f"  {k:<18} {v}" for k, v in rows)
 
 
