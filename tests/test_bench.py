@@ -96,3 +96,17 @@ def test_table_rows_come_from_the_json(bench_result):
         assert cells[0] == r["policy"]
         assert f"{r['decode_tok_s']:.2f}" in cells and f"{r['ppl']:.3f}" in cells
         assert f"{r['bytes_per_token'] / 1024:.1f}" in cells and f"{r['top1_agreement']:.1%}" in cells
+
+
+def test_load_overhead_is_recomputable(bench_result):
+    out, _ = bench_result
+    lo, runs = out["load_overhead"], {r["policy"]: r for r in out["runs"]}
+    assert lo["ondemand_s_per_token"] == pytest.approx(1 / runs["ondemand"]["decode_tok_s"])
+    assert lo["resident_s_per_token"] == pytest.approx(1 / runs["resident"]["decode_tok_s"])
+    m = out["model"]
+    assert lo["bytes_per_token"] == m["top_k"] * m["sparse_layers"] * m["expert_bytes"]["bf16"] // (
+        m["sparse_layers"] * m["num_experts"])  # every bf16 blob of the tiny store has one size
+    assert lo["disk_read_gbps"] > 0
+    assert lo["raw_read_s_per_token"] == pytest.approx(lo["bytes_per_token"] / (lo["disk_read_gbps"] * 1e9))
+    assert lo["load_overhead_ratio"] == pytest.approx(
+        (lo["ondemand_s_per_token"] - lo["resident_s_per_token"]) / lo["raw_read_s_per_token"])

@@ -192,6 +192,24 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
     return runs, failed
 
 
+def load_overhead(store_path: str, runs: list[dict]) -> dict | None:
+    """What a load costs beyond its read: (ondemand - resident) seconds per decode token over the time
+    this disk takes to read that token's blobs (top_k x sparse layers at the high precision, read one
+    by one with O_DIRECT like the loader does). 1.0 = loading costs exactly the raw reads."""
+    by = {x["policy"]: x for x in runs}
+    if not {"resident", "ondemand"} <= by.keys() or not by["ondemand"]["decode_tok_s"]:
+        return None
+    with ExpertStore(store_path) as store:
+        c, high = store.manifest["config"], store.precisions[0]
+        token_bytes = c["top_k"] * len(c["sparse_layers"]) * store.expert_nbytes(high)
+        gbps = store.read_bandwidth(high) / 1e9
+    extra = 1 / by["ondemand"]["decode_tok_s"] - 1 / by["resident"]["decode_tok_s"]
+    raw = token_bytes / (gbps * 1e9)
+    return dict(ondemand_s_per_token=1 / by["ondemand"]["decode_tok_s"],
+                resident_s_per_token=1 / by["resident"]["decode_tok_s"], bytes_per_token=token_bytes,
+                disk_read_gbps=gbps, raw_read_s_per_token=raw, load_overhead_ratio=extra / raw)
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
 
@@ -288,7 +306,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  min(args.stride or window, window), args.stepwise)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     runs, failed = bench(s, cfgs, args.repeats, total, log)
-    out = dict(machine=machine_info(args.threads), model=model,
+    out = dict(machine=machine_info(args.threads), model=model, load_overhead=load_overhead(args.store, runs),
                settings=dict(text=str(args.text), split=args.split, stepwise=args.stepwise,
                              prompt_tokens=prompt_lens, max_new_tokens=output_lens,
                              prompts=args.prompts, repeats=args.repeats, eval_tokens=len(s.eval_ids), window=s.window,
@@ -296,6 +314,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                runs=runs, failed=failed)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(format_table(runs))
+    if out["load_overhead"]:
+        lo = out["load_overhead"]
+        print(f"load overhead: ondemand - resident = {1e3 * (lo['ondemand_s_per_token'] - lo['resident_s_per_token']):.2f}"
+              f" ms/token; raw reads of its {lo['bytes_per_token'] / 2**20:.2f} MiB at {lo['disk_read_gbps']:.2f} GB/s = "
+              f"{1e3 * lo['raw_read_s_per_token']:.2f} ms; ratio {lo['load_overhead_ratio']:.2f}")
     if args.plot:
         plot(runs, args.plot, f"{model['name']} on {model['arch']}, {machine_info(args.threads)['cpu']}")
     return 0
