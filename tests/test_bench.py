@@ -110,6 +110,7 @@ def test_load_overhead_is_recomputable(bench_result):
     assert lo["raw_read_s_per_token"] == pytest.approx(lo["bytes_per_token"] / (lo["disk_read_gbps"] * 1e9))
     assert lo["load_overhead_ratio"] == pytest.approx(
         (lo["ondemand_s_per_token"] - lo["resident_s_per_token"]) / lo["raw_read_s_per_token"])
+    assert lo["checksum_cost"] == pytest.approx(lo["disk_read_gbps"] / lo["checksum_gbps"])
 
 
 def test_profile_split_per_configuration(bench_result):

@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,7 @@ from .engine import load
 from .profile import PARTS, profile_decode
 from .evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
 from .schedule import NO_CACHE_POLICIES, POLICIES
-from .store import ExpertStore
+from .store import ExpertStore, checksum
 from .trace import belady_accesses, read_trace
 
 _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "decode_s", "hits", "misses",
@@ -201,7 +202,8 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
 def load_overhead(store_path: str, runs: list[dict]) -> dict | None:
     """What a load costs beyond its read: (ondemand - resident) seconds per decode token over the time
     this disk takes to read that token's blobs (top_k x sparse layers at the high precision, read one
-    by one with O_DIRECT like the loader does). 1.0 = loading costs exactly the raw reads."""
+    by one with O_DIRECT like the loader does). 1.0 = loading costs exactly the raw reads. Also what
+    verifying a blob's checksum costs, as a share of its read time (hash GB/s on a blob in RAM)."""
     by = {x["policy"]: x for x in runs}
     if not {"resident", "ondemand"} <= by.keys() or not by["ondemand"]["decode_tok_s"]:
         return None
@@ -209,11 +211,17 @@ def load_overhead(store_path: str, runs: list[dict]) -> dict | None:
         c, high = store.manifest["config"], store.precisions[0]
         token_bytes = c["top_k"] * len(c["sparse_layers"]) * store.expert_nbytes(high)
         gbps = store.read_bandwidth(high) / 1e9
+        blob = os.urandom(store.expert_nbytes(high))
+        t0 = time.perf_counter()
+        for _ in range(64):
+            checksum(blob)
+        hash_gbps = 64 * len(blob) / (time.perf_counter() - t0) / 1e9
     extra = 1 / by["ondemand"]["decode_tok_s"] - 1 / by["resident"]["decode_tok_s"]
     raw = token_bytes / (gbps * 1e9)
     return dict(ondemand_s_per_token=1 / by["ondemand"]["decode_tok_s"],
                 resident_s_per_token=1 / by["resident"]["decode_tok_s"], bytes_per_token=token_bytes,
-                disk_read_gbps=gbps, raw_read_s_per_token=raw, load_overhead_ratio=extra / raw)
+                disk_read_gbps=gbps, raw_read_s_per_token=raw, load_overhead_ratio=extra / raw,
+                checksum_gbps=hash_gbps, checksum_cost=gbps / hash_gbps)
 
 
 def _pct(x: float | None) -> str:
