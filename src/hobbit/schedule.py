@@ -219,15 +219,14 @@ class Scheduler:
                         raise RuntimeError(f"no cache slot frees up for layer {layer}'s loads (budget too small)")
                     continue
                 s = ready[i]
-                i += 1
                 try:
                     fetcher.wait(s.key, s.slot)
                 except BaseException:
-                    self.cache.unpin(s.key)
-                    self._drop(s.key)  # its slot holds no valid copy
+                    self._drop(s.key)  # its slot holds no valid copy (the finally below unpins it)
                     raise
                 if compute is not None:
                     compute(s)
+                i += 1
                 self._release(s.key)
                 if waiting:
                     self._place(waiting, ready, fetcher)
