@@ -267,14 +267,34 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
     return y.to(x.dtype)
 
 
-class QuantLinear(torch.nn.Module):
-    """A drop-in for nn.Linear whose weight is held in a quant format (dense weights at load time)."""
+def cat(parts: list[tuple[dict[str, Tensor], tuple[int, int]]], fmt: str) -> dict[str, Tensor]:
+    """Storage form of the row-concatenation of matrices stored in ``fmt`` (same K): exact, no
+    re-quantization. parts: (storage dict, [N, K] shape) each."""
+    if fmt in ("fp32", "bf16"):
+        return {"w": torch.cat([s["w"] for s, _ in parts])}
+    if fmt == "int8":
+        return {"q": torch.cat([s["q"] for s, _ in parts]), "scale": torch.cat([s["scale"] for s, _ in parts])}
+    bits = _BITS[fmt]
+    if all(N % _BLOCK == 0 for _, (N, _) in parts):  # whole B64 blocks: the bytes concatenate
+        q = torch.cat([s["q"] for s, _ in parts])
+    else:  # decode the codes and pack them again
+        codes = torch.cat([_codes4(_to_int4(s["q"], bits), N) - (8 - 2 ** (bits - 1)) for s, (N, _) in parts])
+        q = _pack(codes, bits)
+    return {"q": q, "sz": torch.cat([s["sz"] for s, _ in parts], dim=1)}
 
-    def __init__(self, linear: torch.nn.Linear, fmt: str, group_size: int, dtype: torch.dtype):
+
+class QuantLinear(torch.nn.Module):
+    """A drop-in for nn.Linear over a weight in quant's storage form (prepared once, never re-quantized)."""
+
+    def __init__(self, q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: int,
+                 dtype: torch.dtype, bias: Tensor | None = None):
         super().__init__()
-        w = linear.weight.detach()
-        self.w = prepare(quantize(w.float(), fmt, group_size), fmt, tuple(w.shape), group_size, dtype)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.w = prepare(q, fmt, shape, group_size, dtype)
+        self.bias = None if bias is None else bias.detach().to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def forward(self, x: Tensor) -> Tensor:
         y = linear(x, self.w)

@@ -1,0 +1,157 @@
+"""Dense (non-expert) weights: their run precision, their names on disk, reading them into RAM.
+
+A store keeps the dense weights in ``dense.safetensors`` under Hugging Face names. Converted with
+``--dense int8|int4``, every quantizable projection (attention, dense and shared-expert MLPs, the
+LM head) is stored in quant's storage form under derived names, so loading never quantizes:
+
+    <name>.q + <name>.scale   int8, per output channel
+    <name>.q + <name>.sz      int4, group-wise (group size = K / sz.shape[0])
+
+Routers (``mlp.gate``) and ``shared_expert_gate`` stay in the source dtype (they decide routing),
+norms and biases too; the embedding is stored bf16 (a row lookup). A tied LM head gets its own
+quantized copy. The manifest records ``dense_format: {"format", "group_size"}``; a store without
+it holds every dense weight as the source had it.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import quant
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_KEEP = re.compile(r"(^|\.)(mlp|block_sparse_moe)\.gate\.weight$|shared_expert_gate\.weight$")  # routing decisions
+_SUFFIXES = {"int8": ("q", "scale"), "int4": ("q", "sz")}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
+              "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
+@dataclass
+class Stored:
+    """One quantized matrix as stored: quant's storage dict, its format, [N, K] shape and group size."""
+    fmt: str
+    q: dict[str, Tensor]
+    shape: tuple[int, int]
+    group_size: int
+
+    def dequantize(self) -> Tensor:
+        return quant.dequantize(self.q, self.fmt, self.shape, self.group_size)
+
+
+def quantizable(name: str, t: Tensor) -> bool:
+    """A projection matrix whose run precision follows the dense format (HF name)."""
+    return t.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name and not _KEEP.search(name)
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dense format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def quantize_state(state: dict[str, Tensor], fmt: str, group_size: int = 32,
+                   tie_word_embeddings: bool = False) -> dict[str, Tensor]:
+    """HF-named dense weights -> the same in run precision ``fmt`` (derived names for int8/int4).
+    int4 falls back to int8 for a matrix whose K is not a multiple of group_size."""
+    check_format(fmt)
+    state = dict(state)
+    emb = next((n for n in state if n.endswith("embed_tokens.weight")), None)
+    if tie_word_embeddings and emb is not None and "lm_head.weight" not in state and fmt in _SUFFIXES:
+        state["lm_head.weight"] = state[emb]  # its own quantized copy; the lookup stays bf16
+    out = {}
+    for name, t in state.items():
+        if name == emb:
+            out[name] = t.to(DTYPES.get(fmt, torch.bfloat16)).contiguous()
+        elif not quantizable(name, t):
+            out[name] = t.contiguous()
+        elif fmt in DTYPES:
+            out[name] = t.to(DTYPES[fmt]).contiguous()
+        else:
+            f = fmt if fmt == "int8" or t.shape[1] % group_size == 0 else "int8"
+            q = quant.quantize(t.float(), f, group_size)
+            out.update({f"{name}.{k}": v for k, v in q.items()})
+    return out
+
+
+def split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Stored]]:
+    """(plain tensors, quantized matrices by weight name) of a dense state dict."""
+    plain, parts = {}, {}
+    for name, t in state.items():
+        base, _, key = name.rpartition(".")
+        if base.endswith(".weight") and key in ("q", "scale", "sz"):
+            parts.setdefault(base, {})[key] = t
+        else:
+            plain[name] = t
+    stored = {}
+    for base, q in parts.items():
+        fmt = "int4" if "sz" in q else "int8"
+        if set(q) != set(_SUFFIXES[fmt]):
+            raise ValueError(f"dense weight {base}: stored parts {sorted(q)}, expected {list(_SUFFIXES[fmt])}")
+        if fmt == "int8":
+            shape, gs = tuple(q["q"].shape), 0
+        else:
+            shape = (q["sz"].shape[1], q["q"].shape[1])
+            gs = shape[1] // q["sz"].shape[0]
+        stored[base] = Stored(fmt, q, shape, gs)
+    return plain, stored
+
+
+def read(path: str | Path) -> dict[str, Tensor]:
+    """A safetensors file read into anonymous (owned) memory, one buffer per tensor: nothing stays
+    file-mapped, so the kernel cannot evict and re-read dense weights under a RAM limit."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = int.from_bytes(os.pread(fd, 8, 0), "little")
+        header = json.loads(os.pread(fd, n, 8))
+        header.pop("__metadata__", None)
+        out = {}
+        for name, h in header.items():
+            start, end = h["data_offsets"]
+            t = torch.empty(h["shape"], dtype=_ST_DTYPES[h["dtype"]])
+            if end > start:
+                got = os.preadv(fd, [t.view(-1).view(torch.uint8).numpy()], 8 + n + start)
+                if got != end - start:
+                    raise OSError(f"{path}: short read for {name} ({got} of {end - start} bytes); the file is truncated")
+            out[name] = t
+        return out
+    finally:
+        os.close(fd)
+
+
+def lock(tensors: list[Tensor]) -> int:
+    """mlock each tensor's pages so the kernel never swaps or evicts them; returns bytes locked.
+    Warns (and locks nothing more) when RLIMIT_MEMLOCK refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    done, seen = 0, set()
+    for t in tensors:
+        ptr, n = t.data_ptr(), t.numel() * t.element_size()
+        if not n or ptr in seen:
+            continue
+        seen.add(ptr)
+        if libc.mlock(ctypes.c_void_p(ptr), ctypes.c_size_t(n)) != 0:
+            import resource
+            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            warnings.warn(f"mlock refused after {done / 2**20:.0f} MiB ({os.strerror(ctypes.get_errno())}); "
+                          f"RLIMIT_MEMLOCK is {'unlimited' if soft < 0 else f'{soft / 2**20:.0f} MiB'}: "
+                          f"raise it (ulimit -l) or run without --mlock")
+            break
+        done += n
+    return done
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
