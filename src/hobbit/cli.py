@@ -16,7 +16,7 @@ def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str 
                    "of all expert bytes at the highest stored precision (default 25%%)")
     p.add_argument("--policy", default=policy, choices=POLICIES, help=f"expert cache policy (default {policy})")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
-    p.add_argument("--dense", default=None, choices=("bf16", "fp32", "int8", "int4"),
+    p.add_argument("--dense", default=None, choices=("bf16", "fp32", "int8", "int4", "auto"),
                    help="precision of the dense (non-expert) weights in RAM (default: as the store holds them)")
     p.add_argument("--mlock", action="store_true", help="lock the dense weights in RAM (needs RLIMIT_MEMLOCK)")
     p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="bf16,int4,int2", help="comma list of fp32,bf16,int8,int4,int3,int2")
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size (default 64, or the largest of 128/64/32 that fits the experts)")
-    p.add_argument("--dense", default=None, choices=("fp32", "bf16", "int8", "int4"),
+    p.add_argument("--dense", default=None, choices=("fp32", "bf16", "int8", "int4", "auto"),
                    help="run precision of the dense projections, stored as such so loading never quantizes "
-                        "(default int4, group 32; routers and norms stay as in the source)")
+                        "(default auto: int4 g32 where lossless, i.e. 4-bit sources, else int8; routers and "
+                        "norms stay as in the source)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("run", help="generate text from a prompt, streaming, then print stats")

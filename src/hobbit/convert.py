@@ -18,7 +18,7 @@ from .checkpoint import open_checkpoint
 from .store import StoreWriter
 
 DEFAULT_PRECISIONS = ("bf16", "int4", "int2")
-DEFAULT_DENSE = "int4"  # dense run precision: int4 g32 decodes fastest at batch 1 and keeps perplexity (README)
+DEFAULT_DENSE = "auto"  # per matrix int4 where lossless (4-bit sources), else int8: quality holds (dense.py, README)
 DENSE_GROUP_SIZE = 32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
@@ -36,8 +36,8 @@ def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, gro
             progress: bool = True, dense: str | None = None, dense_group_size: int = DENSE_GROUP_SIZE) -> Path:
     """Write the expert store for `src` (HF folder or .gguf file) into `dst`; returns dst.
     group_size None picks 64, or the largest of 128/64/32 dividing every expert's input width.
-    dense: the run precision of the dense projections, stored as such (fp32 | bf16 | int8 | int4;
-    None = DEFAULT_DENSE)."""
+    dense: the run precision of the dense projections, stored as such (fp32 | bf16 | int8 | int4 |
+    auto; None = DEFAULT_DENSE)."""
     src, dst = Path(src), Path(dst)
     dense = dense or DEFAULT_DENSE
     dense_weights.check_format(dense)

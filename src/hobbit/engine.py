@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
-from .dense import lock as lock_dense, read as read_dense, rss_bytes
+from .dense import lock as lock_dense, read as read_dense, release_free_heap, rss_bytes
 from .quant import FORMATS as QUANT_FORMATS
 from .model import Transformer
 from .prefetch import DEMAND, PREFETCH
@@ -108,6 +108,7 @@ class Engine:
         # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1
         self.model.load_dense(read_dense(self.path / self.store.manifest["dense_file"]),
                               {"bfloat16": "bf16", "float32": "fp32"}.get(dense, dense), dense_group_size)
+        release_free_heap()  # the buffers of the unfused parts
         if mlock:
             lock_dense(self.model.dense_tensors())
         depth = max(opts.depth, 3 if trace else 0)  # traces record 3 layers of predictions for simulate

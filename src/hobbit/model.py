@@ -136,8 +136,9 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         end = start_pos + T
-        k_cache[:, start_pos:end] = k.transpose(0, 1)  # caches [nkv,S_cap,D]
+        k_cache[:, start_pos:end] = k.transpose(0, 1)  # caches [nkv,S_cap,D] fp32 (exact copies of k, v)
         v_cache[:, start_pos:end] = v.transpose(0, 1)
+        q = q.float()  # fp32 attention: bf16 bmm is 2-3x slower at S < 1000 and oneDNN keeps ~1 MB per new S
         if mask is None:  # one token attends to every cached position (or the window's): no mask
             lo = 0 if self.window is None else max(0, end - self.window)
             keys, values = k_cache[:, lo:end], v_cache[:, lo:end]  # [nkv,S,D]
@@ -147,7 +148,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None, :, :end],
                                                v_cache[None, :, :end], attn_mask=mask,
                                                enable_gqa=True)[0].transpose(0, 1)  # [T,nh,D]
-        return self.o_proj(y.reshape(T, nh * D))
+        return self.o_proj(y.reshape(T, nh * D).to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -206,7 +207,8 @@ class Transformer(nn.Module):
         self.cfg, self.provider, self.dtype = cfg, provider, dtype
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         with torch.device("meta"):  # no memory until load_dense assigns the real weights
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            # given a weight, Embedding skips init.normal_, which costs ~70 MB of RSS even on meta
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -245,10 +247,11 @@ class Transformer(nn.Module):
     def _reformat(self, state: dict[str, Tensor], fmt: str, group_size: int) -> dict[str, Tensor]:
         dense.check_format(fmt)
         plain, stored = dense.split_state(state)
-        if stored and all(s.fmt == fmt and (fmt != "int4" or s.group_size == group_size) for s in stored.values()):
+        same = fmt == "auto" or all(s.fmt == fmt and s.group_size in (0, group_size) for s in stored.values())
+        if stored and same:
             return state  # already stored as asked
-        if stored and dense.FORMATS.index(fmt) < dense.FORMATS.index(max((s.fmt for s in stored.values()),
-                                                                          key=dense.FORMATS.index)):
+        rank = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
+        if stored and fmt != "auto" and max(rank[s.fmt] for s in stored.values()) > rank[fmt]:
             warnings.warn(f"dense weights are stored quantized; loading them as {fmt} cannot restore the "
                           f"precision lost (convert with --dense {fmt} for that)")
         plain.update({n: s.dequantize() for n, s in stored.items()})
@@ -276,15 +279,15 @@ class Transformer(nn.Module):
             self._allocate(0)
 
     def _allocate(self, end: int) -> None:
-        """Make room for positions [0, end): KV caches [layers, kv_heads, capacity, D], grown in
-        chunks (doubling) and copied over; the RoPE tables follow the capacity."""
+        """Make room for positions [0, end): KV caches [layers, kv_heads, capacity, D] fp32, grown
+        in chunks (doubling) and copied over; the RoPE tables follow the capacity."""
         cap = 0 if end == 0 else self.k_cache.shape[2]
         if end and end <= cap:
             return
         new = min(self.max_seq_len, max(2 * cap, -(-max(end, 1) // KV_CHUNK) * KV_CHUNK))
         shape = (self.cfg.num_layers, self.cfg.num_kv_heads, new, self.cfg.head_dim)
         for name in ("k_cache", "v_cache"):
-            t = torch.empty(shape, dtype=self.dtype, device=self.inv_freq.device)  # only [:end] is ever read
+            t = torch.empty(shape, device=self.inv_freq.device)  # only [:end] is ever read
             if cap:
                 t[:, :, :cap] = getattr(self, name)[:, :, :cap]
             self.register_buffer(name, t, persistent=False)
