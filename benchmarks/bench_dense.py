@@ -1,7 +1,7 @@
 """Dense SmolLM2-135M decode speed and memory per dense precision (hobbit), optionally vs transformers.
 
     python benchmarks/bench_dense.py [--dense bf16,int8,int4,auto] [--tokens 64] [--repeats 3]
-                                     [--transformers] [--compile] [--json runs/dense.json]
+                                     [--transformers] [--json runs/dense.json]
 
 The Q4_1 GGUF is converted once per dense precision (`hobbit convert --dense X`). Every run is a
 fresh process on 1 torch thread (so RSS figures are its own), greedy, the same prompt; runs are
@@ -23,16 +23,14 @@ import time
 PROMPT = "The history of the Shire begins with the wandering days of the hobbits,"
 
 
-def run_hobbit(store: str, tokens: int, compile: bool) -> dict:
+def run_hobbit(store: str, tokens: int) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
     import hobbit
-    eng = hobbit.load(store, policy="resident", compile=compile) if compile else hobbit.load(store, policy="resident")
+    eng = hobbit.load(store, policy="resident")
     ids = eng.tokenizer.encode(PROMPT)
-    t0 = time.perf_counter()
-    eng.generate(ids, max_new_tokens=4, stop_token_ids=[])  # warm-up (and compilation)
-    warm_s = time.perf_counter() - t0
+    eng.generate(ids, max_new_tokens=4, stop_token_ids=[])  # warm-up
     out = eng.generate(ids, max_new_tokens=tokens, stop_token_ids=[])
     steps = []
     with torch.inference_mode():
@@ -43,7 +41,7 @@ def run_hobbit(store: str, tokens: int, compile: bool) -> dict:
     mem = eng.memory()
     eng.close()
     return dict(decode_tok_s=out.stats["decode_tok_s"], min_step_ms=min(steps) * 1e3,
-                median_step_ms=sorted(steps)[len(steps) // 2] * 1e3, warmup_s=warm_s, memory=mem)
+                median_step_ms=sorted(steps)[len(steps) // 2] * 1e3, memory=mem)
 
 
 def run_transformers(gguf: str, tokens: int) -> dict:
@@ -69,15 +67,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--transformers", action="store_true", help="also time transformers (bf16) on the GGUF")
-    ap.add_argument("--compile", action="store_true", help="also time each precision with compile=True")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--inner", nargs=3, metavar=("KIND", "PATH", "COMPILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--inner", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:  # a child run: print one JSON line
         import torch
         torch.set_num_threads(1)
-        kind, path, comp = a.inner
-        res = run_transformers(path, a.tokens) if kind == "transformers" else run_hobbit(path, a.tokens, comp == "1")
+        kind, path = a.inner
+        res = run_transformers(path, a.tokens) if kind == "transformers" else run_hobbit(path, a.tokens)
         print(json.dumps(res))
         return
     from hobbit.assets import asset_path
@@ -88,15 +85,13 @@ def main() -> None:
         variants = []
         for fmt in a.dense.split(","):
             store = str(convert(gguf, f"{tmp}/{fmt}", progress=False, dense=fmt))
-            variants.append((f"hobbit {fmt}", "hobbit", store, "0"))
-            if a.compile:
-                variants.append((f"hobbit {fmt} compiled", "hobbit", store, "1"))
+            variants.append((f"hobbit {fmt}", "hobbit", store))
         if a.transformers:
-            variants.append(("transformers bf16", "transformers", str(gguf), "0"))
+            variants.append(("transformers bf16", "transformers", str(gguf)))
         runs = []
         for r in range(a.repeats):  # interleaved, so drift hits every variant alike
-            for name, kind, path, comp in variants:
-                out = subprocess.run([sys.executable, __file__, "--tokens", str(a.tokens), "--inner", kind, path, comp],
+            for name, kind, path in variants:
+                out = subprocess.run([sys.executable, __file__, "--tokens", str(a.tokens), "--inner", kind, path],
                                      env=env, capture_output=True, text=True)
                 if out.returncode:
                     sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")

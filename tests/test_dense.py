@@ -94,6 +94,10 @@ def test_read_is_owned_memory_and_equals_safetensors(stores):
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
     t = ours["model.norm.weight"]
     assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # its own buffer, not a file map
+    fused = dense.read(stores["fp32"] / "dense.safetensors", model_mod.FUSED)
+    parts = [fused[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
+    qkv = quant.cat0(parts)  # read back to back: fusing is a view
+    assert qkv.data_ptr() == parts[0].data_ptr() and torch.equal(qkv, torch.cat(parts))
 
 
 def test_lock_locks_or_warns(stores):

@@ -117,9 +117,11 @@ def split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, 
     return plain, stored
 
 
-def read(path: str | Path) -> dict[str, Tensor]:
-    """A safetensors file read into anonymous (owned) memory, one buffer per tensor: nothing stays
-    file-mapped, so the kernel cannot evict and re-read dense weights under a RAM limit."""
+def read(path: str | Path, fused: dict[str, tuple[str, ...]] | None = None) -> dict[str, Tensor]:
+    """A safetensors file read into anonymous (owned) memory: nothing stays file-mapped, so the
+    kernel cannot evict and re-read dense weights under a RAM limit. fused {ours: HF parts}, e.g.
+    {"qkv": ("q_proj", "k_proj", "v_proj")}: the parts of one projection are read back to back
+    into one buffer, so fusing them (quant.cat0) copies nothing."""
     path = Path(path)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -127,17 +129,43 @@ def read(path: str | Path) -> dict[str, Tensor]:
         header = json.loads(os.pread(fd, n, 8))
         header.pop("__metadata__", None)
         out = {}
-        for name, h in header.items():
-            start, end = h["data_offsets"]
-            t = torch.empty(h["shape"], dtype=_ST_DTYPES[h["dtype"]])
-            if end > start:
-                got = os.preadv(fd, [t.view(-1).view(torch.uint8).numpy()], 8 + n + start)
-                if got != end - start:
-                    raise OSError(f"{path}: short read for {name} ({got} of {end - start} bytes); the file is truncated")
-            out[name] = t
+        for names in _groups(header, fused or {}):
+            hs = [header[x] for x in names]
+            rows = sum(h["shape"][0] for h in hs)
+            buf = torch.empty([rows, *hs[0]["shape"][1:]], dtype=_ST_DTYPES[hs[0]["dtype"]])
+            row = 0
+            for name, h in zip(names, hs):
+                t = out[name] = buf[row:row + h["shape"][0]] if len(names) > 1 else buf
+                row += h["shape"][0]
+                start, end = h["data_offsets"]
+                if end > start:
+                    got = os.preadv(fd, [t.reshape(-1).view(torch.uint8).numpy()], 8 + n + start)
+                    if got != end - start:
+                        raise OSError(f"{path}: short read for {name} ({got} of {end - start} bytes); "
+                                      f"the file is truncated")
         return out
     finally:
         os.close(fd)
+
+
+def _groups(header: dict, fused: dict[str, tuple[str, ...]]) -> list[list[str]]:
+    """Tensor names to read into one buffer each: a fused projection's parts (same dtype and
+    trailing shape, concatenated along rows; int4 .sz is concatenated along columns: alone)."""
+    part_of = {p: ps for ps in fused.values() for p in ps}
+    groups, done = [], set()
+    for name, h in header.items():
+        if name in done:
+            continue
+        m = re.match(r"(.*)\.(\w+)\.(weight|bias|weight\.q|weight\.scale)$", name)
+        names = [name]
+        if m and m[2] in part_of and h["shape"]:
+            cand = [f"{m[1]}.{p}.{m[3]}" for p in part_of[m[2]]]
+            if all(c in header and header[c]["dtype"] == h["dtype"] and header[c]["shape"][1:] == h["shape"][1:]
+                   for c in cand):
+                names = cand
+        done.update(names)
+        groups.append(names)
+    return groups
 
 
 def lock(tensors: list[Tensor]) -> int:
@@ -168,6 +196,16 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process: VmHWM (ru_maxrss survives exec, so a child would report its parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def release_free_heap() -> None:

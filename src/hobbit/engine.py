@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import ctypes
-import resource
 import sys
 import time
 import warnings
@@ -18,9 +17,9 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
-from .dense import lock as lock_dense, read as read_dense, release_free_heap, rss_bytes
+from .dense import lock as lock_dense, peak_rss_bytes, read as read_dense, release_free_heap, rss_bytes
 from .quant import FORMATS as QUANT_FORMATS
-from .model import Transformer
+from .model import FUSED, Transformer
 from .prefetch import DEMAND, PREFETCH
 from .provider import OffloadedExperts, Predictor
 from .policies.prefetch import PredictionStats
@@ -106,7 +105,7 @@ class Engine:
                                          self.budget_bytes, opts, io_threads=io_threads)
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
         # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1
-        self.model.load_dense(read_dense(self.path / self.store.manifest["dense_file"]),
+        self.model.load_dense(read_dense(self.path / self.store.manifest["dense_file"], FUSED),
                               {"bfloat16": "bf16", "float32": "fp32"}.get(dense, dense), dense_group_size)
         release_free_heap()  # the buffers of the unfused parts
         if mlock:
@@ -207,8 +206,7 @@ class Engine:
         at its peak and before the engine loaded anything (baseline: interpreter, torch, libraries)."""
         return dict(budget_bytes=self.budget_bytes, cached_expert_bytes=self.provider.cached_bytes(),
                     dense_bytes=self.model.dense_nbytes(), kv_cache_bytes=self.model.kv_nbytes(),
-                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    rss_bytes=rss_bytes(), baseline_rss_bytes=self.baseline_rss_bytes)
+                    peak_rss_bytes=peak_rss_bytes(), rss_bytes=rss_bytes(), baseline_rss_bytes=self.baseline_rss_bytes)
 
     def close(self) -> None:
         self.provider.close()

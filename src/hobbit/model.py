@@ -219,7 +219,9 @@ class Transformer(nn.Module):
     def load_dense(self, state_dict: dict[str, Tensor], fmt: str | None = None, group_size: int = 32) -> None:
         """Every non-expert weight by HF name, plain or in a stored dense format (see dense.py);
         missing or unexpected names are errors. fmt None keeps the stored precision; else the
-        projections are brought to fmt ('fp32' | 'bf16' | 'int8' | 'int4', group_size for int4)."""
+        projections are brought to fmt ('fp32' | 'bf16' | 'int8' | 'int4' | 'auto', group_size for
+        int4). state_dict is consumed (emptied): each part's memory goes as soon as it is fused,
+        so loading peaks at the weights plus one layer, not twice the weights."""
         state = {_our_name(n): t for n, t in state_dict.items()}
         if fmt is not None:
             state = self._reformat(state, fmt, group_size)
@@ -234,8 +236,12 @@ class Transformer(nn.Module):
             raise ValueError(f"{self.cfg.arch} dense weights do not match the model: missing {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''} (our names, HF minus 'model.')")
-        plain, stored = _fuse(plain, stored)
-        self.load_state_dict({n: t.to(self.dtype) for n, t in plain.items()}, strict=False, assign=True)
+        state_dict.clear()
+        del state
+        _fuse(plain, stored)
+        for n, t in plain.items():
+            plain[n] = t.to(self.dtype)  # one tensor at a time: the old one is freed at once
+        self.load_state_dict(plain, strict=False, assign=True)
         for name, s in stored.items():  # quantized projections: prepared once, never re-quantized
             parent, _, child = name.removesuffix(".weight").rpartition(".")
             module = self.get_submodule(parent)
@@ -345,16 +351,16 @@ def _unfused(name: str) -> list[str]:
     return [f"{parent}.{p}.{leaf}" for p in FUSED[child]] if child in FUSED else [name]
 
 
-def _fuse(plain: dict[str, Tensor], stored: dict[str, dense.Stored]) -> tuple[dict, dict]:
-    """HF q/k/v and gate/up parts -> our fused qkv / gate_up, plain (torch.cat) or stored (quant.cat)."""
-    plain, stored = dict(plain), dict(stored)
+def _fuse(plain: dict[str, Tensor], stored: dict[str, dense.Stored]) -> None:
+    """In place: HF q/k/v and gate/up parts -> our fused qkv / gate_up, plain (torch.cat) or
+    stored (quant.cat)."""
     bases = {n.rpartition(".")[0].rpartition(".")[0] for n in (*plain, *stored)}  # '...self_attn'
     for base in bases:
         for ours, parts in FUSED.items():
             for leaf in ("weight", "bias"):
                 names = [f"{base}.{p}.{leaf}" for p in parts]
                 if all(n in plain for n in names):
-                    plain[f"{base}.{ours}.{leaf}"] = torch.cat([plain.pop(n) for n in names])
+                    plain[f"{base}.{ours}.{leaf}"] = quant.cat0([plain.pop(n) for n in names])
                 elif all(n in stored for n in names):
                     ss = [stored.pop(n) for n in names]
                     fmts = {s.fmt for s in ss}
@@ -365,7 +371,6 @@ def _fuse(plain: dict[str, Tensor], stored: dict[str, dense.Stored]) -> tuple[di
                         ss[0].fmt, quant.cat([(s.q, s.shape) for s in ss], ss[0].fmt), (N, K), ss[0].group_size)
                 elif any(n in stored for n in names):
                     raise ValueError(f"{base}: {'/'.join(parts)} are partly quantized; convert the store again")
-    return plain, stored
 
 
 def _our_name(hf_name: str) -> str:

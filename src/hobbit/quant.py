@@ -267,16 +267,29 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
     return y.to(x.dtype)
 
 
+def cat0(ts: list[Tensor]) -> Tensor:
+    """torch.cat along dim 0; a view, no copy, when the parts lie back to back in one buffer
+    (dense.read puts the parts of a fused projection there)."""
+    t0, n = ts[0], sum(t.shape[0] for t in ts)
+    end = t0.data_ptr()
+    for t in ts:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr() \
+                or t.data_ptr() != end or t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:]:
+            return torch.cat(ts)
+        end += t.numel() * t.element_size()
+    return t0.new_empty(0).set_(t0.untyped_storage(), t0.storage_offset(), (n, *t0.shape[1:]))
+
+
 def cat(parts: list[tuple[dict[str, Tensor], tuple[int, int]]], fmt: str) -> dict[str, Tensor]:
     """Storage form of the row-concatenation of matrices stored in ``fmt`` (same K): exact, no
     re-quantization. parts: (storage dict, [N, K] shape) each."""
     if fmt in ("fp32", "bf16"):
-        return {"w": torch.cat([s["w"] for s, _ in parts])}
+        return {"w": cat0([s["w"] for s, _ in parts])}
     if fmt == "int8":
-        return {"q": torch.cat([s["q"] for s, _ in parts]), "scale": torch.cat([s["scale"] for s, _ in parts])}
+        return {"q": cat0([s["q"] for s, _ in parts]), "scale": cat0([s["scale"] for s, _ in parts])}
     bits = _BITS[fmt]
     if all(N % _BLOCK == 0 for _, (N, _) in parts):  # whole B64 blocks: the bytes concatenate
-        q = torch.cat([s["q"] for s, _ in parts])
+        q = cat0([s["q"] for s, _ in parts])
     else:  # decode the codes and pack them again
         codes = torch.cat([_codes4(_to_int4(s["q"], bits), N) - (8 - 2 ** (bits - 1)) for s, (N, _) in parts])
         q = _pack(codes, bits)
