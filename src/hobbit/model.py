@@ -160,8 +160,8 @@ class MoE(nn.Module):
         # qwen2/qwen3/olmoe routers hand the experts weights cast to the activation dtype; mixtral keeps fp32
         self.round_weights = cfg.arch != "mixtral"
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.shared_expert = self.shared_expert_gate = None
-        if cfg.shared_expert_intermediate_size:
+        self.has_shared = bool(cfg.shared_expert_intermediate_size)
+        if self.has_shared:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
@@ -179,7 +179,7 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, provider: ExpertProvider) -> Tensor:
         logits, ids, weights = self.route(x)
         out = provider.experts(self.layer, x, logits, ids, weights)  # [T,H]
-        if self.shared_expert is not None:
+        if self.has_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
