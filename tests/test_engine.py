@@ -136,7 +136,7 @@ def test_corrupt_blob_names_it_and_engine_survives(tmp_path, tiny_store):
 
 def test_loader_error_surfaces_and_engine_stays_usable(tiny_store):
     eng = hobbit.load(tiny_store, policy="lru", budget="50%")
-    real_read, calls = eng.store.read, []
+    real_read, calls = eng.store.read_into, []
 
     def flaky(*a):
         calls.append(a)
@@ -144,7 +144,7 @@ def test_loader_error_surfaces_and_engine_stays_usable(tiny_store):
             raise OSError(5, "Input/output error (injected)")
         return real_read(*a)
 
-    eng.store.read = flaky
+    eng.store.read_into = flaky
     with pytest.raises(OSError, match="injected"):
         eng.generate(PROMPT, max_new_tokens=4)
     out = eng.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])

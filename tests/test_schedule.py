@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hobbit.schedule import Options, Scheduler
+from hobbit.simulate import CountingFetcher
 
 MB = 1 << 20
 
@@ -25,11 +26,13 @@ def test_eq2_skip_zeroes_only_that_tokens_slot():
 
 def test_eq2_never_skips_a_cached_expert():
     s = scheduler(policy="hobbit", high="bf16", low="int4", t1=0.6, t2=0.9)
-    s.cache.insert((0, 3, "int4"), "payload", MB, 0, 0, False)
+    fetcher = CountingFetcher()
+    s.run_layer(0, [([1, 3], [0.65, 0.35])], fetcher)  # expert 1 loaded high, expert 3 low (score 0.65)
+    assert fetcher.loads["demand"] == {"bf16": 1, "int4": 1}
     want, weights = s.select(0, [([1, 2, 3], [0.65, 0.3, 0.05])])
     assert want[3] == "low" and weights is None and s.stats.skipped == 0
     steps = s.plan(0, [([1, 2, 3], [0.65, 0.3, 0.05])])
-    assert [(x.expert, x.action) for x in steps] == [(1, "load"), (2, "load"), (3, "hit")]
+    assert [(x.expert, x.action) for x in steps] == [(1, "hit"), (2, "load"), (3, "hit")]
 
 
 def test_full_precision_policies_keep_the_weights():

@@ -77,7 +77,7 @@ def test_tuned_respects_limits_and_beats_defaults(tuned):
     store, doc, trace = tuned
     header, calls = load_trace(trace)
     o, c = doc["options"], doc["calibration"]
-    opt = Options(policy="hobbit", high=c["high"], low=c["low"], sync_prefetch=True, **o)
+    opt = Options(policy="hobbit", high=c["high"], low=c["low"], **o)
     r = simulate(header, calls, opt, doc["budget_bytes"])
     limits = c["limits"]
     assert r["low_share"] <= limits["max_low"] and r["skip_share"] <= limits["max_skip"]
@@ -87,7 +87,7 @@ def test_tuned_respects_limits_and_beats_defaults(tuned):
     # never worse than any feasible setting it tried, the defaults included
     feasible = [row["penalty"] for row in doc["search"] if row["feasible"]]
     assert r["miss_penalty"] <= min(feasible) + 1e-9
-    default = simulate(header, calls, Options(policy="hobbit", high=c["high"], low=c["low"], sync_prefetch=True),
+    default = simulate(header, calls, Options(policy="hobbit", high=c["high"], low=c["low"]),
                        doc["budget_bytes"])
     if c["paper_default"]["feasible"]:
         assert r["miss_penalty"] <= default["miss_penalty"] + 1e-9

@@ -111,16 +111,14 @@ def decode_logits(engine, prompt: list[int], steps: int, after_step=None):
     """Prefill, then `steps` greedy decode steps through the engine's real provider:
     (stacked logits [steps, V], greedy tokens). `after_step(engine)` runs after each step."""
     import torch
-    engine._begin()
+    seq = engine.sequence()
     out, toks = [], []
     with torch.inference_mode():
-        logits = engine.model.forward(torch.tensor(prompt), 0)[-1]
-        engine.provider.end_step()
+        logits = seq.step(torch.tensor(prompt))[-1]
         for i in range(steps):
             out.append(logits.clone())
             toks.append(int(logits.argmax()))
-            logits = engine.model.forward(torch.tensor([toks[-1]]), len(prompt) + i)[-1]
-            engine.provider.end_step()
+            logits = seq.step(torch.tensor([toks[-1]]))[-1]
             if after_step is not None:
                 after_step(engine)
     return torch.stack(out), toks

@@ -139,6 +139,15 @@ class ExpertCache:
         self.counters["evicted_bytes"] += entry.nbytes
         self.policy.remove(key)
 
+    def discard(self, key: Key) -> None:
+        """Remove ``key`` without counting an eviction (a copy that never became valid, a staging use)."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        del self._by_pool[entry.pool][key]
+        self.used[entry.pool] -= entry.nbytes
+        self.policy.remove(key)
+
     def pin(self, key: Key) -> None:
         """Protect ``key`` from eviction (counted; it need not be cached yet)."""
         self._pins[key] = self._pins.get(key, 0) + 1

@@ -100,6 +100,21 @@ def generate_and_report(engine, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import format_profile, profile_decode
+    engine = engine_from_args(args)
+    prompt = [100 + i % max(1, engine.config.vocab_size - 100) for i in range(args.prompt_tokens)]
+    try:
+        profile_decode(engine, prompt, min(4, args.tokens))  # warm-up: first-touch pages, checksums
+        r = profile_decode(engine, prompt, args.tokens)
+    finally:
+        engine.close()
+    r.update(store=args.store, policy=args.policy, budget=args.budget)
+    print(json.dumps(r) if args.json else f"{args.store}: policy {args.policy}, budget {args.budget}\n"
+          + format_profile(r))
+    return 0
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     from .assets import asset_path
     print(asset_path(args.name))
@@ -162,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--trace", default=None, help="record the routing trace here (for `hobbit simulate`)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("profile", help="split a decode token's time into attention, router, experts, load wait, "
+                       "scheduler, lm_head, sampling (ms per token)")
+    add_engine_args(p)
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (token ids 100, 101, ...)")
+    p.add_argument("--tokens", type=int, default=32, help="decode tokens timed")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="run SmolMoE (built from SmolLM2-135M) with experts on disk, under a 25%% budget")
     add_engine_args(p, store=False, policy="hobbit")

@@ -209,7 +209,7 @@ def peak_rss_bytes() -> int:
 
 
 def release_free_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them: the engine raises M_TRIM_THRESHOLD)."""
+    """Hand freed heap pages back to the OS (glibc keeps those inside a fragmented heap)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

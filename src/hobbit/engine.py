@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import ctypes
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,8 +18,8 @@ from .config import ModelConfig
 from .dense import lock as lock_dense, peak_rss_bytes, read as read_dense, release_free_heap, rss_bytes
 from .quant import FORMATS as QUANT_FORMATS
 from .model import FUSED, Transformer
-from .prefetch import DEMAND, PREFETCH
-from .provider import OffloadedExperts, Predictor
+from .loader import DEMAND, PREFETCH
+from .offload import OffloadedExperts, Predictor
 from .policies.prefetch import PredictionStats
 from .schedule import Options, parse_budget
 from .trace import TraceWriter
@@ -29,17 +27,24 @@ from .store import ExpertStore
 from .tokenizer import Tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-def _tune_malloc() -> None:
-    """Keep big freed blocks in the heap: fresh mmap'd buffers page-fault at ~2 GB/s (environment notes)."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum
-            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-        except OSError:
-            pass
 
 
+class Sequence:
+    """One sequence: owns the position and the step clock. Every forward pass goes through `step`,
+    so the expert schedule sees exactly one step per pass (prefill counts one)."""
+
+    def __init__(self, engine: "Engine"):
+        self.model, self.provider = engine.model, engine.provider
+        self.model.reset()
+        self.provider.begin_sequence()
+        self.pos = 0
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """tokens [T] int64 at the next positions -> logits [T, V] fp32."""
+        logits = self.model.forward(tokens, self.pos)
+        self.pos += tokens.shape[0]
+        self.provider.end_step()
+        return logits
 @dataclass
 class Generation:
     token_ids: list[int]
@@ -72,7 +77,6 @@ class Engine:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose bf16 or fp32")
         self.baseline_rss_bytes = rss_bytes()  # before any weight: what the process costs by itself
-        _tune_malloc()
         torch.set_num_threads(threads)  # one compute thread; the loader thread takes the other core
         self.path = Path(store)
         self.store = ExpertStore(self.path, direct_io=direct_io)
@@ -107,7 +111,7 @@ class Engine:
         # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1
         self.model.load_dense(read_dense(self.path / self.store.manifest["dense_file"], FUSED),
                               {"bfloat16": "bf16", "float32": "fp32"}.get(dense, dense), dense_group_size)
-        release_free_heap()  # the buffers of the unfused parts
+        release_free_heap()  # load-time temporaries (re-packing, quantizing an old store)
         if mlock:
             lock_dense(self.model.dense_tensors())
         depth = max(opts.depth, 3 if trace else 0)  # traces record 3 layers of predictions for simulate
@@ -126,22 +130,20 @@ class Engine:
         self.decode_s = 0.0
 
     # -- public API -------------------------------------------------------------------------------
+    def sequence(self) -> Sequence:
+        """Start a fresh sequence (KV cache and expert-schedule clock reset)."""
+        return Sequence(self)
+
     def logits(self, token_ids: list[int] | Tensor, stepwise: bool = False) -> Tensor:
         """[T, V] fp32 logits of a fresh sequence. stepwise feeds one token per forward pass, as
         decoding does, so each token picks its own experts' precisions (HOBBIT, MoBiLE); otherwise
         the whole sequence is one prefill pass."""
         ids = self._check_prompt(token_ids)
-        self._begin()
+        seq = self.sequence()
         with torch.inference_mode():
             if not stepwise:
-                out = self.model.forward(ids, 0)
-                self.provider.end_step()
-                return out
-            rows = []
-            for i in range(ids.numel()):
-                rows.append(self.model.forward(ids[i:i + 1], i))  # [1, V]
-                self.provider.end_step()
-        return torch.cat(rows)
+                return seq.step(ids)
+            return torch.cat([seq.step(ids[i:i + 1]) for i in range(ids.numel())])  # [T, V]
 
     def generate(self, prompt_ids: list[int] | Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -153,15 +155,13 @@ class Engine:
         stop = set(stop_token_ids) if stop_token_ids is not None else self._default_stops()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         before = self._counters()
-        self._begin()
+        seq = self.sequence()
         out: list[int] = []
         finish = "length"
-        pos = len(ids)
         t0 = time.perf_counter()
         prefill_s = decode_s = 0.0
         with torch.inference_mode():
-            logits = self.model.forward(ids, 0)[-1]
-            self.provider.end_step()
+            logits = seq.step(ids)[-1]
             prefill_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             while len(out) < max_new_tokens:
@@ -173,11 +173,9 @@ class Engine:
                 if tok in stop:
                     finish = "stop"
                     break
-                if len(out) == max_new_tokens or pos >= self.max_context:
+                if len(out) == max_new_tokens or seq.pos >= self.max_context:
                     break
-                logits = self.model.forward(torch.tensor([tok]), pos)[-1]
-                self.provider.end_step()
-                pos += 1
+                logits = seq.step(torch.tensor([tok]))[-1]
             decode_s = time.perf_counter() - t1
         self.tokens_generated += len(out)
         self.decode_s += decode_s
@@ -228,10 +226,6 @@ class Engine:
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return ids
-
-    def _begin(self) -> None:
-        self.model.reset()
-        self.provider.begin_sequence()
 
     def _default_stops(self) -> set[int]:
         stops = set(self.config.eos_token_ids)

@@ -1,25 +1,30 @@
 """Scheduler: every expert-caching decision, torch-free, shared by the live engine and `hobbit simulate`.
 
-Per MoE layer call the live provider (or the simulator) asks `plan()` what to do with each
-selected expert: serve a cached copy ('hit'), load one at a precision ('load') or drop it
-('skip', HOBBIT Eq. 2). Loaded blobs come back through `loaded()`; prefetches through
-`prefetched()`. Because the simulator drives this same object with a recorded routing trace,
-its counters are the live engine's counters.
+`run_layer` is the one orchestration of an MoE layer call: plan (per selected expert: serve a
+cached copy 'hit', load one at a precision 'load', or drop it 'skip', HOBBIT Eq. 2) -> admit
+(every load gets a cache slot *before* its read, evicting by the policy) -> fetch (the reads) ->
+compute (in the order the copies land) -> predict -> prefetch (slots reserved the same way).
+Reads go through a `Fetcher`: the live engine's reads blobs into slot memory on the loader
+thread; the simulator's only counts them. Both run this same code on the same routing, so a
+replay's counters are the live engine's by construction.
+
+Slots: each cache pool holds one precision, so its byte budget is a number of equal slots; a
+key's slot is fixed while it is cached and returns to the pool's free list when it is evicted.
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from .cache import CacheFull, ExpertCache
-from .policies.eviction import make_policy
+from .policies.eviction import Key, make_policy
 from .policies.biglittle import layer_weights
 from .policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from .policies.prefetch import PredictionStats, plan_prefetch
 
-Key = tuple[int, int, str]  # (layer, expert, precision)
+DEMAND, PREFETCH = 0, 1  # fetch priorities: demand loads always go first
 NO_CACHE_POLICIES = ("resident", "ondemand")
 CACHE_POLICIES = ("lru", "lfu", "slru", "belady", "lru+prefetch", "hobbit")
 POLICIES = NO_CACHE_POLICIES + CACHE_POLICIES
@@ -61,7 +66,6 @@ class Options:
     allow_low_for_high: bool = False  # a cached low copy may serve a request for high
     little: float | None = None  # MoBiLE: run the top-ceil(k/2) experts when they hold this share of the routing mass
     prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
-    sync_prefetch: bool = False  # wait for in-flight prefetches at each layer (deterministic; tests, simulate parity)
     eviction_options: dict = field(default_factory=dict)
 
     @property
@@ -81,6 +85,7 @@ class Stats:
     selections: int = 0  # token-expert selections seen
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched copies that served a later request
+    prefetch_cancelled: int = 0  # live only: queued prefetch reads dropped because their slot was reused first
     loader_wait_s: float = 0.0
     evictions: int = 0
     prediction: PredictionStats = field(default_factory=PredictionStats)
@@ -93,7 +98,7 @@ class Stats:
                     misses_by_precision={p: self.misses[p] for p in precs},
                     bytes_demand=self.bytes_loaded["demand"], bytes_prefetch=self.bytes_loaded["prefetch"],
                     skipped=self.skipped, little_tokens=self.little_tokens, selections=self.selections, prefetch_issued=self.prefetch_issued,
-                    prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,
+                    prefetch_cancelled=self.prefetch_cancelled, prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,
                     prediction=self.prediction.as_dict())
 
 
@@ -102,7 +107,20 @@ class Step:
     expert: int
     action: str  # 'hit' | 'load' | 'skip'
     key: Key | None = None
-    payload: object = None
+    slot: int | None = None  # the key's slot in its precision's pool; None = a load still waiting for room
+
+
+class Fetcher(Protocol):
+    """Moves blobs into slots. The live one reads the store on the loader thread; the simulator's counts."""
+
+    def fetch(self, key: Key, slot: int, priority: int) -> None:
+        """Start reading `key`'s blob into `slot` of its precision's pool (DEMAND or PREFETCH)."""
+
+    def wait(self, key: Key, slot: int) -> None:
+        """Return once `slot` holds `key` (raises the read's error)."""
+
+    def drain(self) -> None:
+        """Wait for every read in flight (a sequence boundary)."""
 
 
 class Scheduler:
@@ -118,10 +136,15 @@ class Scheduler:
         self.weights: list[list[float]] | None = None  # per-token weights of the last plan(), when changed
         self.t = 0
         self.cache: ExpertCache | None = None
+        self.capacity: dict[str, int] = {}  # precision -> slots in its pool
+        self._free: dict[str, list[int]] = {}  # precision -> free slots (popped from the end)
+        self._slot: dict[Key, int] = {}  # cached key -> its slot
         self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet used
         self._pins: dict[int, list[Key]] = {}  # layer -> predicted keys pinned until that layer runs
         self._predicted: dict[int, list[int]] = {}  # layer -> predicted experts (for precision/recall)
-        if opt.policy in CACHE_POLICIES:
+        if opt.policy == "ondemand":  # no cache: top_k staging slots, emptied after each expert is computed
+            self.cache = self._pools({"all": top_k * expert_nbytes(opt.high)}, lambda prec: "all", "lru")
+        elif opt.policy in CACHE_POLICIES:
             self.cache = self._make_cache(top_k, budget_bytes)
 
     def _make_cache(self, top_k: int, budget: int | None) -> ExpertCache:
@@ -132,19 +155,33 @@ class Scheduler:
         if budget < need:
             raise ValueError(f"budget {budget} bytes is too small: one layer's {top_k} active experts at "
                              f"{o.high} need {need} bytes ({need / 2**20:.1f} MiB); raise --budget to at least that")
-        policy = make_policy({"lru+prefetch": "lru"}.get(o.policy, o.policy), self.num_layers, **o.eviction_options)
+        evictor = {"lru+prefetch": "lru"}.get(o.policy, o.policy)
         if o.policy != "hobbit":
-            return ExpertCache({"all": budget}, lambda prec: "all", policy)
+            return self._pools({"all": budget}, lambda prec: "all", evictor)
         low_budget = int(budget * o.low_pool_fraction)
         pools = {HIGH: budget - low_budget, LOW: low_budget}
         if pools[HIGH] < need:
             raise ValueError(f"the high-precision pool ({pools[HIGH]} bytes) is below one layer's active experts "
                              f"({need} bytes); raise --budget or lower the low-pool fraction")
         high = o.high
-        return ExpertCache(pools, lambda prec: HIGH if prec == high else LOW, policy)
+        return self._pools(pools, lambda prec: HIGH if prec == high else LOW, evictor)
+
+    def _pools(self, pools: dict[str, int], pool_of: Callable[[str], str], evictor: str) -> ExpertCache:
+        """The cache, and the slot count of each pool's one precision (its budget over one expert's bytes)."""
+        o = self.opt
+        for prec in filter(None, (o.high, o.low if o.policy == "hobbit" else None)):
+            n = pools[pool_of(prec)] // self.expert_nbytes(prec)
+            if n < 1:
+                raise ValueError(f"the {pool_of(prec)} pool ({pools[pool_of(prec)]} bytes) cannot hold one {prec} "
+                                 f"expert ({self.expert_nbytes(prec)} bytes); raise --budget or the low-pool fraction")
+            self.capacity[prec] = n
+            self._free[prec] = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
+        return ExpertCache(pools, pool_of, make_policy(evictor, self.num_layers, **o.eviction_options))
 
     # -- clock -----------------------------------------------------------------------------------
-    def begin_sequence(self) -> None:
+    def begin_sequence(self, fetcher: Fetcher | None = None) -> None:
+        if fetcher is not None:
+            fetcher.drain()  # no read may still be landing in a slot the new sequence reuses
         self.t = 0
         self._prefetched.clear()
         self._pins.clear()
@@ -156,7 +193,74 @@ class Scheduler:
     def end_step(self) -> None:
         self.t += 1
 
-    # -- per layer -------------------------------------------------------------------------------
+    # -- one MoE layer call ----------------------------------------------------------------------
+    def run_layer(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]], fetcher: Fetcher,
+                  compute: Callable[[Step], None] | None = None,
+                  predicted: dict[int, list[tuple[int, float]]] | None = None) -> list[list[float]] | None:
+        """Plan, admit, fetch, compute (each step as its copy lands), then prefetch for `predicted`
+        (later layer -> [(expert, weight)]; the first `depth` layers are used). Returns the per-token
+        weights to compute with when the plan dropped or rescaled a selection, else None."""
+        steps = self.plan(layer, rows)
+        weights = self.weights
+        ready = [s for s in steps if s.slot is not None]
+        waiting = [s for s in steps if s.action == "load" and s.slot is None]
+        for s in ready:
+            if s.action == "load":
+                fetcher.fetch(s.key, s.slot, DEMAND)
+        try:
+            i = 0
+            while i < len(ready) or waiting:
+                if i == len(ready):  # nothing of this layer holds a pin: free the prefetch pins too
+                    for keys in self._pins.values():
+                        for key in keys:
+                            self.cache.unpin(key)
+                    self._pins.clear()
+                    if not self._place(waiting, ready, fetcher):
+                        raise RuntimeError(f"no cache slot frees up for layer {layer}'s loads (budget too small)")
+                    continue
+                s = ready[i]
+                i += 1
+                try:
+                    fetcher.wait(s.key, s.slot)
+                except BaseException:
+                    self.cache.unpin(s.key)
+                    self._drop(s.key)  # its slot holds no valid copy
+                    raise
+                if compute is not None:
+                    compute(s)
+                self._release(s.key)
+                if waiting:
+                    self._place(waiting, ready, fetcher)
+        finally:
+            for s in ready[i:]:
+                self._release(s.key)
+            self._unpin_predicted(layer)
+        if predicted and self.opt.depth:
+            for key, slot in self.prefetch(layer, dict(sorted(predicted.items())[:self.opt.depth])):
+                fetcher.fetch(key, slot, PREFETCH)
+        return weights
+
+    def _place(self, waiting: list[Step], ready: list[Step], fetcher: Fetcher) -> bool:
+        """Give waiting loads the slots that freed up, in order; True if any started."""
+        started = False
+        while waiting and (slot := self._admit(waiting[0].key)) is not None:
+            s = waiting.pop(0)
+            s.slot = slot
+            self.cache.pin(s.key)
+            fetcher.fetch(s.key, slot, DEMAND)
+            ready.append(s)
+            started = True
+        return started
+
+    def _release(self, key: Key) -> None:
+        """This layer is done with `key`: unpin it (ondemand keeps nothing: the slot is free again)."""
+        if self.cache is None:
+            return
+        self.cache.unpin(key)
+        if self.opt.policy == "ondemand" and not self.cache.is_pinned(key):
+            self._drop(key)
+
+    # -- decisions -------------------------------------------------------------------------------
     def select(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]]
                ) -> tuple[dict[int, str], list[list[float]] | None]:
         """Per token: MoBiLE's little set (if `little` is set), then HOBBIT Eq. 2 tiers (policy hobbit).
@@ -198,13 +302,13 @@ class Scheduler:
     def _cached(self, layer: int, e: int, tier: str) -> str | None:
         """The tier of the cached copy that serves this request (ServeRule), or None."""
         c, o = self.cache, self.opt
-        if c is None:
+        if c is None or o.policy == "ondemand":
             return None
         return self.serve_rule.serve(tier, (layer, e, o.high) in c, o.low is not None and (layer, e, o.low) in c)
 
-    def plan(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]],
-             resident: Callable[[int, int], object] | None = None) -> list[Step]:
-        """rows: per token (expert ids sorted by weight desc, weights). Steps in ascending expert id."""
+    def plan(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]]) -> list[Step]:
+        """rows: per token (expert ids sorted by weight desc, weights). Steps in ascending expert id;
+        hits and admitted loads are pinned until `run_layer` is done with them."""
         if layer in self._predicted:
             self.stats.prediction.add(self._predicted.pop(layer), list(rows[-1][0]))
         steps = []
@@ -215,55 +319,59 @@ class Scheduler:
             if tier == SKIP:
                 steps.append(Step(e, "skip"))
             elif self.opt.policy == "resident":
-                key = (layer, e, self.opt.high)
-                self.stats.hits[key[2]] += 1
-                steps.append(Step(e, "hit", key, resident(layer, e) if resident else None))
-            elif self.cache is not None and (served := self._cached(layer, e, tier)) is not None:
+                self.stats.hits[self.opt.high] += 1
+                steps.append(Step(e, "hit", (layer, e, self.opt.high), e))
+            elif (served := self._cached(layer, e, tier)) is not None:
                 key = (layer, e, self._fmt(served))
                 self.cache.touch(key, self.t, layer, served == HIGH)
-                self.cache.pin(key)  # not evictable while this layer still loads its misses
+                self.cache.pin(key)
                 self.stats.hits[key[2]] += 1
                 if key in self._prefetched:
                     self._prefetched.discard(key)
                     self.stats.prefetch_used += 1
-                steps.append(Step(e, "hit", key, self.cache.get(key)))
+                steps.append(Step(e, "hit", key, self._slot[key]))
             else:
-                steps.append(Step(e, "load", (layer, e, self._fmt(tier))))
+                key = (layer, e, self._fmt(tier))
+                self.stats.misses[key[2]] += 1
+                self.stats.bytes_loaded["demand"] += self.expert_nbytes(key[2])
+                slot = self._admit(key)
+                if slot is not None:
+                    self.cache.pin(key)
+                steps.append(Step(e, "load", key, slot))
         return steps
 
-    def loaded(self, key: Key, payload: object, nbytes: int) -> None:
-        """A demand load finished: count the miss, admit the copy if a cache keeps it."""
-        self.stats.misses[key[2]] += 1
-        self.stats.bytes_loaded["demand"] += nbytes
-        self._admit(key, payload, nbytes)
+    def _admit(self, key: Key) -> int | None:
+        """Cache `key` in a slot (evicting by the policy); None when pinned keys leave no room."""
+        if key in self._slot:
+            return self._slot[key]
+        try:
+            evicted = self.cache.insert(key, None, self.expert_nbytes(key[2]), self.t, key[0], key[2] == self.opt.high)
+        except CacheFull:
+            return None
+        if self.opt.policy != "ondemand":
+            self.stats.evictions += len(evicted)
+        self._prefetched.difference_update(evicted)
+        for k in evicted:
+            self._free[k[2]].append(self._slot.pop(k))
+        slot = self._slot[key] = self._free[key[2]].pop()
+        return slot
 
-    def finish_layer(self, layer: int, steps: Sequence[Step]) -> None:
-        if self.cache is None:
-            return
-        for s in steps:
-            if s.action == "hit":
-                self.cache.unpin(s.key)
+    def _drop(self, key: Key) -> None:
+        """Forget a cached key without counting an eviction (ondemand, or a copy whose read failed)."""
+        if key in self._slot:
+            self.cache.discard(key)
+            self._free[key[2]].append(self._slot.pop(key))
+            self._prefetched.discard(key)
+
+    def _unpin_predicted(self, layer: int) -> None:
         for key in self._pins.pop(layer, []):
             self.cache.unpin(key)
 
-    def _admit(self, key: Key, payload: object, nbytes: int) -> bool:
-        if self.cache is None:
-            return False
-        if key in self.cache:
-            return True
-        try:
-            evicted = self.cache.insert(key, payload, nbytes, self.t, key[0], key[2] == self.opt.high)
-        except CacheFull:
-            return False  # all that is left is in use right now (a big prefill): compute without keeping it
-        self.stats.evictions += len(evicted)
-        self._prefetched.difference_update(evicted)
-        return True
-
     # -- prefetch --------------------------------------------------------------------------------
-    def prefetch(self, layer: int, predicted: dict[int, list[tuple[int, float]]]) -> list[Key]:
+    def prefetch(self, layer: int, predicted: dict[int, list[tuple[int, float]]]) -> list[tuple[Key, int]]:
         """After computing `layer`: HOBBIT's adaptive walk over predicted later layers. Pins the
-        predicted experts until their layer runs and returns the keys to load (prefetch priority)."""
-        if self.cache is None or self.opt.depth == 0:
+        predicted experts until their layer runs and returns (key, slot) of the loads to start."""
+        if self.cache is None or self.opt.depth == 0 or self.opt.policy == "ondemand":
             return []
         for j, pairs in predicted.items():
             self._predicted[j] = [e for e, _ in pairs]
@@ -277,12 +385,14 @@ class Scheduler:
             key = (j, e, self._fmt(served or tier))
             self.cache.pin(key)
             self._pins.setdefault(j, []).append(key)
-        loads = [(j, e, self._fmt(tier)) for j, e, tier in plan.loads]
-        self.stats.prefetch_issued += len(loads)
-        return loads
-
-    def prefetched(self, key: Key, payload: object, nbytes: int) -> None:
-        """A prefetch finished: admit it (if the cache has room) so a later plan() finds it."""
-        self.stats.bytes_loaded["prefetch"] += nbytes
-        if self._admit(key, payload, nbytes):
+        loads = []
+        for j, e, tier in plan.loads:
+            key = (j, e, self._fmt(tier))
+            slot = self._admit(key)
+            if slot is None:
+                continue  # no room: the prediction stays a hint
+            self.stats.prefetch_issued += 1
+            self.stats.bytes_loaded["prefetch"] += self.expert_nbytes(key[2])
             self._prefetched.add(key)
+            loads.append((key, slot))
+        return loads

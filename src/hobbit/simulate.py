@@ -1,16 +1,10 @@
 """`hobbit simulate`: replay a recorded routing trace through the live engine's Scheduler, no model.
 
-The replay drives a fresh `Scheduler` exactly as `OffloadedExperts` does with
-`Options.sync_prefetch=True` (every prefetch lands before the next layer call):
-
-    per sequence:   begin_sequence (pending prefetches are dropped, as the loader cancels them)
-    per step:       per layer call: admit all pending prefetches (`prefetched`) -> plan ->
-                    `loaded` for each load, in ascending expert id -> finish_layer ->
-                    prefetch(layer, first `depth` predicted layers) -> pending (deduplicated
-                    like the engine's in-flight map);  end_step
-
-so its counters (hits/misses per precision, skips, evictions, prefetches, prediction accuracy)
-are the live engine's counters on the same routing. On top it reports what the live engine
+The replay drives a fresh `Scheduler` through the same `run_layer` the live engine calls, with
+a `Fetcher` that only counts reads (begin_sequence per sequence, run_layer per recorded layer
+call with its recorded predictions, end_step per step), so its counters (hits/misses per
+precision, skips, evictions, prefetches, prediction accuracy) are the live engine's counters on
+the same routing by construction. On top it reports what the live engine
 cannot: bytes moved in *disk* bytes (the header's `expert_disk_bytes`; the Scheduler's own byte
 counters are RAM bytes, which differ, e.g. for int2), the share of selections computed at each
 precision, the mixed-precision miss penalty (HOBBIT §3.4, in units of one high-precision load) and
@@ -28,7 +22,7 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .schedule import CACHE_POLICIES, POLICIES, Options, Scheduler, parse_budget
+from .schedule import CACHE_POLICIES, DEMAND, POLICIES, Options, Scheduler, parse_budget
 from .trace import LayerCall, belady_accesses, iter_steps, read_trace
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
@@ -82,6 +76,22 @@ def default_precisions(header: dict, policy: str, high: str | None, low: str | N
 
 # -- replay -----------------------------------------------------------------------------------------
 
+class CountingFetcher:
+    """The simulator's `Fetcher`: every read lands at once; loads are counted per kind and precision."""
+
+    def __init__(self) -> None:
+        self.loads = {"demand": Counter(), "prefetch": Counter()}  # precision -> loads
+
+    def fetch(self, key, slot: int, priority: int) -> None:
+        self.loads["demand" if priority == DEMAND else "prefetch"][key[2]] += 1
+
+    def wait(self, key, slot: int) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+
 class _Phase:
     """Counters of one kind of step: 'prefill' (a forward over >1 token) or 'decode' (one token)."""
     FIELDS = ("steps", "tokens", "demand_loads", "bytes_demand", "prefetch_loads", "bytes_prefetch", "hits")
@@ -116,12 +126,11 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
     if opt.policy == "belady":
         opt = replace(opt, eviction_options={"trace": belady_accesses(calls)})
     sched = Scheduler(opt, int(header["num_layers"]), int(header["top_k"]), ram.__getitem__, budget_bytes)
-    depth = opt.depth
 
-    loads = {"demand": Counter(), "prefetch": Counter()}  # precision -> loads
+    fetcher = CountingFetcher()
+    loads = fetcher.loads
     served = Counter()  # precision -> token-expert selections computed with a copy at that precision
     phases = {"prefill": _Phase(), "decode": _Phase()}
-    pending: dict = {}  # prefetch keys in flight, in issue order (the engine's _inflight)
     seq, sequences, steps, tokens = -1, 0, 0, 0
     stats = sched.stats
 
@@ -130,8 +139,7 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
             if s < seq:
                 raise ValueError(f"trace out of order: sequence {s} after {seq}")
             for _ in range(s - seq):  # one begin_sequence per sequence the engine began
-                sched.begin_sequence()
-            pending.clear()  # the loader cancels queued prefetches at a new sequence
+                sched.begin_sequence(fetcher)
             seq, sequences = s, sequences + 1
         sched.t = t
         ntok = len(group[0].ids)
@@ -140,33 +148,16 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         bd0 = sum(disk[p] * n for p, n in loads["demand"].items())
         bp0 = sum(disk[p] * n for p, n in loads["prefetch"].items())
         for call in group:
-            for key in pending:  # sync_prefetch: every prefetch has landed
-                sched.prefetched(key, None, ram[key[2]])
-                loads["prefetch"][key[2]] += 1
-            pending.clear()
-            rows = call.rows
-            plan = sched.plan(call.layer, rows)
             prec_of = {}
-            for st in plan:
-                if st.action == "skip":
-                    continue
-                if st.action == "load":
-                    sched.loaded(st.key, None, ram[st.key[2]])
-                    loads["demand"][st.key[2]] += 1
-                prec_of[st.expert] = st.key[2]
+            kept = sched.run_layer(call.layer, call.rows, fetcher,
+                                   lambda st: prec_of.__setitem__(st.expert, st.key[2]), call.pred)
             # selections computed, per precision: a token's slot counts unless the plan dropped it
-            # (weight 0 in the Scheduler's per-token weights, when it has them)
-            kept = getattr(sched, "weights", None)
             for r, ids in enumerate(call.ids):
                 wr = kept[r] if kept is not None else None
                 for slot, e in enumerate(ids):
                     p = prec_of.get(e)
                     if p is not None and (wr is None or wr[slot] > 0):
                         served[p] += 1
-            sched.finish_layer(call.layer, plan)
-            predicted = dict(sorted(call.pred.items())[:depth]) if depth else {}
-            for key in sched.prefetch(call.layer, predicted):
-                pending.setdefault(key, None)
         sched.end_step()
         steps += 1
         tokens += ntok
@@ -292,7 +283,7 @@ def options_from_args(args: argparse.Namespace, header: dict) -> Options:
         kw["eviction_options"] = {"weights": weights}
     if args.policy == "hobbit" and not getattr(args, "no_tuned", False):
         kw = {**tuned_options(header)[0], **kw}  # like the engine: tuned defaults, explicit options win
-    return Options(policy=args.policy, high=high, low=low, sync_prefetch=True,
+    return Options(policy=args.policy, high=high, low=low,
                    allow_low_for_high=getattr(args, "allow_low_for_high", False), **kw)
 
 

@@ -128,12 +128,10 @@ def record_calibration(store: str | Path, budget, trace_path: str | Path, text=N
             for n, chunk in enumerate(chunks):
                 if progress:
                     progress(f"calibration sequence {n + 1}/{len(chunks)} ({len(chunk)} tokens)")
-                engine._begin()
-                engine.model.forward(torch.tensor(chunk[:prompt_len]), 0)
-                engine.provider.end_step()
+                seq = engine.sequence()
+                seq.step(torch.tensor(chunk[:prompt_len]))
                 for pos in range(prompt_len, len(chunk)):
-                    engine.model.forward(torch.tensor(chunk[pos:pos + 1]), pos)
-                    engine.provider.end_step()
+                    seq.step(torch.tensor(chunk[pos:pos + 1]))
         return dict(text=label, tokens=sum(len(c) for c in chunks), sequences=len(chunks), seq_len=seq_len,
                     prompt_len=prompt_len, trace_policy="lru", high=engine.provider.opt.high,
                     budget_bytes=engine.budget_bytes, record_s=round(time.perf_counter() - t0, 3))
@@ -194,7 +192,7 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
         row = dict(stage=stage, t1=t1, t2=t2, low_pool_fraction=frac, weights=weights,
                    requested_low_share=req_low, requested_skip_share=req_skip)
         opt = Options(policy="hobbit", high=high, low=low, t1=t1, t2=t2, low_pool_fraction=frac,
-                      prefetch_depth=prefetch_depth, sync_prefetch=True, eviction_options={"weights": weights})
+                      prefetch_depth=prefetch_depth, eviction_options={"weights": weights})
         try:
             r = simulate(header, calls, opt, budget_bytes)
         except ValueError as e:  # e.g. the high pool is below one layer's active experts
@@ -226,7 +224,7 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
     w0 = dict(DEFAULT_MULTIDIM_WEIGHTS)
     f0 = Options.low_pool_fraction
     # baseline: full precision LRU at the same budget (for the summary)
-    base = simulate(header, calls, Options(policy="lru", high=high, sync_prefetch=True), budget_bytes)
+    base = simulate(header, calls, Options(policy="lru", high=high), budget_bytes)
     baseline = dict(policy="lru", penalty=base["miss_penalty"], hit_rate=base["hit_rate"],
                     bytes_demand=base["bytes_demand"])
 

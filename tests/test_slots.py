@@ -1,0 +1,135 @@
+"""Slot pools and the live fetcher: loads land in preallocated slots, a reused slot never shows a
+stale read, and the engine's Sequence owns the clock."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import hobbit
+from hobbit.loader import DEMAND, PREFETCH, Loader
+from hobbit.offload import SlotFetcher, SlotPool
+from hobbit.schedule import Stats
+from hobbit.store import ExpertStore
+
+from tiny import decode_logits
+
+
+def blob_bytes(store: ExpertStore, layer: int, expert: int, prec: str) -> torch.Tensor:
+    parts = store.read(layer, expert, prec)
+    return torch.cat([t.reshape(-1).view(torch.uint8) for p in ("w13", "w2") for t in parts[p].values()])
+
+
+def slot_bytes(pool: SlotPool, slot: int, store: ExpertStore, prec: str) -> torch.Tensor:
+    from hobbit.store import blob_tensors
+    parts = blob_tensors(pool.raw[slot], pool.specs)
+    return torch.cat([t.reshape(-1).view(torch.uint8) for p in ("w13", "w2") for t in parts[p].values()])
+
+
+@pytest.mark.parametrize("prec", ["bf16", "int4", "int2"])
+def test_pool_slots_are_views_and_load_in_place(tiny_store, prec):
+    store = ExpertStore(tiny_store)
+    pool = SlotPool(store, prec, 3, torch.bfloat16)
+    ptrs = [(e.w13.w.data_ptr(), e.w2.w.data_ptr()) for e in pool.experts]
+    pool.load(1, 0, 5)
+    assert torch.equal(slot_bytes(pool, 1, store, prec), blob_bytes(store, 0, 5, prec))
+    assert [(e.w13.w.data_ptr(), e.w2.w.data_ptr()) for e in pool.experts] == ptrs  # nothing reallocated
+    assert pool.zero_copy == (prec != "int2")  # int2 is expanded for the int4 kernel into a per-slot buffer
+    x = torch.randn(2, store.shapes()["w13"][1], dtype=torch.bfloat16)
+    ref = SlotPool(store, prec, 1, torch.bfloat16)
+    ref.load(0, 0, 5)
+    assert torch.equal(pool.experts[1](x), ref.experts[0](x))
+    store.close()
+
+
+class GatedStore:
+    """Wraps a store so a read of one chosen blob blocks until released."""
+
+    def __init__(self, store: ExpertStore, blocked: tuple[int, int, str]):
+        self.store, self.blocked = store, blocked
+        self.started, self.release = threading.Event(), threading.Event()
+        self.reads: list[tuple[int, int, str]] = []
+        self.real = store.read_into
+        store.read_into = self.read_into
+
+    def read_into(self, layer, expert, prec, dst):
+        if (layer, expert, prec) == self.blocked:
+            self.started.set()
+            assert self.release.wait(10)
+        self.reads.append((layer, expert, prec))
+        return self.real(layer, expert, prec, dst)
+
+
+def test_reused_slot_cancels_a_queued_read(tiny_store):
+    store = ExpertStore(tiny_store)
+    pool = SlotPool(store, "bf16", 2, torch.bfloat16)
+    gate = GatedStore(store, (0, 0, "bf16"))
+    loader, stats = Loader(), Stats()
+    fetcher = SlotFetcher({"bf16": pool}, loader, stats)
+    fetcher.fetch((0, 0, "bf16"), 1, PREFETCH)  # occupies the loader thread (blocked)
+    assert gate.started.wait(10)
+    fetcher.fetch((2, 3, "bf16"), 0, PREFETCH)  # queued behind it
+    fetcher.fetch((2, 6, "bf16"), 0, DEMAND)  # slot 0 reused before the queued read started
+    assert stats.prefetch_cancelled == 1
+    gate.release.set()
+    fetcher.wait((2, 6, "bf16"), 0)
+    fetcher.drain()
+    assert (2, 3, "bf16") not in gate.reads, "the cancelled read must never run"
+    assert torch.equal(slot_bytes(pool, 0, store, "bf16"), blob_bytes(store, 2, 6, "bf16"))
+    loader.close()
+    store.close()
+
+
+def test_reused_slot_waits_for_a_running_read(tiny_store):
+    store = ExpertStore(tiny_store)
+    pool = SlotPool(store, "bf16", 1, torch.bfloat16)
+    gate = GatedStore(store, (0, 2, "bf16"))
+    loader, stats = Loader(), Stats()
+    fetcher = SlotFetcher({"bf16": pool}, loader, stats)
+    fetcher.fetch((0, 2, "bf16"), 0, PREFETCH)
+    assert gate.started.wait(10)  # the read into slot 0 is running and blocked
+    threading.Timer(0.2, gate.release.set).start()
+    t0 = time.perf_counter()
+    fetcher.fetch((2, 4, "bf16"), 0, DEMAND)  # must wait for the running read before reusing the slot
+    assert time.perf_counter() - t0 >= 0.15
+    fetcher.wait((2, 4, "bf16"), 0)
+    assert gate.reads == [(0, 2, "bf16"), (2, 4, "bf16")]
+    assert torch.equal(slot_bytes(pool, 0, store, "bf16"), blob_bytes(store, 2, 4, "bf16"))
+    loader.close()
+    store.close()
+
+
+def test_loads_allocate_no_expert_memory(tiny_store):
+    """Every slot tensor is allocated at load time; decoding under eviction creates none."""
+    eng = hobbit.load(tiny_store, policy="lru", budget=eng_min(tiny_store))
+    ptrs = {id(e): (e.w13.w.data_ptr(), e.w2.w.data_ptr()) for p in eng.provider.pools.values() for e in p.experts}
+    decode_logits(eng, [3, 17, 42, 99], 16)
+    assert eng.provider.stats.evictions > 16
+    assert {id(e): (e.w13.w.data_ptr(), e.w2.w.data_ptr())
+            for p in eng.provider.pools.values() for e in p.experts} == ptrs
+    eng.close()
+
+
+def eng_min(store) -> int:
+    ref = hobbit.load(store, policy="ondemand")
+    n = ref.provider.expert_bytes("bf16") * ref.config.top_k
+    ref.close()
+    return n
+
+
+def test_sequence_owns_position_and_clock(tiny_store):
+    eng = hobbit.load(tiny_store, policy="lru", budget="40%")
+    prompt = [5, 9, 33, 70]
+    out = eng.generate(prompt, max_new_tokens=6, stop_token_ids=[])
+    seq = eng.sequence()
+    with torch.inference_mode():
+        logits = seq.step(torch.tensor(prompt))
+        toks = []
+        for _ in range(6):
+            toks.append(int(logits[-1].argmax()))
+            logits = seq.step(torch.tensor([toks[-1]]))
+    assert toks == out.token_ids
+    assert seq.pos == len(prompt) + 6 and eng.provider.scheduler.t == 7  # one step per forward pass
+    eng.close()
