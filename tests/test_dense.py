@@ -94,7 +94,7 @@ def test_read_is_owned_memory_and_equals_safetensors(stores):
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
     t = ours["model.norm.weight"]
     assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # its own buffer, not a file map
-    fused = dense.read(stores["fp32"] / "dense.safetensors", model_mod.FUSED)
+    fused = dense.read(stores["fp32"] / "dense.safetensors", dense.FUSED)
     parts = [fused[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
     qkv = quant.cat0(parts)  # read back to back: fusing is a view
     assert qkv.data_ptr() == parts[0].data_ptr() and torch.equal(qkv, torch.cat(parts))
@@ -139,3 +139,19 @@ def test_kv_cache_grows_across_chunks(family, tmp_path, monkeypatch):
     ours.reset()
     assert ours.k_cache.shape[2] == 8
     assert (ours(seq, 0) - ref).abs().max().item() < 1e-4  # one prefill past the first chunk
+
+
+def test_auto_gives_the_parts_of_a_fused_projection_one_format():
+    """A Q4_K_M GGUF mixes 4-bit and 6-bit tensors in one layer: q/k/v (and gate/up) must still fuse."""
+    g = torch.Generator().manual_seed(0)
+    on_grid = quant.dequantize(quant.quantize(torch.randn(64, 64, generator=g), "int4", 32), "int4", (64, 64), 32)
+    off_grid = torch.randn(64, 64, generator=g)
+    p = "model.layers.0.self_attn."
+    state = {p + "q_proj.weight": on_grid, p + "k_proj.weight": off_grid, p + "v_proj.weight": on_grid,
+             p + "o_proj.weight": on_grid, "model.layers.0.mlp.gate_proj.weight": on_grid,
+             "model.layers.0.mlp.up_proj.weight": on_grid}
+    out = dense.quantize_state(state, "auto")
+    fmt = {n: "int4" if f"{n}.sz" in out else "int8" for n in state}
+    assert [fmt[p + x] for x in ("q_proj.weight", "k_proj.weight", "v_proj.weight")] == ["int8"] * 3
+    assert fmt[p + "o_proj.weight"] == "int4"  # alone: int4 where lossless
+    assert fmt["model.layers.0.mlp.gate_proj.weight"] == fmt["model.layers.0.mlp.up_proj.weight"] == "int4"

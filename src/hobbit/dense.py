@@ -33,6 +33,7 @@ from torch import Tensor
 from . import quant
 
 FORMATS = ("fp32", "bf16", "int8", "int4", "auto")
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # ours: HF parts, row order
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 AUTO_INT4_ERROR = 0.01  # auto: int4 when its relative Frobenius error is below this (a 4-bit source), else int8
 _KEEP = re.compile(r"(^|\.)(mlp|block_sparse_moe)\.gate\.weight$|shared_expert_gate\.weight$")  # routing decisions
@@ -72,7 +73,7 @@ def quantize_state(state: dict[str, Tensor], fmt: str, group_size: int = 32,
     emb = next((n for n in state if n.endswith("embed_tokens.weight")), None)
     if tie_word_embeddings and emb is not None and "lm_head.weight" not in state and fmt not in DTYPES:
         state["lm_head.weight"] = state[emb]  # its own quantized copy; the lookup stays bf16
-    out = {}
+    out, int4 = {}, {}
     for name, t in state.items():
         if name == emb:
             out[name] = t.to(DTYPES.get(fmt, torch.bfloat16)).contiguous()
@@ -81,17 +82,35 @@ def quantize_state(state: dict[str, Tensor], fmt: str, group_size: int = 32,
         elif fmt in DTYPES:
             out[name] = t.to(DTYPES[fmt]).contiguous()
         else:
-            out.update({f"{name}.{k}": v for k, v in _quantize(t.float(), fmt, group_size).items()})
+            int4[name] = _int4(t.float(), fmt, group_size)
+    for group in _fused_groups(int4):  # the parts of one fused projection share one format: int4 only if all are
+        if any(int4[n] is None for n in group):
+            for n in group:
+                int4[n] = None
+    for name, q in int4.items():
+        q = q or quant.quantize(state[name].float(), "int8", group_size)
+        out.update({f"{name}.{k}": v for k, v in q.items()})
     return out
 
 
-def _quantize(w: Tensor, fmt: str, group_size: int) -> dict[str, Tensor]:
-    if fmt != "int8" and w.shape[1] % group_size == 0:
-        q = quant.quantize(w, "int4", group_size)
-        err = (quant.dequantize(q, "int4", tuple(w.shape), group_size) - w).norm() / w.norm().clamp_min(1e-30)
-        if fmt == "int4" or err <= AUTO_INT4_ERROR:
-            return q
-    return quant.quantize(w, "int8", group_size)
+def _int4(w: Tensor, fmt: str, group_size: int) -> dict[str, Tensor] | None:
+    """w in int4 when `fmt` asks for it (int4, or auto where int4 is lossless), else None (int8)."""
+    if fmt == "int8" or w.shape[1] % group_size:
+        return None
+    q = quant.quantize(w, "int4", group_size)
+    err = (quant.dequantize(q, "int4", tuple(w.shape), group_size) - w).norm() / w.norm().clamp_min(1e-30)
+    return q if fmt == "int4" or err <= AUTO_INT4_ERROR else None
+
+
+def _fused_groups(names) -> list[list[str]]:
+    """HF weight names grouped by the fused projection they become (q/k/v of one layer, gate/up of one MLP)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        parent, _, rest = name.rpartition(".")[0].rpartition(".")
+        for ours, parts in FUSED.items():
+            if rest in parts:
+                groups.setdefault((parent, ours), []).append(name)
+    return list(groups.values())
 
 
 def split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Stored]]:

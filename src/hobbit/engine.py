@@ -17,7 +17,8 @@ from torch import Tensor
 from .config import ModelConfig
 from .dense import lock as lock_dense, peak_rss_bytes, read as read_dense, release_free_heap, rss_bytes
 from .quant import FORMATS as QUANT_FORMATS
-from .model import FUSED, Transformer
+from .dense import FUSED
+from .model import Transformer
 from .loader import DEMAND, PREFETCH
 from .offload import OffloadedExperts, Predictor
 from .policies.prefetch import PredictionStats

@@ -24,7 +24,7 @@ from .quant import QuantLinear
 
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length when none is given (capped by max_position_embeddings)
 KV_CHUNK = 256  # KV positions allocated at a time; capacity then doubles, up to max_seq_len
-FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # ours: HF parts, row order
+FUSED = dense.FUSED
 
 
 def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Tensor, float]:
