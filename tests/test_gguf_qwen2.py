@@ -156,7 +156,7 @@ def test_qwen2_store_matches_transformers_gguf_load(tiny_qwen2, bpe, tmp_path):
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert (model(torch.tensor(prompt), 0) - ref).abs().max().item() < 1e-4
     # `hobbit convert x.gguf` goes through a bf16 HF folder: bf16-close logits, the same greedy tokens
-    convert(path, tmp_path / "store", precisions=["bf16"], progress=False)
+    convert(path, tmp_path / "store", precisions=["bf16"], progress=False, dense="bf16")
     eng = hobbit.load(tmp_path / "store", dtype="fp32", policy="resident")
     assert (eng.logits(prompt) - ref).abs().max().item() < 0.1
     assert eng.generate(prompt, max_new_tokens=8, stop_token_ids=[]).token_ids == ref_ids

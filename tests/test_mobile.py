@@ -18,7 +18,7 @@ def _decode(store, policy, **kw):
     eng = hobbit.load(store, budget=BUDGET, policy=policy, **kw)
     logits, toks = decode_logits(eng, PROMPT, STEPS)
     end = len(PROMPT) + STEPS
-    kv = (eng.model.k_cache[:, :end].clone(), eng.model.v_cache[:, :end].clone())
+    kv = (eng.model.k_cache[:, :, :end].clone(), eng.model.v_cache[:, :, :end].clone())  # [L,nkv,S,D]
     stats = eng.provider.stats.as_dict()
     eng.close()
     return logits, toks, kv, stats
