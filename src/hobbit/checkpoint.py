@@ -29,10 +29,13 @@ EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
     "qwen2_moe": (_QWEN_STYLE, _QWEN_PROJ),
     "qwen3_moe": (_QWEN_STYLE, _QWEN_PROJ),
     "olmoe": (_QWEN_STYLE, _QWEN_PROJ),
+    "deepseek_v2": (_QWEN_STYLE, _QWEN_PROJ),
+    "deepseek_v3": (_QWEN_STYLE, _QWEN_PROJ),
 }
 # transformers-5 in-memory fused form: gate_up_proj [E,2I,H] (gate rows first), down_proj [E,H,I]
 FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")
 _PATTERNS = {arch: re.compile(p) for arch, (p, _) in EXPERT_NAMES.items()}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def parse_expert_name(arch: str, name: str) -> tuple[int, int, str] | None:
@@ -64,6 +67,8 @@ class Checkpoint:
         self._fused: dict[int, dict[str, str]] = {}  # layer -> 'gate_up_proj'|'down_proj' -> name
         self._dense: list[str] = []
         for name in files:
+            if (m := _LAYER.match(name)) and int(m[1]) >= config.num_layers:
+                continue  # layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction head): unused
             if (hit := parse_expert_name(config.arch, name)) is not None:
                 self._experts.setdefault(hit[:2], {})[hit[2]] = name
             elif (fused := parse_fused_name(name)) is not None:

@@ -14,10 +14,15 @@ ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Values transformers uses when config.json leaves a field out.
-DEFAULT_ROPE_THETA = {"llama": 1e4, "qwen2": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4}
-DEFAULT_RMS_EPS = {"llama": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5}
+DEFAULT_ROPE_THETA = {"llama": 1e4, "qwen2": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4,
+                      "deepseek_v2": 1e4, "deepseek_v3": 1e4}
+DEFAULT_RMS_EPS = {"llama": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5,
+                   "deepseek_v2": 1e-6, "deepseek_v3": 1e-6}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -27,7 +32,7 @@ class UnsupportedArchitecture(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str  # 'llama' | 'qwen2' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe'
+    arch: str  # 'llama' | 'qwen2' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -51,6 +56,20 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # mixtral / qwen3_moe with use_sliding_window: keys within the last W
+    rope_dim: int = 0  # rotated dims per head; 0 = head_dim (MLA: qk_rope_head_dim)
+    # routing rule (routing.RULES): 'softmax' (top-k of softmax), 'deepseek_v2', 'sigmoid_group' (deepseek_v3)
+    routing: str = "softmax"
+    topk_method: str = "greedy"  # deepseek_v2: 'greedy' | 'group_limited_greedy'
+    n_group: int = 1  # expert groups for group-limited top-k
+    topk_group: int = 1  # groups kept per token
+    routed_scaling_factor: float = 1.0  # routed weights x this
+    shared_experts_intermediate_size: int = 0  # deepseek shared experts (ungated, HF `shared_experts`); 0 = none
+    # MLA (deepseek): kv_lora_rank > 0 means latent attention; q_lora_rank 0 = plain q_proj
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotate (x0,x1),(x2,x3).. pairs (deepseek) instead of the two halves
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
@@ -75,6 +94,8 @@ class ModelConfig:
             eos_token_ids=eos_ids(d.get("eos_token_id")),
         )
         common["rope_theta"], common["rope_scaling"] = _rope(d, arch)
+        if arch in MLA_FAMILIES:
+            return cls._deepseek(d, common)
         if arch in ("llama", "qwen2"):  # dense; qwen2 always has q/k/v bias
             return cls(**common, attention_bias=arch == "qwen2")
         n_exp = d["num_local_experts"] if "num_local_experts" in d else d["num_experts"]  # v5 writes either
@@ -102,6 +123,34 @@ class ModelConfig:
             sparse_layers=sparse if n_exp > 0 else (),
             attention_bias=bool(d.get("qkv_bias", True)) if arch == "qwen2_moe" else False,
             sliding_window=d.get("sliding_window") if d.get("use_sliding_window") else None,
+        )
+
+    @classmethod
+    def _deepseek(cls, d: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+        """DeepSeek-V2/V3: MLA, dense layers before `first_k_dense_replace`, ungated shared experts."""
+        v3 = common["arch"] == "deepseek_v3"
+        n_exp, rope = d["n_routed_experts"], d["qk_rope_head_dim"]
+        moe_i = d["moe_intermediate_size"]
+        return cls(
+            **{**common, "num_kv_heads": common["num_heads"], "head_dim": d["qk_nope_head_dim"] + rope},
+            num_experts=n_exp,
+            top_k=d["num_experts_per_tok"],
+            moe_intermediate_size=moe_i,
+            norm_topk_prob=v3 and bool(d.get("norm_topk_prob", True)),  # transformers' V2 never renormalizes
+            sparse_layers=tuple(range(d.get("first_k_dense_replace") or 0, common["num_layers"])) if n_exp else (),
+            attention_bias=bool(d.get("attention_bias", False)),
+            rope_dim=rope,
+            routing="sigmoid_group" if v3 else "deepseek_v2",
+            topk_method="greedy" if v3 else d.get("topk_method") or "greedy",  # V3 ignores it (e.g. 'noaux_tc')
+            n_group=d.get("n_group") or 1,
+            topk_group=d.get("topk_group") or 1,
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 2.5 if v3 else 1.0)),
+            shared_experts_intermediate_size=moe_i * (d.get("n_shared_experts") or 0),
+            q_lora_rank=d.get("q_lora_rank") or 0,
+            kv_lora_rank=d["kv_lora_rank"],
+            qk_nope_head_dim=d["qk_nope_head_dim"],
+            v_head_dim=d["v_head_dim"],
+            rope_interleave=not v3 or bool(d.get("rope_interleave", True)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +194,7 @@ def _reject(d: dict[str, Any], arch: str) -> None:
     problems = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d['hidden_act']!r}")
-    if arch not in ("qwen2", "qwen2_moe") and d.get("attention_bias"):
+    if arch not in ("qwen2", "qwen2_moe", *MLA_FAMILIES) and d.get("attention_bias"):
         problems.append("attention_bias=True")
     if d.get("mlp_bias"):
         problems.append("mlp_bias=True")
@@ -153,6 +202,13 @@ def _reject(d: dict[str, Any], arch: str) -> None:
         problems.append(f"clip_qkv={d['clip_qkv']}")
     if arch in ("qwen2", "qwen2_moe") and d.get("use_sliding_window"):
         problems.append("use_sliding_window=True (per-layer windows)")
+    if arch in MLA_FAMILIES and (d.get("moe_layer_freq") or 1) != 1:
+        problems.append(f"moe_layer_freq={d['moe_layer_freq']} (transformers makes every later layer sparse)")
+    if arch == "deepseek_v2" and (d.get("topk_method") or "greedy") not in ("greedy", "group_limited_greedy"):
+        problems.append(f"topk_method={d['topk_method']!r}")
+    if d.get("quantization_config"):
+        kind = d["quantization_config"].get("quant_method", "?")
+        problems.append(f"quantization_config ({kind}): dequantize the checkpoint to bf16 first")
     if (d.get("pretraining_tp") or 1) != 1:
         problems.append(f"pretraining_tp={d['pretraining_tp']}")
     if problems:

@@ -15,8 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import attention_mla
 from .config import ModelConfig
 from .experts import ExpertProvider
+from .routing import FP32_BUFFERS, Router
 
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length when none is given (capped by max_position_embeddings)
 
@@ -24,7 +26,7 @@ DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length when none is given (capped by max_
 def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Tensor, float]:
     """(inv_freq [D/2] fp32, cos/sin scale) as transformers computes them for each rope_type.
     seq_len only matters for 'dynamic' (NTK), which rescales the base past max_position_embeddings."""
-    D, base, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
+    D, base, s = cfg.rope_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
     kind, exps = s["rope_type"], torch.arange(0, D, 2, dtype=torch.int64).float() / D  # [D/2]
     if kind == "dynamic":
         n, f = max(seq_len or 0, cfg.max_position_embeddings), s["factor"]
@@ -162,13 +164,17 @@ class MoE(nn.Module):
         self.layer, self.top_k, self.norm_topk_prob = layer, cfg.top_k, cfg.norm_topk_prob
         # qwen2/qwen3/olmoe routers hand the experts weights cast to the activation dtype; mixtral keeps fp32
         self.round_weights = cfg.arch != "mixtral"
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False) if cfg.routing == "softmax" else Router(cfg)
+        if cfg.shared_experts_intermediate_size:  # deepseek: always on, no gate
+            self.shared_experts = MLP(cfg.hidden_size, cfg.shared_experts_intermediate_size)
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T,H] -> logits [T,E] fp32, ids [T,k] (weight desc), weights [T,k] fp32."""
+        if isinstance(self.gate, Router):
+            return self.gate(x)
         logits = self.gate(x)  # [T,E] in x.dtype
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T,k], sorted descending
@@ -183,6 +189,8 @@ class MoE(nn.Module):
         out = provider.experts(self.layer, x, logits, ids, weights)  # [T,H]
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
         return out
 
 
@@ -191,7 +199,7 @@ class Block(nn.Module):
         super().__init__()
         self.sparse = layer in cfg.sparse_layers
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = attention_mla.MLAttention(cfg) if cfg.kv_lora_rank else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, layer) if self.sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -213,9 +221,12 @@ class Transformer(nn.Module):
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        cache_shape = (cfg.num_layers, self.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype), persistent=False)
+        # [layers, S_max, kv heads, D] each; MLA caches the latent [.., 1, r] and the rope key [.., 1, R]
+        k_dims, v_dims = attention_mla.cache_dims(cfg) if cfg.kv_lora_rank else [(cfg.num_kv_heads, cfg.head_dim)] * 2
+        self.register_buffer("k_cache", torch.zeros(cfg.num_layers, self.max_seq_len, *k_dims, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cfg.num_layers, self.max_seq_len, *v_dims, dtype=dtype),
+                             persistent=False)
         inv_freq, self.rope_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32
 
@@ -231,11 +242,12 @@ class Transformer(nn.Module):
                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''} (our names, HF minus 'model.')")
         device = self.k_cache.device
-        self.load_state_dict({n: t.to(device, self.dtype) for n, t in ours.items()}, strict=False, assign=True)
+        self.load_state_dict({n: t.to(device, torch.float32 if n.endswith(FP32_BUFFERS) else self.dtype)
+                              for n, t in ours.items()}, strict=False, assign=True)
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         for m in list(self.modules()):  # fewer, bigger matmuls: per-token dispatch is the cost at batch 1
-            if isinstance(m, (Attention, MLP)):
+            if isinstance(m, (Attention, attention_mla.MLAttention, MLP)):
                 m.fuse()
 
     def quantize_dense(self, fmt: str, group_size: int = 32) -> None:
