@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 VOCAB = 272  # 256 byte tokens + 4 specials, padded
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 256..259
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
@@ -55,6 +55,12 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
         q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)),
+    # GLM-4.5-Air style: q/k/v bias, q/k norm, half the head rotated, V3 routing (here with groups)
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        num_hidden_layers=3, head_dim=32, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        routed_scaling_factor=1.5, norm_topk_prob=True, attention_bias=True, use_qk_norm=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5))),
 }
 
 

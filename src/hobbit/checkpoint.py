@@ -31,6 +31,7 @@ EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
     "olmoe": (_QWEN_STYLE, _QWEN_PROJ),
     "deepseek_v2": (_QWEN_STYLE, _QWEN_PROJ),
     "deepseek_v3": (_QWEN_STYLE, _QWEN_PROJ),
+    "glm4_moe": (_QWEN_STYLE, _QWEN_PROJ),
 }
 # transformers-5 in-memory fused form: gate_up_proj [E,2I,H] (gate rows first), down_proj [E,H,I]
 FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")

@@ -16,13 +16,14 @@ ARCHITECTURES = {
     "OlmoeForCausalLM": "olmoe",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Glm4MoeForCausalLM": "glm4_moe",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Values transformers uses when config.json leaves a field out.
 DEFAULT_ROPE_THETA = {"llama": 1e4, "qwen2": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4,
-                      "deepseek_v2": 1e4, "deepseek_v3": 1e4}
+                      "deepseek_v2": 1e4, "deepseek_v3": 1e4, "glm4_moe": 1e4}
 DEFAULT_RMS_EPS = {"llama": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5,
-                   "deepseek_v2": 1e-6, "deepseek_v3": 1e-6}
+                   "deepseek_v2": 1e-6, "deepseek_v3": 1e-6, "glm4_moe": 1e-5}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -33,6 +34,7 @@ class UnsupportedArchitecture(ValueError):
 @dataclass
 class ModelConfig:
     arch: str  # 'llama' | 'qwen2' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3'
+    #            | 'glm4_moe'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -56,14 +58,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # mixtral / qwen3_moe with use_sliding_window: keys within the last W
-    rope_dim: int = 0  # rotated dims per head; 0 = head_dim (MLA: qk_rope_head_dim)
+    rope_dim: int = 0  # rotated (leading) dims per head; 0 = head_dim (MLA: qk_rope_head_dim; glm4_moe: partial)
     # routing rule (routing.RULES): 'softmax' (top-k of softmax), 'deepseek_v2', 'sigmoid_group' (deepseek_v3)
-    routing: str = "softmax"
+    routing: str = "softmax"  # glm4_moe routes as deepseek_v3
     topk_method: str = "greedy"  # deepseek_v2: 'greedy' | 'group_limited_greedy'
     n_group: int = 1  # expert groups for group-limited top-k
     topk_group: int = 1  # groups kept per token
     routed_scaling_factor: float = 1.0  # routed weights x this
-    shared_experts_intermediate_size: int = 0  # deepseek shared experts (ungated, HF `shared_experts`); 0 = none
+    shared_experts_intermediate_size: int = 0  # deepseek/glm4_moe: ungated, HF `shared_experts`; 0 = none
     # MLA (deepseek): kv_lora_rank > 0 means latent attention; q_lora_rank 0 = plain q_proj
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -93,9 +95,9 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids(d.get("eos_token_id")),
         )
-        common["rope_theta"], common["rope_scaling"] = _rope(d, arch)
-        if arch in MLA_FAMILIES:
-            return cls._deepseek(d, common)
+        common["rope_theta"], common["rope_scaling"], partial = _rope(d, arch)
+        if arch in (*MLA_FAMILIES, "glm4_moe"):
+            return cls._deepseek_style(d, common, partial)
         if arch in ("llama", "qwen2"):  # dense; qwen2 always has q/k/v bias
             return cls(**common, attention_bias=arch == "qwen2")
         n_exp = d["num_local_experts"] if "num_local_experts" in d else d["num_experts"]  # v5 writes either
@@ -126,31 +128,36 @@ class ModelConfig:
         )
 
     @classmethod
-    def _deepseek(cls, d: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
-        """DeepSeek-V2/V3: MLA, dense layers before `first_k_dense_replace`, ungated shared experts."""
-        v3 = common["arch"] == "deepseek_v3"
-        n_exp, rope = d["n_routed_experts"], d["qk_rope_head_dim"]
-        moe_i = d["moe_intermediate_size"]
+    def _deepseek_style(cls, d: dict[str, Any], common: dict[str, Any], partial: float) -> ModelConfig:
+        """DeepSeek-V2/V3 (MLA) and GLM-4-MoE (GQA, partial RoPE, optional q/k norm): dense layers before
+        `first_k_dense_replace`, ungated shared experts; V3 and GLM route alike."""
+        arch, n_exp, moe_i = common["arch"], d["n_routed_experts"], d["moe_intermediate_size"]
+        v3 = arch != "deepseek_v2"
+        if arch == "glm4_moe":
+            attention = dict(qk_norm="head" if d.get("use_qk_norm") else "none",
+                             rope_dim=int(common["head_dim"] * partial))
+        else:
+            rope = d["qk_rope_head_dim"]
+            common = {**common, "num_kv_heads": common["num_heads"], "head_dim": d["qk_nope_head_dim"] + rope}
+            attention = dict(
+                rope_dim=rope, q_lora_rank=d.get("q_lora_rank") or 0, kv_lora_rank=d["kv_lora_rank"],
+                qk_nope_head_dim=d["qk_nope_head_dim"], v_head_dim=d["v_head_dim"],
+                rope_interleave=arch == "deepseek_v2" or bool(d.get("rope_interleave", True)))
         return cls(
-            **{**common, "num_kv_heads": common["num_heads"], "head_dim": d["qk_nope_head_dim"] + rope},
+            **common,
+            **attention,
             num_experts=n_exp,
             top_k=d["num_experts_per_tok"],
             moe_intermediate_size=moe_i,
             norm_topk_prob=v3 and bool(d.get("norm_topk_prob", True)),  # transformers' V2 never renormalizes
             sparse_layers=tuple(range(d.get("first_k_dense_replace") or 0, common["num_layers"])) if n_exp else (),
             attention_bias=bool(d.get("attention_bias", False)),
-            rope_dim=rope,
             routing="sigmoid_group" if v3 else "deepseek_v2",
             topk_method="greedy" if v3 else d.get("topk_method") or "greedy",  # V3 ignores it (e.g. 'noaux_tc')
             n_group=d.get("n_group") or 1,
             topk_group=d.get("topk_group") or 1,
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 2.5 if v3 else 1.0)),
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 2.5 if arch == "deepseek_v3" else 1.0)),
             shared_experts_intermediate_size=moe_i * (d.get("n_shared_experts") or 0),
-            q_lora_rank=d.get("q_lora_rank") or 0,
-            kv_lora_rank=d["kv_lora_rank"],
-            qk_nope_head_dim=d["qk_nope_head_dim"],
-            v_head_dim=d["v_head_dim"],
-            rope_interleave=not v3 or bool(d.get("rope_interleave", True)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,7 +201,7 @@ def _reject(d: dict[str, Any], arch: str) -> None:
     problems = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d['hidden_act']!r}")
-    if arch not in ("qwen2", "qwen2_moe", *MLA_FAMILIES) and d.get("attention_bias"):
+    if arch not in ("qwen2", "qwen2_moe", "glm4_moe", *MLA_FAMILIES) and d.get("attention_bias"):
         problems.append("attention_bias=True")
     if d.get("mlp_bias"):
         problems.append("mlp_bias=True")
@@ -215,8 +222,9 @@ def _reject(d: dict[str, Any], arch: str) -> None:
         raise UnsupportedArchitecture(f"{arch}: unsupported config options: {', '.join(problems)}")
 
 
-def _rope(d: dict[str, Any], arch: str) -> tuple[float, dict | None]:
-    """(theta, scaling dict or None) from legacy `rope_theta`+`rope_scaling` or v5 `rope_parameters`."""
+def _rope(d: dict[str, Any], arch: str) -> tuple[float, dict | None, float]:
+    """(theta, scaling dict or None, partial rotary factor) from legacy `rope_theta`+`rope_scaling`
+    or v5 `rope_parameters`."""
     # transformers gives a legacy rope_scaling priority over rope_parameters
     params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     theta = params.pop("rope_theta", None) or d.get("rope_theta") or DEFAULT_ROPE_THETA[arch]
@@ -224,11 +232,12 @@ def _rope(d: dict[str, Any], arch: str) -> tuple[float, dict | None]:
     params.pop("type", None)
     if kind not in ROPE_TYPES:
         raise UnsupportedArchitecture(f"rope_type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    partial = params.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or 1.0
-    if partial != 1.0:
-        raise UnsupportedArchitecture(f"partial_rotary_factor={partial} is not supported")
+    default_partial = 0.5 if arch == "glm4_moe" else 1.0  # transformers' Glm4MoeConfig default
+    partial = params.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or default_partial
+    if partial != 1.0 and arch != "glm4_moe":
+        raise UnsupportedArchitecture(f"partial_rotary_factor={partial} is not supported for {arch}")
     if kind == "default":
-        return float(theta), None
+        return float(theta), None, partial
     if kind in ("llama3", "yarn"):
         params.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
-    return float(theta), {"rope_type": kind, **params}
+    return float(theta), {"rope_type": kind, **params}, partial

@@ -78,6 +78,12 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T,n,D], cos/sin [T,1,R] with R < D: RoPE on x[..., :R], the rest passes."""
+    rot, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -146,8 +152,11 @@ class Attention(nn.Module):
         q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)  # [T,heads,D]
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin  # cos/sin [T,1,D]
-        k = k * cos + rotate_half(k) * sin
+        if cos.shape[-1] < D:  # partial RoPE (glm4_moe): rotate the leading rope_dim dims only
+            q, k = _partial_rope(q, cos, sin), _partial_rope(k, cos, sin)
+        else:
+            q = q * cos + rotate_half(q) * sin  # cos/sin [T,1,D]
+            k = k * cos + rotate_half(k) * sin
         end = start_pos + T
         k_cache[start_pos:end], v_cache[start_pos:end] = k, v  # caches [S_max,nkv,D]
         keys, values = k_cache[:end].transpose(0, 1), v_cache[:end].transpose(0, 1)  # [nkv,S,D]
