@@ -15,7 +15,7 @@ from hobbit.convert import convert
 from test_engine import check_budget
 from tiny import decode_logits, make_tiny_checkpoint
 
-NEW_FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe"]
+NEW_FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
 PROMPT = [3, 17, 42, 99, 7, 128, 64, 5, 200, 11, 31, 77]
 
 
@@ -93,3 +93,34 @@ def test_layers_past_num_hidden_layers_are_ignored(tmp_path):
     save_file({**state, **extra}, str(path / "model.safetensors"))
     ck = open_checkpoint(path)
     assert not any(".layers.3." in n for n in ck.dense_names())
+
+
+def test_clamped_swiglu_matches_transformers():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from hobbit.experts import Act
+
+    hf_cfg = transformers_config("GptOssConfig", intermediate_size=16, num_local_experts=1, swiglu_limit=1.5)
+    gate_up = 4 * torch.randn(5, 32, generator=torch.Generator().manual_seed(0))  # [T,2I], gate/up interleaved
+    assert (gate_up.abs() > 1.5).any()  # the clamp bites
+    ours = Act("swiglu_clamp", hf_cfg.swiglu_alpha, 1.5)(gate_up[:, 0::2], gate_up[:, 1::2])
+    assert torch.equal(ours, GptOssExperts(hf_cfg)._apply_gate(gate_up))
+
+
+def test_expert_biases_ride_in_every_blob(store):
+    from hobbit.store import ExpertStore
+
+    s = ExpertStore(store("gpt_oss"))
+    H, I = s.manifest["config"]["hidden_size"], s.manifest["config"]["moe_intermediate_size"]
+    for prec in s.precisions:
+        parts = s.read(0, 3, prec)
+        assert parts["b13"]["b"].shape == (2 * I,) and parts["b2"]["b"].shape == (H,)
+        assert parts["b13"]["b"].dtype == torch.float32
+    s.close()
+    eng = hobbit.load(store("gpt_oss"), policy="lru", budget="50%", high="int4")  # a re-quantized tier runs
+    assert len(eng.generate(PROMPT, max_new_tokens=4, stop_token_ids=[]).token_ids) == 4
+    eng.close()
+
+
+def transformers_config(name: str, **kw):
+    import transformers
+    return getattr(transformers, name)(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4, **kw)

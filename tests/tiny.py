@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss")
 VOCAB = 272  # 256 byte tokens + 4 specials, padded
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 256..259
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
@@ -61,6 +61,13 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
         routed_scaling_factor=1.5, norm_topk_prob=True, attention_bias=True, use_qk_norm=True,
         rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5))),
+    # gpt-oss style: sliding / full layers, sinks, biases, YaRN (untruncated), clamped SwiGLU (a low limit
+    # so the clamp bites), fused experts on disk
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=4, swiglu_limit=1.5, rope_parameters=dict(
+            rope_type="yarn", rope_theta=15e4, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=64))),
 }
 
 

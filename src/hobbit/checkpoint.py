@@ -33,8 +33,12 @@ EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
     "deepseek_v3": (_QWEN_STYLE, _QWEN_PROJ),
     "glm4_moe": (_QWEN_STYLE, _QWEN_PROJ),
 }
-# transformers-5 in-memory fused form: gate_up_proj [E,2I,H] (gate rows first), down_proj [E,H,I]
-FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")
+# transformers-5 in-memory fused form: gate_up_proj [E,2I,H] (gate rows first), down_proj [E,H,I];
+# gpt_oss on disk: gate_up_proj [E,H,2I] (in-features first, gate/up columns interleaved), down_proj [E,I,H],
+# and the biases gate_up_proj_bias [E,2I] (interleaved), down_proj_bias [E,H]
+FUSED_NAME = re.compile(
+    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)")
+IN_FIRST_INTERLEAVED = ("gpt_oss",)  # families whose fused experts use the gpt_oss layout above
 _PATTERNS = {arch: re.compile(p) for arch, (p, _) in EXPERT_NAMES.items()}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -80,8 +84,10 @@ class Checkpoint:
 
     def _check_experts(self) -> None:
         cfg, missing = self.config, []
+        fused = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if cfg.expert_bias else set())
         for layer in cfg.sparse_layers:
-            if len(self._fused.get(layer, {})) == 2:
+            if cfg.expert_bias or layer in self._fused:  # expert biases come only fused (gpt_oss)
+                missing += [f"layer {layer} experts.{p}" for p in sorted(fused - self._fused.get(layer, {}).keys())]
                 continue
             for e in range(cfg.num_experts):
                 have = self._experts.get((layer, e), {})
@@ -117,10 +123,27 @@ class Checkpoint:
                            f"{self.config.num_experts} experts)")
         if layer in self._fused:
             names = self._fused[layer]
-            return self.tensor(names["gate_up_proj"])[expert], self.tensor(names["down_proj"])[expert]
+            w13, w2 = self.tensor(names["gate_up_proj"])[expert], self.tensor(names["down_proj"])[expert]
+            if self.config.arch in IN_FIRST_INTERLEAVED:  # [H,2I] interleaved -> [2I,H] gate rows, then up
+                return _deinterleave(w13.T), w2.T
+            return w13, w2
         names = self._experts[(layer, expert)]
         w13 = torch.cat([self.tensor(names["gate"]), self.tensor(names["up"])])  # [2I,H]
         return w13, self.tensor(names["down"])
+
+
+    def expert_biases(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
+        """(b13 [2I] = cat(gate, up), b2 [H]) for one expert of a family with expert biases (gpt_oss)."""
+        if not self.config.expert_bias:
+            raise KeyError(f"{self.config.arch} experts have no biases")
+        names = self._fused[layer]
+        b13, b2 = self.tensor(names["gate_up_proj_bias"])[expert], self.tensor(names["down_proj_bias"])[expert]
+        return _deinterleave(b13), b2
+
+
+def _deinterleave(t: Tensor) -> Tensor:
+    """Rows g0,u0,g1,u1,.. -> g0,g1,..,u0,u1,.. (t [2I,...])."""
+    return torch.cat((t[0::2], t[1::2]))
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

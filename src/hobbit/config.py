@@ -17,13 +17,14 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Values transformers uses when config.json leaves a field out.
 DEFAULT_ROPE_THETA = {"llama": 1e4, "qwen2": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4,
-                      "deepseek_v2": 1e4, "deepseek_v3": 1e4, "glm4_moe": 1e4}
+                      "deepseek_v2": 1e4, "deepseek_v3": 1e4, "glm4_moe": 1e4, "gpt_oss": 15e4}
 DEFAULT_RMS_EPS = {"llama": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5,
-                   "deepseek_v2": 1e-6, "deepseek_v3": 1e-6, "glm4_moe": 1e-5}
+                   "deepseek_v2": 1e-6, "deepseek_v3": 1e-6, "glm4_moe": 1e-5, "gpt_oss": 1e-5}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -34,7 +35,7 @@ class UnsupportedArchitecture(ValueError):
 @dataclass
 class ModelConfig:
     arch: str  # 'llama' | 'qwen2' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3'
-    #            | 'glm4_moe'
+    #            | 'glm4_moe' | 'gpt_oss'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -60,7 +61,7 @@ class ModelConfig:
     sliding_window: int | None = None  # mixtral / qwen3_moe with use_sliding_window: keys within the last W
     rope_dim: int = 0  # rotated (leading) dims per head; 0 = head_dim (MLA: qk_rope_head_dim; glm4_moe: partial)
     # routing rule (routing.RULES): 'softmax' (top-k of softmax), 'deepseek_v2', 'sigmoid_group' (deepseek_v3)
-    routing: str = "softmax"  # glm4_moe routes as deepseek_v3
+    routing: str = "softmax"  # glm4_moe routes as deepseek_v3; 'topk_softmax' (gpt_oss): softmax of the top-k logits
     topk_method: str = "greedy"  # deepseek_v2: 'greedy' | 'group_limited_greedy'
     n_group: int = 1  # expert groups for group-limited top-k
     topk_group: int = 1  # groups kept per token
@@ -72,6 +73,15 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False  # rotate (x0,x1),(x2,x3).. pairs (deepseek) instead of the two halves
+    # gpt_oss: per-layer windows, attention sinks, biases everywhere, clamped SwiGLU experts
+    layer_windows: tuple[int, ...] = ()  # per layer: its own sliding window, 0 = full attention; () = none
+    attention_sinks: bool = False  # a learned per-head logit joins every softmax (and takes probability mass)
+    o_proj_bias: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False  # experts carry b13 [2I] (gate, up) and b2 [H]; stored in every blob, fp32
+    expert_act: str = "silu"  # 'silu': silu(g)*u | 'swiglu_clamp': (clamp(u,+-L)+1) * g'*sigmoid(alpha*g'), g'=min(g,L)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
@@ -98,6 +108,15 @@ class ModelConfig:
         common["rope_theta"], common["rope_scaling"], partial = _rope(d, arch)
         if arch in (*MLA_FAMILIES, "glm4_moe"):
             return cls._deepseek_style(d, common, partial)
+        if arch == "gpt_oss":  # every layer sparse; `intermediate_size` is the expert width
+            windows = tuple(d["sliding_window"] if t == "sliding_attention" else 0
+                            for t in d.get("layer_types") or ["sliding_attention", "full_attention"] * n_layers)
+            return cls(**common, num_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"],
+                       moe_intermediate_size=d["intermediate_size"], sparse_layers=tuple(range(n_layers)),
+                       attention_bias=bool(d.get("attention_bias", True)), o_proj_bias=bool(d.get("attention_bias", True)),
+                       routing="topk_softmax", layer_windows=windows[:n_layers], attention_sinks=True,
+                       router_bias=True, expert_bias=True, expert_act="swiglu_clamp",
+                       swiglu_alpha=float(d.get("swiglu_alpha", 1.702)), swiglu_limit=float(d.get("swiglu_limit", 7.0)))
         if arch in ("llama", "qwen2"):  # dense; qwen2 always has q/k/v bias
             return cls(**common, attention_bias=arch == "qwen2")
         n_exp = d["num_local_experts"] if "num_local_experts" in d else d["num_experts"]  # v5 writes either
@@ -164,6 +183,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["sparse_layers"] = list(self.sparse_layers)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_windows"] = list(self.layer_windows)
         return d
 
     @classmethod
@@ -175,6 +195,7 @@ class ModelConfig:
         d = dict(d)
         d["sparse_layers"] = tuple(d.get("sparse_layers", ()))
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["layer_windows"] = tuple(d.get("layer_windows", ()))
         return cls(**d)
 
 
@@ -201,7 +222,7 @@ def _reject(d: dict[str, Any], arch: str) -> None:
     problems = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d['hidden_act']!r}")
-    if arch not in ("qwen2", "qwen2_moe", "glm4_moe", *MLA_FAMILIES) and d.get("attention_bias"):
+    if arch not in ("qwen2", "qwen2_moe", "glm4_moe", "gpt_oss", *MLA_FAMILIES) and d.get("attention_bias"):
         problems.append("attention_bias=True")
     if d.get("mlp_bias"):
         problems.append("mlp_bias=True")

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import attention_mla
+from . import attention_mla, attention_sinks
 from .config import ModelConfig
 from .experts import ExpertProvider
 from .routing import FP32_BUFFERS, Router
@@ -124,14 +124,17 @@ def _cat_linear(*parts: nn.Linear) -> nn.Linear:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         H, D, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.window, self.qk_norm = D, cfg.sliding_window, cfg.qk_norm
         self.q_proj = nn.Linear(H, nh * D, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(nh * D, H, bias=False)
+        self.o_proj = nn.Linear(nh * D, H, bias=cfg.o_proj_bias)
+        self.layer_window = cfg.layer_windows[layer] if cfg.layer_windows else 0  # gpt_oss: 0 = full
+        if cfg.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(nh))  # [nh]
         if cfg.qk_norm == "head":  # qwen3: per head, over D
             self.q_norm, self.k_norm = RMSNorm(D, cfg.rms_norm_eps), RMSNorm(D, cfg.rms_norm_eps)
         elif cfg.qk_norm == "full":  # olmoe: over the whole q / k projection
@@ -160,9 +163,14 @@ class Attention(nn.Module):
         end = start_pos + T
         k_cache[start_pos:end], v_cache[start_pos:end] = k, v  # caches [S_max,nkv,D]
         keys, values = k_cache[:end].transpose(0, 1), v_cache[:end].transpose(0, 1)  # [nkv,S,D]
-        y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                           attn_mask=mask, enable_gqa=True)  # [1,nh,T,D]
-        return self.o_proj(y[0].transpose(0, 1).reshape(T, -1))
+        if self.layer_window:
+            mask = attention_sinks.window_mask(start_pos, end, self.layer_window, x.device)
+        if hasattr(self, "sinks"):
+            y = attention_sinks.sink_attention(q.transpose(0, 1), keys, values, mask, self.sinks)  # [nh,T,D]
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                               attn_mask=mask, enable_gqa=True)[0]  # [nh,T,D]
+        return self.o_proj(y.transpose(0, 1).reshape(T, -1))
 
 
 class MoE(nn.Module):
@@ -208,7 +216,7 @@ class Block(nn.Module):
         super().__init__()
         self.sparse = layer in cfg.sparse_layers
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = attention_mla.MLAttention(cfg) if cfg.kv_lora_rank else Attention(cfg)
+        self.self_attn = attention_mla.MLAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, layer) if self.sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -312,4 +320,4 @@ class Transformer(nn.Module):
 
 def _our_name(hf_name: str) -> str:
     """'model.layers.0.block_sparse_moe.gate.weight' -> 'layers.0.mlp.gate.weight'."""
-    return hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    return hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.").replace(".mlp.router.", ".mlp.gate.")

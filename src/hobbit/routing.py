@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 
-RULES = ("softmax", "deepseek_v2", "sigmoid_group")  # ModelConfig.routing
+RULES = ("softmax", "deepseek_v2", "sigmoid_group", "topk_softmax")  # ModelConfig.routing
 FP32_BUFFERS = ("e_score_correction_bias",)  # held in fp32 whatever the activation dtype, as HF does
 
 
@@ -65,9 +65,16 @@ def sigmoid_group(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_g
     return _by_weight(ids, weights * scale)
 
 
+def topk_softmax(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """gpt_oss: top-k of the logits, then softmax over those k in the logits' dtype. logits [T,E]."""
+    top, ids = torch.topk(logits, top_k, dim=-1)  # [T,k], sorted descending
+    return ids, F.softmax(top, dim=-1, dtype=top.dtype).float()
+
+
 class Router(nn.Module):
-    """`mlp.gate` of the families routed by a rule here: weight [E,H] (+ e_score_correction_bias [E]).
-    Logits are computed in fp32 from the weight upcast, as transformers' routers do."""
+    """`mlp.gate` of the families routed by a rule here: weight [E,H] (+ e_score_correction_bias [E],
+    or bias [E] for gpt_oss, HF `mlp.router`). DeepSeek/GLM logits are computed in fp32 from the weight
+    upcast; gpt_oss logits in the activation dtype, as transformers' routers do."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -77,10 +84,15 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         if cfg.routing == "sigmoid_group":
             self.register_buffer("e_score_correction_bias", torch.empty(cfg.num_experts, dtype=torch.float32))
+        if cfg.router_bias:
+            self.bias = nn.Parameter(torch.empty(cfg.num_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T,H] -> logits [T,E] fp32, ids [T,k] (weight desc), weights [T,k] fp32."""
         c = self.cfg
+        if c.routing == "topk_softmax":
+            logits = F.linear(x, self.weight, self.bias)  # [T,E] in x.dtype
+            return (logits.float(), *topk_softmax(logits, c.top_k))
         logits = F.linear(x.float(), self.weight.float())  # [T,E]
         if c.routing == "deepseek_v2":
             ids, weights = deepseek_v2(logits, c.top_k, c.topk_method, c.n_group, c.topk_group,
