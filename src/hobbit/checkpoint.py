@@ -36,8 +36,12 @@ EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
 # transformers-5 in-memory fused form: gate_up_proj [E,2I,H] (gate rows first), down_proj [E,H,I];
 # gpt_oss on disk: gate_up_proj [E,H,2I] (in-features first, gate/up columns interleaved), down_proj [E,I,H],
 # and the biases gate_up_proj_bias [E,2I] (interleaved), down_proj_bias [E,H]
-FUSED_NAME = re.compile(
-    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)")
+# (released gpt-oss: MXFP4 `{proj}_blocks` [E,N,K/32,16] uint8 + `{proj}_scales` [E,N,K/32], out-features first)
+FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\."
+                        r"(gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias|gate_up_proj_blocks|"
+                        r"gate_up_proj_scales|down_proj_blocks|down_proj_scales)")
+# FP4 (e2m1) code -> value; an MXFP4 block is 32 codes (two per byte, low nibble first) x 2^(scale - 127)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 IN_FIRST_INTERLEAVED = ("gpt_oss",)  # families whose fused experts use the gpt_oss layout above
 _PATTERNS = {arch: re.compile(p) for arch, (p, _) in EXPERT_NAMES.items()}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -87,7 +91,8 @@ class Checkpoint:
         fused = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if cfg.expert_bias else set())
         for layer in cfg.sparse_layers:
             if cfg.expert_bias or layer in self._fused:  # expert biases come only fused (gpt_oss)
-                missing += [f"layer {layer} experts.{p}" for p in sorted(fused - self._fused.get(layer, {}).keys())]
+                have = {n.removesuffix("_blocks") for n in self._fused.get(layer, {})}  # MXFP4 counts as present
+                missing += [f"layer {layer} experts.{p}" for p in sorted(fused - have)]
                 continue
             for e in range(cfg.num_experts):
                 have = self._experts.get((layer, e), {})
@@ -123,6 +128,10 @@ class Checkpoint:
                            f"{self.config.num_experts} experts)")
         if layer in self._fused:
             names = self._fused[layer]
+            if "gate_up_proj_blocks" in names:  # MXFP4, already out-features first: [2I,H] interleaved, [H,I]
+                w13, w2 = (mxfp4_dequantize(self.tensor(names[p + "_blocks"])[expert],
+                                            self.tensor(names[p + "_scales"])[expert]) for p in ("gate_up_proj", "down_proj"))
+                return _deinterleave(w13), w2
             w13, w2 = self.tensor(names["gate_up_proj"])[expert], self.tensor(names["down_proj"])[expert]
             if self.config.arch in IN_FIRST_INTERLEAVED:  # [H,2I] interleaved -> [2I,H] gate rows, then up
                 return _deinterleave(w13.T), w2.T
@@ -139,6 +148,14 @@ class Checkpoint:
         names = self._fused[layer]
         b13, b2 = self.tensor(names["gate_up_proj_bias"])[expert], self.tensor(names["down_proj_bias"])[expert]
         return _deinterleave(b13), b2
+
+
+def mxfp4_dequantize(blocks: Tensor, scales: Tensor) -> Tensor:
+    """MXFP4 blocks [N,G,16] uint8 + scales [N,G] uint8 (biased exponents) -> [N, G*32] fp32."""
+    lut = torch.tensor(FP4_VALUES)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # [N,G,16,2]: low nibble first
+    values = lut[codes].flatten(-2)  # [N,G,32]
+    return torch.ldexp(values, scales.long()[..., None] - 127).flatten(-2)  # [N,G*32]
 
 
 def _deinterleave(t: Tensor) -> Tensor:

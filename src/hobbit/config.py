@@ -234,9 +234,9 @@ def _reject(d: dict[str, Any], arch: str) -> None:
         problems.append(f"moe_layer_freq={d['moe_layer_freq']} (transformers makes every later layer sparse)")
     if arch == "deepseek_v2" and (d.get("topk_method") or "greedy") not in ("greedy", "group_limited_greedy"):
         problems.append(f"topk_method={d['topk_method']!r}")
-    if d.get("quantization_config"):
-        kind = d["quantization_config"].get("quant_method", "?")
-        problems.append(f"quantization_config ({kind}): dequantize the checkpoint to bf16 first")
+    kind = (d.get("quantization_config") or {}).get("quant_method")
+    if d.get("quantization_config") and not (arch == "gpt_oss" and kind == "mxfp4"):  # gpt-oss MXFP4 experts are read
+        problems.append(f"quantization_config ({kind or '?'}): dequantize the checkpoint to bf16 first")
     if (d.get("pretraining_tp") or 1) != 1:
         problems.append(f"pretraining_tp={d['pretraining_tp']}")
     if problems:
