@@ -89,3 +89,26 @@ def test_bias_steers_choice_not_weights():
 def test_unknown_v2_method_is_an_error():
     with pytest.raises(ValueError, match="group_limited_greedy"):
         routing.deepseek_v2(torch.zeros(1, E), 2, "noaux_tc", 1, 1, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+@pytest.mark.parametrize("family", ["gpt_oss", "granitemoe"])
+def test_topk_softmax_matches_transformers(kind, family):
+    from transformers.models.gpt_oss import modeling_gpt_oss as oss
+    from transformers.models.granitemoe import modeling_granitemoe as granite
+
+    cfg = dict(hidden_size=E, num_attention_heads=4, num_local_experts=E, num_experts_per_tok=4)
+    if family == "gpt_oss":
+        hf = oss.GptOssTopKRouter(transformers.GptOssConfig(**cfg))
+    else:
+        hf = granite.GraniteMoeTopKRouter(transformers.GraniteMoeConfig(**cfg))
+    with torch.no_grad():
+        hf.weight.copy_(torch.eye(E))
+        if family == "gpt_oss":
+            hf.bias.zero_()
+    for seed in range(3):
+        x = _logits(kind, seed)
+        with torch.no_grad():
+            _, hf_w, hf_ids = hf(x)
+        ids, w = routing.topk_softmax(x, 4)
+        _same_choice(ids, w, hf_ids, hf_w.float())

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss")
+FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe")
 VOCAB = 272  # 256 byte tokens + 4 specials, padded
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 256..259
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
@@ -68,6 +68,11 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         sliding_window=4, swiglu_limit=1.5, rope_parameters=dict(
             rope_type="yarn", rope_theta=15e4, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
             original_max_position_embeddings=64))),
+    # Granite-MoE: muP-style multipliers, router = top-k then softmax, fused input/output_linear on disk
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
+        num_hidden_layers=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        embedding_multiplier=6.0, residual_multiplier=0.4, attention_multiplier=0.1, logits_scaling=4.0,
+        tie_word_embeddings=True)),
 }
 
 

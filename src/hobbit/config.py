@@ -18,13 +18,16 @@ ARCHITECTURES = {
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "Glm4MoeForCausalLM": "glm4_moe",
     "GptOssForCausalLM": "gpt_oss",
+    "GraniteMoeForCausalLM": "granitemoe",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Values transformers uses when config.json leaves a field out.
 DEFAULT_ROPE_THETA = {"llama": 1e4, "qwen2": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4,
-                      "deepseek_v2": 1e4, "deepseek_v3": 1e4, "glm4_moe": 1e4, "gpt_oss": 15e4}
+                      "deepseek_v2": 1e4, "deepseek_v3": 1e4, "glm4_moe": 1e4, "gpt_oss": 15e4,
+                      "granitemoe": 1e4}
 DEFAULT_RMS_EPS = {"llama": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5,
-                   "deepseek_v2": 1e-6, "deepseek_v3": 1e-6, "glm4_moe": 1e-5, "gpt_oss": 1e-5}
+                   "deepseek_v2": 1e-6, "deepseek_v3": 1e-6, "glm4_moe": 1e-5, "gpt_oss": 1e-5,
+                   "granitemoe": 1e-6}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -35,7 +38,7 @@ class UnsupportedArchitecture(ValueError):
 @dataclass
 class ModelConfig:
     arch: str  # 'llama' | 'qwen2' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3'
-    #            | 'glm4_moe' | 'gpt_oss'
+    #            | 'glm4_moe' | 'gpt_oss' | 'granitemoe'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -61,7 +64,8 @@ class ModelConfig:
     sliding_window: int | None = None  # mixtral / qwen3_moe with use_sliding_window: keys within the last W
     rope_dim: int = 0  # rotated (leading) dims per head; 0 = head_dim (MLA: qk_rope_head_dim; glm4_moe: partial)
     # routing rule (routing.RULES): 'softmax' (top-k of softmax), 'deepseek_v2', 'sigmoid_group' (deepseek_v3)
-    routing: str = "softmax"  # glm4_moe routes as deepseek_v3; 'topk_softmax' (gpt_oss): softmax of the top-k logits
+    # glm4_moe routes as deepseek_v3; 'topk_softmax' (gpt_oss, granitemoe): softmax of the top-k logits
+    routing: str = "softmax"
     topk_method: str = "greedy"  # deepseek_v2: 'greedy' | 'group_limited_greedy'
     n_group: int = 1  # expert groups for group-limited top-k
     topk_group: int = 1  # groups kept per token
@@ -82,6 +86,11 @@ class ModelConfig:
     expert_act: str = "silu"  # 'silu': silu(g)*u | 'swiglu_clamp': (clamp(u,+-L)+1) * g'*sigmoid(alpha*g'), g'=min(g,L)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # granitemoe scales: embeddings x, each residual branch x, attention softmax scale (0 = D^-0.5), logits /
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float = 0.0
+    logits_scaling: float = 1.0
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
@@ -117,6 +126,15 @@ class ModelConfig:
                        routing="topk_softmax", layer_windows=windows[:n_layers], attention_sinks=True,
                        router_bias=True, expert_bias=True, expert_act="swiglu_clamp",
                        swiglu_alpha=float(d.get("swiglu_alpha", 1.702)), swiglu_limit=float(d.get("swiglu_limit", 7.0)))
+        if arch == "granitemoe":  # every layer sparse, expert width `intermediate_size`, muP-style multipliers
+            return cls(**common, num_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"],
+                       moe_intermediate_size=d["intermediate_size"], sparse_layers=tuple(range(n_layers)),
+                       attention_bias=bool(d.get("attention_bias", False)),
+                       o_proj_bias=bool(d.get("attention_bias", False)), routing="topk_softmax",
+                       embedding_multiplier=float(d.get("embedding_multiplier", 1.0)),
+                       residual_multiplier=float(d.get("residual_multiplier", 1.0)),
+                       attention_multiplier=float(d.get("attention_multiplier", 1.0)),
+                       logits_scaling=float(d.get("logits_scaling", 1.0)))
         if arch in ("llama", "qwen2"):  # dense; qwen2 always has q/k/v bias
             return cls(**common, attention_bias=arch == "qwen2")
         n_exp = d["num_local_experts"] if "num_local_experts" in d else d["num_experts"]  # v5 writes either
@@ -222,7 +240,7 @@ def _reject(d: dict[str, Any], arch: str) -> None:
     problems = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d['hidden_act']!r}")
-    if arch not in ("qwen2", "qwen2_moe", "glm4_moe", "gpt_oss", *MLA_FAMILIES) and d.get("attention_bias"):
+    if arch not in ("qwen2", "qwen2_moe", "glm4_moe", "gpt_oss", "granitemoe", *MLA_FAMILIES) and d.get("attention_bias"):
         problems.append("attention_bias=True")
     if d.get("mlp_bias"):
         problems.append("mlp_bias=True")

@@ -128,6 +128,7 @@ class Attention(nn.Module):
         super().__init__()
         H, D, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.window, self.qk_norm = D, cfg.sliding_window, cfg.qk_norm
+        self.scale = cfg.attention_multiplier or None  # granitemoe's softmax scale; None = D^-0.5
         self.q_proj = nn.Linear(H, nh * D, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
@@ -169,7 +170,7 @@ class Attention(nn.Module):
             y = attention_sinks.sink_attention(q.transpose(0, 1), keys, values, mask, self.sinks)  # [nh,T,D]
         else:
             y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                               attn_mask=mask, enable_gqa=True)[0]  # [nh,T,D]
+                                               attn_mask=mask, scale=self.scale, enable_gqa=True)[0]  # [nh,T,D]
         return self.o_proj(y.transpose(0, 1).reshape(T, -1))
 
 
@@ -215,6 +216,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.sparse = layer in cfg.sparse_layers
+        self.residual_multiplier = cfg.residual_multiplier  # granitemoe scales each branch; 1 elsewhere
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = attention_mla.MLAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -222,9 +224,12 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
                 k_cache: Tensor, v_cache: Tensor, provider: ExpertProvider) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos, k_cache, v_cache)
+        m = self.residual_multiplier
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos, k_cache, v_cache)
+        h = x + (a if m == 1.0 else a * m)
         y = self.post_attention_layernorm(h)
-        return h + (self.mlp(y, provider) if self.sparse else self.mlp(y))
+        f = self.mlp(y, provider) if self.sparse else self.mlp(y)
+        return h + (f if m == 1.0 else f * m)
 
 
 class Transformer(nn.Module):
@@ -291,9 +296,12 @@ class Transformer(nn.Module):
         cos, sin = self._rope(start_pos, end)
         mask = self._mask(start_pos, end)
         x = self.embed_tokens(tokens)  # [T,H]
+        if self.cfg.embedding_multiplier != 1.0:
+            x = x * self.cfg.embedding_multiplier
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, start_pos, self.k_cache[i], self.v_cache[i], self.provider)
-        return self.lm_head(self.norm(x)).float()  # [T,V]
+        logits = self.lm_head(self.norm(x))  # [T,V]
+        return (logits if self.cfg.logits_scaling == 1.0 else logits / self.cfg.logits_scaling).float()
 
     def _rope(self, start_pos: int, end: int) -> tuple[Tensor, Tensor]:
         inv_freq, scale = self.inv_freq, self.rope_scale
@@ -318,6 +326,13 @@ class Transformer(nn.Module):
         return mask
 
 
+# HF module names -> ours: every family's router is `mlp.gate`
+_RENAMES = ((".block_sparse_moe.", ".mlp."), (".mlp.router.layer.", ".mlp.gate."), (".mlp.router.", ".mlp.gate."))
+
+
 def _our_name(hf_name: str) -> str:
     """'model.layers.0.block_sparse_moe.gate.weight' -> 'layers.0.mlp.gate.weight'."""
-    return hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.").replace(".mlp.router.", ".mlp.gate.")
+    name = hf_name.removeprefix("model.")
+    for old, new in _RENAMES:
+        name = name.replace(old, new)
+    return name

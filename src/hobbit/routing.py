@@ -66,15 +66,17 @@ def sigmoid_group(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_g
 
 
 def topk_softmax(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """gpt_oss: top-k of the logits, then softmax over those k in the logits' dtype. logits [T,E]."""
+    """gpt_oss / granitemoe: top-k of the logits, then softmax over those k, rounded to the logits' dtype
+    (granitemoe's fp32 softmax cast back to the activation dtype gives the same). logits [T,E]."""
     top, ids = torch.topk(logits, top_k, dim=-1)  # [T,k], sorted descending
     return ids, F.softmax(top, dim=-1, dtype=top.dtype).float()
 
 
 class Router(nn.Module):
     """`mlp.gate` of the families routed by a rule here: weight [E,H] (+ e_score_correction_bias [E],
-    or bias [E] for gpt_oss, HF `mlp.router`). DeepSeek/GLM logits are computed in fp32 from the weight
-    upcast; gpt_oss logits in the activation dtype, as transformers' routers do."""
+    or bias [E] for gpt_oss; HF `mlp.router` / granitemoe `block_sparse_moe.router.layer`). DeepSeek/GLM
+    logits are computed in fp32 from the weight upcast; gpt_oss / granitemoe logits in the activation dtype,
+    as transformers' routers do."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -91,7 +93,7 @@ class Router(nn.Module):
         """x [T,H] -> logits [T,E] fp32, ids [T,k] (weight desc), weights [T,k] fp32."""
         c = self.cfg
         if c.routing == "topk_softmax":
-            logits = F.linear(x, self.weight, self.bias)  # [T,E] in x.dtype
+            logits = F.linear(x, self.weight, getattr(self, "bias", None))  # [T,E] in x.dtype
             return (logits.float(), *topk_softmax(logits, c.top_k))
         logits = F.linear(x.float(), self.weight.float())  # [T,E]
         if c.routing == "deepseek_v2":
