@@ -155,3 +155,22 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_dequantized(tmp_path):
         ref = hf(torch.tensor([PROMPT])).logits[0]
     assert (eng.logits(PROMPT) - ref).abs().max().item() < 1e-4
     eng.close()
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_bench_runs(family, store, tmp_path):
+    import argparse
+
+    from hobbit.bench import add_bench_args, cmd_bench
+
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man must be in want of a wife.\n" * 4)
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser.add_subparsers())
+    args = parser.parse_args(["bench", str(store(family)), "--budget", "30%", "--policies", "resident,lru,hobbit",
+                              "--text", str(text), "--split", "all", "--prompt-tokens", "8", "--max-new-tokens", "4",
+                              "--window", "32", "--max-tokens", "64", "--json", str(tmp_path / "out.json")])
+    assert cmd_bench(args) == 0
+    runs = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert {r["policy"] for r in runs} == {"resident", "lru", "hobbit"}
+    assert all(r["ppl"] > 0 for r in runs)
