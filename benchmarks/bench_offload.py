@@ -16,6 +16,7 @@ import time
 import torch
 
 import hobbit
+from hobbit.bench import load_overhead
 
 
 def run_once(store: str, policy: str, budget: str, tokens: int, seed: int) -> dict:
@@ -57,11 +58,16 @@ def main() -> None:
     print("\nbest of", a.repeats)
     for p, x in best.items():
         print(f"  {p:>9}: {x['decode_tok_s']:7.2f} tok/s")
+    overhead = load_overhead(a.store, list(best.values()))
+    if overhead:
+        print(f"load overhead ratio {overhead['load_overhead_ratio']:.2f} (ondemand - resident per token over the "
+              f"raw reads of its {overhead['bytes_per_token'] / 2**20:.1f} MiB at {overhead['disk_read_gbps']:.2f} GB/s)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(machine=dict(platform=platform.platform(), processor=platform.processor(),
                                         torch=torch.__version__, threads=torch.get_num_threads()),
-                           store=a.store, budget=a.budget, tokens=a.tokens, runs=runs, best=best), f, indent=1)
+                           store=a.store, budget=a.budget, tokens=a.tokens, runs=runs, best=best,
+                           load_overhead=overhead), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def bench_result(tiny_store, tmp_path_factory):
     add_bench_args(parser.add_subparsers())
     args = parser.parse_args(["bench", str(tiny_store), "--budget", "1%,50%", "--policies", "resident,ondemand,lru,belady",
                               "--text", str(text), "--split", "all", "--prompt-tokens", "8,16",
-                              "--max-new-tokens", "6", "--window", "64", "--max-tokens", "128",
+                              "--max-new-tokens", "6", "--window", "64", "--max-tokens", "128", "--profile", "3",
                               "--json", str(tmp / "out.json"), "--plot", str(tmp / "out.png")])
     assert cmd_bench(args) == 0
     return json.loads((tmp / "out.json").read_text()), tmp
@@ -96,3 +96,31 @@ def test_table_rows_come_from_the_json(bench_result):
         assert cells[0] == r["policy"]
         assert f"{r['decode_tok_s']:.2f}" in cells and f"{r['ppl']:.3f}" in cells
         assert f"{r['bytes_per_token'] / 1024:.1f}" in cells and f"{r['top1_agreement']:.1%}" in cells
+
+
+def test_load_overhead_is_recomputable(bench_result):
+    out, _ = bench_result
+    lo, runs = out["load_overhead"], {r["policy"]: r for r in out["runs"]}
+    assert lo["ondemand_s_per_token"] == pytest.approx(1 / runs["ondemand"]["decode_tok_s"])
+    assert lo["resident_s_per_token"] == pytest.approx(1 / runs["resident"]["decode_tok_s"])
+    m = out["model"]
+    assert lo["bytes_per_token"] == m["top_k"] * m["sparse_layers"] * m["expert_bytes"]["bf16"] // (
+        m["sparse_layers"] * m["num_experts"])  # every bf16 blob of the tiny store has one size
+    assert lo["disk_read_gbps"] > 0
+    assert lo["raw_read_s_per_token"] == pytest.approx(lo["bytes_per_token"] / (lo["disk_read_gbps"] * 1e9))
+    assert lo["load_overhead_ratio"] == pytest.approx(
+        (lo["ondemand_s_per_token"] - lo["resident_s_per_token"]) / lo["raw_read_s_per_token"])
+    assert lo["checksum_cost"] == pytest.approx(lo["disk_read_gbps"] / lo["checksum_gbps"])
+
+
+def test_profile_split_per_configuration(bench_result):
+    out, _ = bench_result
+    for r in out["runs"]:
+        split = r["profile_ms_per_token"]
+        assert set(split) == {"attention", "router", "dense_mlp", "experts_compute", "load_wait", "predict",
+                              "scheduler", "lm_head", "sampling", "other"}
+        assert split["attention"] > 0 and split["lm_head"] > 0 and split["experts_compute"] > 0
+        if r["policy"] == "resident":
+            assert split["load_wait"] == 0  # nothing is ever loaded
+        if r["policy"] == "ondemand":
+            assert split["load_wait"] > 0  # every expert is read while the compute thread waits

@@ -23,7 +23,7 @@ PROMPT = [5, 9, 23, 101, 77, 3, 150, 42, 8, 19, 60, 2]
 def test_converted_store_matches_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
     ckpt = make_tiny_checkpoint(family, tmp_path / "hf")
-    assert cli_main(["convert", str(ckpt), str(tmp_path / "store"), "--precisions", "fp32"]) == 0
+    assert cli_main(["convert", str(ckpt), str(tmp_path / "store"), "--precisions", "fp32", "--dense", "fp32"]) == 0
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager").eval()
     eng = hobbit.load(tmp_path / "store", dtype="fp32", policy="resident")
     with torch.inference_mode():

@@ -55,8 +55,8 @@ def test_hobbit_policy_runs(family, store):
 def test_mla_cache_holds_the_latent(store):
     eng = hobbit.load(store("deepseek_v3"), policy="resident", max_seq_len=32)
     cfg = eng.config
-    assert eng.model.k_cache.shape == (cfg.num_layers, 32, 1, cfg.kv_lora_rank)
-    assert eng.model.v_cache.shape == (cfg.num_layers, 32, 1, cfg.rope_dim)
+    assert eng.model.k_cache.shape == (cfg.num_layers, 1, 32, cfg.kv_lora_rank)  # [layers, 1, capacity, r]
+    assert eng.model.v_cache.shape == (cfg.num_layers, 1, 32, cfg.rope_dim)
     per_pos = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.rope_dim + cfg.v_head_dim)  # expanded K and V
     assert cfg.kv_lora_rank + cfg.rope_dim < per_pos / 4
     eng.close()
@@ -149,7 +149,7 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_dequantized(tmp_path):
     save_file(state, str(path / "model.safetensors"))
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
-    convert(path, tmp_path / "store", precisions="fp32", progress=False)
+    convert(path, tmp_path / "store", precisions="fp32", progress=False, dense="fp32")
     eng = hobbit.load(tmp_path / "store", policy="resident", dtype="fp32")
     with torch.inference_mode():
         ref = hf(torch.tensor([PROMPT])).logits[0]

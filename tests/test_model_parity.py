@@ -54,7 +54,7 @@ DEEPSEEK_YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddi
 @pytest.mark.parametrize("family,overrides", [(f, {}) for f in FAMILIES] + [
     ("mixtral", {"sliding_window": 5}),
     ("deepseek_v3", {"rope_interleave": False, "rope_scaling": DEEPSEEK_YARN}),  # halves RoPE; YaRN softmax mscale
-    ("deepseek_v2", {"topk_method": "greedy", "q_lora_rank": 24}),
+    ("deepseek_v2", {"topk_method": "greedy", "q_lora_rank": 32}),
     ("glm4_moe", {"use_qk_norm": False, "n_group": 1, "topk_group": 1}),
 ])
 def test_prefill_and_greedy_decode_match_transformers(family, overrides, tiny_dir):

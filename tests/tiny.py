@@ -48,13 +48,13 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_hidden_layers=3, num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
         n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
-        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)),
+        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
     # DeepSeek-V3 style: q LoRA, sigmoid routing with correction bias, groups, renormalized x 2.5
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         num_hidden_layers=3, num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
         n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
-        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)),
+        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
     # GLM-4.5-Air style: q/k/v bias, q/k norm, half the head rotated, V3 routing (here with groups)
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
         num_hidden_layers=3, head_dim=32, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,

@@ -388,7 +388,7 @@ for _asset in (
           "95775d22f0dde62b44cd83aaff2c1ceb08b09ec78ae99a5ca15a4e97fc8e8eea"),
     Asset("smolmoe", "the SmolLM2 GGUF asset + the committed SmolMoE recipe (hobbit.moefy)",
           f"smolmoe-{_recipe_tag()}", _build_smolmoe),
-    Asset("smolmoe-store", "the smolmoe asset, converted (bf16, int4, int2)", f"smolmoe-store-{_recipe_tag()}-q3",
+    Asset("smolmoe-store", "the smolmoe asset, converted (experts bf16, int4, int2; dense auto)", f"smolmoe-store-{_recipe_tag()}-q4",
           _build_smolmoe_store),
 ):
     register(_asset)

@@ -25,7 +25,7 @@ NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the R
 
 
 def cache_dims(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Per-position dims of the two cache tensors: (latent (1, r), rope key (1, R))."""
+    """(heads, dim) of the two cache tensors: latent (1, r), rope key (1, R)."""
     return (1, cfg.kv_lora_rank), (1, cfg.rope_dim)
 
 
@@ -40,22 +40,18 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 def rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x0,x1),(x2,x3).. x [T,n,R], cos/sin [T,1,R] (halves repeated). The output lists
-    the rotated even dims, then the odd ones: q and k get the same order, so q.k is unchanged."""
-    c, s = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]  # [T,1,R/2]
+    """Rotate pairs (x0,x1),(x2,x3).. x [T,n,R]; cos [T,1,R] (halves repeated), sin [T,1,R] = (-sin | sin)
+    as model.py tabulates it. The output lists the rotated even dims, then the odd ones: q and k get
+    the same order, so q.k is unchanged."""
+    c, s = cos[..., : cos.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]  # [T,1,R/2]
     x1, x2 = x[..., 0::2], x[..., 1::2]  # [T,n,R/2]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-
-def rope_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from .model import RMSNorm  # model.py imports this module
+        from .model import RMSNorm, apply_rope  # model.py imports this module
 
         H, nh, r, R = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.rope_dim
         self.nh, self.r, self.R, self.Dn, self.Dv = nh, r, R, cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -71,25 +67,26 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(r, nh * (self.Dn + self.Dv), bias=False)
         self.o_proj = nn.Linear(nh * self.Dv, H, bias=cfg.attention_bias)
         self.scale = softmax_scale(cfg)
-        self.rope = rope_interleaved if cfg.rope_interleave else rope_halves
+        self.rope = rope_interleaved if cfg.rope_interleave else apply_rope
 
-    def fuse(self) -> None:
-        """Split kv_b_proj into per-head up-projections of the latent: w_uk [nh,Dn,r], w_uv [nh,Dv,r]."""
+    def absorb(self) -> None:
+        """After loading: split kv_b_proj (kept unquantized, dense.py) into per-head up-projections of
+        the latent, w_uk [nh,Dn,r] and w_uv [nh,Dv,r]."""
         w = self.kv_b_proj.weight.detach().view(self.nh, self.Dn + self.Dv, self.r)
         self.w_uk, self.w_uv = w[:, : self.Dn].contiguous(), w[:, self.Dn:].contiguous()
         del self.kv_b_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
                 latent_cache: Tensor, rope_cache: Tensor) -> Tensor:
-        """x [T,H]; cos/sin [T,1,R]; mask [T,S] bool or None; caches [S_max,1,r] and [S_max,1,R]."""
+        """x [T,H]; cos/sin [T,1,R]; mask [T,S] bool or None; caches [1,S_cap,r] and [1,S_cap,R] (fp32)."""
         T = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_b_proj") else self.q_proj(x)
         q_nope, q_pe = q.view(T, self.nh, -1).split([self.Dn, self.R], dim=-1)  # [T,nh,Dn], [T,nh,R]
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.R], dim=-1)  # [T,r], [T,R]
         q_pe, k_pe = self.rope(q_pe, cos, sin), self.rope(k_pe[:, None], cos, sin)  # [T,nh,R], [T,1,R]
         end = start_pos + T
-        latent_cache[start_pos:end], rope_cache[start_pos:end] = self.kv_a_layernorm(c)[:, None], k_pe
-        lat, k_rot = latent_cache[:end, 0], rope_cache[:end, 0]  # [S,r], [S,R]
+        latent_cache[0, start_pos:end], rope_cache[0, start_pos:end] = self.kv_a_layernorm(c), k_pe[:, 0]
+        lat, k_rot = latent_cache[0, :end].to(x.dtype), rope_cache[0, :end].to(x.dtype)  # [S,r], [S,R]: exact
         if T == 1:  # absorbed: attend in latent space, one shared "head" of width r + R
             q_lat = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [nh,T,r]
             qa = torch.cat((q_lat, q_pe.transpose(0, 1)), dim=-1)  # [nh,T,r+R]

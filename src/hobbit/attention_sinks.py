@@ -16,12 +16,12 @@ def window_mask(start_pos: int, end: int, window: int, device: torch.device) -> 
     return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
-def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sinks: Tensor) -> Tensor:
+def sink_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sinks: Tensor, scale: float) -> Tensor:
     """q [nh,T,D], k/v [nkv,S,D], mask [T,S] bool or None, sinks [nh] -> [nh,T,D]. The sink joins each
     row's softmax as one more logit with no value: it takes probability mass, adds nothing."""
     nh, T, D = q.shape
     k, v = (t.repeat_interleave(nh // t.shape[0], dim=0) for t in (k, v))  # [nh,S,D]
-    scores = (q @ k.transpose(1, 2)) * D**-0.5  # [nh,T,S]
+    scores = (q @ k.transpose(1, 2)) * scale  # [nh,T,S]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     logits = torch.cat((scores, sinks.to(scores.dtype)[:, None, None].expand(nh, T, 1)), dim=-1)  # [nh,T,S+1]

@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,9 +29,10 @@ from typing import Callable
 import torch
 
 from .engine import load
+from .profile import PARTS, profile_decode
 from .evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
 from .schedule import NO_CACHE_POLICIES, POLICIES
-from .store import ExpertStore
+from .store import ExpertStore, checksum
 from .trace import belady_accesses, read_trace
 
 _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "decode_s", "hits", "misses",
@@ -55,6 +57,7 @@ class Settings:
     window: int
     stride: int
     stepwise: bool = False
+    profile: int = 0  # decode tokens to profile per configuration (hobbit profile's split), 0 = none
 
 
 def configs(policies: list[str], budgets: list[str]) -> list[Config]:
@@ -101,7 +104,8 @@ def model_info(store: ExpertStore) -> dict:
 def session(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool,
             trace: Path | None = None, belady: list | None = None) -> tuple[dict, dict | None, dict]:
     """One engine's life: warm-up, page cache dropped, one timed generation, then (quality) the eval
-    windows. Returns (generation stats, quality result or None, engine facts: budget_bytes, tuned)."""
+    windows and (s.profile) the time split of s.profile decode tokens after the same prompt. Returns
+    (generation stats, quality result or None, engine facts: budget_bytes, tuned, profile)."""
     policy, opts = cfg.policy, dict(s.engine)
     if trace is not None:
         policy, opts["trace"] = "lru", trace
@@ -114,7 +118,8 @@ def session(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool
         stats = eng.generate(prompt, max_new_tokens=new, stop_token_ids=[]).stats
         q = evaluate_ppl(eng, s.eval_ids, s.window, s.stride, keep_predictions=True, stepwise=s.stepwise) \
             if quality else None
-        return stats, q, dict(budget_bytes=eng.budget_bytes, tuned=eng.tuned)
+        split = profile_decode(eng, prompt, s.profile)["ms_per_token"] if quality and s.profile else None
+        return stats, q, dict(budget_bytes=eng.budget_bytes, tuned=eng.tuned, profile=split)
 
 
 def run_config(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool,
@@ -159,7 +164,8 @@ def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict,
         ppl=q["ppl"], ppl_full_precision=ref["ppl"], ppl_delta_pct=100 * (q["ppl"] / ref["ppl"] - 1),
         top1_agreement=agreement(q["predictions"], ref["predictions"]),
         tokens=tokens, seconds=seconds, prefill_s_total=prefill_s, decode_s_total=decode_s, **t, **by,
-        eval_tokens=q["tokens"], eval_nll=q["nll"], eval_windows=q["windows"], tuned=info["tuned"], samples=samples)
+        eval_tokens=q["tokens"], eval_nll=q["nll"], eval_windows=q["windows"], tuned=info["tuned"],
+        profile_ms_per_token=info["profile"], samples=samples)
 
 
 def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
@@ -177,7 +183,8 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
             turn = n % max(1, len(active))  # rotate who goes first
             for cfg in active[turn:] + active[:turn]:
                 try:
-                    stats, q, info[cfg] = run_config(s, cfg, s.items[i], cfg not in quality, Path(tmp))
+                    stats, q, facts = run_config(s, cfg, s.items[i], cfg not in quality, Path(tmp))
+                    info.setdefault(cfg, facts)  # the first run's: it also measured quality and the profile
                 except ValueError as e:  # e.g. a budget below one layer's active experts
                     failed.append(dict(policy=cfg.policy, budget=cfg.budget, error=str(e)))
                     active.remove(cfg)
@@ -190,6 +197,31 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
                     f"+{stats['generated_tokens']:>4}: {stats['decode_tok_s']:7.2f} tok/s, hit {stats['hit_rate']:.0%}")
     runs = [summarize(c, info[c], total, samples[c], quality[c], ref) for c in cfgs if c in active]
     return runs, failed
+
+
+def load_overhead(store_path: str, runs: list[dict]) -> dict | None:
+    """What a load costs beyond its read: (ondemand - resident) seconds per decode token over the time
+    this disk takes to read that token's blobs (top_k x sparse layers at the high precision, read one
+    by one with O_DIRECT like the loader does). 1.0 = loading costs exactly the raw reads. Also what
+    verifying a blob's checksum costs, as a share of its read time (hash GB/s on a blob in RAM)."""
+    by = {x["policy"]: x for x in runs}
+    if not {"resident", "ondemand"} <= by.keys() or not by["ondemand"]["decode_tok_s"]:
+        return None
+    with ExpertStore(store_path) as store:
+        c, high = store.manifest["config"], store.precisions[0]
+        token_bytes = c["top_k"] * len(c["sparse_layers"]) * store.expert_nbytes(high)
+        gbps = store.read_bandwidth(high) / 1e9
+        blob = os.urandom(store.expert_nbytes(high))
+        t0 = time.perf_counter()
+        for _ in range(64):
+            checksum(blob)
+        hash_gbps = 64 * len(blob) / (time.perf_counter() - t0) / 1e9
+    extra = 1 / by["ondemand"]["decode_tok_s"] - 1 / by["resident"]["decode_tok_s"]
+    raw = token_bytes / (gbps * 1e9)
+    return dict(ondemand_s_per_token=1 / by["ondemand"]["decode_tok_s"],
+                resident_s_per_token=1 / by["resident"]["decode_tok_s"], bytes_per_token=token_bytes,
+                disk_read_gbps=gbps, raw_read_s_per_token=raw, load_overhead_ratio=extra / raw,
+                checksum_gbps=hash_gbps, checksum_cost=gbps / hash_gbps)
 
 
 def _pct(x: float | None) -> str:
@@ -208,6 +240,16 @@ def format_table(runs: list[dict]) -> str:
                      f"{x['bytes_per_token'] / 1024:.1f}", _pct(x["loader_wait_frac"]), _pct(x["skipped_frac"]),
                      f"{x['ppl']:.3f}", f"{x['ppl_delta_pct']:+.2f}%", f"{x['top1_agreement']:.1%}"))
     widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def format_profiles(runs: list[dict]) -> str:
+    """ms per decode token by part, one column per configuration."""
+    cols = [(f"{x['policy']} {_pct(x['budget_fraction'])}", x["profile_ms_per_token"]) for x in runs]
+    rows = [["part", *(c for c, _ in cols)]] + [[p, *(f"{m[p]:.2f}" for _, m in cols)] for p in PARTS]
+    rows.append(["total", *(f"{sum(m.values()):.2f}" for _, m in cols)])
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
 
@@ -260,6 +302,8 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     p.add_argument("--max-new-tokens", default="32,128", help="comma list of output lengths (default 32,128)")
     p.add_argument("--prompts", type=int, default=1, help="prompts per (prompt, output) length pair (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over all prompts (default 1)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also split N decode tokens of each "
+                   "configuration into attention, router, experts, load wait, scheduler, lm_head, ... (ms)")
     p.add_argument("--json", required=True, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG: tok/s and perplexity delta vs budget")
     p.set_defaults(func=cmd_bench)
@@ -285,10 +329,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     items = cut_prompts(ids, prompt_lens, output_lens, args.prompts)
     offset = len(ids) // 2 + 1  # the warm-up prompt: a short slice from the middle of the text
     s = Settings(args.store, engine, ids[offset:offset + WARMUP_TOKENS], items, ids[:args.max_tokens], window,
-                 min(args.stride or window, window), args.stepwise)
+                 min(args.stride or window, window), args.stepwise, args.profile)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     runs, failed = bench(s, cfgs, args.repeats, total, log)
-    out = dict(machine=machine_info(args.threads), model=model,
+    out = dict(machine=machine_info(args.threads), model=model, load_overhead=load_overhead(args.store, runs),
                settings=dict(text=str(args.text), split=args.split, stepwise=args.stepwise,
                              prompt_tokens=prompt_lens, max_new_tokens=output_lens,
                              prompts=args.prompts, repeats=args.repeats, eval_tokens=len(s.eval_ids), window=s.window,
@@ -296,6 +340,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                runs=runs, failed=failed)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(format_table(runs))
+    if args.profile:
+        print(format_profiles(runs))
+    if out["load_overhead"]:
+        lo = out["load_overhead"]
+        print(f"load overhead: ondemand - resident = {1e3 * (lo['ondemand_s_per_token'] - lo['resident_s_per_token']):.2f}"
+              f" ms/token; raw reads of its {lo['bytes_per_token'] / 2**20:.2f} MiB at {lo['disk_read_gbps']:.2f} GB/s = "
+              f"{1e3 * lo['raw_read_s_per_token']:.2f} ms; ratio {lo['load_overhead_ratio']:.2f}")
     if args.plot:
         plot(runs, args.plot, f"{model['name']} on {model['arch']}, {machine_info(args.threads)['cpu']}")
     return 0

@@ -42,10 +42,10 @@ FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.expert
                         r"gate_up_proj_scales|down_proj_blocks|down_proj_scales)")
 # FP4 (e2m1) code -> value; an MXFP4 block is 32 codes (two per byte, low nibble first) x 2^(scale - 127)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-IN_FIRST_INTERLEAVED = ("gpt_oss",)
+IN_FIRST_INTERLEAVED = ("gpt_oss",)  # families whose fused experts use the gpt_oss layout above
 # granitemoe on disk: block_sparse_moe.input_linear.weight [E,2I,H] (gate rows first), output_linear.weight [E,H,I]
 GRANITE_FUSED = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(input_linear|output_linear)\.weight")
-_GRANITE_PROJ = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}  # families whose fused experts use the gpt_oss layout above
+_GRANITE_PROJ = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}
 _PATTERNS = {arch: re.compile(p) for arch, (p, _) in EXPERT_NAMES.items()}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 

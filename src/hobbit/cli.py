@@ -16,8 +16,9 @@ def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str 
                    "of all expert bytes at the highest stored precision (default 25%%)")
     p.add_argument("--policy", default=policy, choices=POLICIES, help=f"expert cache policy (default {policy})")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
-    p.add_argument("--dense", default=None, choices=("bf16", "fp32", "int8", "int4"),
-                   help="precision of the dense (non-expert) weights in RAM (default: the compute dtype)")
+    p.add_argument("--dense", default=None, choices=("bf16", "fp32", "int8", "int4", "auto"),
+                   help="precision of the dense (non-expert) weights in RAM (default: as the store holds them)")
+    p.add_argument("--mlock", action="store_true", help="lock the dense weights in RAM (needs RLIMIT_MEMLOCK)")
     p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
     p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
     p.add_argument("--t1", type=float, default=None, help="hobbit Eq. 2: high if score <= T1 (default 0.6 or tuned)")
@@ -37,13 +38,13 @@ def engine_from_args(args: argparse.Namespace):
     options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "little") if getattr(args, k, None) is not None}
     return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
                 low=args.low, threads=args.threads, direct_io=not args.no_direct_io, dense=args.dense,
-                io_threads=args.io_threads,
+                io_threads=args.io_threads, mlock=args.mlock,
                 trace=getattr(args, "trace", None), **options)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert, describe
-    dst = convert(args.src, args.dst, precisions=args.precisions, group_size=args.group_size)
+    dst = convert(args.src, args.dst, precisions=args.precisions, group_size=args.group_size, dense=args.dense)
     print(describe(dst))
     return 0
 
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="bf16,int4,int2", help="comma list of fp32,bf16,int8,int4,int3,int2")
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size (default 64, or the largest of 128/64/32 that fits the experts)")
+    p.add_argument("--dense", default=None, choices=("fp32", "bf16", "int8", "int4", "auto"),
+                   help="run precision of the dense projections, stored as such so loading never quantizes "
+                        "(default auto: int4 g32 where lossless, i.e. 4-bit sources, else int8; routers and "
+                        "norms stay as in the source)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write a store as a GGUF that stock llama.cpp runs (qwen2moe, qwen2, llama)")

@@ -13,11 +13,13 @@ from pathlib import Path
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import quant
+from . import dense as dense_weights, quant
 from .checkpoint import open_checkpoint
 from .store import StoreWriter
 
 DEFAULT_PRECISIONS = ("bf16", "int4", "int2")
+DEFAULT_DENSE = "auto"  # per matrix int4 where lossless (4-bit sources), else int8: quality holds (dense.py, README)
+DENSE_GROUP_SIZE = 32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
@@ -31,10 +33,15 @@ def parse_precisions(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, group_size: int | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, dense: str | None = None, dense_group_size: int = DENSE_GROUP_SIZE) -> Path:
     """Write the expert store for `src` (HF folder or .gguf file) into `dst`; returns dst.
-    group_size None picks 64, or the largest of 128/64/32 dividing every expert's input width."""
+    group_size None picks 64, or the largest of 128/64/32 dividing every expert's input width.
+    dense: the run precision of the dense projections, stored as such (fp32 | bf16 | int8 | int4 |
+    auto; None = DEFAULT_DENSE)."""
     src, dst = Path(src), Path(dst)
+    dense = dense or DEFAULT_DENSE
+    dense_weights.check_format(dense)
+    dense_format = {"format": dense, "group_size": dense_group_size}
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist: give a Hugging Face model folder or a .gguf file")
     if src.suffix == ".gguf":
@@ -42,13 +49,13 @@ def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, gro
         with tempfile.TemporaryDirectory(prefix="hobbit-gguf-") as tmp:
             export_hf(src, tmp)
             return _convert_hf(Path(tmp), dst, parse_precisions(precisions), group_size, progress,
-                               source={"path": str(src.resolve()), "format": "gguf"})
+                               source={"path": str(src.resolve()), "format": "gguf"}, dense_format=dense_format)
     return _convert_hf(src, dst, parse_precisions(precisions), group_size, progress,
-                       source={"path": str(src.resolve()), "format": "hf"})
+                       source={"path": str(src.resolve()), "format": "hf"}, dense_format=dense_format)
 
 
 def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | None, progress: bool,
-                source: dict) -> Path:
+                source: dict, dense_format: dict) -> Path:
     ckpt = open_checkpoint(src)
     cfg = ckpt.config
     if cfg.num_experts:
@@ -65,14 +72,16 @@ def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | N
     dst.mkdir(parents=True, exist_ok=True)
     for stale in ("manifest.json", "experts.bin"):
         (dst / stale).unlink(missing_ok=True)
-    dense = {name: ckpt.dense_tensor(name).contiguous() for name in ckpt.dense_names()}
+    dense = {name: ckpt.dense_tensor(name) for name in ckpt.dense_names()}
+    dense = dense_weights.quantize_state(dense, dense_format["format"], dense_format["group_size"],
+                                         cfg.tie_word_embeddings)  # stored in run precision: loading never quantizes
     save_file(dense, str(dst / "dense.safetensors"), metadata={"format": "pt"})
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
     header = dict(config=cfg.to_dict(), hf_config=ckpt.raw_config, source=source, precisions=precisions,
                   group_size=group_size, expert_shapes={k: list(v) for k, v in shapes.items()},
-                  dense_file="dense.safetensors",
+                  dense_file="dense.safetensors", dense_format=dense_format,
                   dense_bytes=sum(t.numel() * t.element_size() for t in dense.values()))
     writer = StoreWriter(dst, header)
     jobs = [(layer, e) for layer in cfg.sparse_layers for e in range(cfg.num_experts)]
@@ -97,6 +106,7 @@ def describe(dst: str | Path) -> str:
         prec = key.split("/")[2]
         sizes[prec] = sizes.get(prec, 0) + b["nbytes"]
     parts = ", ".join(f"{p} {sizes.get(p, 0) / 2**20:.1f} MiB" for p in m["precisions"])
+    fmt = m.get("dense_format", {}).get("format", "as the source")
     return (f"{dst}: {m['config']['arch']}, {len(m['blobs'])} expert blobs ({parts}), "
-            f"dense {m['dense_bytes'] / 2**20:.1f} MiB")
+            f"dense {m['dense_bytes'] / 2**20:.1f} MiB ({fmt})")
 

@@ -34,6 +34,8 @@ from tqdm import tqdm
 
 from . import quant
 from .config import ModelConfig
+from .dense import Stored, split_state
+from .dense import read as read_dense
 from .gguf import ARCHS, BLOCK_NAMES, PRE_TOKENIZERS, TOP_NAMES, pre_tokenizer_name
 from .store import ExpertStore
 
@@ -67,7 +69,7 @@ def export_gguf(store: str | Path, out: str | Path, gguf_type: str = "bf16", all
             _metadata(w, cfg, experts.manifest, ftype, store)
             _tokenizer_metadata(w, store, cfg)
             per_layer = 3 if cfg.shared_expert_intermediate_size else 7  # + the null shared expert's 4
-            total = len(_dense_names(store)) + per_layer * len(cfg.sparse_layers)
+            total = _dense_count(store) + per_layer * len(cfg.sparse_layers)
             for name, t in tqdm(_tensors(store, experts, cfg, arch), total=total, disable=not progress,
                                 desc=f"exporting {gguf_type}", unit="tensor"):
                 tt = _tensor_type(name.split(".")[-2], t, qtype)
@@ -111,10 +113,21 @@ def check_exportable(cfg: ModelConfig, allow_inexact: bool = False, where: str |
 
 # ---------------------------------------------------------------- tensors
 
-def _dense_names(store: Path) -> list[str]:
+def _dense(store: Path) -> tuple[dict[str, torch.Tensor], dict[str, Stored]]:
+    """(plain tensors, quantized matrices) of the store's dense weights, by HF name."""
+    return split_state(read_dense(store / "dense.safetensors"))
+
+
+def _dense_count(store: Path) -> int:
+    """How many dense tensors `_tensors` writes, from the file's header alone (for the progress bar)."""
     with safe_open(str(store / "dense.safetensors"), framework="pt") as f:
-        names = list(f.keys())
-    return names + ([] if "lm_head.weight" in names else ["lm_head.weight"])
+        names = {re.sub(r"\.weight\.(q|sz|scale)$", ".weight", k) for k in f.keys()}
+    return len(names) + ("lm_head.weight" not in names)
+
+
+def _dense_names(plain: dict, stored: dict) -> list[str]:
+    names = [*plain, *stored]
+    return names + ([] if "lm_head.weight" in names else ["lm_head.weight"])  # tied: the embedding, written twice
 
 
 def gguf_name(arch: str, hf_name: str) -> str:
@@ -136,16 +149,18 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _tensors(store: Path, experts: ExpertStore, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array in numpy order [out, in]) for every tensor to write."""
-    with safe_open(str(store / "dense.safetensors"), framework="pt") as f:
-        stored = set(f.keys())
-        for hf_name in _dense_names(store):
-            t = f.get_tensor(hf_name if hf_name in stored else "model.embed_tokens.weight")  # tied: written twice
-            name = gguf_name(arch, hf_name)
-            w = t.float().numpy()
-            part = name.split(".")[-2]
-            if ARCHS[arch].permute_qk and part in ("attn_q", "attn_k"):
-                w = _permute(w, cfg.num_heads if part == "attn_q" else cfg.num_kv_heads)
-            yield name, (w.reshape(-1) if part == "ffn_gate_inp_shexp" else w)  # llama.cpp wants the gate [H]
+    plain, stored = _dense(store)
+    for hf_name in _dense_names(plain, stored):
+        if hf_name in stored:  # kept quantized by `hobbit convert --dense`: back to float, once
+            t = stored.pop(hf_name).dequantize()
+        else:
+            t = plain.get(hf_name, plain["model.embed_tokens.weight"])
+        name = gguf_name(arch, hf_name)
+        w = t.float().numpy()
+        part = name.split(".")[-2]
+        if ARCHS[arch].permute_qk and part in ("attn_q", "attn_k"):
+            w = _permute(w, cfg.num_heads if part == "attn_q" else cfg.num_kv_heads)
+        yield name, (w.reshape(-1) if part == "ffn_gate_inp_shexp" else w)  # llama.cpp wants the gate [H]
     if not cfg.num_experts:
         return
     prec, shapes, gs = experts.precisions[0], experts.shapes(), experts.group_size

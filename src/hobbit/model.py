@@ -1,26 +1,31 @@
-"""Our lean decoder: GQA attention with RoPE and a preallocated KV cache, RMSNorm, SwiGLU MLP, and a
+"""Our lean decoder: GQA attention with RoPE and a growing KV cache, RMSNorm, SwiGLU MLP, and a
 MoE block that routes exactly like transformers and hands the expert sum to an ExpertProvider.
 
 T = tokens in this call, S = positions attended, H = hidden, D = head_dim, E = experts,
-k = experts per token, V = vocab. Module names follow HF (minus the `model.` prefix), so
+k = experts per token, V = vocab. Module names follow HF (minus the `model.` prefix), except that
+q/k/v and gate/up projections are held fused (`qkv`, `gate_up`: batch-1 decode pays per call), so
 `model.layers[i].mlp.gate.weight` is layer i's router and dense weights load by HF name.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import attention_mla, attention_sinks
+from . import attention_mla, attention_sinks, dense, quant
 from .config import ModelConfig
 from .experts import ExpertProvider
+from .quant import QuantLinear
 from .routing import FP32_BUFFERS, Router
 
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length when none is given (capped by max_position_embeddings)
+KV_CHUNK = 256  # KV positions allocated at a time; capacity then doubles, up to max_seq_len
+FUSED = dense.FUSED
 
 
 def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Tensor, float]:
@@ -73,15 +78,18 @@ def _yarn(s: dict, D: int, base: float, pos_freqs: Tensor, max_pos: int) -> tupl
     return inv_freq, float(attn)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T,heads,D]; cos [T,1,D], sin [T,1,D] with the rotate-half sign folded in (-sin | sin):
+    rotate_half(x) * sin == roll(x, D/2) * (-sin | sin), so RoPE is three ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
-def _partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T,n,D], cos/sin [T,1,R] with R < D: RoPE on x[..., :R], the rest passes."""
-    rot, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on the leading cos.shape[-1] dims of x [T,heads,D] (glm4_moe's partial RoPE), the rest passes."""
+    R = cos.shape[-1]
+    if R == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat((apply_rope(x[..., :R], cos, sin), x[..., R:]), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -91,47 +99,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()  # normalize in fp32, scale in the activation dtype, as HF does
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # normalize in fp32, scale in the activation dtype, as HF does
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.gate_up = nn.Linear(hidden, 2 * inter, bias=False)  # cat(gate, up) rows
         self.down_proj = nn.Linear(inter, hidden, bias=False)
-
-    def fuse(self) -> None:
-        """One matmul for gate and up: gate_up [2I,H] = cat(gate, up) rows."""
-        self.gate_up = _cat_linear(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T,I] each
         return self.down_proj(F.silu(gate) * up)
 
 
-def _cat_linear(*parts: nn.Linear) -> nn.Linear:
-    w = torch.cat([p.weight.detach() for p in parts])  # [sum N, K]
-    b = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-    fused = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-    fused.weight = nn.Parameter(w, requires_grad=False)
-    if b is not None:
-        fused.bias = nn.Parameter(b, requires_grad=False)
-    return fused
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         H, D, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        self.head_dim, self.window, self.qk_norm = D, cfg.sliding_window, cfg.qk_norm
-        self.scale = cfg.attention_multiplier or None  # granitemoe's softmax scale; None = D^-0.5
-        self.q_proj = nn.Linear(H, nh * D, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
+        self.head_dim, self.nh, self.window, self.qk_norm = D, nh, cfg.sliding_window, cfg.qk_norm
+        self.scale = cfg.attention_multiplier or D**-0.5  # granitemoe sets its own
+        self.qkv = nn.Linear(H, (nh + 2 * nkv) * D, bias=cfg.attention_bias)  # cat(q, k, v) rows
         self.o_proj = nn.Linear(nh * D, H, bias=cfg.o_proj_bias)
         self.layer_window = cfg.layer_windows[layer] if cfg.layer_windows else 0  # gpt_oss: 0 = full
         if cfg.attention_sinks:
@@ -141,37 +130,42 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":  # olmoe: over the whole q / k projection
             self.q_norm, self.k_norm = RMSNorm(nh * D, cfg.rms_norm_eps), RMSNorm(nkv * D, cfg.rms_norm_eps)
 
-    def fuse(self) -> None:
-        """One matmul for q, k and v: qkv [(nh+2nkv)*D, H]."""
-        self.splits = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
-        self.qkv = _cat_linear(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
-
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
                 k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        T, D = x.shape[0], self.head_dim
-        q, k, v = self.qkv(x).split(self.splits, dim=-1)  # [T,nh*D], [T,nkv*D], [T,nkv*D]
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)  # [T,heads,D]
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cos.shape[-1] < D:  # partial RoPE (glm4_moe): rotate the leading rope_dim dims only
-            q, k = _partial_rope(q, cos, sin), _partial_rope(k, cos, sin)
+        T, D, nh = x.shape[0], self.head_dim, self.nh
+        nkv = k_cache.shape[0]
+        qkv = self.qkv(x)  # [T,(nh+2nkv)*D]
+        v = qkv[:, (nh + nkv) * D:].view(T, nkv, D)
+        if self.qk_norm == "none":  # q and k heads are adjacent in qkv: one RoPE for both
+            qk = apply_partial_rope(qkv[:, :(nh + nkv) * D].view(T, nh + nkv, D), cos, sin)  # [T,nh+nkv,D]
+            q, k = qk[:, :nh], qk[:, nh:]
         else:
-            q = q * cos + rotate_half(q) * sin  # cos/sin [T,1,D]
-            k = k * cos + rotate_half(k) * sin
+            q, k = qkv[:, :nh * D], qkv[:, nh * D:(nh + nkv) * D]
+            if self.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.reshape(T, nh, D), k.reshape(T, nkv, D)
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         end = start_pos + T
-        k_cache[start_pos:end], v_cache[start_pos:end] = k, v  # caches [S_max,nkv,D]
-        keys, values = k_cache[:end].transpose(0, 1), v_cache[:end].transpose(0, 1)  # [nkv,S,D]
+        k_cache[:, start_pos:end] = k.transpose(0, 1)  # caches [nkv,S_cap,D] fp32 (exact copies of k, v)
+        v_cache[:, start_pos:end] = v.transpose(0, 1)
+        q = q.float()  # fp32 attention: bf16 bmm is 2-3x slower at S < 1000 and oneDNN keeps ~1 MB per new S
         if self.layer_window:
             mask = attention_sinks.window_mask(start_pos, end, self.layer_window, x.device)
         if hasattr(self, "sinks"):
-            y = attention_sinks.sink_attention(q.transpose(0, 1), keys, values, mask, self.sinks)  # [nh,T,D]
+            y = attention_sinks.sink_attention(q.transpose(0, 1), k_cache[:, :end], v_cache[:, :end], mask,
+                                               self.sinks, self.scale).transpose(0, 1)  # [T,nh,D]
+        elif mask is None:  # one token attends to every cached position (or the window's): no mask
+            lo = 0 if self.window is None else max(0, end - self.window)
+            keys, values = k_cache[:, lo:end], v_cache[:, lo:end]  # [nkv,S,D]
+            s = torch.bmm(q.reshape(nkv, nh // nkv, D) * self.scale, keys.transpose(1, 2))  # [nkv,nh/nkv,S]
+            y = torch.bmm(torch.softmax(s, dim=-1), values)  # [nkv,nh/nkv,D]: query heads grouped by kv head
         else:
-            y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                               attn_mask=mask, scale=self.scale, enable_gqa=True)[0]  # [nh,T,D]
-        return self.o_proj(y.transpose(0, 1).reshape(T, -1))
+            y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None, :, :end],
+                                               v_cache[None, :, :end], attn_mask=mask, scale=self.scale,
+                                               enable_gqa=True)[0].transpose(0, 1)  # [T,nh,D]
+        return self.o_proj(y.reshape(T, nh * D).to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -183,9 +177,10 @@ class MoE(nn.Module):
         # qwen2/qwen3/olmoe routers hand the experts weights cast to the activation dtype; mixtral keeps fp32
         self.round_weights = cfg.arch != "mixtral"
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False) if cfg.routing == "softmax" else Router(cfg)
-        if cfg.shared_experts_intermediate_size:  # deepseek: always on, no gate
+        if cfg.shared_experts_intermediate_size:  # deepseek / glm4_moe: always on, no gate
             self.shared_experts = MLP(cfg.hidden_size, cfg.shared_experts_intermediate_size)
-        if cfg.shared_expert_intermediate_size:
+        self.has_shared = bool(cfg.shared_expert_intermediate_size)
+        if self.has_shared:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
@@ -205,7 +200,7 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, provider: ExpertProvider) -> Tensor:
         logits, ids, weights = self.route(x)
         out = provider.experts(self.layer, x, logits, ids, weights)  # [T,H]
-        if hasattr(self, "shared_expert"):
+        if self.has_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(x)
@@ -239,51 +234,103 @@ class Transformer(nn.Module):
         self.cfg, self.provider, self.dtype = cfg, provider, dtype
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         with torch.device("meta"):  # no memory until load_dense assigns the real weights
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            # given a weight, Embedding skips init.normal_, which costs ~70 MB of RSS even on meta
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # [layers, S_max, kv heads, D] each; MLA caches the latent [.., 1, r] and the rope key [.., 1, R]
-        k_dims, v_dims = attention_mla.cache_dims(cfg) if cfg.kv_lora_rank else [(cfg.num_kv_heads, cfg.head_dim)] * 2
-        self.register_buffer("k_cache", torch.zeros(cfg.num_layers, self.max_seq_len, *k_dims, dtype=dtype),
-                             persistent=False)
-        self.register_buffer("v_cache", torch.zeros(cfg.num_layers, self.max_seq_len, *v_dims, dtype=dtype),
-                             persistent=False)
         inv_freq, self.rope_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32
+        self._allocate(0)
 
-    def load_dense(self, state_dict: dict[str, Tensor]) -> None:
-        """Every non-expert weight by HF name; missing or unexpected names are errors."""
-        ours = {_our_name(n): t for n, t in state_dict.items()}
-        if self.cfg.tie_word_embeddings:
-            ours.pop("lm_head.weight", None)
-        expected = {n for n in self.state_dict() if not (self.cfg.tie_word_embeddings and n == "lm_head.weight")}
-        missing, unexpected = sorted(expected - ours.keys()), sorted(ours.keys() - expected)
+    def load_dense(self, state_dict: dict[str, Tensor], fmt: str | None = None, group_size: int = 32) -> None:
+        """Every non-expert weight by HF name, plain or in a stored dense format (see dense.py);
+        missing or unexpected names are errors. fmt None keeps the stored precision; else the
+        projections are brought to fmt ('fp32' | 'bf16' | 'int8' | 'int4' | 'auto', group_size for
+        int4). state_dict is consumed (emptied): each part's memory goes as soon as it is fused,
+        so loading peaks at the weights plus one layer, not twice the weights."""
+        state = {_our_name(n): t for n, t in state_dict.items()}
+        if fmt is not None:
+            state = self._reformat(state, fmt, group_size)
+        plain, stored = dense.split_state(state)
+        if self.cfg.tie_word_embeddings and "lm_head.weight" not in stored:
+            plain.pop("lm_head.weight", None)
+        tied = self.cfg.tie_word_embeddings and "lm_head.weight" not in stored
+        expected = {hf for n in self.state_dict() for hf in _unfused(n) if not (tied and n == "lm_head.weight")}
+        given = plain.keys() | stored.keys()
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
         if missing or unexpected:
             raise ValueError(f"{self.cfg.arch} dense weights do not match the model: missing {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''} (our names, HF minus 'model.')")
-        device = self.k_cache.device
-        self.load_state_dict({n: t.to(device, torch.float32 if n.endswith(FP32_BUFFERS) else self.dtype)
-                              for n, t in ours.items()}, strict=False, assign=True)
-        if self.cfg.tie_word_embeddings:
+        state_dict.clear()
+        del state
+        _fuse(plain, stored)
+        for n, t in plain.items():  # one tensor at a time: the old one is freed at once
+            plain[n] = t.to(torch.float32 if n.endswith(FP32_BUFFERS) else self.dtype)
+        self.load_state_dict(plain, strict=False, assign=True)
+        for name, s in stored.items():  # quantized projections: prepared once, never re-quantized
+            parent, _, child = name.removesuffix(".weight").rpartition(".")
+            module = self.get_submodule(parent)
+            bias = getattr(module, child).bias
+            setattr(module, child, QuantLinear(s.q, s.fmt, s.shape, s.group_size, self.dtype, bias))
+        if tied:
             self.lm_head.weight = self.embed_tokens.weight
-        for m in list(self.modules()):  # fewer, bigger matmuls: per-token dispatch is the cost at batch 1
-            if isinstance(m, (Attention, attention_mla.MLAttention, MLP)):
-                m.fuse()
+        for m in self.modules():
+            if isinstance(m, attention_mla.MLAttention):
+                m.absorb()
 
-    def quantize_dense(self, fmt: str, group_size: int = 32) -> None:
-        """Hold the dense projections (attention, dense/shared MLPs, LM head) in a quant format.
-        Routers and the shared-expert gate stay in the activation dtype: they decide routing."""
-        from .quant import QuantLinear
-        for parent in list(self.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and name not in ("gate", "shared_expert_gate"):
-                    setattr(parent, name, QuantLinear(child, fmt, group_size, self.dtype))
+    def _reformat(self, state: dict[str, Tensor], fmt: str, group_size: int) -> dict[str, Tensor]:
+        dense.check_format(fmt)
+        plain, stored = dense.split_state(state)
+        same = fmt == "auto" or all(s.fmt == fmt and s.group_size in (0, group_size) for s in stored.values())
+        if stored and same:
+            return state  # already stored as asked
+        rank = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
+        if stored and fmt != "auto" and max(rank[s.fmt] for s in stored.values()) > rank[fmt]:
+            warnings.warn(f"dense weights are stored quantized; loading them as {fmt} cannot restore the "
+                          f"precision lost (convert with --dense {fmt} for that)")
+        plain.update({n: s.dequantize() for n, s in stored.items()})
+        if self.cfg.tie_word_embeddings and stored:
+            plain.pop("lm_head.weight", None)  # the stored copy of the embedding
+        return dense.quantize_state(plain, fmt, group_size, self.cfg.tie_word_embeddings)
+
+    def dense_tensors(self) -> list[Tensor]:
+        """Every tensor the dense weights hold, each once (quantized projections included)."""
+        out = list(self.parameters())
+        for m in self.modules():
+            if isinstance(m, QuantLinear):
+                out += [t for t in (m.w.w, m.w.scales, m.bias) if t is not None]
+        return out
+
+    def dense_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dense_tensors())
+
+    def kv_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))
 
     def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()
+        """A new sequence: the KV cache shrinks back to its first chunk."""
+        if self.k_cache.shape[2] > KV_CHUNK:
+            self._allocate(0)
+
+    def _allocate(self, end: int) -> None:
+        """Make room for positions [0, end): KV caches [layers, kv_heads, capacity, D] fp32, grown
+        in chunks (doubling) and copied over; the RoPE tables follow the capacity."""
+        cap = 0 if end == 0 else self.k_cache.shape[2]
+        if end and end <= cap:
+            return
+        new = min(self.max_seq_len, max(2 * cap, -(-max(end, 1) // KV_CHUNK) * KV_CHUNK))
+        # MLA caches the latent [.., 1, cap, r] and the rope key [.., 1, cap, R] instead of K and V
+        kv = attention_mla.cache_dims(self.cfg) if self.cfg.kv_lora_rank else [(self.cfg.num_kv_heads, self.cfg.head_dim)] * 2
+        for name, (heads, dim) in zip(("k_cache", "v_cache"), kv):
+            t = torch.empty(self.cfg.num_layers, heads, new, dim, device=self.inv_freq.device)  # only [:end] is read
+            if cap:
+                t[:, :, :cap] = getattr(self, name)[:, :, :cap]
+            self.register_buffer(name, t, persistent=False)
+        cos, sin = self._rope_table(self.inv_freq, self.rope_scale, 0, new)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [S_cap,1,D]
+        self.register_buffer("rope_sin", sin, persistent=False)  # [S_cap,1,D], rotate-half sign folded in
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
@@ -293,6 +340,8 @@ class Transformer(nn.Module):
         if end > self.max_seq_len:
             raise ValueError(f"sequence length {end} (start_pos {start_pos} + {T} tokens) exceeds the "
                              f"model's max_seq_len {self.max_seq_len}")
+        if end > self.k_cache.shape[2]:
+            self._allocate(end)
         cos, sin = self._rope(start_pos, end)
         mask = self._mask(start_pos, end)
         x = self.embed_tokens(tokens)  # [T,H]
@@ -304,19 +353,22 @@ class Transformer(nn.Module):
         return (logits if self.cfg.logits_scaling == 1.0 else logits / self.cfg.logits_scaling).float()
 
     def _rope(self, start_pos: int, end: int) -> tuple[Tensor, Tensor]:
-        inv_freq, scale = self.inv_freq, self.rope_scale
         if self.cfg.rope_scaling and self.cfg.rope_scaling["rope_type"] == "dynamic" \
-                and end > self.cfg.max_position_embeddings:
+                and end > self.cfg.max_position_embeddings:  # NTK: the base depends on the length
             inv_freq, scale = rope_frequencies(self.cfg, seq_len=end)
-            inv_freq = inv_freq.to(self.inv_freq.device)
-        pos = torch.arange(start_pos, end, device=inv_freq.device, dtype=torch.float32)
+            return self._rope_table(inv_freq.to(self.inv_freq.device), scale, start_pos, end)
+        return self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+
+    def _rope_table(self, inv_freq: Tensor, scale: float, start: int, end: int) -> tuple[Tensor, Tensor]:
+        pos = torch.arange(start, end, device=inv_freq.device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # [T,D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T,1,D]
-        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[:, None, :]  # [T,1,D]
+        return (emb.cos() * scale).to(self.dtype), (sin * scale).to(self.dtype)
 
     def _mask(self, start_pos: int, end: int) -> Tensor | None:
-        """[T,S] bool, True = may attend; None when a single token sees the whole cache."""
-        if end - start_pos == 1 and self.cfg.sliding_window is None:
+        """[T,S] bool, True = may attend; None for a single token (attention slices the window)."""
+        if end - start_pos == 1:
             return None
         q_pos = torch.arange(start_pos, end, device=self.k_cache.device)[:, None]  # [T,1]
         k_pos = torch.arange(end, device=self.k_cache.device)[None, :]  # [1,S]
@@ -324,6 +376,35 @@ class Transformer(nn.Module):
         if self.cfg.sliding_window is not None:
             mask &= k_pos > q_pos - self.cfg.sliding_window
         return mask
+
+
+def _unfused(name: str) -> list[str]:
+    """Our name -> the HF-minus-'model.' names it is made of ('...qkv.weight' -> q/k/v_proj.weight)."""
+    path, _, leaf = name.rpartition(".")
+    parent, _, child = path.rpartition(".")
+    return [f"{parent}.{p}.{leaf}" for p in FUSED[child]] if child in FUSED else [name]
+
+
+def _fuse(plain: dict[str, Tensor], stored: dict[str, dense.Stored]) -> None:
+    """In place: HF q/k/v and gate/up parts -> our fused qkv / gate_up, plain (torch.cat) or
+    stored (quant.cat)."""
+    bases = {n.rpartition(".")[0].rpartition(".")[0] for n in (*plain, *stored)}  # '...self_attn'
+    for base in bases:
+        for ours, parts in FUSED.items():
+            for leaf in ("weight", "bias"):
+                names = [f"{base}.{p}.{leaf}" for p in parts]
+                if all(n in plain for n in names):
+                    plain[f"{base}.{ours}.{leaf}"] = quant.cat0([plain.pop(n) for n in names])
+                elif all(n in stored for n in names):
+                    ss = [stored.pop(n) for n in names]
+                    fmts = {s.fmt for s in ss}
+                    if len(fmts) > 1:
+                        raise ValueError(f"{base}: {'/'.join(parts)} are stored in different formats {sorted(fmts)}")
+                    N, K = sum(s.shape[0] for s in ss), ss[0].shape[1]
+                    stored[f"{base}.{ours}.{leaf}"] = dense.Stored(
+                        ss[0].fmt, quant.cat([(s.q, s.shape) for s in ss], ss[0].fmt), (N, K), ss[0].group_size)
+                elif all(n in plain or n in stored for n in names):  # (MLA's lone q_proj is no q/k/v set)
+                    raise ValueError(f"{base}: {'/'.join(parts)} are partly quantized; convert the store again")
 
 
 # HF module names -> ours: every family's router is `mlp.gate`

@@ -118,12 +118,7 @@ class SlotFetcher:
         fut = entry[1]
         if not fut.done():
             t0 = time.perf_counter()
-            if not self.loader.run_here((key[2], slot, key)):  # not started: read it here, no hand-off
-                self.loader.promote((key[2], slot, key))
-                try:
-                    fut.result()
-                except Exception:
-                    pass
+            self._finish(key, slot, fut)
             self.stats.loader_wait_s += time.perf_counter() - t0
         if fut.exception() is not None:
             if entry[2] == PREFETCH:  # a failed prefetch is retried once as a demand load
@@ -133,13 +128,20 @@ class SlotFetcher:
             raise fut.exception()
         del self._reads[(key[2], slot)]
 
-    def drain(self) -> None:
-        for (prec, slot), (key, fut, _) in list(self._reads.items()):
-            self.loader.run_here((prec, slot, key))  # a queued demand read woke no loader thread: run it here
+    def _finish(self, key: Key, slot: int, fut) -> None:
+        """Until the read of `key` into `slot` is done: run it here if it has not started (demand
+        reads are queued without waking a thread), else wait for the thread reading it."""
+        if not self.loader.run_here((key[2], slot, key)):
+            self.loader.promote((key[2], slot, key))
             try:
                 fut.result()
             except Exception:
-                pass  # kept: a later wait() retries or raises it
+                pass  # the caller looks at fut.exception()
+
+    def drain(self) -> None:
+        for (prec, slot), (key, fut, _) in list(self._reads.items()):
+            if not fut.done():
+                self._finish(key, slot, fut)  # a failed read stays recorded: a later wait() retries or raises it
 
 
 class Predictor:

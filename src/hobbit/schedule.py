@@ -197,9 +197,10 @@ class Scheduler:
     def run_layer(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]], fetcher: Fetcher,
                   compute: Callable[[Step], None] | None = None,
                   predicted: dict[int, list[tuple[int, float]]] | None = None) -> list[list[float]] | None:
-        """Plan, admit, fetch, compute (each step as its copy lands), then prefetch for `predicted`
-        (later layer -> [(expert, weight)]; the first `depth` layers are used). Returns the per-token
-        weights to compute with when the plan dropped or rescaled a selection, else None."""
+        """Plan, admit, fetch, prefetch for `predicted` (later layer -> [(expert, weight)]; the first
+        `depth` layers are used; issued before this layer computes, so the reads overlap its compute),
+        then compute each step as its copy lands. Returns the per-token weights to compute with when
+        the plan dropped or rescaled a selection, else None."""
         steps = self.plan(layer, rows)
         weights = self.weights
         ready = [s for s in steps if s.slot is not None]
@@ -207,6 +208,9 @@ class Scheduler:
         for s in ready:
             if s.action == "load":
                 fetcher.fetch(s.key, s.slot, DEMAND)
+        if predicted and self.opt.depth:
+            for key, slot in self.prefetch(layer, dict(sorted(predicted.items())[:self.opt.depth])):
+                fetcher.fetch(key, slot, PREFETCH)
         try:
             i = 0
             while i < len(ready) or waiting:
@@ -219,15 +223,14 @@ class Scheduler:
                         raise RuntimeError(f"no cache slot frees up for layer {layer}'s loads (budget too small)")
                     continue
                 s = ready[i]
-                i += 1
                 try:
                     fetcher.wait(s.key, s.slot)
                 except BaseException:
-                    self.cache.unpin(s.key)
-                    self._drop(s.key)  # its slot holds no valid copy
+                    self._drop(s.key)  # its slot holds no valid copy (the finally below unpins it)
                     raise
                 if compute is not None:
                     compute(s)
+                i += 1
                 self._release(s.key)
                 if waiting:
                     self._place(waiting, ready, fetcher)
@@ -235,9 +238,6 @@ class Scheduler:
             for s in ready[i:]:
                 self._release(s.key)
             self._unpin_predicted(layer)
-        if predicted and self.opt.depth:
-            for key, slot in self.prefetch(layer, dict(sorted(predicted.items())[:self.opt.depth])):
-                fetcher.fetch(key, slot, PREFETCH)
         return weights
 
     def _place(self, waiting: list[Step], ready: list[Step], fetcher: Fetcher) -> bool:

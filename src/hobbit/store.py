@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,8 +251,31 @@ class ExpertStore:
         self.read_into(layer, expert, precision, memoryview(buf))
         return blob_tensors(torch.frombuffer(buf, dtype=torch.uint8), b.tensors)
 
+    def read_bandwidth(self, precision: str, count: int = 64, seed: int = 0) -> float:
+        """Bytes/s of this store's own reads: `count` random blobs at `precision`, one at a time, page
+        cache dropped first, into one reused buffer, checksums off: the raw cost of an expert load."""
+        import random
+        blobs = [b for b in self.blobs.values() if b.precision == precision]
+        picked = random.Random(seed).sample(blobs, min(count, len(blobs)))
+        buf = mmap.mmap(-1, _round_up(max(b.nbytes for b in picked), ALIGN))
+        self.drop_page_cache()
+        verify, self.verify = self.verify, "never"
+        t0, n = time.perf_counter(), self.bytes_read
+        try:
+            for b in picked:
+                self.read_into(b.layer, b.expert, precision, memoryview(buf))
+        finally:
+            self.verify = verify
+        return (self.bytes_read - n) / (time.perf_counter() - t0)
+
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {k: tuple(v) for k, v in self.manifest["expert_shapes"].items()}
+
+    def __enter__(self) -> "ExpertStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,157 @@
+"""Dense weights stored in their run precision, read into owned memory; the growing KV cache; memory()."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import hobbit
+from hobbit import dense, model as model_mod, quant
+from hobbit.checkpoint import open_checkpoint
+from hobbit.convert import convert
+from hobbit.experts import DenseExperts
+from hobbit.model import Transformer
+
+from tiny import make_tiny_checkpoint
+
+PROMPT = [3, 17, 42, 99, 7, 128, 64, 5, 200, 11, 31, 77]
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense")
+    return {f: convert(tiny_checkpoint, root / f, precisions="bf16", dense=f, progress=False)
+            for f in ("fp32", "int8", "int4")}
+
+
+def greedy(eng, n: int = 12) -> tuple[torch.Tensor, list[int]]:
+    out = eng.generate(PROMPT, max_new_tokens=n, stop_token_ids=[])
+    return eng.logits(PROMPT), out.token_ids
+
+
+def test_stored_int4_loads_without_quantizing_and_equals_load_time_quantization(stores, monkeypatch):
+    m = json.loads((stores["int4"] / "manifest.json").read_text())
+    assert m["dense_format"] == {"format": "int4", "group_size": 32}
+    with safe_open(stores["int4"] / "dense.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.weight.q" in names and "model.layers.0.self_attn.q_proj.weight.sz" in names
+    assert "model.layers.0.mlp.gate.weight" in names  # routers stay plain
+    ref = hobbit.load(stores["fp32"], policy="resident", dense="int4")  # quantized at load, as before
+    ref_logits, ref_ids = greedy(ref)
+    ref.close()
+    monkeypatch.setattr(quant, "quantize", lambda *a, **k: pytest.fail("loading a stored format quantized"))
+    eng = hobbit.load(stores["int4"], policy="resident")
+    logits, ids = greedy(eng)
+    assert torch.equal(logits, ref_logits) and ids == ref_ids
+    assert isinstance(eng.model.layers[0].self_attn.qkv, quant.QuantLinear)
+    assert isinstance(eng.model.layers[0].mlp.gate, torch.nn.Linear)
+    eng.close()
+
+
+def test_old_store_without_dense_format_loads(stores, tmp_path):
+    old = shutil.copytree(stores["fp32"], tmp_path / "old")
+    m = json.loads((old / "manifest.json").read_text())
+    del m["dense_format"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    a, b = hobbit.load(old, policy="resident", dtype="fp32"), hobbit.load(stores["fp32"], policy="resident", dtype="fp32")
+    assert torch.equal(a.logits(PROMPT), b.logits(PROMPT))
+    a.close(), b.close()
+
+
+def test_override_of_a_quantized_store(stores):
+    with pytest.warns(UserWarning, match="cannot restore"):
+        eng = hobbit.load(stores["int4"], policy="resident", dense="int8")  # requantized from the int4 weights
+    assert eng.model.layers[0].self_attn.qkv.w.fmt == "int8"
+    with pytest.warns(UserWarning, match="cannot restore"):
+        hobbit.load(stores["int4"], policy="resident", dense="bf16").close()
+    eng.close()
+
+
+def test_memory_counts_quantized_dense_bytes_and_kv_as_allocated(stores):
+    sizes = {}
+    for fmt in ("fp32", "int8", "int4"):
+        eng = hobbit.load(stores[fmt], policy="resident")
+        mem = eng.memory()
+        params = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+        assert mem["dense_bytes"] == eng.model.dense_nbytes() >= params
+        if fmt != "fp32":
+            assert mem["dense_bytes"] > params  # the quantized projections count too
+        assert mem["kv_cache_bytes"] == eng.model.kv_nbytes() > 0
+        assert min(mem["rss_bytes"], mem["baseline_rss_bytes"], mem["peak_rss_bytes"]) > 0
+        sizes[fmt] = mem["dense_bytes"]
+        eng.close()
+    assert sizes["fp32"] > sizes["int8"] > sizes["int4"]
+
+
+def test_read_is_owned_memory_and_equals_safetensors(stores):
+    from safetensors.torch import load_file
+    path = stores["int4"] / "dense.safetensors"
+    ours, theirs = dense.read(path), load_file(path)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    t = ours["model.norm.weight"]
+    assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # its own buffer, not a file map
+    fused = dense.read(stores["fp32"] / "dense.safetensors", dense.FUSED)
+    parts = [fused[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
+    qkv = quant.cat0(parts)  # read back to back: fusing is a view
+    assert qkv.data_ptr() == parts[0].data_ptr() and torch.equal(qkv, torch.cat(parts))
+
+
+def test_lock_locks_or_warns(stores):
+    ts = list(dense.read(stores["int4"] / "dense.safetensors").values())[:4]
+    try:
+        n = dense.lock(ts)
+    except Exception as e:  # noqa: BLE001 - only the warning path may be taken, never an error
+        pytest.fail(f"lock raised {e!r}")
+    assert 0 <= n <= sum(t.numel() * t.element_size() for t in ts)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cat_of_stored_parts_is_exact(fmt):
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 64, generator=g) for n in (64, 32, 48)]  # 32 and 48: not whole B64 blocks
+    qs = [(quant.quantize(w, fmt, 32), tuple(w.shape)) for w in parts]
+    cat = quant.cat(qs, fmt)
+    ref = torch.cat([quant.dequantize(q, fmt, s, 32) for q, s in qs])
+    assert torch.equal(quant.dequantize(cat, fmt, (144, 64), 32), ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])  # RoPE on q and k together / after q-k norms
+def test_kv_cache_grows_across_chunks(family, tmp_path, monkeypatch):
+    """A decode that crosses two growth boundaries equals transformers, and reset shrinks the cache."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(model_mod, "KV_CHUNK", 8)
+    path = make_tiny_checkpoint(family, tmp_path / family)
+    ck = open_checkpoint(path)
+    ours = Transformer(ck.config, DenseExperts.from_checkpoint(ck), dtype=torch.float32)
+    ours.load_dense(ck.dense_state_dict())
+    assert ours.k_cache.shape[2] == 8
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    seq = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(seq[None]).logits[0]  # [30,V]
+    got = [ours(seq[:5], 0)] + [ours(seq[i:i + 1], i) for i in range(5, 30)]
+    assert ours.k_cache.shape[2] == 32  # 8 -> 16 -> 32
+    assert (torch.cat(got) - ref).abs().max().item() < 1e-4
+    ours.reset()
+    assert ours.k_cache.shape[2] == 8
+    assert (ours(seq, 0) - ref).abs().max().item() < 1e-4  # one prefill past the first chunk
+
+
+def test_auto_gives_the_parts_of_a_fused_projection_one_format():
+    """A Q4_K_M GGUF mixes 4-bit and 6-bit tensors in one layer: q/k/v (and gate/up) must still fuse."""
+    g = torch.Generator().manual_seed(0)
+    on_grid = quant.dequantize(quant.quantize(torch.randn(64, 64, generator=g), "int4", 32), "int4", (64, 64), 32)
+    off_grid = torch.randn(64, 64, generator=g)
+    p = "model.layers.0.self_attn."
+    state = {p + "q_proj.weight": on_grid, p + "k_proj.weight": off_grid, p + "v_proj.weight": on_grid,
+             p + "o_proj.weight": on_grid, "model.layers.0.mlp.gate_proj.weight": on_grid,
+             "model.layers.0.mlp.up_proj.weight": on_grid}
+    out = dense.quantize_state(state, "auto")
+    fmt = {n: "int4" if f"{n}.sz" in out else "int8" for n in state}
+    assert [fmt[p + x] for x in ("q_proj.weight", "k_proj.weight", "v_proj.weight")] == ["int8"] * 3
+    assert fmt[p + "o_proj.weight"] == "int4"  # alone: int4 where lossless
+    assert fmt["model.layers.0.mlp.gate_proj.weight"] == fmt["model.layers.0.mlp.up_proj.weight"] == "int4"
