@@ -43,7 +43,7 @@ TARGETS = ("llama-bench", "llama-completion", "llama-simple", "llama-perplexity"
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF")
 LLAMA_ROW = "llama.cpp"
-HOBBIT_DENSE = ("bf16", "fp32", "int8", "int4")  # hobbit-<dense> rows
+HOBBIT_DENSE = ("auto", "bf16", "fp32", "int8", "int4")  # hobbit-<dense> rows
 HOBBIT = [sys.executable, "-m", "hobbit.cli"]    # the `hobbit` command, in this interpreter's environment
 REPO = Path(__file__).resolve().parents[1]
 
@@ -332,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--gguf", type=Path, help="GGUF file both engines read")
     src.add_argument("--asset", default="smollm2-gguf", help="hobbit asset naming the GGUF (default smollm2-gguf)")
-    ap.add_argument("--rows", default=f"{LLAMA_ROW},hobbit-int4,hobbit-bf16",
+    ap.add_argument("--rows", default=f"{LLAMA_ROW},hobbit-auto,hobbit-int4,hobbit-bf16",
                     help=f"comma list of {LLAMA_ROW} and hobbit-<{'|'.join(HOBBIT_DENSE)}> (run in this order, interleaved)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all rows; each row reports its best")
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens timed per run (llama-bench -n)")

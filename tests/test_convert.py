@@ -14,7 +14,8 @@ from hobbit.store import ExpertStore
 
 from tiny import make_tiny_checkpoint
 
-FAMILIES = ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+            "gpt_oss", "granitemoe"]
 PROMPT = [5, 9, 23, 101, 77, 3, 150, 42, 8, 19, 60, 2]
 
 

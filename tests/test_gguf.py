@@ -270,13 +270,18 @@ SENTENCES = ["The capital of France is", "It is a truth universally acknowledged
              "<|im_start|>user\nWhat is 2+2?<|im_end|>\n", "Ünïcödé and 日本語 🙂"]
 
 
+def real_gguf(asset: str):
+    """(path, GGUFModel) of a GGUF asset; skips the test, with the reason, when it cannot be fetched."""
+    try:
+        path = asset_path(asset)
+    except AssetError as e:
+        pytest.skip(f"{asset} not available: {e}")
+    return path, load_gguf(path)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        path = asset_path("smollm2-gguf")
-    except AssetError as e:
-        pytest.skip(f"SmolLM2 GGUF not available: {e}")
-    return path, load_gguf(path)
+    return real_gguf("smollm2-gguf")
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2):

@@ -17,14 +17,13 @@ from gguf.quants import dequantize, quantize
 from tokenizers import Tokenizer
 
 import hobbit
-from hobbit.assets import AssetError, asset_path
 from hobbit.checkpoint import open_checkpoint
 from hobbit.convert import convert
 from hobbit.experts import DenseExperts
 from hobbit.gguf import export_hf, load_gguf
 from hobbit.model import Transformer
 from kquants import quantize_k
-from test_gguf import CORPUS, SPECIALS, TEMPLATE, TEXTS, train_bpe
+from test_gguf import CORPUS, SPECIALS, TEMPLATE, TEXTS, real_gguf, train_bpe
 
 torch.set_num_threads(1)
 
@@ -169,11 +168,7 @@ def test_qwen2_store_matches_transformers_gguf_load(tiny_qwen2, bpe, tmp_path):
 
 @pytest.fixture(scope="module")
 def coder():
-    try:
-        path = asset_path("qwen-coder-gguf")
-    except AssetError as e:
-        pytest.skip(f"Qwen2.5-Coder GGUF not available: {e}")
-    return path, load_gguf(path)
+    return real_gguf("qwen-coder-gguf")
 
 
 def test_qwen_coder_config_and_tokenizer(coder):

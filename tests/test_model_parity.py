@@ -48,7 +48,15 @@ def prompt(n: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family,overrides", [(f, {}) for f in FAMILIES] + [("mixtral", {"sliding_window": 5})])
+DEEPSEEK_YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=1.0)
+
+
+@pytest.mark.parametrize("family,overrides", [(f, {}) for f in FAMILIES] + [
+    ("mixtral", {"sliding_window": 5}),
+    ("deepseek_v3", {"rope_interleave": False, "rope_scaling": DEEPSEEK_YARN}),  # halves RoPE; YaRN softmax mscale
+    ("deepseek_v2", {"topk_method": "greedy", "q_lora_rank": 32}),
+    ("glm4_moe", {"use_qk_norm": False, "n_group": 1, "topk_group": 1}),
+])
 def test_prefill_and_greedy_decode_match_transformers(family, overrides, tiny_dir):
     path = tiny_dir(family, **overrides)
     ours, hf = ours_from(path), hf_from(path)

@@ -30,7 +30,7 @@ LLAMA_BENCH_JSON = """[
 
 def test_parse_args_defaults_and_errors():
     a = peer.parse_args([])
-    assert a.rows == ["llama.cpp", "hobbit-int4", "hobbit-bf16"] and a.repeats == 3 and a.tokens == 64
+    assert a.rows == ["llama.cpp", "hobbit-auto", "hobbit-int4", "hobbit-bf16"] and a.repeats == 3 and a.tokens == 64
     assert a.asset == "smollm2-gguf" and a.gguf is None and a.limit_bytes is None
     a = peer.parse_args(["--gguf", "m.gguf", "--rows", "hobbit-int8, llama.cpp", "--limit", "1.5GiB", "--json", "o.json"])
     assert a.rows == ["hobbit-int8", "llama.cpp"] and a.gguf == Path("m.gguf") and a.limit_bytes == 3 * 2**29

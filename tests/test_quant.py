@@ -205,3 +205,15 @@ def test_errors():
         Q.check_shape("bf16", (64,), 64)
     Q.check_shape("int8", (64, 96), 64)  # group_size does not apply to int8
     assert Q.storage_nbytes("int8", (64, 96), 7) == 64 * 96 + 2 * 64
+
+
+@pytest.mark.parametrize("K", [24, 40, 72])
+def test_int8_for_a_width_the_kernel_gets_wrong_falls_back_to_dense(K):
+    """torch's int8 kernel returns garbage (then segfaults) unless K is a multiple of 16."""
+    w = torch.randn(32, K)
+    q = Q.quantize(w, "int8")
+    p = Q.prepare(q, "int8", (32, K), 64, torch.bfloat16)
+    assert p.kind == "dense"
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    ref = x.float() @ Q.dequantize(q, "int8", (32, K), 64).T
+    assert torch.allclose(Q.linear(x, p).float(), ref, rtol=0.02, atol=0.05)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe")
 VOCAB = 272  # 256 byte tokens + 4 specials, padded
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 256..259
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
@@ -43,6 +43,36 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2, head_dim=32)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         num_hidden_layers=2, intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),
+    # DeepSeek-V2-Lite style: no q LoRA; group-limited top-k over 4 groups; one dense layer first
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
+    # DeepSeek-V3 style: q LoRA, sigmoid routing with correction bias, groups, renormalized x 2.5
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
+    # GLM-4.5-Air style: q/k/v bias, q/k norm, half the head rotated, V3 routing (here with groups)
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        num_hidden_layers=3, head_dim=32, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        routed_scaling_factor=1.5, norm_topk_prob=True, attention_bias=True, use_qk_norm=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5))),
+    # gpt-oss style: sliding / full layers, sinks, biases, YaRN (untruncated), clamped SwiGLU (a low limit
+    # so the clamp bites), fused experts on disk
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=4, swiglu_limit=1.5, rope_parameters=dict(
+            rope_type="yarn", rope_theta=15e4, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=64))),
+    # Granite-MoE: muP-style multipliers, router = top-k then softmax, fused input/output_linear on disk
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
+        num_hidden_layers=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        embedding_multiplier=6.0, residual_multiplier=0.4, attention_multiplier=0.1, logits_scaling=4.0,
+        tie_word_embeddings=True)),
 }
 
 
@@ -81,6 +111,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(r)
             else:
                 p.copy_(r / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # sigmoid scores are in (0,1): a bias of ~0.1 matters
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -29,10 +29,25 @@ EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
     "qwen2_moe": (_QWEN_STYLE, _QWEN_PROJ),
     "qwen3_moe": (_QWEN_STYLE, _QWEN_PROJ),
     "olmoe": (_QWEN_STYLE, _QWEN_PROJ),
+    "deepseek_v2": (_QWEN_STYLE, _QWEN_PROJ),
+    "deepseek_v3": (_QWEN_STYLE, _QWEN_PROJ),
+    "glm4_moe": (_QWEN_STYLE, _QWEN_PROJ),
 }
-# transformers-5 in-memory fused form: gate_up_proj [E,2I,H] (gate rows first), down_proj [E,H,I]
-FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")
+# transformers-5 in-memory fused form: gate_up_proj [E,2I,H] (gate rows first), down_proj [E,H,I];
+# gpt_oss on disk: gate_up_proj [E,H,2I] (in-features first, gate/up columns interleaved), down_proj [E,I,H],
+# and the biases gate_up_proj_bias [E,2I] (interleaved), down_proj_bias [E,H]
+# (released gpt-oss: MXFP4 `{proj}_blocks` [E,N,K/32,16] uint8 + `{proj}_scales` [E,N,K/32], out-features first)
+FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\."
+                        r"(gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias|gate_up_proj_blocks|"
+                        r"gate_up_proj_scales|down_proj_blocks|down_proj_scales)")
+# FP4 (e2m1) code -> value; an MXFP4 block is 32 codes (two per byte, low nibble first) x 2^(scale - 127)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+IN_FIRST_INTERLEAVED = ("gpt_oss",)  # families whose fused experts use the gpt_oss layout above
+# granitemoe on disk: block_sparse_moe.input_linear.weight [E,2I,H] (gate rows first), output_linear.weight [E,H,I]
+GRANITE_FUSED = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(input_linear|output_linear)\.weight")
+_GRANITE_PROJ = {"input_linear": "gate_up_proj", "output_linear": "down_proj"}
 _PATTERNS = {arch: re.compile(p) for arch, (p, _) in EXPERT_NAMES.items()}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def parse_expert_name(arch: str, name: str) -> tuple[int, int, str] | None:
@@ -45,8 +60,10 @@ def parse_expert_name(arch: str, name: str) -> tuple[int, int, str] | None:
 
 def parse_fused_name(name: str) -> tuple[int, str] | None:
     """HF tensor name -> (layer, 'gate_up_proj'|'down_proj') for a fused [E,...] expert tensor, else None."""
-    m = FUSED_NAME.fullmatch(name)
-    return (int(m[1]), m[2]) if m else None
+    if m := FUSED_NAME.fullmatch(name):
+        return int(m[1]), m[2]
+    m = GRANITE_FUSED.fullmatch(name)
+    return (int(m[1]), _GRANITE_PROJ[m[2]]) if m else None
 
 
 def is_expert_tensor(arch: str, name: str) -> bool:
@@ -64,6 +81,8 @@ class Checkpoint:
         self._fused: dict[int, dict[str, str]] = {}  # layer -> 'gate_up_proj'|'down_proj' -> name
         self._dense: list[str] = []
         for name in files:
+            if (m := _LAYER.match(name)) and int(m[1]) >= config.num_layers:
+                continue  # layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction head): unused
             if (hit := parse_expert_name(config.arch, name)) is not None:
                 self._experts.setdefault(hit[:2], {})[hit[2]] = name
             elif (fused := parse_fused_name(name)) is not None:
@@ -74,8 +93,11 @@ class Checkpoint:
 
     def _check_experts(self) -> None:
         cfg, missing = self.config, []
+        fused = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if cfg.expert_bias else set())
         for layer in cfg.sparse_layers:
-            if len(self._fused.get(layer, {})) == 2:
+            if cfg.expert_bias or layer in self._fused:  # expert biases come only fused (gpt_oss)
+                have = {n.removesuffix("_blocks") for n in self._fused.get(layer, {})}  # MXFP4 counts as present
+                missing += [f"layer {layer} experts.{p}" for p in sorted(fused - have)]
                 continue
             for e in range(cfg.num_experts):
                 have = self._experts.get((layer, e), {})
@@ -111,10 +133,39 @@ class Checkpoint:
                            f"{self.config.num_experts} experts)")
         if layer in self._fused:
             names = self._fused[layer]
-            return self.tensor(names["gate_up_proj"])[expert], self.tensor(names["down_proj"])[expert]
+            if "gate_up_proj_blocks" in names:  # MXFP4, already out-features first: [2I,H] interleaved, [H,I]
+                w13, w2 = (mxfp4_dequantize(self.tensor(names[p + "_blocks"])[expert],
+                                            self.tensor(names[p + "_scales"])[expert]) for p in ("gate_up_proj", "down_proj"))
+                return _deinterleave(w13), w2
+            w13, w2 = self.tensor(names["gate_up_proj"])[expert], self.tensor(names["down_proj"])[expert]
+            if self.config.arch in IN_FIRST_INTERLEAVED:  # [H,2I] interleaved -> [2I,H] gate rows, then up
+                return _deinterleave(w13.T), w2.T
+            return w13, w2
         names = self._experts[(layer, expert)]
         w13 = torch.cat([self.tensor(names["gate"]), self.tensor(names["up"])])  # [2I,H]
         return w13, self.tensor(names["down"])
+
+
+    def expert_biases(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
+        """(b13 [2I] = cat(gate, up), b2 [H]) for one expert of a family with expert biases (gpt_oss)."""
+        if not self.config.expert_bias:
+            raise KeyError(f"{self.config.arch} experts have no biases")
+        names = self._fused[layer]
+        b13, b2 = self.tensor(names["gate_up_proj_bias"])[expert], self.tensor(names["down_proj_bias"])[expert]
+        return _deinterleave(b13), b2
+
+
+def mxfp4_dequantize(blocks: Tensor, scales: Tensor) -> Tensor:
+    """MXFP4 blocks [N,G,16] uint8 + scales [N,G] uint8 (biased exponents) -> [N, G*32] fp32."""
+    lut = torch.tensor(FP4_VALUES)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # [N,G,16,2]: low nibble first
+    values = lut[codes].flatten(-2)  # [N,G,32]
+    return torch.ldexp(values, scales.long()[..., None] - 127).flatten(-2)  # [N,G*32]
+
+
+def _deinterleave(t: Tensor) -> Tensor:
+    """Rows g0,u0,g1,u1,.. -> g0,g1,..,u0,u1,.. (t [2I,...])."""
+    return torch.cat((t[0::2], t[1::2]))
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -89,9 +89,12 @@ def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | N
                          disable=not progress):
         w13, w2 = ckpt.expert_weights(layer, e)
         w13, w2 = w13.float(), w2.float()
+        # expert biases (gpt_oss) ride along unquantized in every precision's blob
+        biases = dict(zip(("b13", "b2"), ({"b": b.float()} for b in ckpt.expert_biases(layer, e)))) \
+            if cfg.expert_bias else {}
         for fmt in precisions:
             writer.add(layer, e, fmt, {"w13": quant.quantize(w13, fmt, group_size),
-                                       "w2": quant.quantize(w2, fmt, group_size)})
+                                       "w2": quant.quantize(w2, fmt, group_size), **biases})
     writer.close()
     return dst
 

@@ -36,7 +36,10 @@ FORMATS = ("fp32", "bf16", "int8", "int4", "auto")
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # ours: HF parts, row order
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 AUTO_INT4_ERROR = 0.01  # auto: int4 when its relative Frobenius error is below this (a 4-bit source), else int8
-_KEEP = re.compile(r"(^|\.)(mlp|block_sparse_moe)\.gate\.weight$|shared_expert_gate\.weight$")  # routing decisions
+# routing decisions (every family's router: gate, gpt_oss router, granitemoe router.layer), and MLA's
+# kv_b_proj, which attention_mla splits into per-head matrices at load
+_KEEP = re.compile(r"(^|\.)(mlp|block_sparse_moe)\.(gate|router|router\.layer)\.weight$|shared_expert_gate\.weight$"
+                   r"|kv_b_proj\.weight$")
 _SUFFIXES = {"int8": ("q", "scale"), "int4": ("q", "sz")}
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
               "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}

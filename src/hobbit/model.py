@@ -17,10 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dense, quant
+from . import attention_mla, attention_sinks, dense, quant
 from .config import ModelConfig
 from .experts import ExpertProvider
 from .quant import QuantLinear
+from .routing import FP32_BUFFERS, Router
 
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length when none is given (capped by max_position_embeddings)
 KV_CHUNK = 256  # KV positions allocated at a time; capacity then doubles, up to max_seq_len
@@ -30,7 +31,7 @@ FUSED = dense.FUSED
 def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Tensor, float]:
     """(inv_freq [D/2] fp32, cos/sin scale) as transformers computes them for each rope_type.
     seq_len only matters for 'dynamic' (NTK), which rescales the base past max_position_embeddings."""
-    D, base, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
+    D, base, s = cfg.rope_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
     kind, exps = s["rope_type"], torch.arange(0, D, 2, dtype=torch.int64).float() / D  # [D/2]
     if kind == "dynamic":
         n, f = max(seq_len or 0, cfg.max_position_embeddings), s["factor"]
@@ -83,6 +84,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on the leading cos.shape[-1] dims of x [T,heads,D] (glm4_moe's partial RoPE), the rest passes."""
+    R = cos.shape[-1]
+    if R == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat((apply_rope(x[..., :R], cos, sin), x[..., R:]), dim=-1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -106,13 +115,16 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         H, D, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.nh, self.window, self.qk_norm = D, nh, cfg.sliding_window, cfg.qk_norm
-        self.scale = D**-0.5
+        self.scale = cfg.attention_multiplier or D**-0.5  # granitemoe sets its own
         self.qkv = nn.Linear(H, (nh + 2 * nkv) * D, bias=cfg.attention_bias)  # cat(q, k, v) rows
-        self.o_proj = nn.Linear(nh * D, H, bias=False)
+        self.o_proj = nn.Linear(nh * D, H, bias=cfg.o_proj_bias)
+        self.layer_window = cfg.layer_windows[layer] if cfg.layer_windows else 0  # gpt_oss: 0 = full
+        if cfg.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(nh))  # [nh]
         if cfg.qk_norm == "head":  # qwen3: per head, over D
             self.q_norm, self.k_norm = RMSNorm(D, cfg.rms_norm_eps), RMSNorm(D, cfg.rms_norm_eps)
         elif cfg.qk_norm == "full":  # olmoe: over the whole q / k projection
@@ -125,7 +137,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [T,(nh+2nkv)*D]
         v = qkv[:, (nh + nkv) * D:].view(T, nkv, D)
         if self.qk_norm == "none":  # q and k heads are adjacent in qkv: one RoPE for both
-            qk = apply_rope(qkv[:, :(nh + nkv) * D].view(T, nh + nkv, D), cos, sin)  # [T,nh+nkv,D]
+            qk = apply_partial_rope(qkv[:, :(nh + nkv) * D].view(T, nh + nkv, D), cos, sin)  # [T,nh+nkv,D]
             q, k = qk[:, :nh], qk[:, nh:]
         else:
             q, k = qkv[:, :nh * D], qkv[:, nh * D:(nh + nkv) * D]
@@ -134,19 +146,24 @@ class Attention(nn.Module):
             q, k = q.reshape(T, nh, D), k.reshape(T, nkv, D)
             if self.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         end = start_pos + T
         k_cache[:, start_pos:end] = k.transpose(0, 1)  # caches [nkv,S_cap,D] fp32 (exact copies of k, v)
         v_cache[:, start_pos:end] = v.transpose(0, 1)
         q = q.float()  # fp32 attention: bf16 bmm is 2-3x slower at S < 1000 and oneDNN keeps ~1 MB per new S
-        if mask is None:  # one token attends to every cached position (or the window's): no mask
+        if self.layer_window:
+            mask = attention_sinks.window_mask(start_pos, end, self.layer_window, x.device)
+        if hasattr(self, "sinks"):
+            y = attention_sinks.sink_attention(q.transpose(0, 1), k_cache[:, :end], v_cache[:, :end], mask,
+                                               self.sinks, self.scale).transpose(0, 1)  # [T,nh,D]
+        elif mask is None:  # one token attends to every cached position (or the window's): no mask
             lo = 0 if self.window is None else max(0, end - self.window)
             keys, values = k_cache[:, lo:end], v_cache[:, lo:end]  # [nkv,S,D]
             s = torch.bmm(q.reshape(nkv, nh // nkv, D) * self.scale, keys.transpose(1, 2))  # [nkv,nh/nkv,S]
             y = torch.bmm(torch.softmax(s, dim=-1), values)  # [nkv,nh/nkv,D]: query heads grouped by kv head
         else:
             y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None, :, :end],
-                                               v_cache[None, :, :end], attn_mask=mask,
+                                               v_cache[None, :, :end], attn_mask=mask, scale=self.scale,
                                                enable_gqa=True)[0].transpose(0, 1)  # [T,nh,D]
         return self.o_proj(y.reshape(T, nh * D).to(x.dtype))
 
@@ -159,7 +176,9 @@ class MoE(nn.Module):
         self.layer, self.top_k, self.norm_topk_prob = layer, cfg.top_k, cfg.norm_topk_prob
         # qwen2/qwen3/olmoe routers hand the experts weights cast to the activation dtype; mixtral keeps fp32
         self.round_weights = cfg.arch != "mixtral"
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False) if cfg.routing == "softmax" else Router(cfg)
+        if cfg.shared_experts_intermediate_size:  # deepseek / glm4_moe: always on, no gate
+            self.shared_experts = MLP(cfg.hidden_size, cfg.shared_experts_intermediate_size)
         self.has_shared = bool(cfg.shared_expert_intermediate_size)
         if self.has_shared:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
@@ -167,6 +186,8 @@ class MoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T,H] -> logits [T,E] fp32, ids [T,k] (weight desc), weights [T,k] fp32."""
+        if isinstance(self.gate, Router):
+            return self.gate(x)
         logits = self.gate(x)  # [T,E] in x.dtype
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T,k], sorted descending
@@ -181,6 +202,8 @@ class MoE(nn.Module):
         out = provider.experts(self.layer, x, logits, ids, weights)  # [T,H]
         if self.has_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
         return out
 
 
@@ -188,16 +211,20 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.sparse = layer in cfg.sparse_layers
+        self.residual_multiplier = cfg.residual_multiplier  # granitemoe scales each branch; 1 elsewhere
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = attention_mla.MLAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, layer) if self.sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
                 k_cache: Tensor, v_cache: Tensor, provider: ExpertProvider) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos, k_cache, v_cache)
+        m = self.residual_multiplier
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos, k_cache, v_cache)
+        h = x + (a if m == 1.0 else a * m)
         y = self.post_attention_layernorm(h)
-        return h + (self.mlp(y, provider) if self.sparse else self.mlp(y))
+        f = self.mlp(y, provider) if self.sparse else self.mlp(y)
+        return h + (f if m == 1.0 else f * m)
 
 
 class Transformer(nn.Module):
@@ -239,8 +266,8 @@ class Transformer(nn.Module):
         state_dict.clear()
         del state
         _fuse(plain, stored)
-        for n, t in plain.items():
-            plain[n] = t.to(self.dtype)  # one tensor at a time: the old one is freed at once
+        for n, t in plain.items():  # one tensor at a time: the old one is freed at once
+            plain[n] = t.to(torch.float32 if n.endswith(FP32_BUFFERS) else self.dtype)
         self.load_state_dict(plain, strict=False, assign=True)
         for name, s in stored.items():  # quantized projections: prepared once, never re-quantized
             parent, _, child = name.removesuffix(".weight").rpartition(".")
@@ -249,6 +276,9 @@ class Transformer(nn.Module):
             setattr(module, child, QuantLinear(s.q, s.fmt, s.shape, s.group_size, self.dtype, bias))
         if tied:
             self.lm_head.weight = self.embed_tokens.weight
+        for m in self.modules():
+            if isinstance(m, attention_mla.MLAttention):
+                m.absorb()
 
     def _reformat(self, state: dict[str, Tensor], fmt: str, group_size: int) -> dict[str, Tensor]:
         dense.check_format(fmt)
@@ -291,9 +321,10 @@ class Transformer(nn.Module):
         if end and end <= cap:
             return
         new = min(self.max_seq_len, max(2 * cap, -(-max(end, 1) // KV_CHUNK) * KV_CHUNK))
-        shape = (self.cfg.num_layers, self.cfg.num_kv_heads, new, self.cfg.head_dim)
-        for name in ("k_cache", "v_cache"):
-            t = torch.empty(shape, device=self.inv_freq.device)  # only [:end] is ever read
+        # MLA caches the latent [.., 1, cap, r] and the rope key [.., 1, cap, R] instead of K and V
+        kv = attention_mla.cache_dims(self.cfg) if self.cfg.kv_lora_rank else [(self.cfg.num_kv_heads, self.cfg.head_dim)] * 2
+        for name, (heads, dim) in zip(("k_cache", "v_cache"), kv):
+            t = torch.empty(self.cfg.num_layers, heads, new, dim, device=self.inv_freq.device)  # only [:end] is read
             if cap:
                 t[:, :, :cap] = getattr(self, name)[:, :, :cap]
             self.register_buffer(name, t, persistent=False)
@@ -314,9 +345,12 @@ class Transformer(nn.Module):
         cos, sin = self._rope(start_pos, end)
         mask = self._mask(start_pos, end)
         x = self.embed_tokens(tokens)  # [T,H]
+        if self.cfg.embedding_multiplier != 1.0:
+            x = x * self.cfg.embedding_multiplier
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, start_pos, self.k_cache[i], self.v_cache[i], self.provider)
-        return self.lm_head(self.norm(x)).float()  # [T,V]
+        logits = self.lm_head(self.norm(x))  # [T,V]
+        return (logits if self.cfg.logits_scaling == 1.0 else logits / self.cfg.logits_scaling).float()
 
     def _rope(self, start_pos: int, end: int) -> tuple[Tensor, Tensor]:
         if self.cfg.rope_scaling and self.cfg.rope_scaling["rope_type"] == "dynamic" \
@@ -369,10 +403,17 @@ def _fuse(plain: dict[str, Tensor], stored: dict[str, dense.Stored]) -> None:
                     N, K = sum(s.shape[0] for s in ss), ss[0].shape[1]
                     stored[f"{base}.{ours}.{leaf}"] = dense.Stored(
                         ss[0].fmt, quant.cat([(s.q, s.shape) for s in ss], ss[0].fmt), (N, K), ss[0].group_size)
-                elif any(n in stored for n in names):
+                elif all(n in plain or n in stored for n in names):  # (MLA's lone q_proj is no q/k/v set)
                     raise ValueError(f"{base}: {'/'.join(parts)} are partly quantized; convert the store again")
+
+
+# HF module names -> ours: every family's router is `mlp.gate`
+_RENAMES = ((".block_sparse_moe.", ".mlp."), (".mlp.router.layer.", ".mlp.gate."), (".mlp.router.", ".mlp.gate."))
 
 
 def _our_name(hf_name: str) -> str:
     """'model.layers.0.block_sparse_moe.gate.weight' -> 'layers.0.mlp.gate.weight'."""
-    return hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    name = hf_name.removeprefix("model.")
+    for old, new in _RENAMES:
+        name = name.replace(old, new)
+    return name

@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import quant
+from .config import ModelConfig
+from .experts import SILU, Act
 from .loader import DEMAND, PREFETCH, Loader
 from .policies.eviction import Key
 from .schedule import Options, Scheduler, Step
@@ -31,13 +32,21 @@ from .trace import TraceWriter
 
 @dataclass
 class Expert:
-    """One expert ready to compute: prepared w13 [2I,H] and w2 [H,I] at one precision."""
+    """One expert ready to compute: prepared w13 [2I,H] and w2 [H,I] at one precision, and for
+    families with expert biases b13 [2I], b2 [H] (fp32 views into the slot)."""
     w13: quant.Prepared
     w2: quant.Prepared
+    b13: Tensor | None = None
+    b2: Tensor | None = None
+    act: Act = SILU
 
     def __call__(self, x: Tensor) -> Tensor:  # x [n,H] -> [n,H]
-        gate, up = quant.linear(x, self.w13).chunk(2, dim=-1)  # [n,I] each
-        return quant.linear(F.silu(gate) * up, self.w2)
+        h = quant.linear(x, self.w13)  # [n,2I]
+        if self.b13 is not None:
+            h = h + self.b13.to(h.dtype)
+        gate, up = h.chunk(2, dim=-1)  # [n,I] each
+        y = quant.linear(self.act(gate, up), self.w2)
+        return y if self.b2 is None else y + self.b2.to(y.dtype)
 
 
 class SlotPool:
@@ -50,6 +59,7 @@ class SlotPool:
         self.buf = mmap.mmap(-1, max(1, n) * self.stride)
         self.raw = torch.frombuffer(self.buf, dtype=torch.uint8).view(max(1, n), self.stride)  # [n, stride]
         self.shapes, self.group_size, self.dtype = store.shapes(), store.group_size, dtype
+        self.act = Act.of(ModelConfig.from_dict(store.manifest["config"]))
         self.experts = [self._prepare(i) for i in range(n)]
         base = self.raw.untyped_storage().data_ptr()
         owned = [t for e in self.experts[:1] for p in (e.w13, e.w2) for t in (p.w, p.scales) if t is not None]
@@ -60,7 +70,7 @@ class SlotPool:
     def _prepare(self, slot: int) -> Expert:
         parts = blob_tensors(self.raw[slot], self.specs)
         return Expert(*(quant.prepare(parts[p], self.precision, self.shapes[p], self.group_size, self.dtype)
-                        for p in ("w13", "w2")))
+                        for p in ("w13", "w2")), parts["b13"].get("b"), parts["b2"].get("b"), self.act)
 
     def load(self, slot: int, layer: int, expert: int) -> None:
         """Read one blob into `slot` (loader thread). Views see it at once; other forms are re-prepared."""

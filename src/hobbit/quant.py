@@ -46,6 +46,7 @@ _FIT_CHUNK = 1 << 18  # weights per fitting chunk (bounds temporaries; early sto
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 _HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_INT8_K = 16  # _weight_int8pack_mm is only right for K a multiple of this (measured: K = 24, 40, 72 fail)
 
 
 @dataclass(eq=False)
@@ -248,14 +249,15 @@ def prepare(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: 
     30-100x slower with other activation dtypes); for fp32 (or fp16) the weight is dequantized to
     a dense ``dtype`` matrix: correct, but it holds 2-4x the RAM. int4/int3/int2 also fall back
     to a dense weight when the kernel cannot take the shape (N % 16 != 0, group_size not in
-    32/64/128/256). May return views of ``q``'s tensors (int8, int4 on AVX512, fp32/bf16 already
+    32/64/128/256), and int8 when K % 16 != 0 (torch 2.13's int8 kernel returns garbage, then
+    crashes, for K = 8, 24, 40, 72, ...). May return views of ``q``'s tensors (int8, int4 on AVX512, fp32/bf16 already
     in ``dtype``): do not reuse ``q``'s buffers while the result is alive.
     """
     check_shape(fmt, shape, group_size)
     N, K = shape
     if fmt in ("fp32", "bf16"):
         return Prepared(fmt, (N, K), dtype, "dense", q["w"].to(dtype).contiguous())
-    if fmt == "int8" and dtype == torch.bfloat16 and _HAS_INT8:
+    if fmt == "int8" and dtype == torch.bfloat16 and _HAS_INT8 and K % _INT8_K == 0:
         return Prepared(fmt, (N, K), dtype, "int8", q["q"], q["scale"])
     if fmt == "int8" or dtype != torch.bfloat16 or not _HAS_INT4 or N % 16 or group_size not in _KERNEL_GROUPS:
         return Prepared(fmt, (N, K), dtype, "dense", dequantize(q, fmt, shape, group_size).to(dtype))

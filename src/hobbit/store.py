@@ -30,7 +30,7 @@ import xxhash
 ALIGN = 4096  # blob alignment: O_DIRECT needs offset, size and buffer aligned to the block size
 TENSOR_ALIGN = 64  # tensors inside a blob
 FORMAT_VERSION = 1
-PROJS = ("w13", "w2")  # w13 = cat(gate, up) [2I, H]; w2 = down [H, I]
+PROJS = ("w13", "w2", "b13", "b2")  # w13 = cat(gate, up) [2I, H]; w2 = down [H, I]; optional biases [2I], [H]
 
 DTYPES = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -100,7 +100,7 @@ def pack_blob(parts: dict[str, dict[str, torch.Tensor]]) -> tuple[bytes, list[di
     """Lay out {proj: {key: tensor}} as one byte string; returns (bytes, tensor specs)."""
     chunks, specs, pos = [], [], 0
     for proj in PROJS:
-        for key, t in parts[proj].items():
+        for key, t in parts.get(proj, {}).items():
             t = t.contiguous()
             raw = t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b""
             pad = _round_up(pos, TENSOR_ALIGN) - pos
