@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hobbit.schedule import Options, Scheduler
+from hobbit.options import Options
+from hobbit.schedule import Scheduler
 from hobbit.simulate import CountingFetcher
 
 MB = 1 << 20

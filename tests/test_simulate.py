@@ -10,7 +10,7 @@ import torch
 
 import hobbit
 from hobbit.loader import DEMAND, PREFETCH
-from hobbit.schedule import Options
+from hobbit.options import Options
 from hobbit.simulate import add_simulate_args, cmd_simulate, load_trace, parse_budget_for, simulate
 
 from tiny import decode_logits

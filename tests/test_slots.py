@@ -11,7 +11,7 @@ import torch
 import hobbit
 from hobbit.loader import DEMAND, PREFETCH, Loader
 from hobbit.offload import SlotFetcher, SlotPool
-from hobbit.schedule import Stats
+from hobbit.options import Stats
 from hobbit.store import ExpertStore
 
 from tiny import decode_logits

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import hobbit
-from hobbit.schedule import Options
+from hobbit.options import Options
 from hobbit.simulate import load_trace, simulate
 from hobbit.tune import (RequestedShares, add_tune_args, cmd_tune, load_tuned, read_tuned, search, simplex,
                          tuned_path, tune)

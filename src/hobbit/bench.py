@@ -31,7 +31,7 @@ import torch
 from .engine import load
 from .profile import PARTS, profile_decode
 from .evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
-from .schedule import NO_CACHE_POLICIES, POLICIES
+from .options import NO_CACHE_POLICIES, POLICIES
 from .store import ExpertStore, checksum
 from .trace import belady_accesses, read_trace
 

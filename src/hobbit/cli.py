@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .schedule import POLICIES
+from .options import POLICIES
 
 
 def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str = "lru") -> None:

@@ -22,7 +22,7 @@ from .model import Transformer
 from .loader import DEMAND, PREFETCH
 from .offload import OffloadedExperts, Predictor
 from .policies.prefetch import PredictionStats
-from .schedule import Options, base_policy, parse_budget
+from .options import Options, base_policy, parse_budget
 from .trace import TraceWriter
 from .store import ExpertStore
 from .tokenizer import Tokenizer

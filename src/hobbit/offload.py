@@ -25,7 +25,8 @@ from .config import ModelConfig
 from .experts import SILU, Act
 from .loader import DEMAND, PREFETCH, Loader
 from .policies.eviction import Key
-from .schedule import Options, Scheduler, Step
+from .options import Options
+from .schedule import Scheduler, Step
 from .store import ALIGN, ExpertStore, blob_tensors
 from .trace import TraceWriter
 

@@ -22,7 +22,8 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .schedule import CACHE_POLICIES, DEMAND, POLICIES, Options, Scheduler, base_policy, parse_budget
+from .options import CACHE_POLICIES, POLICIES, Options, base_policy, parse_budget
+from .schedule import DEMAND, Scheduler
 from .trace import LayerCall, belady_accesses, iter_steps, read_trace
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",

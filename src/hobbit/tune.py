@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .policies.eviction import DEFAULT_MULTIDIM_WEIGHTS
 from .policies.precision import TOLERANCE, scores
-from .schedule import Options
+from .options import Options
 from .simulate import default_precisions, simulate
 from .trace import LayerCall, read_trace
 
