@@ -362,16 +362,16 @@ def _build_wiki(dest: Path, progress: bool) -> None:
 SMOLMOE_RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
 
 
-def _recipe_tag() -> str:
-    """SmolMoE's cache folders are named by the recipe's hash, so a new recipe rebuilds them."""
-    if not SMOLMOE_RECIPE.is_file():
+def _recipe_tag(recipe: Path = SMOLMOE_RECIPE) -> str:
+    """A moefied model's cache folders are named by its recipe's hash, so a new recipe rebuilds them."""
+    if not recipe.is_file():
         return "norecipe"
-    return hashlib.sha256(SMOLMOE_RECIPE.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(recipe.read_bytes()).hexdigest()[:12]
 
 
 def _build_smolmoe(dest: Path, progress: bool) -> None:
-    from .moefy import build_smolmoe
-    build_smolmoe(dest, recipe_path=SMOLMOE_RECIPE, progress=progress)
+    from .moefy import build_from_recipe
+    build_from_recipe(dest, "smollm2-gguf", SMOLMOE_RECIPE, progress)
 
 
 def _build_smolmoe_store(dest: Path, progress: bool) -> None:  # target suffix -qN: bump when the store format changes

@@ -1,4 +1,4 @@
-"""MoEfication: turn a dense Llama checkpoint (SmolLM2-135M) into a Qwen2-MoE checkpoint ("SmolMoE").
+"""MoEfication: turn a dense Llama or Qwen2 checkpoint into a Qwen2-MoE checkpoint (SmolMoE, CoderMoE).
 
 Per layer, sequentially on calibration text (each layer sees the outputs of the already-MoEfied layers):
 1. the S neurons of the dense SwiGLU MLP with the largest mean |contribution| become the shared expert;
@@ -12,13 +12,15 @@ Then, optionally (`moefy_train.distill`), routers, scales, shared gates, FFN inp
 delta of each shared down_proj are distilled end to end against the dense model.
 
 What is learned is a small *recipe*; `apply_recipe` rebuilds the full Qwen2-MoE weights from the dense
-ones. `build_smolmoe` does that for the committed recipe and the SmolLM2 GGUF asset (docs/smolmoe.md).
+ones. `build_from_recipe` does that for a committed recipe and its GGUF asset: SmolMoE (docs/smolmoe.md) and
+CoderMoE (Qwen2.5-Coder-1.5B, routed as llama.cpp's qwen2moe: no renormalization; hobbit.assets_coder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
+from hobbit.moefy_text import SMOL_CALIB
+
 RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
+DENSE_ARCHS = ("llama", "qwen2")  # qwen2 = llama + q/k/v biases
 
 
 @dataclass
@@ -37,27 +42,39 @@ class MoefyConfig:
     top_k: int = 2            # default top-k written to config.json
     shared: int = 1024        # neurons of the always-on shared expert
     tau: float = 0.5          # router temperature (folded into the router weights)
-    norm: bool = True         # norm_topk_prob: renormalize the top-k weights to sum 1
+    norm: bool = True         # norm_topk_prob: renormalize the top-k weights (llama.cpp's qwen2moe never does)
+    tie: bool = False         # tie the embedding to lm_head (the GGUF's output.weight) before anything else
     router_epochs: int = 30
     seed: int = 0
 
 
-# ---------------------------------------------------------------- dense model (functional Llama)
+# ---------------------------------------------------------------- dense model (functional Llama / Qwen2)
 
 def load_dense(src: str | Path) -> tuple[dict[str, Tensor], dict, str | None, dict]:
-    """(fp32 state dict, HF config, tokenizer.json text, tokenizer_config) of a GGUF or an HF Llama folder."""
+    """(fp32 state dict, HF config, tokenizer.json text, tokenizer_config) of a dense GGUF or HF folder."""
     src = Path(src)
     if src.is_file():
         from hobbit.gguf import load_gguf
         g = load_gguf(src)
+        if g.config["model_type"] not in DENSE_ARCHS:
+            raise ValueError(f"{src}: moefy needs a dense {' or '.join(DENSE_ARCHS)} model, not {g.config['model_type']}")
         return g.state_dict(torch.float32), g.config, g.tokenizer_json, g.tokenizer_config
     from hobbit.checkpoint import open_checkpoint
     ck = open_checkpoint(src)
-    if ck.config.arch != "llama":
-        raise ValueError(f"{src}: moefy needs a dense Llama, not {ck.config.arch}")
+    if ck.config.arch not in DENSE_ARCHS:
+        raise ValueError(f"{src}: moefy needs a dense {' or '.join(DENSE_ARCHS)} model, not {ck.config.arch}")
     tok, tok_cfg = src / "tokenizer.json", src / "tokenizer_config.json"
     return ({k: v.float() for k, v in ck.dense_state_dict().items()}, ck.raw_config,
             tok.read_text() if tok.is_file() else None, json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {})
+
+
+def tie_embeddings(sd: dict[str, Tensor], cfg: dict) -> tuple[dict[str, Tensor], dict]:
+    """One matrix for embedding and lm_head: the lm_head. A GGUF of a tied HF model often holds the matrix twice,
+    the output copy at the higher precision (Qwen2.5-Coder Q4_K_M: Q6_K vs Q4_K). A tied model stays as it is."""
+    if "lm_head.weight" not in sd:
+        return sd, dict(cfg, tie_word_embeddings=True)
+    sd = {k: v for k, v in sd.items() if k != "lm_head.weight"} | {"model.embed_tokens.weight": sd["lm_head.weight"]}
+    return sd, dict(cfg, tie_word_embeddings=True)
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -65,7 +82,7 @@ def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
 
 
 class Dense:
-    """Just enough of a Llama forward for calibration: batched windows, no KV cache."""
+    """Just enough of a Llama / Qwen2 forward for calibration: batched windows, no KV cache."""
 
     def __init__(self, sd: dict[str, Tensor], cfg: dict):
         self.sd, self.cfg = sd, cfg
@@ -88,7 +105,8 @@ class Dense:
         cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
         rot = lambda t: torch.cat([-t[..., self.hd // 2:], t[..., :self.hd // 2]], -1)  # noqa: E731
         x = _rms(h, self.w(l, "input_layernorm"), self.eps)
-        q, k, v = ((x @ self.w(l, f"self_attn.{p}_proj").T).view(B, T, n, self.hd).transpose(1, 2)
+        q, k, v = ((x @ self.w(l, f"self_attn.{p}_proj").T + self.sd.get(f"model.layers.{l}.self_attn.{p}_proj.bias", 0))
+                   .view(B, T, n, self.hd).transpose(1, 2)
                    for p, n in (("q", self.nh), ("k", self.nkv), ("v", self.nkv)))
         q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -193,8 +211,8 @@ def train_router(x: Tensor, target: Tensor, epochs: int, seed: int, lr: float = 
     return w.detach()
 
 
-def calibrate_layer(dense: Dense, l: int, x: Tensor, mc: MoefyConfig) -> dict[str, Tensor]:
-    """Recipe of layer l from its FFN inputs x [N,H]."""
+def calibrate_layer(dense: Dense, l: int, x: Tensor, mc: MoefyConfig) -> tuple[dict[str, Tensor], Tensor]:
+    """(recipe of layer l, the dense MLP output [N,H]) from its FFN inputs x [N,H]."""
     E, S = mc.experts, mc.shared
     a, d = dense.act(l, x), dense.w(l, "mlp.down_proj")
     c = a.abs() * d.norm(dim=0)                                  # |contribution| per token and neuron
@@ -219,8 +237,8 @@ def calibrate_layer(dense: Dense, l: int, x: Tensor, mc: MoefyConfig) -> dict[st
     b = (wf * (Y @ r[:, :, None]).squeeze(-1)).sum(0)
     s = torch.linalg.solve(A + 1e-6 * A.diagonal().mean() * torch.eye(E), b)
     # shared gate starts at 0 -> sigmoid 0.5, so the shared expert's down_proj is scaled by 2
-    return dict(perm=perm.to(torch.int16), router=router, shared_gate=torch.zeros(1, x.shape[1]),
-                scale=torch.cat([s, torch.tensor([2.0])]))
+    return (dict(perm=perm.to(torch.int16), router=router, shared_gate=torch.zeros(1, x.shape[1]),
+                 scale=torch.cat([s, torch.tensor([2.0])])), r + a[:, shared] @ d[:, shared].T)
 
 
 def calibrate(dense: Dense, ids: Tensor, mc: MoefyConfig, log=print) -> dict[str, Tensor]:
@@ -230,11 +248,10 @@ def calibrate(dense: Dense, ids: Tensor, mc: MoefyConfig, log=print) -> dict[str
         t = time.time()
         h = torch.cat([dense.attention(l, hc) for hc in h.split(chunk)])
         x = dense.ffn_in(l, h).reshape(-1, dense.H)
-        r = calibrate_layer(dense, l, x, mc)
+        r, ref = calibrate_layer(dense, l, x, mc)
         recipe.update({f"layers.{l}.{k}": v for k, v in r.items()})
         m = moe_layer(dense, l, r, mc.shared)
         y = torch.cat([moe_forward(m, xc, mc.top_k, mc.norm) for xc in x.split(8192)])
-        ref = dense.mlp(l, x)
         rel = ((y - ref).pow(2).sum() / ref.pow(2).sum()).item()
         h = h + y.view_as(h)
         log(f"layer {l:2d}: relative FFN error {rel:.3f} ({time.time() - t:.1f} s)")
@@ -264,7 +281,7 @@ def layer_recipe(recipe: dict[str, Tensor], l: int) -> dict[str, Tensor]:
 def qwen2_moe_config(cfg: dict, mc: MoefyConfig) -> dict:
     I = (cfg["intermediate_size"] - mc.shared) // mc.experts
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+            "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
             "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id")
     return dict({k: cfg[k] for k in keep if k in cfg}, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
                 num_experts=mc.experts, num_experts_per_tok=mc.top_k, moe_intermediate_size=I,
@@ -275,7 +292,9 @@ def qwen2_moe_config(cfg: dict, mc: MoefyConfig) -> dict:
 
 def apply_recipe(sd: dict[str, Tensor], cfg: dict, recipe: dict[str, Tensor], mc: MoefyConfig,
                  dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, Tensor], dict]:
-    """Dense Llama weights + recipe -> (Qwen2-MoE state dict with per-expert names, config.json dict)."""
+    """Dense Llama/Qwen2 weights + recipe -> (Qwen2-MoE state dict with per-expert names, config.json dict)."""
+    if mc.tie:
+        sd, cfg = tie_embeddings(sd, cfg)
     dense, out = Dense(sd, cfg), {}
     for name, w in sd.items():
         if ".mlp." not in name:
@@ -285,8 +304,8 @@ def apply_recipe(sd: dict[str, Tensor], cfg: dict, recipe: dict[str, Tensor], mc
         m = moe_layer(dense, l, r, mc.shared)
         if "ffn_norm" in r:
             out[p + "post_attention_layernorm.weight"] = r["ffn_norm"]
-        for proj in ("q", "k", "v"):
-            out[p + f"self_attn.{proj}_proj.bias"] = torch.zeros(dense.w(l, f"self_attn.{proj}_proj").shape[0])
+        for proj in ("q", "k", "v"):  # Qwen2-MoE always has q/k/v biases: a Llama's are zero
+            out.setdefault(p + f"self_attn.{proj}_proj.bias", torch.zeros(dense.w(l, f"self_attn.{proj}_proj").shape[0]))
         out[p + "mlp.gate.weight"] = m["router"]
         out[p + "mlp.shared_expert_gate.weight"] = m["shared_gate"]
         for proj in ("gate", "up", "down"):
@@ -308,51 +327,31 @@ def write_checkpoint(out_dir: str | Path, state: dict[str, Tensor], config: dict
     return out
 
 
-def build_smolmoe(out_dir: str | Path, recipe_path: str | Path = RECIPE, progress: bool = True) -> Path:
-    """SmolMoE = the SmolLM2-135M GGUF asset + the committed recipe, written as a Qwen2-MoE HF folder."""
+def build_from_recipe(out_dir: str | Path, source: str, recipe_path: str | Path, progress: bool = True) -> Path:
+    """The dense `source` asset (a GGUF) + a recipe, written as a Qwen2-MoE HF folder."""
     from hobbit.assets import asset_path
-    sd, cfg, tok, tok_cfg = load_dense(asset_path("smollm2-gguf", progress))
+    sd, cfg, tok, tok_cfg = load_dense(asset_path(source, progress))
     recipe, mc, _ = load_recipe(recipe_path)
     state, config = apply_recipe(sd, cfg, recipe, mc)
     return write_checkpoint(out_dir, state, config, tok, tok_cfg)
 
 
-# ---------------------------------------------------------------- calibration text and the CLI
-
-# half Austen (all but Pride and Prejudice), half Wikipedia (train split)
-DEFAULT_CALIB = ["austen:emma", "austen:mansfield_park", "austen:northanger_abbey", "austen:persuasion",
-                 "austen:sense_and_sensibility", "wiki@train*5"]
-
-
-def calib_windows(tokenizer_json: str, specs: list[str], tokens: int, window: int = 512) -> Tensor:
-    """Token windows [B,window] spread evenly over each text. A spec is an asset text name (austen:<novel>,
-    wiki) or a file, with an optional '@split' (train/test/all) and '*weight' (its share of `tokens`)."""
-    from tokenizers import Tokenizer
-
-    from hobbit.assets import text_file
-    tok, n_win = Tokenizer.from_str(tokenizer_json), max(1, tokens // window)
-    parsed = [(s.partition("*")[0], float(s.partition("*")[2] or 1)) for s in specs]
-    total, out, done = sum(w for _, w in parsed), [], 0.0
-    for spec, weight in parsed:
-        n = round((done + weight) / total * n_win) - round(done / total * n_win)
-        done += weight
-        name, _, split = spec.partition("@")
-        ids = tok.encode(Path(text_file(name, split or "all", progress=False)).read_text(encoding="utf-8")).ids
-        step = max(1, (len(ids) - window) // max(n, 1))
-        out += [torch.tensor(ids[i * step:i * step + window]) for i in range(n) if i * step + window <= len(ids)]
-    return torch.stack(out)
-
+# ---------------------------------------------------------------- the CLI
 
 def add_moefy_args(p: argparse.ArgumentParser) -> None:
     d = MoefyConfig()
-    p.add_argument("src", help="dense Llama: GGUF file or HF folder")
+    p.add_argument("src", help="dense Llama or Qwen2: GGUF file or HF folder")
     p.add_argument("out", help="output folder (Qwen2-MoE HF checkpoint)")
     p.add_argument("--experts", type=int, default=d.experts, help="routed experts per layer")
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--shared", type=int, default=d.shared, help="neurons in the always-on shared expert")
     p.add_argument("--tau", type=float, default=d.tau, help="router temperature")
-    p.add_argument("--calib", nargs="+", default=DEFAULT_CALIB,
-                   help="calibration texts: austen:<novel>, wiki, or a file, each with optional @split and *weight")
+    p.add_argument("--norm-topk", action=argparse.BooleanOptionalAction, default=d.norm,
+                   help="renormalize the top-k weights (norm_topk_prob); --no-norm-topk routes as llama.cpp's qwen2moe")
+    p.add_argument("--tie", action="store_true", help="tie the embedding to lm_head (see tie_embeddings)")
+    p.add_argument("--calib", nargs="+", default=SMOL_CALIB,
+                   help="calibration texts: austen:<novel>, wiki, stdlib:<module> or a file, each with optional "
+                        "@split and *weight (hobbit.moefy_text)")
     p.add_argument("--calib-tokens", type=int, default=32768)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--distill-steps", type=int, default=0, help="end-to-end KL distillation steps (1 window each)")
@@ -365,6 +364,7 @@ def add_moefy_args(p: argparse.ArgumentParser) -> None:
 
 
 def moefy_main(args: argparse.Namespace) -> int:
+    from hobbit.moefy_text import calib_windows, describe
     torch.set_num_threads(1)
     sd, cfg, tok, tok_cfg = load_dense(args.src)
     stage = dict(src=Path(args.src).name, calib=args.calib, seed=args.seed)
@@ -374,16 +374,18 @@ def moefy_main(args: argparse.Namespace) -> int:
     else:
         if tok is None:
             raise SystemExit("moefy: the source has no tokenizer to read the calibration text with")
-        mc = MoefyConfig(experts=args.experts, top_k=args.top_k, shared=args.shared, tau=args.tau, seed=args.seed)
+        mc = MoefyConfig(experts=args.experts, top_k=args.top_k, shared=args.shared, tau=args.tau,
+                         norm=args.norm_topk, tie=args.tie, seed=args.seed)
         torch.manual_seed(mc.seed)
         ids = calib_windows(tok, args.calib, args.calib_tokens)
         print(f"moefy: {ids.numel()} calibration tokens from {', '.join(args.calib)}", flush=True)
-        recipe, history = calibrate(Dense(sd, cfg), ids, mc), []
-        stage.update(calib_tokens=int(ids.numel()), experts=mc.experts, top_k=mc.top_k, shared=mc.shared, tau=mc.tau)
+        recipe, history = calibrate(Dense(*tie_embeddings(sd, cfg) if mc.tie else (sd, cfg)), ids, mc), []
+        stage.update(calib_tokens=int(ids.numel()), calib_sha256=describe(args.calib), python=sys.version.split()[0],
+                     experts=mc.experts, top_k=mc.top_k, shared=mc.shared, tau=mc.tau, norm_topk=mc.norm, tie=mc.tie)
     if args.distill_steps:
         from hobbit.moefy_train import distill
         train_ids = calib_windows(tok, args.calib, args.distill_tokens)
-        recipe = distill(Dense(sd, cfg), recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank,
+        recipe = distill(Dense(*tie_embeddings(sd, cfg) if mc.tie else (sd, cfg)), recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank,
                          seed=args.seed)
         stage.update(distill_steps=args.distill_steps, distill_tokens=int(train_ids.numel()),
                      lora_rank=args.lora_rank, lr=args.lr)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hobbit.moefy import Dense, MoefyConfig, layer_recipe, moe_forward, moe_layer, route
+from hobbit.moefy import Dense, MoefyConfig, layer_recipe, moe_forward, moe_layer, route, tie_embeddings
 
 
 def _moe_tensors(m0: dict[str, Tensor], p: dict[str, Tensor], E: int) -> dict[str, Tensor]:
@@ -80,11 +80,11 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
 
 def moe_layers(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig) -> tuple[Dense, list[dict[str, Tensor]]]:
     """The MoE model of a recipe for our reference forward: (Dense with the recipe's FFN norms, MoE layers)."""
-    sd = dict(dense.sd)
+    sd, cfg = tie_embeddings(dense.sd, dense.cfg) if mc.tie else (dict(dense.sd), dense.cfg)
     for l in range(dense.L):
         if f"layers.{l}.ffn_norm" in recipe:
             sd[f"model.layers.{l}.post_attention_layernorm.weight"] = recipe[f"layers.{l}.ffn_norm"]
-    moe_dense = Dense(sd, dense.cfg)
+    moe_dense = Dense(sd, cfg)
     return moe_dense, [moe_layer(dense, l, layer_recipe(recipe, l), mc.shared) for l in range(dense.L)]
 
 
@@ -105,8 +105,8 @@ def _pearson(a: Tensor, b: Tensor) -> float:
 
 def routing_stats(dense: Dense, layers: list[dict[str, Tensor]], ids: Tensor, k: int, norm: bool = True,
                   t1: float = 0.6) -> dict:
-    """Per-layer routing statistics of the MoE at top-k over windows ids [B,T] (see docs/smolmoe.md)."""
-    rec = [[] for _ in layers]
+    """Perplexity and per-layer routing statistics of the MoE at top-k over windows ids [B,T] (docs/smolmoe.md)."""
+    rec, nll = [[] for _ in layers], 0.0
 
     def mlp(l, x):
         xf = x.reshape(-1, x.shape[-1])
@@ -122,7 +122,8 @@ def routing_stats(dense: Dense, layers: list[dict[str, Tensor]], ids: Tensor, k:
 
     with torch.no_grad():
         for b in ids.split(2):
-            dense.forward(b, mlp)
+            lg = dense.forward(b, mlp)[:, :-1]
+            nll += F.cross_entropy(lg.reshape(-1, lg.shape[-1]), b[:, 1:].reshape(-1), reduction="sum").item()
     E, per_layer = layers[0]["router"].shape[0], []
     for r in rec:
         sel = torch.cat([t[0] for t in r])                     # [B,T,k]
@@ -143,58 +144,45 @@ def routing_stats(dense: Dense, layers: list[dict[str, Tensor]], ids: Tensor, k:
             low_precision=(score > t1).float().mean().item(), w0=wn[:, 0].mean().item(),
             w1_hist=torch.histc(wn[:, 1], 5, 0, 0.5).div(wn.shape[0]).tolist()))
     mean = {key: sum(p[key] for p in per_layer) / len(per_layer) for key in per_layer[0] if key != "w1_hist"}
-    return dict(mean=mean, layers=per_layer)
-
-
-EVAL_TEXTS = {"pride_and_prejudice": ("austen:pride_and_prejudice", "all", 3000), "wiki_test": ("wiki", "test", 0)}
-
-
-def eval_windows(tokenizer_json: str, n: int = 8, window: int = 512) -> dict[str, Tensor]:
-    """Held-out windows: Pride and Prejudice (never calibrated on) and the Wikipedia test split."""
-    from tokenizers import Tokenizer
-
-    from hobbit.assets import text_file
-    tok, out = Tokenizer.from_str(tokenizer_json), {}
-    for name, (text, split, start) in EVAL_TEXTS.items():
-        ids = tok.encode(Path(text_file(text, split, progress=False)).read_text(encoding="utf-8")[start:]).ids
-        out[name] = torch.tensor(ids[:n * window]).view(n, window)
-    return out
+    return dict(perplexity=math.exp(nll / ids[:, 1:].numel()), mean=mean, layers=per_layer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Perplexities (dense, MoE with all experts, MoE at top-k) and routing statistics of a recipe, as JSON."""
+    """Held-out perplexity of the dense model and of a recipe's MoE at each top-k, with its routing statistics."""
     import argparse
     import json
 
+    from hobbit.assets import asset_path
     from hobbit.moefy import RECIPE, load_dense, load_recipe
+    from hobbit.moefy_text import EVAL_TEXTS, eval_windows
     p = argparse.ArgumentParser(prog="python -m hobbit.moefy_train", description=main.__doc__)
-    p.add_argument("--src", help="dense GGUF/HF folder (default: the smollm2-gguf asset)")
-    p.add_argument("--recipe", default=str(RECIPE))
+    p.add_argument("--model", choices=("smolmoe", "codermoe"), default="smolmoe",
+                   help="sets the defaults of --src and --recipe, and the held-out texts (hobbit.moefy_text)")
+    p.add_argument("--src", help="dense GGUF/HF folder (default: the model's source asset)")
+    p.add_argument("--recipe", help="default: the model's committed recipe")
     p.add_argument("--top-k", type=int, nargs="*", help="top-k values to evaluate (default: the recipe's)")
     p.add_argument("--windows", type=int, default=8, help="512-token windows per text")
-    p.add_argument("--stats-windows", type=int, default=4)
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.src is None:
-        from hobbit.assets import asset_path
-        args.src = asset_path("smollm2-gguf")
-    sd, cfg, tok, _ = load_dense(args.src)
-    recipe, mc, prov = load_recipe(args.recipe)
+    from hobbit.assets_coder import CODERMOE_RECIPE
+    source, recipe_path = {"smolmoe": ("smollm2-gguf", RECIPE), "codermoe": ("qwen-coder-gguf", CODERMOE_RECIPE)}[args.model]
+    sd, cfg, tok, _ = load_dense(args.src or asset_path(source))
+    recipe, mc, prov = load_recipe(args.recipe or recipe_path)
     dense = Dense(sd, cfg)
     md, layers = moe_layers(dense, recipe, mc)
-    texts = eval_windows(tok, args.windows)
-    res = {"recipe": args.recipe, "moefy": vars(mc), "provenance": prov, "perplexity": {}, "routing": {}}
-    for k in [None, mc.experts] + (args.top_k or [mc.top_k]):
-        mlp = None if k is None else (lambda l, x, k=k: moe_forward(layers[l], x.reshape(-1, x.shape[-1]), k,
-                                                                    mc.norm).view_as(x))
-        name = "dense" if k is None else f"top{k}"
-        res["perplexity"][name] = {t: round(perplexity(dense if k is None else md, ids, mlp), 2)
-                                   for t, ids in texts.items()}
-        print(name, res["perplexity"][name], flush=True)
+    texts = eval_windows(tok, args.model, args.windows)
+    res = {"recipe": str(args.recipe or recipe_path), "moefy": vars(mc), "provenance": prov,
+           "held_out": EVAL_TEXTS[args.model], "windows": args.windows, "perplexity": {}, "routing": {}}
+    res["perplexity"]["dense"] = {t: round(perplexity(dense, ids), 3) for t, ids in texts.items()}
+    print("dense", res["perplexity"]["dense"], flush=True)
     for k in args.top_k or [mc.top_k]:
-        res["routing"][f"top{k}"] = {t: routing_stats(md, layers, ids[:args.stats_windows], k, mc.norm)
-                                     for t, ids in texts.items()}
-    print(json.dumps(res, indent=1))
+        stats = {t: routing_stats(md, layers, ids, k, mc.norm) for t, ids in texts.items()}
+        res["perplexity"][f"top{k}"] = {t: round(s.pop("perplexity"), 3) for t, s in stats.items()}
+        res["routing"][f"top{k}"] = stats
+        print(f"top{k}", res["perplexity"][f"top{k}"], {t: s["mean"] for t, s in stats.items()}, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 

@@ -1,0 +1,102 @@
+"""moefy on a tiny random Qwen2 (q/k/v biases, untied head): the Qwen2-MoE checkpoint it writes routes as
+llama.cpp's qwen2moe (no top-k renormalization), matches transformers, rebuilds bit for bit from its
+recipe, and `hobbit export` accepts it as exact. The CoderMoE texts keep the held-out code file out."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hobbit import moefy  # noqa: E402
+from hobbit.convert import convert  # noqa: E402
+from hobbit.export import export_gguf  # noqa: E402
+from hobbit.moefy_text import CODER_CALIB, EVAL_TEXTS, stdlib_file  # noqa: E402
+from hobbit.moefy_train import moe_layers  # noqa: E402
+from test_export import with_bpe_merges  # noqa: E402  (llama.cpp needs BPE merges)
+from tiny import make_tiny_checkpoint  # noqa: E402
+
+torch.set_num_threads(1)
+H = 64
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qwen2")
+    src = with_bpe_merges(make_tiny_checkpoint("qwen2", tmp / "dense", tie_word_embeddings=False))
+    calib = tmp / "calib.txt"
+    calib.write_text(stdlib_file("argparse").read_text()[:40000])  # byte tokens: 40k characters
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    return tmp, src, calib, ids
+
+
+def moefy_args(src, out, *extra: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    moefy.add_moefy_args(p)
+    return p.parse_args([str(src), str(out), *extra])
+
+
+def run_moefy(qwen2, name: str, *extra: str):
+    tmp, src, calib, _ = qwen2
+    args = moefy_args(src, tmp / name, "--experts", "4", "--top-k", "2", "--shared", "16", "--no-norm-topk", "--tie",
+                      "--calib", str(calib), "--calib-tokens", "2048", *extra)
+    assert moefy.moefy_main(args) == 0
+    return tmp / name
+
+
+def test_dense_qwen2_forward_matches_transformers(qwen2):
+    _, src, _, ids = qwen2
+    sd, cfg, _, _ = moefy.load_dense(src)
+    assert "model.layers.0.self_attn.q_proj.bias" in sd
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(moefy.Dense(sd, cfg).forward(ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_moefied_qwen2_matches_transformers_and_exports_exactly(qwen2):
+    tmp, src, _, ids = qwen2
+    out = run_moefy(qwen2, "moe")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["norm_topk_prob"] is False and cfg["tie_word_embeddings"] is True
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    sd, dcfg, _, _ = moefy.load_dense(src)
+    recipe, mc, prov = moefy.load_recipe(out / "moefy_recipe.safetensors")
+    assert (mc.norm, mc.tie, prov["norm_topk"]) == (False, True, False)
+    torch.testing.assert_close(model.get_input_embeddings().weight, sd["lm_head.weight"].to(torch.bfloat16).float())
+    assert torch.equal(model.model.layers[1].self_attn.k_proj.bias,
+                       sd["model.layers.1.self_attn.k_proj.bias"].to(torch.bfloat16).float())
+    md, layers = moe_layers(moefy.Dense(sd, dcfg), recipe, mc)  # our reference forward on the bf16 tensors
+    md = moefy.Dense({k: v.to(torch.bfloat16).float() for k, v in md.sd.items()}, md.cfg)
+    layers = [{k: v.to(torch.bfloat16).float() for k, v in m.items()} for m in layers]
+    ours = md.forward(ids, lambda l, x: moefy.moe_forward(layers[l], x.reshape(-1, H), 2, norm=False).view_as(x))
+    with torch.no_grad():
+        torch.testing.assert_close(ours, model(ids).logits, atol=2e-4, rtol=1e-4)
+    store = convert(out, tmp / "store", precisions=["bf16"], progress=False)
+    assert export_gguf(store, tmp / "moe.gguf", "bf16", progress=False).is_file()  # no --allow-inexact needed
+
+
+def test_recipe_rebuild_is_deterministic(qwen2):
+    tmp, src, calib, _ = qwen2
+    out = run_moefy(qwen2, "a", "--recipe", str(tmp / "a.safetensors"))
+    again = run_moefy(qwen2, "b", "--recipe", str(tmp / "b.safetensors"))
+    (ra, mca, pa), (rb, mcb, pb) = (moefy.load_recipe(tmp / f"{n}.safetensors") for n in "ab")
+    assert (mca, pa) == (mcb, pb) and ra.keys() == rb.keys()  # calibration itself is deterministic
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)  # (the recipe's bytes are not: safetensors orders metadata freely)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    rebuilt = tmp / "rebuilt"
+    assert moefy.moefy_main(moefy_args(src, rebuilt, "--from-recipe", str(tmp / "a.safetensors"))) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert digest(out / name) == digest(rebuilt / name) == digest(again / name)
+
+
+def test_coder_texts_hold_out_the_evaluated_code():
+    held_out = {spec for spec, _, _ in EVAL_TEXTS["codermoe"].values()}
+    assert held_out == {"stdlib:difflib", "wiki"}
+    assert "stdlib:difflib" not in CODER_CALIB and "wiki@train" in CODER_CALIB[-1]  # wiki: train split only
+    assert all(stdlib_file(s[7:]).is_file() for s in CODER_CALIB if s.startswith("stdlib:"))
