@@ -100,3 +100,26 @@ def test_coder_texts_hold_out_the_evaluated_code():
     assert held_out == {"stdlib:difflib", "wiki"}
     assert "stdlib:difflib" not in CODER_CALIB and "wiki@train" in CODER_CALIB[-1]  # wiki: train split only
     assert all(stdlib_file(s[7:]).is_file() for s in CODER_CALIB if s.startswith("stdlib:"))
+
+
+def test_expert_gate_up_rows_keep_the_gguf_grid():
+    from types import SimpleNamespace
+
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    from hobbit import quant
+    from hobbit.moefy_native import recipe_native_w13
+    rng = np.random.default_rng(0)
+    mc = moefy.MoefyConfig(experts=4, shared=32)
+    perm = torch.randperm(160, generator=torch.Generator().manual_seed(0)).to(torch.int16)  # 32 shared + 4 x 32
+    w = {p: (rng.standard_normal((160, 64)) * 0.02).astype(np.float32) for p in ("gate", "up")}
+    raw = {f"blk.0.ffn_{p}.weight": SimpleNamespace(data=quantize(w[p], Q.Q4_1), tensor_type=Q.Q4_1) for p in w}
+    parts = recipe_native_w13(raw, {"layers.0.perm": perm}, mc)(0, 2)
+    rows = perm[32 + 2 * 32:32 + 3 * 32].long().numpy()
+    ref = np.concatenate([dequantize(raw[f"blk.0.ffn_{p}.weight"].data, Q.Q4_1)[rows] for p in ("gate", "up")])
+    got = quant.dequantize(parts, "int4", (64, 64), 32).numpy()
+    assert np.abs(got - ref).max() < 0.004 * np.abs(ref).max()  # bf16 rounding of scale and zero only
+    raw["blk.0.ffn_up.weight"].tensor_type = Q.Q6_K
+    assert recipe_native_w13(raw, {"layers.0.perm": perm}, mc)(0, 2) is None

