@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                    "`--top-k` alone)")
     p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="evaluate the dense model")
     p.add_argument("--windows", type=int, default=8, help="512-token windows per text")
+    p.add_argument("--stats-windows", type=int, help="routing statistics on the first N windows only (default: "
+                   "all, scored in the same pass as the perplexity)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -186,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     recipe, mc, prov = load_recipe(args.recipe or recipe_path)
     res.update(recipe=str(args.recipe or recipe_path), moefy=vars(mc), provenance=prov)
     md, layers = moe_layers(dense, recipe, mc)
+    n_stats = min(args.stats_windows or args.windows, args.windows)
     for k in args.top_k or [mc.top_k]:
-        stats = {t: routing_stats(md, layers, ids, k, mc.norm) for t, ids in texts.items()}
-        res["perplexity"][f"top{k}"] = {t: round(s.pop("perplexity"), 3) for t, s in stats.items()}
+        stats = {t: routing_stats(md, layers, ids[:n_stats], k, mc.norm) for t, ids in texts.items()}
+        ppl = {t: s.pop("perplexity") for t, s in stats.items()}
+        if n_stats < args.windows:
+            mlp = lambda l, x, k=k: moe_forward(layers[l], x.reshape(-1, x.shape[-1]), k, mc.norm).view_as(x)  # noqa: E731
+            ppl = {t: perplexity(md, ids, mlp) for t, ids in texts.items()}
+        res["perplexity"][f"top{k}"] = {t: round(v, 3) for t, v in ppl.items()}
         res["routing"][f"top{k}"] = stats
         print(f"top{k}", res["perplexity"][f"top{k}"], {t: s["mean"] for t, s in stats.items()}, flush=True)
         save()
