@@ -87,7 +87,7 @@ def test_recipe_rebuild_is_deterministic(qwen2):
     again = run_moefy(qwen2, "b", "--recipe", str(tmp / "b.safetensors"))
     (ra, mca, pa), (rb, mcb, pb) = (moefy.load_recipe(tmp / f"{n}.safetensors") for n in "ab")
     assert (mca, pa) == (mcb, pb) and ra.keys() == rb.keys()  # calibration itself is deterministic
-    assert all(torch.equal(ra[k], rb[k]) for k in ra)  # (the recipe's bytes are not: safetensors orders metadata freely)
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)  # (its bytes are not: safetensors orders metadata freely)
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     rebuilt = tmp / "rebuilt"
     assert moefy.moefy_main(moefy_args(src, rebuilt, "--from-recipe", str(tmp / "a.safetensors"))) == 0

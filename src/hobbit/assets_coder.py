@@ -58,5 +58,5 @@ def _build_codermoe_store(dest: Path, progress: bool) -> None:
 
 register(Asset("codermoe", "the qwen-coder-gguf asset + the committed CoderMoE recipe (hobbit.moefy)",
                f"codermoe-{_recipe_tag(CODERMOE_RECIPE)}", _build_codermoe))
-register(Asset("codermoe-store", f"the codermoe asset, converted ({CODERMOE_PRECISIONS})",
-               f"codermoe-store-{_recipe_tag(CODERMOE_RECIPE)}-q3", _build_codermoe_store))
+register(Asset("codermoe-store", f"the codermoe asset, converted (experts {CODERMOE_PRECISIONS}; dense auto)",
+               f"codermoe-store-{_recipe_tag(CODERMOE_RECIPE)}-q4", _build_codermoe_store))  # -qN as smolmoe-store

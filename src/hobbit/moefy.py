@@ -57,7 +57,8 @@ def load_dense(src: str | Path) -> tuple[dict[str, Tensor], dict, str | None, di
         from hobbit.gguf import load_gguf
         g = load_gguf(src)
         if g.config["model_type"] not in DENSE_ARCHS:
-            raise ValueError(f"{src}: moefy needs a dense {' or '.join(DENSE_ARCHS)} model, not {g.config['model_type']}")
+            raise ValueError(f"{src}: moefy needs a dense {' or '.join(DENSE_ARCHS)} model, "
+                             f"not {g.config['model_type']}")
         return g.state_dict(torch.float32), g.config, g.tokenizer_json, g.tokenizer_config
     from hobbit.checkpoint import open_checkpoint
     ck = open_checkpoint(src)
@@ -105,8 +106,8 @@ class Dense:
         cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
         rot = lambda t: torch.cat([-t[..., self.hd // 2:], t[..., :self.hd // 2]], -1)  # noqa: E731
         x = _rms(h, self.w(l, "input_layernorm"), self.eps)
-        q, k, v = ((x @ self.w(l, f"self_attn.{p}_proj").T + self.sd.get(f"model.layers.{l}.self_attn.{p}_proj.bias", 0))
-                   .view(B, T, n, self.hd).transpose(1, 2)
+        bias = lambda p: self.sd.get(f"model.layers.{l}.self_attn.{p}_proj.bias", 0)  # noqa: E731  (Qwen2)
+        q, k, v = ((x @ self.w(l, f"self_attn.{p}_proj").T + bias(p)).view(B, T, n, self.hd).transpose(1, 2)
                    for p, n in (("q", self.nh), ("k", self.nkv), ("v", self.nkv)))
         q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -281,7 +282,8 @@ def layer_recipe(recipe: dict[str, Tensor], l: int) -> dict[str, Tensor]:
 def qwen2_moe_config(cfg: dict, mc: MoefyConfig) -> dict:
     I = (cfg["intermediate_size"] - mc.shared) // mc.experts
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+            "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+            "rope_parameters",
             "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id")
     return dict({k: cfg[k] for k in keep if k in cfg}, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
                 num_experts=mc.experts, num_experts_per_tok=mc.top_k, moe_intermediate_size=I,
@@ -305,7 +307,8 @@ def apply_recipe(sd: dict[str, Tensor], cfg: dict, recipe: dict[str, Tensor], mc
         if "ffn_norm" in r:
             out[p + "post_attention_layernorm.weight"] = r["ffn_norm"]
         for proj in ("q", "k", "v"):  # Qwen2-MoE always has q/k/v biases: a Llama's are zero
-            out.setdefault(p + f"self_attn.{proj}_proj.bias", torch.zeros(dense.w(l, f"self_attn.{proj}_proj").shape[0]))
+            rows = dense.w(l, f"self_attn.{proj}_proj").shape[0]
+            out.setdefault(p + f"self_attn.{proj}_proj.bias", torch.zeros(rows))
         out[p + "mlp.gate.weight"] = m["router"]
         out[p + "mlp.shared_expert_gate.weight"] = m["shared_gate"]
         for proj in ("gate", "up", "down"):
@@ -376,17 +379,18 @@ def moefy_main(args: argparse.Namespace) -> int:
             raise SystemExit("moefy: the source has no tokenizer to read the calibration text with")
         mc = MoefyConfig(experts=args.experts, top_k=args.top_k, shared=args.shared, tau=args.tau,
                          norm=args.norm_topk, tie=args.tie, seed=args.seed)
+    base = Dense(*(tie_embeddings(sd, cfg) if mc.tie else (sd, cfg)))  # with the MoE's own embeddings
+    if not args.from_recipe:
         torch.manual_seed(mc.seed)
         ids = calib_windows(tok, args.calib, args.calib_tokens)
         print(f"moefy: {ids.numel()} calibration tokens from {', '.join(args.calib)}", flush=True)
-        recipe, history = calibrate(Dense(*tie_embeddings(sd, cfg) if mc.tie else (sd, cfg)), ids, mc), []
+        recipe, history = calibrate(base, ids, mc), []
         stage.update(calib_tokens=int(ids.numel()), calib_sha256=describe(args.calib), python=sys.version.split()[0],
                      experts=mc.experts, top_k=mc.top_k, shared=mc.shared, tau=mc.tau, norm_topk=mc.norm, tie=mc.tie)
     if args.distill_steps:
         from hobbit.moefy_train import distill
         train_ids = calib_windows(tok, args.calib, args.distill_tokens)
-        recipe = distill(Dense(*tie_embeddings(sd, cfg) if mc.tie else (sd, cfg)), recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank,
-                         seed=args.seed)
+        recipe = distill(base, recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank, seed=args.seed)
         stage.update(distill_steps=args.distill_steps, distill_tokens=int(train_ids.numel()),
                      lora_rank=args.lora_rank, lr=args.lr)
     if history or not args.from_recipe:

@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from hobbit.assets_coder import CODERMOE_RECIPE
-    source, recipe_path = {"smolmoe": ("smollm2-gguf", RECIPE), "codermoe": ("qwen-coder-gguf", CODERMOE_RECIPE)}[args.model]
+    source, recipe_path = {"smolmoe": ("smollm2-gguf", RECIPE),
+                           "codermoe": ("qwen-coder-gguf", CODERMOE_RECIPE)}[args.model]
     sd, cfg, tok, _ = load_dense(args.src or asset_path(source))
     dense, texts = Dense(sd, cfg), eval_windows(tok, args.model, args.windows)
     res = {"held_out": EVAL_TEXTS[args.model], "windows": args.windows, "perplexity": {}, "routing": {}}
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         stats = {t: routing_stats(md, layers, ids[:n_stats], k, mc.norm) for t, ids in texts.items()}
         ppl = {t: s.pop("perplexity") for t, s in stats.items()}
         if n_stats < args.windows:
-            mlp = lambda l, x, k=k: moe_forward(layers[l], x.reshape(-1, x.shape[-1]), k, mc.norm).view_as(x)  # noqa: E731
+            def mlp(l: int, x: Tensor, k: int = k) -> Tensor:
+                return moe_forward(layers[l], x.reshape(-1, x.shape[-1]), k, mc.norm).view_as(x)
             ppl = {t: perplexity(md, ids, mlp) for t, ids in texts.items()}
         res["perplexity"][f"top{k}"] = {t: round(v, 3) for t, v in ppl.items()}
         res["routing"][f"top{k}"] = stats
