@@ -65,6 +65,7 @@ def test_moefied_qwen2_matches_transformers_and_exports_exactly(qwen2):
     assert cfg["norm_topk_prob"] is False and cfg["tie_word_embeddings"] is True
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert model.model.layers[0].mlp.shared_expert_gate.weight.ne(0).all()  # llama.cpp: sigmoid(z) = silu(z) / z
     sd, dcfg, _, _ = moefy.load_dense(src)
     recipe, mc, prov = moefy.load_recipe(out / "moefy_recipe.safetensors")
     assert (mc.norm, mc.tie, prov["norm_topk"]) == (False, True, False)
@@ -136,6 +137,7 @@ def test_committed_codermoe_recipe_has_the_issue_shape():
     H, F, L, V = 1536, 8960, 28, 151936
     for l in range(L):
         assert sorted(recipe[f"layers.{l}.perm"].long().tolist()) == list(range(F))
+        assert recipe[f"layers.{l}.shared_gate"].ne(0).all()  # llama.cpp's silu(z) / z is NaN at z = 0
     I = (F - mc.shared) // mc.experts
     expert = 3 * H * I * 2                                     # bf16 bytes of one routed expert
     attn = (2 * H * H + 2 * 256 * H + H + 2 * 256 + 2 * H) * 2  # q, k, v, o (+ biases, norms)

@@ -34,6 +34,7 @@ from hobbit.moefy_text import SMOL_CALIB
 
 RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
 DENSE_ARCHS = ("llama", "qwen2")  # qwen2 = llama + q/k/v biases
+SHARED_GATE = 1e-5  # each entry of a calibrated shared-expert gate: sigmoid(x . gate) = 0.5 within ~0.1%
 
 
 @dataclass
@@ -237,8 +238,9 @@ def calibrate_layer(dense: Dense, l: int, x: Tensor, mc: MoefyConfig) -> tuple[d
     A = torch.einsum("ne,nf,nef->ef", wf, wf, Y @ Y.transpose(1, 2))
     b = (wf * (Y @ r[:, :, None]).squeeze(-1)).sum(0)
     s = torch.linalg.solve(A + 1e-6 * A.diagonal().mean() * torch.eye(E), b)
-    # shared gate starts at 0 -> sigmoid 0.5, so the shared expert's down_proj is scaled by 2
-    return (dict(perm=perm.to(torch.int16), router=router, shared_gate=torch.zeros(1, x.shape[1]),
+    # shared gate ~0 -> sigmoid ~0.5, so the shared expert's down_proj is scaled by 2; not exactly 0: llama.cpp's
+    # qwen2moe computes that sigmoid as silu(z) / z, NaN at z = 0
+    return (dict(perm=perm.to(torch.int16), router=router, shared_gate=torch.full((1, x.shape[1]), SHARED_GATE),
                  scale=torch.cat([s, torch.tensor([2.0])])), r + a[:, shared] @ d[:, shared].T)
 
 
