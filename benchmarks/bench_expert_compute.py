@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 SHAPES = {  # name: (hidden H, expert width I, top-k, experts per layer)
     "smolmoe": (576, 64, 2, 8),
-    "codermoe-16x560": (1536, 560, 4, 16),
+    "codermoe": (1536, 544, 8, 16),
     "qwen3-30b-a3b": (2048, 768, 8, 128),
 }
 

@@ -36,7 +36,8 @@ def hobbit_out(*args: str) -> str:
 def stores(folder: Path) -> dict[str, str]:
     """The dense SmolLM2 store (converted here once) and the SmolMoE store (the asset)."""
     dense = folder / "smollm2-store"
-    if not (dense / "manifest.json").is_file():
+    manifest = dense / "manifest.json"
+    if not manifest.is_file() or "dense_format" not in json.loads(manifest.read_text()):  # missing, or pre --dense
         subprocess.run([*HOBBIT, "convert", hobbit_out("assets", "smollm2-gguf"), str(dense)], check=True,
                        capture_output=True)
     return {"dense": str(dense), "moe": hobbit_out("assets", "smolmoe-store")}

@@ -1,0 +1,116 @@
+"""The README's result tables, rendered from the JSON in results/ (so every figure there comes from a file).
+
+    python benchmarks/readme_tables.py            # print every table
+    python benchmarks/readme_tables.py --check    # exit 1 naming each table the README does not contain verbatim
+
+tests/test_readme.py runs the check, so a README that drifts from results/ fails the suite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+def _load(name: str) -> dict:
+    return json.loads((ROOT / "results" / name).read_text())
+
+
+def _md(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def peer() -> str:
+    s = _load("peer_llamacpp.json")["summary"]
+    return _md(["engine (dense SmolLM2-135M, Q4_1 GGUF)", "decode tok/s (best of 3)", "× llama.cpp", "peak RSS MiB"],
+               [[row, f"{x['best_tok_s']:.1f}", f"{x['vs_llama_cpp']:.2f}", f"{x['max_rss_bytes'] / MIB:.0f}"]
+                for row, x in s.items()])
+
+
+def fastpath() -> str:
+    d = _load("fastpath_smolmoe.json")
+    rows = []
+    for name, tok_s in d["best_decode_tok_s"].items():
+        m = d["memory"][name]
+        base = "-" if m["baseline_rss_bytes"] is None else f"{m['baseline_rss_bytes'] / MIB:.0f}"
+        rows.append([name, f"{tok_s:.1f}", f"{m['peak_rss_bytes'] / MIB:.0f}", base,
+                     f"{(m['dense_bytes'] + m['kv_cache_bytes']) / MIB:.0f}",
+                     f"{(m['budget_bytes'] if m['budget_bytes'] is not None else m['cached_expert_bytes']) / MIB:.1f}",
+                     f"{m['peak_over_allowed']:+.1%}"])
+    table = _md(["row", "decode tok/s", "peak RSS MiB", "baseline MiB", "dense + KV MiB", "experts MiB",
+                 "peak vs baseline+dense+KV+experts"], rows)
+    return table + (f"\n\nSmolMoE resident / dense SmolLM2: **{d['moe_vs_dense']:.2f}×**; "
+                    f"hobbit at 25% / SmolMoE resident: **{d['hobbit_vs_resident']:.2f}×**.")
+
+
+def bench(name: str = "bench_smolmoe.json") -> str:
+    d = _load(name)
+    rows = [[r["policy"], _pct(r["budget_fraction"]) if r["policy"] != "resident" else "all", f"{r['decode_tok_s']:.2f}",
+             _pct(r["hit_rate"]), ", ".join(f"{p} {v:.0%}" for p, v in r["hit_rate_by_precision"].items()),
+             f"{r['bytes_per_token'] / 1024:.0f}", _pct(r["loader_wait_frac"]), _pct(r["skipped_frac"]),
+             f"{r['ppl_delta_pct']:+.2f}%", f"{r['top1_agreement']:.1%}"] for r in d["runs"]]
+    table = _md(["policy", "budget", "decode tok/s", "hit rate", "hit rate by precision", "KiB read / token",
+                 "loader wait", "skipped", "ppl Δ", "top-1"], rows)
+    lo = d.get("load_overhead")
+    if lo:
+        table += (f"\n\nLoad overhead: ondemand − resident = {1e3 * (lo['ondemand_s_per_token'] - lo['resident_s_per_token']):.1f}"
+                  f" ms per decode token; reading that token's {lo['bytes_per_token'] / MIB:.1f} MiB one blob at a time at "
+                  f"the store's measured {lo['disk_read_gbps']:.2f} GB/s takes {1e3 * lo['raw_read_s_per_token']:.1f} ms: "
+                  f"ratio **{lo['load_overhead_ratio']:.2f}**. Verifying a blob's xxh3 costs {lo['checksum_cost']:.1%} of its read.")
+    return table
+
+
+def profile(name: str = "bench_smolmoe.json") -> str:
+    runs = [r for r in _load(name)["runs"] if r.get("profile_ms_per_token")]
+    parts = list(runs[0]["profile_ms_per_token"])
+    head = ["ms per decode token"] + [f"{r['policy']} {_pct(r['budget_fraction']) if r['budget_fraction'] else ''}".strip()
+                                      for r in runs]
+    rows = [[p] + [f"{r['profile_ms_per_token'][p]:.2f}" for r in runs] for p in parts]
+    rows.append(["total"] + [f"{sum(r['profile_ms_per_token'].values()):.2f}" for r in runs])
+    return _md(head, rows)
+
+
+def offload() -> str:
+    d = _load("offload_random_qwen3.json")
+    rows = [[p, f"{x['decode_tok_s']:.1f}", f"{x['hit_rate']:.0%}", f"{x['bytes_per_token'] / MIB:.0f} MiB",
+             f"{x['loader_wait_frac']:.0%}"] for p, x in d["best"].items()]
+    table = _md(["policy", "decode tok/s", "expert hit rate", "read per token", "loader wait"], rows)
+    lo = d.get("load_overhead")
+    if lo:
+        table += f"\n\nLoad overhead ratio (ondemand − resident over the raw reads): **{lo['load_overhead_ratio']:.2f}**."
+    return table
+
+
+TABLES = {"peer": peer, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload}
+
+
+def missing(readme: str) -> list[str]:
+    """Names of the tables whose rendering is not in `readme` word for word."""
+    return [name for name, render in TABLES.items() if render() not in readme]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    if args.check:
+        gone = missing((ROOT / "README.md").read_text())
+        for name in gone:
+            print(f"README.md lacks the {name} table as results/ renders it; paste `python benchmarks/readme_tables.py`",
+                  file=sys.stderr)
+        return 1 if gone else 0
+    for name, render in TABLES.items():
+        print(f"<!-- {name} -->\n{render()}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
