@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from hobbit.checkpoint import open_checkpoint
 from hobbit.config import ModelConfig, UnsupportedArchitecture
 from hobbit.experts import DenseExperts
-from hobbit.model import Transformer, rope_frequencies
+from hobbit.layers import rope_frequencies
+from hobbit.model import Transformer
 
 from tiny import FAMILIES, make_tiny_checkpoint
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
+from .layers import RMSNorm, apply_rope
 
 NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the RMSNorm default, not rms_norm_eps
 
@@ -51,7 +52,6 @@ def rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from .model import RMSNorm, apply_rope  # model.py imports this module
 
         H, nh, r, R = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.rope_dim
         self.nh, self.r, self.R, self.Dn, self.Dv = nh, r, R, cfg.qk_nope_head_dim, cfg.v_head_dim
