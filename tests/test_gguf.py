@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from hobbit.assets import AssetError, asset_path
 from hobbit.gguf import UnsupportedGGUF, export_hf, load_gguf
+from hobbit.convert import convert
 
 torch.set_num_threads(1)
 
@@ -315,3 +316,21 @@ def test_smollm2_export_greedy_matches_transformers(smollm2, tmp_path):
         assert (ours(ids).logits - theirs(ids).logits).abs().max() < 0.5  # bf16 weight rounding
         kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=2)
         assert torch.equal(ours.generate(ids, **kw), theirs.generate(ids, **kw))
+
+
+def test_convert_keeps_a_gguf_4bit_expert_grid(tmp_path, bpe, monkeypatch):
+    """Experts stored as Q4_0/Q4_1 become the store's int4 (group 32) with their own codes, not re-fitted."""
+    from hobbit.gguf_native import native_experts
+    from hobbit.store import ExpertStore
+    monkeypatch.setitem(QTYPES, "ffn_up_exps", Q.Q4_0)  # gate Q4_1, up Q4_0, down Q4_0: all on a 4-bit grid
+    path = tmp_path / "tiny-moe-q4.gguf"
+    write_gguf(path, bpe, experts=EXPERTS, seed=2)
+    store = convert(path, tmp_path / "store", precisions="bf16,int4", progress=False, dense="bf16")
+    s = ExpertStore(store)
+    assert s.group_size == 32
+    kept = native_experts(load_gguf(path).raw)(1, 3)
+    got = s.read(1, 3, "int4")
+    for proj in ("w13", "w2"):
+        for key in ("q", "sz"):
+            assert torch.equal(got[proj][key], kept[proj][key]), (proj, key)
+    s.close()

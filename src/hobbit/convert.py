@@ -9,6 +9,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -18,6 +19,7 @@ from .checkpoint import open_checkpoint
 from .store import StoreWriter
 
 DEFAULT_PRECISIONS = ("bf16", "int4", "int2")
+NativeParts = Callable[[int, int], "dict | None"]  # (layer, expert) -> int4 storage parts kept from a GGUF, or None
 DEFAULT_DENSE = "auto"  # per matrix int4 where lossless (4-bit sources), else int8: quality holds (dense.py, README)
 DENSE_GROUP_SIZE = 32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
@@ -45,17 +47,26 @@ def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, gro
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist: give a Hugging Face model folder or a .gguf file")
     if src.suffix == ".gguf":
-        from .gguf import export_hf
+        from .gguf import export_hf, load_gguf
+        from .gguf_native import GROUP, native_experts
+        raw = load_gguf(src).raw
+        native = native_experts(raw)
+        first = next((int(n.split(".")[1]) for n in raw if n.endswith("ffn_gate_exps.weight")), None)
+        if group_size is None and first is not None and native(first, 0) is not None:
+            group_size = GROUP  # 4-bit experts keep their own grid as int4 (group 32), no re-fit
         with tempfile.TemporaryDirectory(prefix="hobbit-gguf-") as tmp:
             export_hf(src, tmp)
             return _convert_hf(Path(tmp), dst, parse_precisions(precisions), group_size, progress,
-                               source={"path": str(src.resolve()), "format": "gguf"}, dense_format=dense_format)
+                               source={"path": str(src.resolve()), "format": "gguf"}, dense_format=dense_format,
+                               native=native if group_size == GROUP else None)
     return _convert_hf(src, dst, parse_precisions(precisions), group_size, progress,
                        source={"path": str(src.resolve()), "format": "hf"}, dense_format=dense_format)
 
 
 def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | None, progress: bool,
-                source: dict, dense_format: dict) -> Path:
+                source: dict, dense_format: dict, native: NativeParts | None = None) -> Path:
+    """native(layer, expert) -> int4 storage parts (group 32) that keep a GGUF's own 4-bit codes, or
+    None: used instead of re-fitting int4 wherever it gives them."""
     ckpt = open_checkpoint(src)
     cfg = ckpt.config
     if cfg.num_experts:
@@ -92,9 +103,11 @@ def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | N
         # expert biases (gpt_oss) ride along unquantized in every precision's blob
         biases = dict(zip(("b13", "b2"), ({"b": b.float()} for b in ckpt.expert_biases(layer, e)))) \
             if cfg.expert_bias else {}
+        kept = native(layer, e) if native is not None and "int4" in precisions else None
         for fmt in precisions:
-            writer.add(layer, e, fmt, {"w13": quant.quantize(w13, fmt, group_size),
-                                       "w2": quant.quantize(w2, fmt, group_size), **biases})
+            parts = kept if fmt == "int4" and kept is not None else \
+                {"w13": quant.quantize(w13, fmt, group_size), "w2": quant.quantize(w2, fmt, group_size)}
+            writer.add(layer, e, fmt, {**parts, **biases})
     writer.close()
     return dst
 
