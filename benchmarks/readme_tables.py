@@ -89,7 +89,20 @@ def offload() -> str:
     return table
 
 
-TABLES = {"peer": peer, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload}
+def dense() -> str:
+    speed, quality = _load("dense_smollm2.json"), _load("dense_quality.json")["ppl"]
+
+    def ppl(model: str, fmt: str) -> str:
+        x, ref = quality[model][fmt], quality[model]["bf16"]
+        return f"{x:.2f}" if fmt == "bf16" else f"{x:.2f} ({100 * (x / ref - 1):+.1f}%)"
+    rows = [[f"**{f}** (default)" if f == "auto" else f, f"{speed['best'][f'hobbit {f}']:.1f}",
+             f"{speed['fastest_step_ms'][f'hobbit {f}']:.1f} ms", ppl("smollm2", f), ppl("smolmoe", f)]
+            for f in ("bf16", "int8", "int4", "auto")]
+    rows.append(["transformers bf16", f"{speed['best']['transformers bf16']:.1f}", "", "", ""])
+    return _md(["`--dense`", "SmolLM2 tok/s", "fastest step", "SmolLM2 ppl", "SmolMoE ppl"], rows)
+
+
+TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload}
 
 
 def missing(readme: str) -> list[str]:
