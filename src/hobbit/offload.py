@@ -240,8 +240,8 @@ class OffloadedExperts:
 
         def compute(step: Step) -> None:
             w = weights
-            if sched.weights is not None:  # the plan dropped or rescaled selections (Eq. 2 skip, little set)
-                if not plan_weights:
+            if sched.weights is not None and x.shape[0] > 1:  # the plan dropped or rescaled selections
+                if not plan_weights:  # (Eq. 2 skips, little sets); decode reads them from `row` instead
                     plan_weights.append(torch.tensor(sched.weights, dtype=weights.dtype))
                 w = plan_weights[0]
             expert = self.pools[step.key[2]].experts[step.slot]
