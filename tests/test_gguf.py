@@ -60,9 +60,12 @@ def roundtrip(w: np.ndarray, qtype: Q) -> torch.Tensor:
     return torch.from_numpy(np.array(dequantize(quantize(w, qtype), qtype), np.float32).reshape(w.shape))
 
 
-def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: bool = False, pre: str = "gpt2",
-               arch: str = "llama", extra: dict | None = None) -> dict[str, torch.Tensor]:
-    """A tiny GGUF as llama.cpp writes it; returns the HF state dict a reader must recover."""
+def random_tensors(tok: Tokenizer, seed: int, experts: int = 0, qkv_bias: bool = False,
+                   dims: tuple[int, int, int, int, int] = (H, LAYERS, HEADS, KV, INTER)
+                   ) -> tuple[dict[str, int], list[str], list[str], dict[str, np.ndarray]]:
+    """(vocab, tokens by id, merges, random fp32 weights under llama.cpp's names) of a tiny GGUF;
+    dims = (hidden, layers, heads, kv heads, FFN width)."""
+    H, LAYERS, HEADS, KV, INTER = dims  # noqa: N806 (the module's names, overridable)
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
     merges = [" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
@@ -78,6 +81,9 @@ def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: b
                     b + "attn_k.weight": rand(KV * hd, H, scale=H ** -0.5),
                     b + "attn_v.weight": rand(KV * hd, H, scale=H ** -0.5),
                     b + "attn_output.weight": rand(H, HEADS * hd, scale=H ** -0.5)}
+        if qkv_bias:  # qwen2
+            tensors |= {b + "attn_q.bias": rand(HEADS * hd), b + "attn_k.bias": rand(KV * hd),
+                        b + "attn_v.bias": rand(KV * hd)}
         if experts:
             tensors |= {b + "ffn_gate_inp.weight": rand(experts, H, scale=3 * H ** -0.5),
                         b + "ffn_gate_exps.weight": rand(experts, INTER, H, scale=H ** -0.5),
@@ -87,6 +93,14 @@ def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: b
             tensors |= {b + "ffn_gate.weight": rand(INTER, H, scale=H ** -0.5),
                         b + "ffn_up.weight": rand(INTER, H, scale=H ** -0.5),
                         b + "ffn_down.weight": rand(H, INTER, scale=INTER ** -0.5)}
+    return vocab, tokens, merges, tensors
+
+
+def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: bool = False, pre: str = "gpt2",
+               arch: str = "llama", extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """A tiny GGUF as llama.cpp writes it; returns the HF state dict a reader must recover."""
+    vocab, tokens, merges, tensors = random_tensors(tok, seed, experts)
+    hd = H // HEADS
     tensors |= extra or {}
 
     w = GGUFWriter(str(path), arch)

@@ -6,7 +6,6 @@ it can be fetched."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from hobbit.experts import DenseExperts
 from hobbit.gguf import export_hf, load_gguf
 from hobbit.model import Transformer
 from kquants import quantize_k
-from test_gguf import CORPUS, SPECIALS, TEMPLATE, TEXTS, real_gguf, train_bpe
+from test_gguf import CORPUS, SPECIALS, TEMPLATE, TEXTS, random_tensors, real_gguf, train_bpe
 
 torch.set_num_threads(1)
 
@@ -43,24 +42,7 @@ def encode(w: np.ndarray, qtype: Q) -> np.ndarray:
 
 def write_qwen2_gguf(path, tok: Tokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
     """A tiny qwen2 GGUF as llama.cpp writes one; returns the HF state dict a reader must recover."""
-    vocab = tok.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    merges = [" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
-    rng = np.random.default_rng(seed)
-    rand = lambda *shape, scale=1.0: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
-    hd = H // HEADS
-    tensors = {"token_embd.weight": rand(len(tokens), H), "output_norm.weight": 1 + rand(H, scale=0.1),
-               "output.weight": rand(len(tokens), H, scale=H ** -0.5)}
-    for i in range(LAYERS):
-        b = f"blk.{i}."
-        tensors |= {b + "attn_norm.weight": 1 + rand(H, scale=0.1), b + "ffn_norm.weight": 1 + rand(H, scale=0.1),
-                    b + "attn_q.weight": rand(HEADS * hd, H, scale=H ** -0.5), b + "attn_q.bias": rand(HEADS * hd),
-                    b + "attn_k.weight": rand(KV * hd, H, scale=H ** -0.5), b + "attn_k.bias": rand(KV * hd),
-                    b + "attn_v.weight": rand(KV * hd, H, scale=H ** -0.5), b + "attn_v.bias": rand(KV * hd),
-                    b + "attn_output.weight": rand(H, HEADS * hd, scale=H ** -0.5),
-                    b + "ffn_gate.weight": rand(INTER, H, scale=H ** -0.5),
-                    b + "ffn_up.weight": rand(INTER, H, scale=H ** -0.5),
-                    b + "ffn_down.weight": rand(H, INTER, scale=INTER ** -0.5)}
+    vocab, tokens, merges, tensors = random_tensors(tok, seed, qkv_bias=True, dims=(H, LAYERS, HEADS, KV, INTER))
     w = GGUFWriter(str(path), "qwen2")
     w.add_block_count(LAYERS)
     w.add_context_length(CTX)

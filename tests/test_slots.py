@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import hobbit
 from hobbit.loader import DEMAND, PREFETCH, Loader
 from hobbit.offload import SlotFetcher, SlotPool
 from hobbit.options import Stats
-from hobbit.store import ExpertStore
+from hobbit.store import ExpertStore, blob_tensors
 
 from tiny import decode_logits
 
@@ -22,8 +23,7 @@ def blob_bytes(store: ExpertStore, layer: int, expert: int, prec: str) -> torch.
     return torch.cat([t.reshape(-1).view(torch.uint8) for p in ("w13", "w2") for t in parts[p].values()])
 
 
-def slot_bytes(pool: SlotPool, slot: int, store: ExpertStore, prec: str) -> torch.Tensor:
-    from hobbit.store import blob_tensors
+def slot_bytes(pool: SlotPool, slot: int) -> torch.Tensor:
     parts = blob_tensors(pool.raw[slot], pool.specs)
     return torch.cat([t.reshape(-1).view(torch.uint8) for p in ("w13", "w2") for t in parts[p].values()])
 
@@ -34,7 +34,7 @@ def test_pool_slots_are_views_and_load_in_place(tiny_store, prec):
     pool = SlotPool(store, prec, 3, torch.bfloat16)
     ptrs = [(e.w13.w.data_ptr(), e.w2.w.data_ptr()) for e in pool.experts]
     pool.load(1, 0, 5)
-    assert torch.equal(slot_bytes(pool, 1, store, prec), blob_bytes(store, 0, 5, prec))
+    assert torch.equal(slot_bytes(pool, 1), blob_bytes(store, 0, 5, prec))
     assert [(e.w13.w.data_ptr(), e.w2.w.data_ptr()) for e in pool.experts] == ptrs  # nothing reallocated
     assert pool.zero_copy == (prec != "int2")  # int2 is expanded for the int4 kernel into a per-slot buffer
     x = torch.randn(2, store.shapes()["w13"][1], dtype=torch.bfloat16)
@@ -62,43 +62,44 @@ class GatedStore:
         return self.real(layer, expert, prec, dst)
 
 
+@contextmanager
+def gated_fetcher(path, slots: int, blocked: tuple[int, int, str]):
+    """(bf16 pool of `slots`, the GatedStore blocking `blocked`, a SlotFetcher over the pool, its Stats)."""
+    store = ExpertStore(path)
+    pool, gate, loader, stats = SlotPool(store, "bf16", slots, torch.bfloat16), GatedStore(store, blocked), Loader(), Stats()
+    try:
+        yield pool, gate, SlotFetcher({"bf16": pool}, loader, stats), stats
+    finally:
+        gate.release.set()
+        loader.close()
+        store.close()
+
+
 def test_reused_slot_cancels_a_queued_read(tiny_store):
-    store = ExpertStore(tiny_store)
-    pool = SlotPool(store, "bf16", 2, torch.bfloat16)
-    gate = GatedStore(store, (0, 0, "bf16"))
-    loader, stats = Loader(), Stats()
-    fetcher = SlotFetcher({"bf16": pool}, loader, stats)
-    fetcher.fetch((0, 0, "bf16"), 1, PREFETCH)  # occupies the loader thread (blocked)
-    assert gate.started.wait(10)
-    fetcher.fetch((2, 3, "bf16"), 0, PREFETCH)  # queued behind it
-    fetcher.fetch((2, 6, "bf16"), 0, DEMAND)  # slot 0 reused before the queued read started
-    assert stats.prefetch_cancelled == 1
-    gate.release.set()
-    fetcher.wait((2, 6, "bf16"), 0)
-    fetcher.drain()
-    assert (2, 3, "bf16") not in gate.reads, "the cancelled read must never run"
-    assert torch.equal(slot_bytes(pool, 0, store, "bf16"), blob_bytes(store, 2, 6, "bf16"))
-    loader.close()
-    store.close()
+    with gated_fetcher(tiny_store, 2, (0, 0, "bf16")) as (pool, gate, fetcher, stats):
+        fetcher.fetch((0, 0, "bf16"), 1, PREFETCH)  # occupies the loader thread (blocked)
+        assert gate.started.wait(10)
+        fetcher.fetch((2, 3, "bf16"), 0, PREFETCH)  # queued behind it
+        fetcher.fetch((2, 6, "bf16"), 0, DEMAND)  # slot 0 reused before the queued read started
+        assert stats.prefetch_cancelled == 1
+        gate.release.set()
+        fetcher.wait((2, 6, "bf16"), 0)
+        fetcher.drain()
+        assert (2, 3, "bf16") not in gate.reads, "the cancelled read must never run"
+        assert torch.equal(slot_bytes(pool, 0), blob_bytes(pool.store, 2, 6, "bf16"))
 
 
 def test_reused_slot_waits_for_a_running_read(tiny_store):
-    store = ExpertStore(tiny_store)
-    pool = SlotPool(store, "bf16", 1, torch.bfloat16)
-    gate = GatedStore(store, (0, 2, "bf16"))
-    loader, stats = Loader(), Stats()
-    fetcher = SlotFetcher({"bf16": pool}, loader, stats)
-    fetcher.fetch((0, 2, "bf16"), 0, PREFETCH)
-    assert gate.started.wait(10)  # the read into slot 0 is running and blocked
-    threading.Timer(0.2, gate.release.set).start()
-    t0 = time.perf_counter()
-    fetcher.fetch((2, 4, "bf16"), 0, DEMAND)  # must wait for the running read before reusing the slot
-    assert time.perf_counter() - t0 >= 0.15
-    fetcher.wait((2, 4, "bf16"), 0)
-    assert gate.reads == [(0, 2, "bf16"), (2, 4, "bf16")]
-    assert torch.equal(slot_bytes(pool, 0, store, "bf16"), blob_bytes(store, 2, 4, "bf16"))
-    loader.close()
-    store.close()
+    with gated_fetcher(tiny_store, 1, (0, 2, "bf16")) as (pool, gate, fetcher, _):
+        fetcher.fetch((0, 2, "bf16"), 0, PREFETCH)
+        assert gate.started.wait(10)  # the read into slot 0 is running and blocked
+        threading.Timer(0.2, gate.release.set).start()
+        t0 = time.perf_counter()
+        fetcher.fetch((2, 4, "bf16"), 0, DEMAND)  # must wait for the running read before reusing the slot
+        assert time.perf_counter() - t0 >= 0.15
+        fetcher.wait((2, 4, "bf16"), 0)
+        assert gate.reads == [(0, 2, "bf16"), (2, 4, "bf16")]
+        assert torch.equal(slot_bytes(pool, 0), blob_bytes(pool.store, 2, 4, "bf16"))
 
 
 def test_loads_allocate_no_expert_memory(tiny_store):
