@@ -77,8 +77,8 @@ def main() -> None:
         res = run_transformers(path, a.tokens) if kind == "transformers" else run_hobbit(path, a.tokens)
         print(json.dumps(res))
         return
-    from hobbit.assets import asset_path
-    from hobbit.convert import convert
+    from hobbit.models.assets import asset_path
+    from hobbit.store.convert import convert
     gguf = asset_path("smollm2-gguf")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:

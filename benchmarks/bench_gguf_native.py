@@ -5,7 +5,7 @@ Usage: python benchmarks/bench_gguf_native.py [--out results/bench_gguf_native.j
 For real Q4_1 (SmolLM2-135M) and Q4_K (Qwen2.5-Coder-1.5B) tensors, and Q4_0 made by gguf-py from
 the Coder's dequantized weights, the reference is gguf.quants.dequantize of the stored blocks; the
 figures are relative Frobenius errors ||W - ref|| / ||ref|| of
-  native  hobbit.gguf_native: the GGUF's codes kept, scale and zero rounded to bf16,
+  native  hobbit.store.gguf_native: the GGUF's codes kept, scale and zero rounded to bf16,
   refit   quant.quantize(ref, "int4", 32): hobbit's least-squares fit of the dequantized weight,
 plus `zero-ls`, native with each group's zero re-solved by least squares after the bf16 scale
 rounding (codes still kept), to show how much of native's error is bf16 rounding. 1 thread.
@@ -21,10 +21,10 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from hobbit import quant
-from hobbit.assets import asset_path
-from hobbit.gguf import dequantize_tensor, load_gguf
-from hobbit.gguf_native import GROUP, affine_4bit, int4_storage
+from hobbit.store import quant
+from hobbit.models.assets import asset_path
+from hobbit.store.gguf import dequantize_tensor, load_gguf
+from hobbit.store.gguf_native import GROUP, affine_4bit, int4_storage
 
 # (asset, GGUF tensor names); Q4_0 rows are re-quantized from the Coder's own tensors
 SOURCES = {

@@ -16,7 +16,7 @@ import time
 import torch
 
 import hobbit
-from hobbit.bench import load_overhead
+from hobbit.lab.bench import load_overhead
 
 
 def run_once(store: str, policy: str, budget: str, tokens: int, seed: int) -> dict:

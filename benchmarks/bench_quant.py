@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from hobbit import quant as Q
+from hobbit.store import quant as Q
 
 
 def best_ms(fn, reps: int, warmup: int = 2) -> float:

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 import hobbit
-from hobbit.assets import asset_path
-from hobbit.convert import convert
-from hobbit.evaluate import evaluate_ppl, text_token_ids
+from hobbit.models.assets import asset_path
+from hobbit.store.convert import convert
+from hobbit.lab.evaluate import evaluate_ppl, text_token_ids
 
 FORMATS = ("bf16", "int8", "int4", "auto")
 

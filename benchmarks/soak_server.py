@@ -36,7 +36,7 @@ def serve_in_thread(store: str, budget: str, policy: str) -> Iterator[str]:
     import uvicorn
 
     import hobbit
-    from hobbit.serve import create_app
+    from hobbit.serve.server import create_app
 
     engine = hobbit.load(store, budget=None if policy in ("resident", "ondemand") else budget, policy=policy)
     sock = socket.socket()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hobbit.convert import convert
+from hobbit.store.convert import convert
 
 from tiny import make_tiny_checkpoint
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hobbit import assets
-from hobbit.assets import AUSTEN_NOVELS, Asset, AssetError, asset_path, cache_dir, digest, text_file
+from hobbit.models import assets
+from hobbit.models.assets import AUSTEN_NOVELS, Asset, AssetError, asset_path, cache_dir, digest, text_file
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hobbit.cache import CacheFull, ExpertCache
+from hobbit.runtime.cache import CacheFull, ExpertCache
 from hobbit.policies import LFU, LRU, SLRU, Multidim
 
 A, B, C, D = (0, 0, "bf16"), (0, 1, "bf16"), (0, 2, "bf16"), (0, 3, "bf16")

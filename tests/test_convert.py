@@ -8,9 +8,9 @@ import torch
 
 import hobbit
 from hobbit.cli import main as cli_main
-from hobbit.config import UnsupportedArchitecture
-from hobbit.convert import convert
-from hobbit.store import ExpertStore
+from hobbit.store.config import UnsupportedArchitecture
+from hobbit.store.convert import convert
+from hobbit.store.format import ExpertStore
 
 from tiny import make_tiny_checkpoint
 

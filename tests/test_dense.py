@@ -9,11 +9,13 @@ import torch
 from safetensors import safe_open
 
 import hobbit
-from hobbit import dense, model as model_mod, quant
-from hobbit.checkpoint import open_checkpoint
-from hobbit.convert import convert
-from hobbit.experts import DenseExperts
-from hobbit.model import Transformer
+from hobbit.store import dense
+from hobbit.runtime import model as model_mod
+from hobbit.store import quant
+from hobbit.store.checkpoint import open_checkpoint
+from hobbit.store.convert import convert
+from hobbit.runtime.experts import DenseExperts
+from hobbit.runtime.model import Transformer
 
 from tiny import make_tiny_checkpoint
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import hobbit
-from hobbit.evaluate import add_eval_args, agreement, cmd_eval, evaluate_ppl, text_token_ids, top1_agreement, windows
+from hobbit.lab.evaluate import add_eval_args, agreement, cmd_eval, evaluate_ppl, text_token_ids, top1_agreement, windows
 
 TEXT = ("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to "
         "unite some of the best blessings of existence; and had lived nearly twenty-one years in the world with "

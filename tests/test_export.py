@@ -14,11 +14,11 @@ import torch
 from gguf import GGUFReader
 
 import hobbit
-from hobbit.assets import AssetError, asset_path, cache_dir
+from hobbit.models.assets import AssetError, asset_path, cache_dir
 from hobbit.cli import main as cli_main
-from hobbit.convert import convert
-from hobbit.export import ExportRefused, export_gguf
-from hobbit.gguf import load_gguf
+from hobbit.store.convert import convert
+from hobbit.store.export import ExportRefused, export_gguf
+from hobbit.store.gguf import load_gguf
 from tiny import IM_END, make_tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -106,8 +106,8 @@ def test_bf16_experts_are_copied_exactly(moe):
     tmp, store, _ = moe
     m = load_gguf(export_gguf(store, tmp / "exact.gguf", "bf16", progress=False))
     sd = m.state_dict()
-    from hobbit import quant
-    from hobbit.store import ExpertStore
+    from hobbit.store import quant
+    from hobbit.store.format import ExpertStore
     s = ExpertStore(store, direct_io=False)
     w13 = quant.dequantize(s.read(0, 5, "bf16")["w13"], "bf16", s.shapes()["w13"], s.group_size)
     assert torch.equal(torch.cat([sd["model.layers.0.mlp.experts.5.gate_proj.weight"],

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import hobbit
-from hobbit.config import ModelConfig, UnsupportedArchitecture
-from hobbit.convert import convert
+from hobbit.store.config import ModelConfig, UnsupportedArchitecture
+from hobbit.store.convert import convert
 
 from test_engine import check_budget
 from tiny import decode_logits, make_tiny_checkpoint
@@ -85,7 +85,7 @@ def test_unsupported_options_are_errors(family, change, message, store):
 def test_layers_past_num_hidden_layers_are_ignored(tmp_path):
     """DeepSeek-V3 checkpoints carry a multi-token-prediction layer at index num_hidden_layers."""
     from safetensors.torch import load_file, save_file
-    from hobbit.checkpoint import open_checkpoint
+    from hobbit.store.checkpoint import open_checkpoint
 
     path = make_tiny_checkpoint("deepseek_v3", tmp_path / "hf")
     state = load_file(str(path / "model.safetensors"))
@@ -97,7 +97,7 @@ def test_layers_past_num_hidden_layers_are_ignored(tmp_path):
 
 def test_clamped_swiglu_matches_transformers():
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-    from hobbit.experts import Act
+    from hobbit.runtime.experts import Act
 
     hf_cfg = transformers_config("GptOssConfig", intermediate_size=16, num_local_experts=1, swiglu_limit=1.5)
     gate_up = 4 * torch.randn(5, 32, generator=torch.Generator().manual_seed(0))  # [T,2I], gate/up interleaved
@@ -107,7 +107,7 @@ def test_clamped_swiglu_matches_transformers():
 
 
 def test_expert_biases_ride_in_every_blob(store):
-    from hobbit.store import ExpertStore
+    from hobbit.store.format import ExpertStore
 
     s = ExpertStore(store("gpt_oss"))
     H, I = s.manifest["config"]["hidden_size"], s.manifest["config"]["moe_intermediate_size"]
@@ -161,7 +161,7 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_dequantized(tmp_path):
 def test_bench_runs(family, store, tmp_path):
     import argparse
 
-    from hobbit.bench import add_bench_args, cmd_bench
+    from hobbit.lab.bench import add_bench_args, cmd_bench
 
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man must be in want of a wife.\n" * 4)

@@ -15,9 +15,9 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from hobbit.assets import AssetError, asset_path
-from hobbit.gguf import UnsupportedGGUF, export_hf, load_gguf
-from hobbit.convert import convert
+from hobbit.models.assets import AssetError, asset_path
+from hobbit.store.gguf import UnsupportedGGUF, export_hf, load_gguf
+from hobbit.store.convert import convert
 
 torch.set_num_threads(1)
 
@@ -216,9 +216,9 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, bpe, pre):
 def test_export_matches_transformers_gguf_load_and_our_engine(tiny_llama, bpe, tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
-    from hobbit.checkpoint import open_checkpoint
-    from hobbit.experts import DenseExperts
-    from hobbit.model import Transformer
+    from hobbit.store.checkpoint import open_checkpoint
+    from hobbit.runtime.experts import DenseExperts
+    from hobbit.runtime.model import Transformer
 
     path, _ = tiny_llama
     out = export_hf(path, tmp_path / "hf32", dtype=torch.float32, progress=False)
@@ -248,7 +248,7 @@ def test_export_matches_transformers_gguf_load_and_our_engine(tiny_llama, bpe, t
 
 
 def test_mixtral_gguf_experts(tmp_path, bpe):
-    from hobbit.checkpoint import open_checkpoint
+    from hobbit.store.checkpoint import open_checkpoint
 
     path = tmp_path / "tiny-mixtral.gguf"
     expected = write_gguf(path, bpe, experts=EXPERTS, seed=1)
@@ -334,8 +334,8 @@ def test_smollm2_export_greedy_matches_transformers(smollm2, tmp_path):
 
 def test_convert_keeps_a_gguf_4bit_expert_grid(tmp_path, bpe, monkeypatch):
     """Experts stored as Q4_0/Q4_1 become the store's int4 (group 32) with their own codes, not re-fitted."""
-    from hobbit.gguf_native import native_experts
-    from hobbit.store import ExpertStore
+    from hobbit.store.gguf_native import native_experts
+    from hobbit.store.format import ExpertStore
     monkeypatch.setitem(QTYPES, "ffn_up_exps", Q.Q4_0)  # gate Q4_1, up Q4_0, down Q4_0: all on a 4-bit grid
     path = tmp_path / "tiny-moe-q4.gguf"
     write_gguf(path, bpe, experts=EXPERTS, seed=2)

@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from hobbit import quant
-from hobbit.gguf_native import affine_4bit, int4_storage, native_expert_int4, native_experts, native_int4
+from hobbit.store import quant
+from hobbit.store.gguf_native import affine_4bit, int4_storage, native_expert_int4, native_experts, native_int4
 from kquants import quantize_k
 
 torch.set_num_threads(1)

@@ -16,11 +16,11 @@ from gguf.quants import dequantize, quantize
 from tokenizers import Tokenizer
 
 import hobbit
-from hobbit.checkpoint import open_checkpoint
-from hobbit.convert import convert
-from hobbit.experts import DenseExperts
-from hobbit.gguf import export_hf, load_gguf
-from hobbit.model import Transformer
+from hobbit.store.checkpoint import open_checkpoint
+from hobbit.store.convert import convert
+from hobbit.runtime.experts import DenseExperts
+from hobbit.store.gguf import export_hf, load_gguf
+from hobbit.runtime.model import Transformer
 from kquants import quantize_k
 from test_gguf import CORPUS, SPECIALS, TEMPLATE, TEXTS, random_tensors, real_gguf, train_bpe
 

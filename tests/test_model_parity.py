@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hobbit.checkpoint import open_checkpoint
-from hobbit.config import ModelConfig, UnsupportedArchitecture
-from hobbit.experts import DenseExperts
-from hobbit.layers import rope_frequencies
-from hobbit.model import Transformer
+from hobbit.store.checkpoint import open_checkpoint
+from hobbit.store.config import ModelConfig, UnsupportedArchitecture
+from hobbit.runtime.experts import DenseExperts
+from hobbit.runtime.layers import rope_frequencies
+from hobbit.runtime.model import Transformer
 
 from tiny import FAMILIES, make_tiny_checkpoint
 

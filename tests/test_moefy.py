@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hobbit import moefy  # noqa: E402
-from hobbit.moefy_train import distill, moe_layers  # noqa: E402
+from hobbit.models import moefy  # noqa: E402
+from hobbit.models.moefy_train import distill, moe_layers  # noqa: E402
 
 MC = moefy.MoefyConfig(experts=4, top_k=2, shared=16, tau=0.5, router_epochs=3)
 

@@ -13,11 +13,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hobbit import moefy  # noqa: E402
-from hobbit.convert import convert  # noqa: E402
-from hobbit.export import export_gguf  # noqa: E402
-from hobbit.moefy_text import CODER_CALIB, EVAL_TEXTS, stdlib_file  # noqa: E402
-from hobbit.moefy_train import moe_layers  # noqa: E402
+from hobbit.models import moefy  # noqa: E402
+from hobbit.store.convert import convert  # noqa: E402
+from hobbit.store.export import export_gguf  # noqa: E402
+from hobbit.models.moefy_text import CODER_CALIB, EVAL_TEXTS, stdlib_file  # noqa: E402
+from hobbit.models.moefy_train import moe_layers  # noqa: E402
 from test_export import with_bpe_merges  # noqa: E402  (llama.cpp needs BPE merges)
 from tiny import make_tiny_checkpoint  # noqa: E402
 
@@ -110,8 +110,8 @@ def test_expert_gate_up_rows_keep_the_gguf_grid():
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize, quantize
 
-    from hobbit import quant
-    from hobbit.moefy_native import recipe_native_w13
+    from hobbit.store import quant
+    from hobbit.models.moefy_native import recipe_native_w13
     rng = np.random.default_rng(0)
     mc = moefy.MoefyConfig(experts=4, shared=32)
     perm = torch.randperm(160, generator=torch.Generator().manual_seed(0)).to(torch.int16)  # 32 shared + 4 x 32
@@ -127,8 +127,8 @@ def test_expert_gate_up_rows_keep_the_gguf_grid():
 
 
 def test_committed_codermoe_recipe_has_the_issue_shape():
-    from hobbit.assets import ASSETS
-    from hobbit.assets_coder import CODERMOE_RECIPE
+    from hobbit.models.assets import ASSETS
+    from hobbit.models.assets_coder import CODERMOE_RECIPE
     assert {"codermoe", "codermoe-store"} <= ASSETS.keys()
     assert CODERMOE_RECIPE.stat().st_size < 4e6
     recipe, mc, prov = moefy.load_recipe(CODERMOE_RECIPE)

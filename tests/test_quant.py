@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hobbit import quant as Q
+from hobbit.store import quant as Q
 
 torch.set_num_threads(1)
 N, K, GS = 256, 512, 64

@@ -1,11 +1,11 @@
-"""Each routing rule in hobbit.routing against transformers' own router module on the same logits:
+"""Each routing rule in hobbit.runtime.routing against transformers' own router module on the same logits:
 random logits, logits with ties, and group limits that bind."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hobbit import routing
+from hobbit.runtime import routing
 
 transformers = pytest.importorskip("transformers")
 E = 16

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hobbit.options import Options
-from hobbit.schedule import Scheduler
-from hobbit.simulate import CountingFetcher
+from hobbit.runtime.options import Options
+from hobbit.runtime.schedule import Scheduler
+from hobbit.lab.simulate import CountingFetcher
 
 MB = 1 << 20
 

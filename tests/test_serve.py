@@ -19,9 +19,9 @@ import pytest
 import uvicorn
 
 import hobbit
-from hobbit.chat import ChatSession, TextDeltas, run_chat
+from hobbit.serve.chat import ChatSession, TextDeltas, run_chat
 from hobbit.cli import main as hobbit_main
-from hobbit.serve import create_app
+from hobbit.serve.server import create_app
 
 HOST = "127.0.0.1"
 TIMEOUT = 20.0

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import hobbit
-from hobbit.loader import DEMAND, PREFETCH
-from hobbit.options import Options
-from hobbit.simulate import add_simulate_args, cmd_simulate, load_trace, parse_budget_for, simulate
+from hobbit.runtime.loader import DEMAND, PREFETCH
+from hobbit.runtime.options import Options
+from hobbit.lab.simulate import add_simulate_args, cmd_simulate, load_trace, parse_budget_for, simulate
 
 from tiny import decode_logits
 
@@ -203,8 +203,8 @@ def test_bad_trace_files(tmp_path):
 
 
 def test_default_precisions_follow_the_engine(tiny_store):
-    from hobbit.quant import FORMATS
-    from hobbit.simulate import FORMAT_ORDER, default_precisions
+    from hobbit.store.quant import FORMATS
+    from hobbit.lab.simulate import FORMAT_ORDER, default_precisions
     assert FORMAT_ORDER == FORMATS
     h = {"precisions": ["bf16", "int8", "int4", "int2"]}
     assert default_precisions(h, "hobbit", None, None) == ("bf16", "int4")

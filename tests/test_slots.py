@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import hobbit
-from hobbit.loader import DEMAND, PREFETCH, Loader
-from hobbit.offload import SlotFetcher, SlotPool
-from hobbit.options import Stats
-from hobbit.store import ExpertStore, blob_tensors
+from hobbit.runtime.loader import DEMAND, PREFETCH, Loader
+from hobbit.runtime.offload import SlotFetcher, SlotPool
+from hobbit.runtime.options import Stats
+from hobbit.store.format import ExpertStore, blob_tensors
 
 from tiny import decode_logits
 

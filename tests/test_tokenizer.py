@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hobbit.tokenizer import TextStream, Tokenizer
+from hobbit.runtime.tokenizer import TextStream, Tokenizer
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Hi there! ünïcödé ✓"},
@@ -23,8 +23,8 @@ def test_matches_transformers_tiny(tiny_checkpoint):
 
 
 def test_matches_transformers_smollm2(tmp_path):
-    from hobbit.assets import AssetError, asset_path
-    from hobbit.gguf import export_hf
+    from hobbit.models.assets import AssetError, asset_path
+    from hobbit.store.gguf import export_hf
     try:
         gguf = asset_path("smollm2-gguf", progress=False)
     except AssetError as e:

@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 import hobbit
-from hobbit.options import Options
-from hobbit.simulate import load_trace, simulate
-from hobbit.tune import (RequestedShares, add_tune_args, cmd_tune, load_tuned, read_tuned, search, simplex,
+from hobbit.runtime.options import Options
+from hobbit.lab.simulate import load_trace, simulate
+from hobbit.lab.tune import (RequestedShares, add_tune_args, cmd_tune, load_tuned, read_tuned, search, simplex,
                          tuned_path, tune)
 
 TEXT = ("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to "
@@ -56,7 +56,7 @@ def test_tuned_file_is_valid_and_loads(tuned):
 
 
 def test_simulate_cli_uses_tuned_options(tuned, capsys):
-    from hobbit.simulate import add_simulate_args, cmd_simulate
+    from hobbit.lab.simulate import add_simulate_args, cmd_simulate
     store, doc, trace = tuned
     header, calls = load_trace(trace)
     assert header["store"] == str(store)
@@ -107,7 +107,7 @@ def test_tight_limits_mean_full_precision(tuned):
 
 
 def test_requested_shares_and_simplex():
-    from hobbit.trace import LayerCall
+    from hobbit.runtime.trace import LayerCall
     calls = [LayerCall(0, 0, 0, [[1, 2], [3, 4]], [[0.7, 0.3], [0.95, 0.05]], None, {})]
     rs = RequestedShares(calls)  # non-top-1 scores: 0.7, 0.95 over 4 selections
     assert rs(0.6, 0.9) == (0.25, 0.25)

@@ -5,8 +5,8 @@ __all__ = ["load", "Engine"]
 
 
 def __getattr__(name: str):
-    # lazy, so the torch-free parts (hobbit.policies, hobbit.cache) import without torch
+    # lazy, so the torch-free parts (hobbit.policies, hobbit.runtime.cache) import without torch
     if name in __all__:
-        from . import engine
+        from hobbit.runtime import engine
         return getattr(engine, name)
     raise AttributeError(f"module 'hobbit' has no attribute {name!r}")

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .options import POLICIES
+from hobbit.runtime.options import POLICIES
 
 
 def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str = "lru") -> None:
@@ -46,7 +46,7 @@ def add_little_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_from_args(args: argparse.Namespace):
-    from .engine import load
+    from hobbit.runtime.engine import load
     options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", *LITTLE_OPTIONS)
                if getattr(args, k, None) is not None}
     return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
@@ -56,14 +56,14 @@ def engine_from_args(args: argparse.Namespace):
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert, describe
+    from hobbit.store.convert import convert, describe
     dst = convert(args.src, args.dst, precisions=args.precisions, group_size=args.group_size, dense=args.dense)
     print(describe(dst))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_gguf
+    from hobbit.store.export import export_gguf
     out = export_gguf(args.store, args.out, args.type, allow_inexact=args.allow_inexact)
     print(f"{out}: {args.type} GGUF, {out.stat().st_size / 2**20:.1f} MiB")
     return 0
@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def generate_and_report(engine, args: argparse.Namespace) -> int:
     """Stream the answer to args.prompt (or args.prompt_ids), then the stats block (or one JSON object)."""
-    from .tokenizer import TextStream
+    from hobbit.runtime.tokenizer import TextStream
     tok = engine.tokenizer
     if args.prompt_ids is not None:
         ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -124,7 +124,7 @@ def generate_and_report(engine, args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .profile import format_profile, profile_decode
+    from hobbit.lab.profile import format_profile, profile_decode
     engine = engine_from_args(args)
     prompt = [100 + i % max(1, engine.config.vocab_size - 100) for i in range(args.prompt_tokens)]
     try:
@@ -139,7 +139,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from .assets import asset_path
+    from hobbit.models.assets import asset_path
     print(asset_path(args.name))
     return 0
 
@@ -149,7 +149,7 @@ DEMO_PROMPT = "Tell me about the Shire, where hobbits live."
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default model: SmolMoE's experts on disk under a 25% budget."""
-    from .assets import asset_path
+    from hobbit.models.assets import asset_path
     store = asset_path("smolmoe-store")  # built and cached on first use (a few minutes), then instant
     args.store, args.chat, args.prompt_ids = str(store), True, None
     print(f"store: {store}\npolicy {args.policy}, budget {args.budget} of the expert bytes\n", flush=True)
@@ -157,13 +157,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import run_server
+    from hobbit.serve.server import run_server
     run_server(engine_from_args(args), host=args.host, port=args.port)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import ChatSession, run_chat
+    from hobbit.serve.chat import ChatSession, run_chat
     run_chat(ChatSession(engine_from_args(args), system=args.system, max_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed))
     return 0
@@ -251,16 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
 
-    from .moefy import add_moefy_args, moefy_main
+    from hobbit.models.moefy import add_moefy_args, moefy_main
     p = sub.add_parser("moefy", help="split a dense Llama's FFN neurons into experts and learn routers "
                        "(writes a Qwen2-MoE checkpoint; SmolMoE is made this way)")
     add_moefy_args(p)
     p.set_defaults(func=moefy_main)
 
-    from .bench import add_bench_args
-    from .evaluate import add_eval_args
-    from .simulate import add_simulate_args
-    from .tune import add_tune_args
+    from hobbit.lab.bench import add_bench_args
+    from hobbit.lab.evaluate import add_eval_args
+    from hobbit.lab.simulate import add_simulate_args
+    from hobbit.lab.tune import add_tune_args
     for add in (add_eval_args, add_bench_args, add_simulate_args, add_tune_args):
         add(sub)
     return ap

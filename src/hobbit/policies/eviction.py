@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 Key = tuple[int, int, str]
-"""(layer, expert, precision); precision is a format name from ``hobbit.quant.FORMATS``."""
+"""(layer, expert, precision); precision is a format name from ``hobbit.store.quant.FORMATS``."""
 
 
 class EvictionPolicy(Protocol):

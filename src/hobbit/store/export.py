@@ -32,12 +32,12 @@ from gguf.quants import quantize
 from safetensors import safe_open
 from tqdm import tqdm
 
-from . import quant
-from .config import ModelConfig
-from .dense import Stored, split_state
-from .dense import read as read_dense
-from .gguf import ARCHS, BLOCK_NAMES, PRE_TOKENIZERS, TOP_NAMES, pre_tokenizer_name
-from .store import ExpertStore
+from hobbit.store import quant
+from hobbit.store.config import ModelConfig
+from hobbit.store.dense import Stored, split_state
+from hobbit.store.dense import read as read_dense
+from hobbit.store.gguf import ARCHS, BLOCK_NAMES, PRE_TOKENIZERS, TOP_NAMES, pre_tokenizer_name
+from hobbit.store.format import ExpertStore
 
 EXPORT_TYPES = {"bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
                 "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0)}
@@ -131,7 +131,7 @@ def _dense_names(plain: dict, stored: dict) -> list[str]:
 
 
 def gguf_name(arch: str, hf_name: str) -> str:
-    """HF tensor name -> llama.cpp tensor name for `arch` (the inverse of hobbit.gguf's maps)."""
+    """HF tensor name -> llama.cpp tensor name for `arch` (the inverse of hobbit.store.gguf's maps)."""
     per_layer = {hf: part for part, hf in {**BLOCK_NAMES, **ARCHS[arch].block}.items()}
     top = {hf: part for part, hf in TOP_NAMES.items()}
     module, _, kind = hf_name.rpartition(".")

@@ -14,18 +14,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
-from .dense import lock as lock_dense, peak_rss_bytes, read as read_dense, release_free_heap, rss_bytes
-from .quant import FORMATS as QUANT_FORMATS
-from .dense import FUSED
-from .model import Transformer
-from .loader import DEMAND, PREFETCH
-from .offload import OffloadedExperts, Predictor
-from .policies.prefetch import PredictionStats
-from .options import Options, base_policy, parse_budget
-from .trace import TraceWriter
-from .store import ExpertStore
-from .tokenizer import Tokenizer
+from hobbit.store.config import ModelConfig
+from hobbit.store.dense import lock as lock_dense, peak_rss_bytes, read as read_dense, release_free_heap, rss_bytes
+from hobbit.store.quant import FORMATS as QUANT_FORMATS
+from hobbit.store.dense import FUSED
+from hobbit.runtime.model import Transformer
+from hobbit.runtime.loader import DEMAND, PREFETCH
+from hobbit.runtime.offload import OffloadedExperts, Predictor
+from hobbit.policies.prefetch import PredictionStats
+from hobbit.runtime.options import Options, base_policy, parse_budget
+from hobbit.runtime.trace import TraceWriter
+from hobbit.store.format import ExpertStore
+from hobbit.runtime.tokenizer import Tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -120,7 +120,7 @@ class Engine:
         self.policy = policy
         self.tuned = False
         if base_policy(policy) == "hobbit":  # `hobbit tune` results are the defaults; explicit options win
-            from .tune import read_tuned
+            from hobbit.lab.tune import read_tuned
             doc = read_tuned(self.path)
             if doc is not None:
                 cal = doc["calibration"]

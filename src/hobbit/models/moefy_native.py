@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from gguf import ReaderTensor
 
-from hobbit.gguf_native import NATIVE_TYPES, affine_4bit, int4_storage
-from hobbit.moefy import MoefyConfig
+from hobbit.store.gguf_native import NATIVE_TYPES, affine_4bit, int4_storage
+from hobbit.models.moefy import MoefyConfig
 
 
 def recipe_native_w13(raw: Mapping[str, ReaderTensor], recipe: dict[str, torch.Tensor],

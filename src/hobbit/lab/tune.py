@@ -3,8 +3,8 @@
 1. Record a calibration routing trace: the live engine (policy lru, full precision, at the
    budget) reads calibration text, teacher-forced: per sequence one prefill step of `prompt_len`
    tokens, then one decode step per following token. The default text is the train split of
-   Austen's *Emma* (`hobbit.assets`), kept apart from evaluation text; `--text FILE` uses a file.
-2. Search with `hobbit.simulate` (HOBBIT §3.2, §3.4: "determined by minimizing the mixed-precision
+   Austen's *Emma* (`hobbit.models.assets`), kept apart from evaluation text; `--text FILE` uses a file.
+2. Search with `hobbit.lab.simulate` (HOBBIT §3.2, §3.4: "determined by minimizing the mixed-precision
    cache miss penalty on a calibration dataset"), minimizing the miss penalty
    `C·misses_high + C·(B_low/B_high)·misses_low` (B = bytes one expert load reads from disk):
    a. T1/T2 of Eq. 2. Quality limits (defaults in the spirit of the paper's 67/30/3 split): at
@@ -33,11 +33,11 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from .policies.eviction import DEFAULT_MULTIDIM_WEIGHTS
-from .policies.precision import TOLERANCE, scores
-from .options import Options
-from .simulate import default_precisions, simulate
-from .trace import LayerCall, read_trace
+from hobbit.policies.eviction import DEFAULT_MULTIDIM_WEIGHTS
+from hobbit.policies.precision import TOLERANCE, scores
+from hobbit.runtime.options import Options
+from hobbit.lab.simulate import default_precisions, simulate
+from hobbit.runtime.trace import LayerCall, read_trace
 
 TUNED_FILE = "hobbit_tuned.json"
 DEFAULT_TEXT = "austen:emma"
@@ -79,7 +79,7 @@ def load_tuned(store: str | Path) -> dict | None:
 
 def calibration_ids(tokenizer, text: str | Path | None, tokens: int) -> tuple[list[int], str]:
     """The first `tokens` tokens of the calibration text, and a label naming it."""
-    from . import assets
+    from hobbit.models import assets
     spec = str(text) if text is not None else DEFAULT_TEXT
     is_file = Path(spec).is_file()
     try:
@@ -108,7 +108,7 @@ def record_calibration(store: str | Path, budget, trace_path: str | Path, text=N
     the routing trace to `trace_path`. Returns what was recorded."""
     import torch
 
-    from .engine import load
+    from hobbit.runtime.engine import load
     engine = load(store, budget=budget, policy="lru", high=high, trace=trace_path)
     try:
         if not engine.config.num_experts:

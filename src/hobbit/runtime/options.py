@@ -9,8 +9,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .policies.biglittle import LITTLE_RULES
-from .policies.prefetch import PredictionStats
+from hobbit.policies.biglittle import LITTLE_RULES
+from hobbit.policies.prefetch import PredictionStats
 
 NO_CACHE_POLICIES = ("resident", "ondemand")
 CACHE_POLICIES = ("lru", "lfu", "slru", "belady", "lru+prefetch", "hobbit")

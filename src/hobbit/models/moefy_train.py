@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hobbit.moefy import Dense, MoefyConfig, layer_recipe, moe_forward, moe_layer, route, tie_embeddings
+from hobbit.models.moefy import Dense, MoefyConfig, layer_recipe, moe_forward, moe_layer, route, tie_embeddings
 
 
 def _moe_tensors(m0: dict[str, Tensor], p: dict[str, Tensor], E: int) -> dict[str, Tensor]:
@@ -152,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from hobbit.assets import asset_path
-    from hobbit.moefy import RECIPE, load_dense, load_recipe
-    from hobbit.moefy_text import EVAL_TEXTS, eval_windows
-    p = argparse.ArgumentParser(prog="python -m hobbit.moefy_train", description=main.__doc__)
+    from hobbit.models.assets import asset_path
+    from hobbit.models.moefy import RECIPE, load_dense, load_recipe
+    from hobbit.models.moefy_text import EVAL_TEXTS, eval_windows
+    p = argparse.ArgumentParser(prog="python -m hobbit.models.moefy_train", description=main.__doc__)
     p.add_argument("--model", choices=("smolmoe", "codermoe"), default="smolmoe",
-                   help="sets the defaults of --src and --recipe, and the held-out texts (hobbit.moefy_text)")
+                   help="sets the defaults of --src and --recipe, and the held-out texts (hobbit.models.moefy_text)")
     p.add_argument("--src", help="dense GGUF/HF folder (default: the model's source asset)")
     p.add_argument("--recipe", help="default: the model's committed recipe")
     p.add_argument("--top-k", type=int, nargs="*", help="top-k values to evaluate (default: the recipe's; none: "
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from hobbit.assets_coder import CODERMOE_RECIPE
+    from hobbit.models.assets_coder import CODERMOE_RECIPE
     source, recipe_path = {"smolmoe": ("smollm2-gguf", RECIPE),
                            "codermoe": ("qwen-coder-gguf", CODERMOE_RECIPE)}[args.model]
     sd, cfg, tok, _ = load_dense(args.src or asset_path(source))

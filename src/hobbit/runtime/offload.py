@@ -20,15 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import quant
-from .config import ModelConfig
-from .experts import SILU, Act
-from .loader import DEMAND, PREFETCH, Loader
-from .policies.eviction import Key
-from .options import Options
-from .schedule import Scheduler, Step
-from .store import ALIGN, ExpertStore, blob_tensors
-from .trace import TraceWriter
+from hobbit.store import quant
+from hobbit.store.config import ModelConfig
+from hobbit.runtime.experts import SILU, Act
+from hobbit.runtime.loader import DEMAND, PREFETCH, Loader
+from hobbit.policies.eviction import Key
+from hobbit.runtime.options import Options
+from hobbit.runtime.schedule import Scheduler, Step
+from hobbit.store.format import ALIGN, ExpertStore, blob_tensors
+from hobbit.runtime.trace import TraceWriter
 
 
 @dataclass

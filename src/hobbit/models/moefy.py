@@ -13,7 +13,7 @@ delta of each shared down_proj are distilled end to end against the dense model.
 
 What is learned is a small *recipe*; `apply_recipe` rebuilds the full Qwen2-MoE weights from the dense
 ones. `build_from_recipe` does that for a committed recipe and its GGUF asset: SmolMoE (docs/smolmoe.md) and
-CoderMoE (Qwen2.5-Coder-1.5B, routed as llama.cpp's qwen2moe: no renormalization; hobbit.assets_coder).
+CoderMoE (Qwen2.5-Coder-1.5B, routed as llama.cpp's qwen2moe: no renormalization; hobbit.models.assets_coder).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from hobbit.moefy_text import SMOL_CALIB
+from hobbit.models.moefy_text import SMOL_CALIB
 
-RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
+RECIPE = Path(__file__).parents[1] / "data" / "smolmoe_recipe.safetensors"
 DENSE_ARCHS = ("llama", "qwen2")  # qwen2 = llama + q/k/v biases
 SHARED_GATE = 1e-5  # each entry of a calibrated shared-expert gate: sigmoid(x . gate) = 0.5 within ~0.1%
 
@@ -55,13 +55,13 @@ def load_dense(src: str | Path) -> tuple[dict[str, Tensor], dict, str | None, di
     """(fp32 state dict, HF config, tokenizer.json text, tokenizer_config) of a dense GGUF or HF folder."""
     src = Path(src)
     if src.is_file():
-        from hobbit.gguf import load_gguf
+        from hobbit.store.gguf import load_gguf
         g = load_gguf(src)
         if g.config["model_type"] not in DENSE_ARCHS:
             raise ValueError(f"{src}: moefy needs a dense {' or '.join(DENSE_ARCHS)} model, "
                              f"not {g.config['model_type']}")
         return g.state_dict(torch.float32), g.config, g.tokenizer_json, g.tokenizer_config
-    from hobbit.checkpoint import open_checkpoint
+    from hobbit.store.checkpoint import open_checkpoint
     ck = open_checkpoint(src)
     if ck.config.arch not in DENSE_ARCHS:
         raise ValueError(f"{src}: moefy needs a dense {' or '.join(DENSE_ARCHS)} model, not {ck.config.arch}")
@@ -334,7 +334,7 @@ def write_checkpoint(out_dir: str | Path, state: dict[str, Tensor], config: dict
 
 def build_from_recipe(out_dir: str | Path, source: str, recipe_path: str | Path, progress: bool = True) -> Path:
     """The dense `source` asset (a GGUF) + a recipe, written as a Qwen2-MoE HF folder."""
-    from hobbit.assets import asset_path
+    from hobbit.models.assets import asset_path
     sd, cfg, tok, tok_cfg = load_dense(asset_path(source, progress))
     recipe, mc, _ = load_recipe(recipe_path)
     state, config = apply_recipe(sd, cfg, recipe, mc)
@@ -356,7 +356,7 @@ def add_moefy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tie", action="store_true", help="tie the embedding to lm_head (see tie_embeddings)")
     p.add_argument("--calib", nargs="+", default=SMOL_CALIB,
                    help="calibration texts: austen:<novel>, wiki, stdlib:<module> or a file, each with optional "
-                        "@split and *weight (hobbit.moefy_text)")
+                        "@split and *weight (hobbit.models.moefy_text)")
     p.add_argument("--calib-tokens", type=int, default=32768)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--distill-steps", type=int, default=0, help="end-to-end KL distillation steps (1 window each)")
@@ -369,7 +369,7 @@ def add_moefy_args(p: argparse.ArgumentParser) -> None:
 
 
 def moefy_main(args: argparse.Namespace) -> int:
-    from hobbit.moefy_text import calib_windows, describe
+    from hobbit.models.moefy_text import calib_windows, describe
     torch.set_num_threads(1)
     sd, cfg, tok, tok_cfg = load_dense(args.src)
     stage = dict(src=Path(args.src).name, calib=args.calib, seed=args.seed)
@@ -390,7 +390,7 @@ def moefy_main(args: argparse.Namespace) -> int:
         stage.update(calib_tokens=int(ids.numel()), calib_sha256=describe(args.calib), python=sys.version.split()[0],
                      experts=mc.experts, top_k=mc.top_k, shared=mc.shared, tau=mc.tau, norm_topk=mc.norm, tie=mc.tie)
     if args.distill_steps:
-        from hobbit.moefy_train import distill
+        from hobbit.models.moefy_train import distill
         train_ids = calib_windows(tok, args.calib, args.distill_tokens)
         recipe = distill(base, recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank, seed=args.seed)
         stage.update(distill_steps=args.distill_steps, distill_tokens=int(train_ids.numel()),
@@ -404,7 +404,7 @@ def moefy_main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m hobbit.moefy SRC OUT ... (the same as `hobbit moefy`)
+if __name__ == "__main__":  # python -m hobbit.models.moefy SRC OUT ... (the same as `hobbit moefy`)
     parser = argparse.ArgumentParser(prog="hobbit moefy", description=__doc__.split("\n")[0])
     add_moefy_args(parser)
     raise SystemExit(moefy_main(parser.parse_args()))

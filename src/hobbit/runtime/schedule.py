@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from .cache import CacheFull, ExpertCache
-from .policies.eviction import Key, make_policy
-from .policies.biglittle import LITTLE_RULES, little_k, little_weights
-from .policies.precision import HIGH, LOW, SKIP, ServeRule, decide
-from .options import CACHE_POLICIES, POLICIES, Options, Stats
-from .policies.prefetch import plan_prefetch
+from hobbit.runtime.cache import CacheFull, ExpertCache
+from hobbit.policies.eviction import Key, make_policy
+from hobbit.policies.biglittle import LITTLE_RULES, little_k, little_weights
+from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide
+from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, Stats
+from hobbit.policies.prefetch import plan_prefetch
 
 DEMAND, PREFETCH = 0, 1  # fetch priorities: demand loads always go first
 FALLBACK_PINS = -1  # the `_pins` entry of MoBiLE's fallback reads: held through the little pass

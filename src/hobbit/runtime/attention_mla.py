@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ModelConfig
-from .layers import RMSNorm, apply_rope
+from hobbit.store.config import ModelConfig
+from hobbit.runtime.layers import RMSNorm, apply_rope
 
 NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the RMSNorm default, not rms_norm_eps
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .config import ModelConfig
+    from hobbit.store.checkpoint import Checkpoint
+    from hobbit.store.config import ModelConfig
 
 
 class ExpertProvider(Protocol):

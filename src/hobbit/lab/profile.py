@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from . import offload
-from .engine import Engine, sample
+from hobbit.runtime import offload
+from hobbit.runtime.engine import Engine, sample
 
 PARTS = ("attention", "router", "dense_mlp", "experts_compute", "load_wait", "predict", "scheduler",
          "lm_head", "sampling", "other")

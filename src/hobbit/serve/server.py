@@ -24,11 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hobbit.chat import TextDeltas
-from hobbit.openai_api import (APIError, Params, error_body, get_param, invalid_param, parse_messages, parse_params,
+from hobbit.serve.chat import TextDeltas
+from hobbit.serve.openai_api import (APIError, Params, error_body, get_param, invalid_param, parse_messages, parse_params,
                                parse_prompt)
 
-log = logging.getLogger("hobbit.serve")
+log = logging.getLogger("hobbit.serve.server")
 
 # ---------------------------------------------------------------- the worker thread
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .config import ModelConfig, eos_ids
+from hobbit.store.config import ModelConfig, eos_ids
 
 _QWEN_STYLE = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
 _QWEN_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}

@@ -14,9 +14,11 @@ from typing import Callable
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import dense as dense_weights, quant
-from .checkpoint import open_checkpoint
-from .store import StoreWriter
+from hobbit.store import dense as dense_weights
+
+from hobbit.store import quant
+from hobbit.store.checkpoint import open_checkpoint
+from hobbit.store.format import StoreWriter
 
 DEFAULT_PRECISIONS = ("bf16", "int4", "int2")
 NativeParts = Callable[[int, int], "dict | None"]  # (layer, expert) -> int4 storage parts kept from a GGUF, or None
@@ -47,8 +49,8 @@ def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, gro
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist: give a Hugging Face model folder or a .gguf file")
     if src.suffix == ".gguf":
-        from .gguf import export_hf, load_gguf
-        from .gguf_native import GROUP, native_experts
+        from hobbit.store.gguf import export_hf, load_gguf
+        from hobbit.store.gguf_native import GROUP, native_experts
         raw = load_gguf(src).raw
         native = native_experts(raw)
         first = next((int(n.split(".")[1]) for n in raw if n.endswith("ffn_gate_exps.weight")), None)

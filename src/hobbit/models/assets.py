@@ -359,7 +359,7 @@ def _build_wiki(dest: Path, progress: bool) -> None:
 
 # ---------------------------------------------------------------- registry
 
-SMOLMOE_RECIPE = Path(__file__).parent / "data" / "smolmoe_recipe.safetensors"
+SMOLMOE_RECIPE = Path(__file__).parents[1] / "data" / "smolmoe_recipe.safetensors"
 
 
 def _recipe_tag(recipe: Path = SMOLMOE_RECIPE) -> str:
@@ -370,12 +370,12 @@ def _recipe_tag(recipe: Path = SMOLMOE_RECIPE) -> str:
 
 
 def _build_smolmoe(dest: Path, progress: bool) -> None:
-    from .moefy import build_from_recipe
+    from hobbit.models.moefy import build_from_recipe
     build_from_recipe(dest, "smollm2-gguf", SMOLMOE_RECIPE, progress)
 
 
 def _build_smolmoe_store(dest: Path, progress: bool) -> None:  # target suffix -qN: bump when the store format changes
-    from .convert import convert
+    from hobbit.store.convert import convert
     convert(asset_path("smolmoe", progress), dest, progress=progress)  # the default precisions
 
 
@@ -386,11 +386,11 @@ for _asset in (
           "67e877a91d1873371c7e371304ad41f39966c80cc575584317bc779ccbbe646e"),
     Asset("wiki", "PyPI wheel gensim==4.4.0 test data (pip download --no-deps)", "wiki", _build_wiki,
           "95775d22f0dde62b44cd83aaff2c1ceb08b09ec78ae99a5ca15a4e97fc8e8eea"),
-    Asset("smolmoe", "the SmolLM2 GGUF asset + the committed SmolMoE recipe (hobbit.moefy)",
+    Asset("smolmoe", "the SmolLM2 GGUF asset + the committed SmolMoE recipe (hobbit.models.moefy)",
           f"smolmoe-{_recipe_tag()}", _build_smolmoe),
     Asset("smolmoe-store", "the smolmoe asset, converted (experts bf16, int4, int2; dense auto)", f"smolmoe-store-{_recipe_tag()}-q4",
           _build_smolmoe_store),
 ):
     register(_asset)
 
-from . import assets_coder  # noqa: E402,F401  registers qwen-coder-gguf (its builder lives there)
+from hobbit.models import assets_coder  # noqa: E402,F401  registers qwen-coder-gguf (its builder lives there)

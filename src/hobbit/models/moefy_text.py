@@ -40,7 +40,7 @@ def stdlib_file(module: str) -> Path:
 
 def text_path(spec: str, split: str = "all") -> Path:
     """A text spec without '@split' / '*weight' -> the UTF-8 file of that split."""
-    from hobbit.assets import text_file
+    from hobbit.models.assets import text_file
     return text_file(stdlib_file(spec[7:]) if spec.startswith("stdlib:") else spec, split, progress=False)
 
 

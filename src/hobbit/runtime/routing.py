@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ModelConfig
+from hobbit.store.config import ModelConfig
 
 RULES = ("softmax", "deepseek_v2", "sigmoid_group", "topk_softmax")  # ModelConfig.routing
 FP32_BUFFERS = ("e_score_correction_bias",)  # held in fp32 whatever the activation dtype, as HF does

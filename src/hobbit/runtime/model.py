@@ -16,12 +16,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import attention_mla, attention_sinks, dense, quant
-from .config import ModelConfig
-from .experts import ExpertProvider
-from .layers import RMSNorm, apply_partial_rope, rope_frequencies
-from .quant import QuantLinear
-from .routing import FP32_BUFFERS, Router
+from hobbit.runtime import attention_mla
+
+from hobbit.runtime import attention_sinks
+
+from hobbit.store import dense
+
+from hobbit.store import quant
+from hobbit.store.config import ModelConfig
+from hobbit.runtime.experts import ExpertProvider
+from hobbit.runtime.layers import RMSNorm, apply_partial_rope, rope_frequencies
+from hobbit.store.quant import QuantLinear
+from hobbit.runtime.routing import FP32_BUFFERS, Router
 
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length when none is given (capped by max_position_embeddings)
 KV_CHUNK = 256  # KV positions allocated at a time; capacity then doubles, up to max_seq_len

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import quant
+from hobbit.store import quant
 
 FORMATS = ("fp32", "bf16", "int8", "int4", "auto")
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # ours: HF parts, row order

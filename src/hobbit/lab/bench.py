@@ -28,12 +28,12 @@ from typing import Callable
 
 import torch
 
-from .engine import load
-from .profile import PARTS, profile_decode
-from .evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
-from .options import NO_CACHE_POLICIES, POLICIES
-from .store import ExpertStore, checksum
-from .trace import belady_accesses, read_trace
+from hobbit.runtime.engine import load
+from hobbit.lab.profile import PARTS, profile_decode
+from hobbit.lab.evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
+from hobbit.runtime.options import NO_CACHE_POLICIES, POLICIES
+from hobbit.store.format import ExpertStore, checksum
+from hobbit.runtime.trace import belady_accesses, read_trace
 
 _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "decode_s", "hits", "misses",
          "bytes_read", "loader_wait_s", "skipped", "selections", "little_steps", "fallbacks",
@@ -296,7 +296,7 @@ def _ints(s: str) -> list[int]:
 
 
 def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .cli import add_engine_args  # lazy: cli imports this module
+    from hobbit.cli import add_engine_args  # lazy: cli imports this module
     p = subparsers.add_parser("bench", help="decode speed, cache stats and quality of policies across budgets",
                               conflict_handler="resolve")  # --budget and --policy take lists here
     add_engine_args(p)
@@ -318,7 +318,7 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import LITTLE_OPTIONS  # lazy: cli imports this module
+    from hobbit.cli import LITTLE_OPTIONS  # lazy: cli imports this module
     torch.set_num_threads(args.threads)
     cfgs = configs([x.strip() for x in args.policies.split(",") if x.strip()],
                    [x.strip() for x in args.budget.split(",") if x.strip()])

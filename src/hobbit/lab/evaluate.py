@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .assets import SPLITS, text_file
-from .engine import Engine
-from .tokenizer import Tokenizer
+from hobbit.models.assets import SPLITS, text_file
+from hobbit.runtime.engine import Engine
+from hobbit.runtime.tokenizer import Tokenizer
 
 _COUNTERS = ("hits", "misses", "bytes_read", "skipped", "selections", "loader_wait_s", "little_steps", "fallbacks")
 
@@ -133,7 +133,7 @@ def add_text_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def add_eval_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .cli import add_engine_args  # lazy: cli imports this module
+    from hobbit.cli import add_engine_args  # lazy: cli imports this module
     p = subparsers.add_parser("eval", help="perplexity over sliding windows of a text, with expert-cache stats")
     add_engine_args(p)
     add_text_args(p, max_tokens=4096)
@@ -143,7 +143,7 @@ def add_eval_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli import engine_from_args
+    from hobbit.cli import engine_from_args
     with engine_from_args(args) as engine:
         ids = text_token_ids(engine.tokenizer, args.text, args.max_tokens, args.split)
         window = min(args.window, engine.max_context)

@@ -22,14 +22,14 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .options import CACHE_POLICIES, POLICIES, Options, base_policy, parse_budget
-from .schedule import DEMAND, Scheduler
-from .trace import LayerCall, belady_accesses, iter_steps, read_trace
+from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, base_policy, parse_budget
+from hobbit.runtime.schedule import DEMAND, Scheduler
+from hobbit.runtime.trace import LayerCall, belady_accesses, iter_steps, read_trace
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
                "expert_disk_bytes")
 # the engine's choice of --low for policy hobbit (the paper's pairs: bf16 + int4, int8 + int2): the first of
-# LOW_DEFAULTS stored below `high` in FORMAT_ORDER (hobbit.quant.FORMATS, which imports torch)
+# LOW_DEFAULTS stored below `high` in FORMAT_ORDER (hobbit.store.quant.FORMATS, which imports torch)
 FORMAT_ORDER = ("fp32", "bf16", "int8", "int4", "int3", "int2")
 LOW_DEFAULTS = ("int4", "int2", "int3", "int8")
 
@@ -255,7 +255,7 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
                    "(default: hobbit 2, lru+prefetch 1, others 0)")
     p.add_argument("--low-pool-fraction", type=float, default=None, help="hobbit: share of the budget for "
                    "low-precision copies (default 0.25)")
-    from .cli import add_little_args  # lazy: cli imports this module
+    from hobbit.cli import add_little_args  # lazy: cli imports this module
     add_little_args(p)
     p.add_argument("--weights", default=None, help="hobbit Eq. 3 weights, e.g. lru=0.4,lfu=0.2,lhu=0.2,fld=0.2")
     p.add_argument("--allow-low-for-high", action="store_true", help="a cached low copy may serve a high request")
@@ -269,7 +269,7 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
 def tuned_options(header: dict) -> tuple[dict, str | None]:
     """The `hobbit tune` options of the trace's store, as the engine applies them to policy hobbit
     ({} when the store is gone or was never tuned), and the file they came from."""
-    from .tune import load_tuned, tuned_path
+    from hobbit.lab.tune import load_tuned, tuned_path
     store = header.get("store")
     if not store or not Path(store).is_dir():
         return {}, None
@@ -354,7 +354,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:  # `python -m hobbit.simulate` before the CLI wiring
+def main(argv: list[str] | None = None) -> int:  # `python -m hobbit.lab.simulate` before the CLI wiring
     ap = argparse.ArgumentParser(prog="hobbit")
     add_simulate_args(ap.add_subparsers(dest="command", required=True))
     args = ap.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])
