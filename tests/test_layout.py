@@ -3,6 +3,7 @@ functions, under TYPE_CHECKING) points down the layers, and no modules import ea
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -113,3 +114,13 @@ def test_imports_resolve_to_modules():
     """The graph above is real: every hobbit import names an existing module (or a name inside one)."""
     missing = sorted({d for deps in GRAPH.values() for d in deps if d not in MODULES})
     assert not missing, f"imports of modules that do not exist: {missing}"
+
+
+def test_architecture_lists_every_module():
+    """ARCHITECTURE.md's module table names every module there is, and only those."""
+    text = (SRC.parent / "ARCHITECTURE.md").read_text()
+    table = text[text.index("## Modules"):]
+    table = table[:table.index("\n## ")]
+    listed = {m.group(1) for m in re.finditer(r"^\| `([\w/]+\.py)` \|", table, re.M)}
+    there = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert listed == there, f"not in ARCHITECTURE.md: {sorted(there - listed)}; no such module: {sorted(listed - there)}"
