@@ -124,3 +124,21 @@ def test_resolve_settles_defaults_budget_and_tuned_options():
     assert dense.options.policy == "resident" and dense.budget_bytes is None
     with pytest.raises(ValueError, match="t1 must be a number in"):
         resolve(RunConfig(policy="hobbit"), FACTS, {**TUNED, "options": {"t1": "high"}})
+
+
+def test_json_prints_or_writes(tiny_store, tmp_path, capsys):
+    """Bare --json: one JSON object and nothing else on stdout; --json FILE: the same object in FILE and
+    the human summary on stdout."""
+    import json
+    common = ["--policy", "lru", "--budget", "50%", "--json"]
+    assert main(["profile", str(tiny_store), "--prompt-tokens", "4", "--tokens", "2", *common]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["policy"] == "lru" and "attention" in printed["ms_per_token"]
+    out = tmp_path / "profile.json"
+    assert main(["profile", str(tiny_store), "--prompt-tokens", "4", "--tokens", "2", *common, str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert json.loads(out.read_text()).keys() == printed.keys() and "policy lru, budget 50%" in summary
+    assert main(["run", str(tiny_store), "--prompt-ids", "3,17,42", "--max-new-tokens", "4", *common, str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "[length] policy lru" in summary or "[stop] policy lru" in summary
+    assert json.loads(out.read_text())["prompt_ids"] == [3, 17, 42]
