@@ -212,7 +212,7 @@ class Scheduler:
 
         Returns the tier per unique expert (the highest any token asks for) and, when a token
         drops or rescales an expert, the weights to compute with ([T][k], 0 for a dropped slot;
-        the kept ones are not renormalized after an Eq. 2 skip, per the notes), else None.
+        the kept ones are not renormalized after an Eq. 2 skip: a skip drops that expert's term), else None.
         """
         o = self.opt
         rank = {HIGH: 0, LOW: 1, SKIP: 2}
