@@ -120,7 +120,8 @@ class RunConfig:
         weights = parse_weights(getattr(args, "weights", None))
         if weights is not None:
             if base_policy(kw.get("policy", cls.policy)) != "hobbit":
-                raise ValueError("--weights sets the hobbit eviction policy's Eq. 3 weights: use it with --policy hobbit")
+                raise ValueError("--weights sets the hobbit eviction policy's Eq. 3 weights: use it with "
+                                 "--policy hobbit")
             kw["eviction_options"] = {"weights": weights}
         return cls(**kw)
 
