@@ -15,7 +15,7 @@ from hobbit.store.convert import convert
 from test_engine import check_budget
 from tiny import decode_logits, make_tiny_checkpoint
 
-NEW_FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe"]
+NEW_FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "phimoe"]
 PROMPT = [3, 17, 42, 99, 7, 128, 64, 5, 200, 11, 31, 77]
 
 

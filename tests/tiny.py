@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe")
+FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "phimoe")
 VOCAB = 272  # 256 byte tokens + 4 specials, padded
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 256..259
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
@@ -73,6 +73,14 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_hidden_layers=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
         embedding_multiplier=6.0, residual_multiplier=0.4, attention_multiplier=0.1, logits_scaling=4.0,
         tie_word_embeddings=True)),
+    # Phi-3.5-MoE: sparsemixer top-2 (a wide threshold so the masks keep several experts), LayerNorm with
+    # bias, q/k/v/o and lm_head biases, LongRoPE with its mscale (the prompts stay within the original length)
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        num_hidden_layers=2, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        router_jitter_noise=0.3, attention_bias=True, lm_head_bias=True, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope_type="longrope", rope_theta=1e4, original_max_position_embeddings=64,
+                             short_factor=[1.0 + 0.15 * i for i in range(8)],
+                             long_factor=[1.5 + 0.5 * i for i in range(8)], short_mscale=1.2, long_mscale=1.4))),
 }
 
 
@@ -101,7 +109,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             r = torch.randn(p.shape, generator=g)
-            if "norm" in name:
+            if "norm" in name and not name.endswith("bias"):
                 p.copy_(1.0 + 0.1 * r)
             elif name.endswith("bias"):
                 p.copy_(0.1 * r)

@@ -21,11 +21,11 @@ from hobbit.store.config import ModelConfig, eos_ids
 _QWEN_STYLE = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
 _QWEN_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # family -> (per-expert tensor name pattern with groups (layer, expert, proj), proj name -> gate/up/down)
+_MIXTRAL_STYLE = (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w3|w2)\.weight",
+                  {"w1": "gate", "w3": "up", "w2": "down"})
 EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
-    "mixtral": (
-        r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w3|w2)\.weight",
-        {"w1": "gate", "w3": "up", "w2": "down"},
-    ),
+    "mixtral": _MIXTRAL_STYLE,
+    "phimoe": _MIXTRAL_STYLE,
     "qwen2_moe": (_QWEN_STYLE, _QWEN_PROJ),
     "qwen3_moe": (_QWEN_STYLE, _QWEN_PROJ),
     "olmoe": (_QWEN_STYLE, _QWEN_PROJ),
