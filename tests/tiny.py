@@ -103,6 +103,33 @@ def make_tiny_checkpoint(family: str, path: str | Path, seed: int = 0, max_shard
     return path
 
 
+def make_mxfp4_gpt_oss(path: str | Path, seed: int = 3):
+    """A tiny gpt_oss checkpoint as released gpt-oss ships it: experts as MXFP4 `{proj}_blocks` [E,N,K/32,16]
+    + `{proj}_scales` [E,N,K/32] (random codes, scales 2^-5..2^0), `quantization_config: mxfp4`. Returns
+    (path, transformers model in fp32 holding the same experts dequantized by transformers itself)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    path = make_tiny_checkpoint("gpt_oss", path)
+    state, g = load_file(str(path / "model.safetensors")), torch.Generator().manual_seed(seed)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    for layer, block in enumerate(hf.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            E, K, N = getattr(block.mlp.experts, proj).shape  # in-memory [E, in, out]
+            name = f"model.layers.{layer}.mlp.experts.{proj}"
+            blocks = torch.randint(0, 256, (E, N, K // 32, 16), generator=g, dtype=torch.uint8)
+            scales = torch.randint(122, 128, (E, N, K // 32), generator=g, dtype=torch.uint8)
+            del state[name]
+            state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+            with torch.no_grad():
+                getattr(block.mlp.experts, proj).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    save_file(state, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    return path, hf
+
+
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Weights with enough contrast that logits are spread out and routing differs across tokens."""
     g = torch.Generator().manual_seed(seed)

@@ -30,7 +30,7 @@ HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precision
                "expert_disk_bytes")
 # the engine's choice of --low for policy hobbit (the paper's pairs: bf16 + int4, int8 + int2): the first of
 # LOW_DEFAULTS stored below `high` in FORMAT_ORDER (hobbit.store.quant.FORMATS, which imports torch)
-FORMAT_ORDER = ("fp32", "bf16", "int8", "int4", "int3", "int2")
+FORMAT_ORDER = ("fp32", "bf16", "int8", "mxfp4", "int4", "int3", "int2")
 LOW_DEFAULTS = ("int4", "int2", "int3", "int8")
 
 
