@@ -145,7 +145,9 @@ def _convert(sub) -> None:
     p = sub.add_parser("convert", help=HELP["convert"])
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--precisions", default="bf16,int4,int2", help="comma list of fp32,bf16,int8,int4,int3,int2")
+    p.add_argument("--precisions", default=None,
+                   help="comma list of fp32,bf16,int8,mxfp4,int4,int3,int2 (default bf16,int4,int2; "
+                        "mxfp4,int4,int2 for MXFP4 experts)")
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size (default 64, or the largest of 128/64/32 that fits the experts)")
     p.add_argument("--dense", default=None, choices=("fp32", "bf16", "int8", "int4", "auto"),

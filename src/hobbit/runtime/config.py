@@ -30,7 +30,7 @@ from hobbit.policies.biglittle import LITTLE_RULES
 from hobbit.runtime.options import NO_CACHE_POLICIES, POLICIES, Options, base_policy, parse_budget
 
 # hobbit.store.quant.FORMATS, highest first (quant imports torch; a test keeps the two equal)
-FORMAT_ORDER = ("fp32", "bf16", "int8", "int4", "int3", "int2")
+FORMAT_ORDER = ("fp32", "bf16", "int8", "mxfp4", "int4", "int3", "int2")
 LOW_DEFAULTS = ("int4", "int2", "int3", "int8")  # the paper's pairs: bf16 + int4, int8 + int2
 COMPUTE_DTYPES = ("bf16", "fp32")
 DENSE_FORMATS = ("bf16", "fp32", "int8", "int4", "auto")
