@@ -107,6 +107,13 @@ def test_convert_keeps_the_codes(mx):
     s.close()
 
 
+def test_explicit_precisions_are_honoured(mx, tmp_path):
+    path, _, _ = mx  # the default keeps mxfp4 on top; asking for bf16 tiers gets bf16 tiers
+    s = ExpertStore(convert(path, tmp_path / "store", precisions="bf16,int4,int2", progress=False, dense="fp32"))
+    assert s.precisions == ["bf16", "int4", "int2"]
+    s.close()
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_logits_match_transformers(mx, dtype):
     """fp32: prompt logits and 8 greedy tokens as transformers' (MXFP4 checkpoint, dequantized on load);
