@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hobbit.store.config import ModelConfig
 from hobbit.store.dense import lock as lock_dense, peak_rss_bytes, read as read_dense, release_free_heap, rss_bytes
-from hobbit.store.dense import FUSED
+from hobbit.store.dense import EMBEDDING, FUSED, embedding_is_lookup
 from hobbit.runtime.model import Transformer
 from hobbit.runtime.loader import DEMAND, PREFETCH
 from hobbit.runtime.offload import OffloadedExperts, Predictor
@@ -121,9 +121,13 @@ class Engine:
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
                                          self.budget_bytes, opts, io_threads=config.io_threads)
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
-        # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1
-        self.model.load_dense(read_dense(self.path / self.store.manifest["dense_file"], FUSED), config.dense,
-                              dense_group_size)
+        # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1;
+        # the embedding stays file-mapped when the store has its own LM head (a row lookup; not after a re-format,
+        # which may tie the LM head to it)
+        dense = read_dense(self.path / self.store.manifest["dense_file"], FUSED, map_embedding=config.dense is None)
+        emb = dense[EMBEDDING] if config.dense is None and embedding_is_lookup(dense) else None
+        self.mapped_bytes = emb.numel() * emb.element_size() if emb is not None else 0
+        self.model.load_dense(dense, config.dense, dense_group_size)
         release_free_heap()  # load-time temporaries (re-packing, quantizing an old store)
         if config.mlock:
             lock_dense(self.model.dense_tensors())
@@ -213,10 +217,10 @@ class Engine:
                     decode_tok_s=self.tokens_generated / self.decode_s if self.decode_s else 0.0, **self.memory())
 
     def memory(self) -> dict:
-        """Bytes: dense weights (every precision), KV cache as allocated, cached experts, and RSS now,
+        """Bytes: dense weights (every precision; dense_mapped_bytes of them file-mapped), KV cache as allocated, cached experts, and RSS now,
         at its peak and before the engine loaded anything (baseline: interpreter, torch, libraries)."""
         return dict(budget_bytes=self.budget_bytes, cached_expert_bytes=self.provider.cached_bytes(),
-                    dense_bytes=self.model.dense_nbytes(), kv_cache_bytes=self.model.kv_nbytes(),
+                    dense_bytes=self.model.dense_nbytes(), dense_mapped_bytes=self.mapped_bytes, kv_cache_bytes=self.model.kv_nbytes(),
                     peak_rss_bytes=peak_rss_bytes(), rss_bytes=rss_bytes(), baseline_rss_bytes=self.baseline_rss_bytes)
 
     def close(self) -> None:
