@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hobbit.lab.bench import add_bench_args
     from hobbit.lab.evaluate import add_eval_args
     from hobbit.lab.simulate import add_simulate_args
+    from hobbit.lab.study import add_study_args
     from hobbit.lab.tune import add_tune_args
-    for add in (add_eval_args, add_bench_args, add_simulate_args, add_tune_args):
+    for add in (add_eval_args, add_bench_args, add_simulate_args, add_tune_args, add_study_args):
         add(sub)
     return ap
 
