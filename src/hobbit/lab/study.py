@@ -201,12 +201,12 @@ def study_store(store: Path, args: argparse.Namespace, out: Path) -> dict:
             if any(p["kind"] == "dynamic" and p["fmt"] == fmt and p["fraction"] == x for p in points):
                 configs.append(dict(name=f"hobbit {high}+{fmt} {x}%", kind="dynamic", fmt=fmt, fraction=x,
                                     opt=dict(policy="hobbit", high=high, low=fmt, t1=t1, t2=1.0)))
-    for hi, kind in ((high, "static"), (args.native_high, "native")):
+    for hi, pkind in ((high, "static"), (args.native_high, "native")):
         for p in points:
-            if p["kind"] == kind and p["high"] == hi and p["signal"] in best and p["fraction"] in args.sim_fractions:
+            if p["kind"] == pkind and p["high"] == hi and p["signal"] in best and p["fraction"] in args.sim_fractions:
                 low = bottom(sig[p["signal"]], p["fraction"] / 100)
                 share = len(low) * disk[p["fmt"]] / (len(low) * disk[p["fmt"]] + (len(keys) - len(low)) * disk[hi])
-                configs.append(dict(name=f"{kind} {hi}+{p['fmt']} {p['signal']} {p['fraction']}%", kind=kind,
+                configs.append(dict(name=f"{pkind} {hi}+{p['fmt']} {p['signal']} {p['fraction']}%", kind=pkind,
                                     fmt=p["fmt"], signal=p["signal"], fraction=p["fraction"], high=hi,
                                     opt=dict(policy="slru", high=hi, low_pool_fraction=share), low=low))
 

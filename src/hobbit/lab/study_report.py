@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 QUALITY_TOL_PCT = 1.0  # a config "keeps quality" when its mean perplexity rises by at most this much
+LOOSE_TOL_PCT = 5.0  # the same decision with a looser quality bar
 WORTH_SPEEDUP = 1.10  # ... and it is "worth it" when that makes decode this much faster than both baselines
 
 # the formats every number in the report goes through (the test formats the JSON's numbers with these)
@@ -51,7 +52,8 @@ def derive(s: dict, links: list[float]) -> dict:
         p["frontier_dppl_pct"] = _interp(frontier, p["bytes_per_expert"])
         p["vs_uniform_pct"] = p["dppl_pct"] - p["frontier_dppl_pct"] if p["frontier_dppl_pct"] is not None else None
     a = dict(signals=_signal_table(s), gain=_gain(s), speed=_speed(s, links), kernels=_kernels(s))
-    a["decision"] = _decide(s, a, links)
+    a["decision"] = _decide(s, a, links, QUALITY_TOL_PCT)
+    a["decision_loose"] = _decide(s, a, links, LOOSE_TOL_PCT)
     a["findings"] = _findings(s, a)
     s["analysis"] = a
     return s
@@ -77,7 +79,9 @@ def _findings(s: dict, a: dict) -> dict:
                    bytes_share=p["bytes_share"], vs_uniform=p["vs_uniform_pct"])
               for p in pts if p["kind"] == "native" and p["signal"] == best]
     k = a["kernels"]
-    return dict(uniform=uni, best_signal=best, best_dppl=sig[0]["mean_dppl_pct"] if sig else None,
+    int4 = [p["dppl_pct"] for p in pts if p["kind"] in ("static", "dynamic", "uniform") and p["fmt"] == "int4"]
+    return dict(uniform=uni, int4_points=len(int4), int4_spread=max(int4) - min(int4) if int4 else None,
+                int4_min=min(int4) if int4 else None, int4_max=max(int4) if int4 else None, best_signal=best, best_dppl=sig[0]["mean_dppl_pct"] if sig else None,
                 worst_signal=sig[-1]["signal"] if sig else None, worst_dppl=sig[-1]["mean_dppl_pct"] if sig else None,
                 static_vs_dynamic=pairs, native=native,
                 int2_vs_int4_ms=k["int2"]["vs_int4"] if "int2" in k and "int4" in k else None,
@@ -93,6 +97,11 @@ def _findings_md(s: dict) -> list[str]:
     for t, u in f["uniform"].items():
         L.append(f"- Uniform {t} (all experts): Δppl {fmt(u['dppl'], 'f2')}%, top-1 {fmt(u['top1'], 'pct')}, at "
                  f"{fmt(u['bytes_share'], 'pct')} of the top tier's expert bytes.")
+    if f["int4_spread"] is not None:
+        L.append(f"- Noise: the {fmt(f['int4_points'], 'i')} points that re-quantize experts to int4 (the native bit "
+                 f"width, nearly lossless) scatter from {fmt(f['int4_min'], 'f2')}% to {fmt(f['int4_max'], 'f2')}% "
+                 f"({fmt(f['int4_spread'], 'f2')} points): Δppl differences smaller than that are within the noise "
+                 "of these held-out windows.")
     if f["best_signal"]:
         L.append(f"- Signal: `{f['best_signal']}` ranks first (mean Δppl {fmt(f['best_dppl'], 'f2')}% over its static "
                  f"points), `{f['worst_signal']}` last ({fmt(f['worst_dppl'], 'f2')}%).")
@@ -203,12 +212,12 @@ def _cfg_key(c: dict):
     return (kind, c["fmt"], c.get("signal"), c["fraction"])
 
 
-def _decide(s: dict, a: dict, links: list[float]) -> dict:
+def _decide(s: dict, a: dict, links: list[float], tol: float) -> dict:
     cells = []
     for b in s["setup_budgets"]:
         for link in links:
             rows = [r for r in a["speed"] if r["budget"] == b and r["link"] == link and r["tok_s"]]
-            ok = [r for r in rows if r["dppl_pct"] is not None and r["dppl_pct"] <= QUALITY_TOL_PCT]
+            ok = [r for r in rows if r["dppl_pct"] is not None and r["dppl_pct"] <= tol]
             base = next((r for r in rows if r["kind"] == "baseline"), None)
             uni = max((r for r in ok if r["kind"] == "uniform"), key=lambda r: r["tok_s"], default=None)
             mixed = max((r for r in ok if r["kind"] in ("static", "native", "dynamic")), key=lambda r: r["tok_s"],
@@ -222,9 +231,12 @@ def _decide(s: dict, a: dict, links: list[float]) -> dict:
                               worth=worth))
     sig = a["signals"][0]["signal"] if a["signals"] else None
     beat = [p for p in s["points"] if p["kind"] in ("static", "native") and p["vs_uniform_pct"] is not None]
+    uniform_wins = sum(1 for c in cells if c["best_uniform_speedup"] is not None and (
+        c["best_mixed_speedup"] is None or c["best_uniform_speedup"] >= c["best_mixed_speedup"]))
     return dict(cells=cells, worth_cells=sum(c["worth"] for c in cells), total_cells=len(cells), signal=sig,
+                uniform_wins=uniform_wins,
                 static_points=len(beat), static_beat_uniform=sum(p["vs_uniform_pct"] < 0 for p in beat),
-                tol_pct=QUALITY_TOL_PCT, worth_speedup=WORTH_SPEEDUP)
+                tol_pct=tol, worth_speedup=WORTH_SPEEDUP)
 
 
 # -- rendering: report.md and PNGs from study.json alone ---------------------------------------------------
@@ -254,7 +266,14 @@ def render(doc: dict, out: Path) -> str:
                  f"faster than both the full-precision SLRU and the best uniform store that keeps quality) in "
                  f"{fmt(d['worth_cells'], 'i')} of {fmt(d['total_cells'], 'i')} budget x link cells; best signal "
                  f"`{d['signal']}`; static mixed points below the uniform frontier at equal bytes: "
-                 f"{fmt(d['static_beat_uniform'], 'i')} of {fmt(d['static_points'], 'i')}.")
+                 f"{fmt(d['static_beat_uniform'], 'i')} of {fmt(d['static_points'], 'i')}; a uniform store (every "
+                 f"expert at one low tier) is at least as fast as the best mixed config in "
+                 f"{fmt(d['uniform_wins'], 'i')} of {fmt(d['total_cells'], 'i')} cells.")
+        d = s["analysis"]["decision_loose"]
+        L.append(f"  With a +{fmt(d['tol_pct'], 'f2')}% perplexity bar instead: worth it in {fmt(d['worth_cells'], 'i')} "
+                 f"of {fmt(d['total_cells'], 'i')} cells" + "".join(
+                     f"; {fmt(c['budget'], 'i')}% at {fmt(c['link'], 'g')} GB/s: {c['best_mixed']} "
+                     f"{fmt(c['mixed_vs_best_other'], 'sx')} the best alternative" for c in d["cells"] if c["worth"]) + ".")
     L.append("")
     for s in doc["stores"]:
         L += [f"### {s['store']}: best configs per budget and link", ""]
