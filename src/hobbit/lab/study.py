@@ -224,7 +224,11 @@ def study_store(store: Path, args: argparse.Namespace, out: Path) -> dict:
     sim = cached(cdir / f"sims-{simkey}.json", sims)
     for c in configs:
         c.pop("low", None)
-    return dict(store=store.name, path=str(store), kind=kind, native=NATIVE.get(kind, "unknown"),
+    man = json.loads((store / "manifest.json").read_text())
+    dense = (man.get("dense_format") or {}).get("format")
+    convert = f"hobbit convert {man['source']['path']} {store} --precisions {','.join(precs)}" + (
+        f" --dense {dense}" if dense else "")
+    return dict(store=store.name, path=str(store), kind=kind, convert=convert, native=NATIVE.get(kind, "unknown"),
                 arch=cfg.arch, sparse_layers=len(cfg.sparse_layers), num_experts=cfg.num_experts, top_k=cfg.top_k,
                 experts=len(keys), precisions=precs, high=high, setup_budgets=list(args.budgets),
                 grid=dict(fractions=args.fractions, bits=args.bits, signals=args.signals, dynamic=args.dynamic,
@@ -323,7 +327,7 @@ def command_line(store: str, args: argparse.Namespace) -> str:
 
 def cmd_study(args: argparse.Namespace) -> int:
     import os
-    from hobbit.lab.study_report import derive, render
+    from hobbit.lab.study_report import derive, render, summarize
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("cache/\n")
@@ -342,6 +346,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     doc = dict(machine=doc.get("machine") or f"{os.cpu_count()} CPU cores shared with other jobs, torch "
                f"{torch.__version__}, 1 torch thread", links=links, signal_doc=SIGNAL_DOC,
                commands=[s["command"] for s in stores.values()], stores=list(stores.values()))
+    doc["summary"] = summarize(doc)
     path.write_text(json.dumps(doc, indent=1))
     render(doc, out)
     log(f"wrote {out / 'report.md'}, {path}")
