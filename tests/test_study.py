@@ -134,5 +134,5 @@ def test_study_command_on_the_tiny_store(tiny_store, tmp_path):
     assert [p.stat().st_mtime_ns for p in cache] == stamps
     doc["stores"][0]["points"][0]["texts"]["a"]["ppl"] = 123.4567
     (out / "study.json").write_text(json.dumps(doc))
-    assert main(argv + ["--render-only"]) == 0
+    assert main(["study", "--out", str(out), "--render-only"]) == 0
     assert "123.457" in (out / "report.md").read_text()

@@ -280,7 +280,8 @@ GRID_FLAGS = (("fractions", "ints"), ("bits", "ints"), ("signals", "names"), ("d
 def add_study_args(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("study", help="report: is mixed-precision expert caching worth it (quality when cold "
                               "experts go to 4/3/2 bits, importance signals, resident gain, modeled decode speed)")
-    p.add_argument("stores", nargs="+", help="expert stores (their tiers: `hobbit convert --precisions`)")
+    p.add_argument("stores", nargs="*", help="expert stores (their tiers: `hobbit convert --precisions`); none "
+                   "with --render-only")
     p.add_argument("--out", default="docs/study", help="report folder; its cache/ holds each step's result, so a "
                    "rerun resumes (default docs/study)")
     p.add_argument("--fractions", type=_ints, default=[0, 10, 25, 50, 75, 100], help="X: %% of experts sent low")
@@ -328,6 +329,8 @@ def command_line(store: str, args: argparse.Namespace) -> str:
 def cmd_study(args: argparse.Namespace) -> int:
     import os
     from hobbit.lab.study_report import derive, render, summarize
+    if not args.stores and not args.render_only:
+        raise ValueError("name at least one store (or --render-only to re-render OUT/study.json)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("cache/\n")

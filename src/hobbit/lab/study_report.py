@@ -344,8 +344,8 @@ def render(doc: dict, out: Path) -> str:
     for s in doc["stores"]:
         L += _findings_md(s) + _quality(s, out) + _signals(s) + _gain_md(s) + _speed_md(s, doc["links"], out) + _kernels_md(s)
     L += ["## Reproduce", "", "The stores (each `hobbit convert` once; SmolMoE and CoderMoE are `hobbit assets smolmoe` / "
-          "`codermoe`), then the study, one command per store (a rerun resumes from `cache/`; `--render-only` "
-          "re-renders this file from study.json):", ""]
+          "`codermoe`), then the study, one command per store (a rerun resumes from `cache/`; `hobbit study --out "
+          "docs/study --render-only` re-renders this file and the plots from study.json):", ""]
     L += [f"    {s['convert']}" for s in doc["stores"] if s.get("convert")] + [""] + [f"    {c}" for c in doc["commands"]] + [""]
     text = "\n".join(L)
     (out / "report.md").write_text(text)
