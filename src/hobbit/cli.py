@@ -251,6 +251,11 @@ def _tune(sub) -> None:
     add_tune_args(sub)
 
 
+def _study(sub) -> None:
+    from hobbit.lab.study import add_study_args
+    add_study_args(sub)
+
+
 # every command: its one line in `hobbit --help`, and what adds its parser (importing only that command's modules,
 # so `hobbit --help` and `hobbit simulate` never import torch)
 HELP = {
@@ -270,10 +275,12 @@ HELP = {
     "simulate": "replay a routing trace through a cache policy (no model): hit rates, bytes moved, modeled load time",
     "tune": "calibrate HOBBIT's thresholds, low-pool share and eviction weights for a store and budget (writes "
             "STORE/hobbit_tuned.json)",
+    "study": "report: is mixed-precision expert caching worth it (quality when cold experts go to 4/3/2 bits, "
+             "importance signals, resident gain, modeled decode speed)",
 }
 COMMANDS = {"convert": _convert, "export": _export, "run": _run, "profile": _profile, "demo": _demo, "assets": _assets,
             "serve": _serve, "chat": _chat, "moefy": _moefy, "eval": _eval, "bench": _bench, "simulate": _simulate,
-            "tune": _tune}
+            "tune": _tune, "study": _study}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -180,6 +180,8 @@ def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, 
     n = max(1, tokens)
     options = {k: v for k, v in asdict(opt).items() if k != "eviction_options"}
     options["eviction_options"] = {k: v for k, v in opt.eviction_options.items() if k != "trace"}
+    if opt.precision_map is not None:  # JSON keys are strings
+        options["precision_map"] = {f"{layer}/{e}": p for (layer, e), p in sorted(opt.precision_map.items())}
     options["depth"] = opt.depth
     demand_s = bytes_demand / link if link else None
     prefetch_s = bytes_prefetch / link if link else None

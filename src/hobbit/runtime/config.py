@@ -88,6 +88,10 @@ class RunConfig:
     prefetch_depth: int | None = field(default=None, metadata=_knob(
         "--prefetch-depth", "layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)",
         type=int))
+    precision_map: dict | None = field(default=None, metadata=_knob(
+        "--precision-map", "a JSON file {\"layer/expert\": precision}: those experts always run at that precision "
+        "(one below --high), the rest at --high, instead of a per-token rule (`hobbit study` writes such maps)",
+        metavar="FILE"))
     tuned: bool = field(default=True, metadata=_knob(
         "--no-tuned", "policy hobbit: ignore the store's `hobbit tune` result (by default its options are the "
         "defaults; explicit options win)", action="store_false"))
@@ -111,6 +115,8 @@ class RunConfig:
             object.__setattr__(self, name, precision_name(getattr(self, name)))
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose bf16 or fp32")
+        if isinstance(self.precision_map, (str, Path)):
+            object.__setattr__(self, "precision_map", read_precision_map(self.precision_map))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **override) -> "RunConfig":
@@ -162,6 +168,16 @@ def default_precisions(precisions: Sequence[str], policy: str, high: str | None,
     return high, low
 
 
+def read_precision_map(path: str | Path) -> dict[tuple[int, int], str]:
+    """{(layer, expert): precision} from a JSON file {"layer/expert": precision}; ValueError names what is wrong."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        return {tuple(int(i) for i in k.split("/", 1)): str(v) for k, v in doc.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"--precision-map {path}: expected a JSON object like {{\"3/5\": \"int2\"}} "
+                         f"(layer/expert: precision), got {type(e).__name__}: {e}") from None
+
+
 def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> Resolved:
     """The settled run (module docstring). `tuned` is the store's `read_tuned` document, or None. Pure."""
     high, low = default_precisions(facts.precisions, config.policy, config.high, config.low)
@@ -178,7 +194,10 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> 
         else:
             note = (f"{TUNED_FILE} was tuned for {cal.get('high')}+{cal.get('low')}, not {high}+{low}: using the "
                     f"default thresholds; re-run `hobbit tune`")
-    options = Options(policy=policy, high=high, low=low, allow_low_for_high=config.allow_low_for_high, **knobs)
+    if config.precision_map and config.low is None:  # the map names the low tier
+        low = next(iter(set(config.precision_map.values()) - {high}), low)
+    options = Options(policy=policy, high=high, low=low, allow_low_for_high=config.allow_low_for_high,
+                      precision_map=config.precision_map, **knobs)
     return Resolved(options, budget, used, note)
 
 
