@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hobbit.models import moefy, recipes  # noqa: E402
-from hobbit.models.moefy_train import distill, moe_layers  # noqa: E402
+from hobbit.models.moefy_train import distill, moe_layers, oracle_forward  # noqa: E402
 
 MC = moefy.MoefyConfig(experts=4, top_k=2, shared=16, tau=0.5, router_epochs=3)
 
@@ -38,6 +38,18 @@ def test_recipe_shapes_and_determinism(tiny):
     m = moefy.moe_layer(moefy.Dense(sd, cfg), 0, moefy.layer_recipe(r1, 0), MC.shared)
     assert m["gate_proj"].shape == (4, 12, 32) and m["down_proj"].shape == (4, 32, 12)
     assert m["shared_up_proj"].shape == (16, 32)
+
+
+def test_oracle_forward_with_every_expert_is_the_dense_mlp(tiny):
+    _, sd, cfg, ids = tiny
+    dense = moefy.Dense(sd, cfg)
+    recipe = moefy.calibrate(dense, ids, MC, log=lambda s: None)
+    r = moefy.layer_recipe(recipe, 1)
+    m = moefy.moe_layer(dense, 1, r, MC.shared)
+    x = torch.randn(8, 32)
+    torch.testing.assert_close(oracle_forward(m, r["scale"], x, MC.experts), dense.mlp(1, x), atol=1e-5, rtol=1e-4)
+    drop = (oracle_forward(m, r["scale"], x, 2) - dense.mlp(1, x)).norm()
+    assert 0 < drop < (oracle_forward(m, r["scale"], x, 1) - dense.mlp(1, x)).norm()
 
 
 def test_checkpoint_matches_transformers(tiny, tmp_path):
