@@ -12,7 +12,7 @@ import hobbit
 from hobbit.cli import main
 from hobbit.lab.study_measure import (PerTokenPrecision, bottom, eq2_scores, low_share, routing_stats, signals,
                                       spearman, t1_for_share)
-from hobbit.lab.study_report import FMT, fmt
+from hobbit.lab.study_analysis import FMT, fmt
 from hobbit.runtime.trace import LayerCall
 
 

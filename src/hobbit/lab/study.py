@@ -328,7 +328,8 @@ def command_line(store: str, args: argparse.Namespace) -> str:
 
 def cmd_study(args: argparse.Namespace) -> int:
     import os
-    from hobbit.lab.study_report import derive, render, summarize
+    from hobbit.lab.study_analysis import derive, summarize
+    from hobbit.lab.study_report import render
     if not args.stores and not args.render_only:
         raise ValueError("name at least one store (or --render-only to re-render OUT/study.json)")
     out = Path(args.out)
