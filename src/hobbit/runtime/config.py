@@ -107,8 +107,10 @@ class RunConfig:
         "--threads", "torch compute threads (default 1; the loader uses another)", "engine", type=int))
     direct_io: bool = field(default=True, metadata=_knob(
         "--no-direct-io", "read blobs through the page cache", "engine", action="store_false"))
-    io_threads: int = field(default=1, metadata=_knob(
-        "--io-threads", "blobs read at once by the loader (default 1)", "engine", type=int))
+    io_threads: int | None = field(default=None, metadata=_knob(
+        "--io-threads", "blobs read at once, demand loads included (default: 4 when one expert is >= 1 MiB, "
+        "where parallel reads raise disk throughput; else 1, the compute thread reading its own misses)",
+        "engine", type=int))
 
     def __post_init__(self) -> None:
         for name in ("dtype", "dense", "high", "low"):  # torch dtypes and long names, as the short names
