@@ -16,6 +16,7 @@ at the highest stored precision.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -185,6 +186,8 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
     with load(s.store, policy="resident", **dict(s.engine, high=None, dense=None)) as ref_engine:
         log(f"reference: resident at {ref_engine.provider.opt.high}, {len(s.eval_ids)} tokens")
         ref = evaluate_ppl(ref_engine, s.eval_ids, s.window, s.stride, keep_predictions=True, stepwise=s.stepwise)
+    del ref_engine  # its resident pools hold every expert: freed now, not when the whole bench returns
+    gc.collect()
     samples: dict[Config, list[dict]] = {c: [] for c in cfgs}
     quality, info, failed = {}, {}, []
     active = list(cfgs)
