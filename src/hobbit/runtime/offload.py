@@ -278,8 +278,8 @@ class OffloadedExperts:
                 done[step.expert] = None, reuse.pop(step.key).mul_(float(row[1][row[0].index(step.expert)]))
                 return
             expert = self.pools[step.key[2]].experts[step.slot]
-            if keep:
-                y = self._little_out[step.key] = expert(x)  # [1,H], unweighted
+            if keep:  # [1,H] unweighted (x 1.0 is exact; through _weighted so `hobbit profile` times it)
+                y = self._little_out[step.key] = _weighted(expert, step.expert, x, ids, (row[0], [1.0] * len(row[0])), w)[1]
                 done[step.expert] = None, y.clone().mul_(float(row[1][row[0].index(step.expert)]))
                 return
             done[step.expert] = _weighted(expert, step.expert, x, ids, row, w)
