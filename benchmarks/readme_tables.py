@@ -127,7 +127,8 @@ def dense() -> str:
 
 TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload,
           "mobile": lambda: mobile("bench_mobile.json", "bench_mobile_gamma0.json"),
-          "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma0.3.json"),
+          "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma0.5.json",
+                                            "bench_mobile_codermoe_gamma0.3.json"),
           "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json")}
 
 
