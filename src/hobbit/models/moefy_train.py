@@ -78,14 +78,35 @@ def distill(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig, ids: Tenso
 
 # ---------------------------------------------------------------- evaluation
 
-def moe_layers(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig) -> tuple[Dense, list[dict[str, Tensor]]]:
-    """The MoE model of a recipe for our reference forward: (Dense with the recipe's FFN norms, MoE layers)."""
+def moe_layers(dense: Dense, recipe: dict[str, Tensor], mc: MoefyConfig,
+               drop_mlp: bool = False) -> tuple[Dense, list[dict[str, Tensor]]]:
+    """The MoE model of a recipe for our reference forward: (Dense with the recipe's FFN norms, MoE layers).
+    drop_mlp: delete each dense MLP from `dense` once its MoE layer is made (CoderMoE: 12 GB -> 9 GB peak)."""
     sd, cfg = tie_embeddings(dense.sd, dense.cfg) if mc.tie else (dict(dense.sd), dense.cfg)
     for l in range(dense.L):
         if f"layers.{l}.ffn_norm" in recipe:
             sd[f"model.layers.{l}.post_attention_layernorm.weight"] = recipe[f"layers.{l}.ffn_norm"]
-    moe_dense = Dense(sd, cfg)
-    return moe_dense, [moe_layer(dense, l, layer_recipe(recipe, l), mc.shared) for l in range(dense.L)]
+    moe_dense, layers = Dense(sd, cfg), []
+    for l in range(dense.L):
+        layers.append(moe_layer(dense, l, layer_recipe(recipe, l), mc.shared))
+        if drop_mlp:
+            for name in [f"model.layers.{l}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]:
+                dense.sd.pop(name, None)
+                sd.pop(name, None)
+    return moe_dense, layers
+
+
+def oracle_forward(m: dict[str, Tensor], scale: Tensor, x: Tensor, k: int) -> Tensor:
+    """About the best any router and expert scales can do with these experts: each token [N,H] gets the k experts
+    with the largest output norm, each and the shared expert at weight 1 (the dense MLP's own coefficients);
+    `scale` (the recipe's) is divided out of m's down_proj. On CoderMoE layers 3/7/14/21 (4096 calibration tokens),
+    a greedy best set with per-token least-squares weights had a local error at most 0.011 lower (0.240 vs 0.251)."""
+    E, I, H = m["gate_proj"].shape
+    a = F.silu(x @ m["gate_proj"].reshape(E * I, H).T) * (x @ m["up_proj"].reshape(E * I, H).T)
+    Y = torch.einsum("nei,ehi->neh", a.view(-1, E, I), m["down_proj"]) / scale[:E, None].to(x.dtype)
+    mask = torch.zeros(x.shape[0], E, dtype=x.dtype).scatter_(1, Y.norm(dim=-1).topk(k, -1).indices, 1.0)
+    shared = (F.silu(x @ m["shared_gate_proj"].T) * (x @ m["shared_up_proj"].T)) @ m["shared_down_proj"].T
+    return (Y * mask[..., None]).sum(1) + shared / scale[E].to(x.dtype)
 
 
 def perplexity(dense: Dense, ids: Tensor, mlp=None, batch: int = 4) -> float:
@@ -153,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from hobbit.models.assets import asset_path
-    from hobbit.models.moefy import RECIPE, load_dense, load_recipe
+    from hobbit.models.moefy import CODERMOE_RECIPE, RECIPE, load_dense, load_recipe
     from hobbit.models.moefy_text import EVAL_TEXTS, eval_windows
     p = argparse.ArgumentParser(prog="python -m hobbit.models.moefy_train", description=main.__doc__)
     p.add_argument("--model", choices=("smolmoe", "codermoe"), default="smolmoe",
@@ -166,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=8, help="512-token windows per text")
     p.add_argument("--stats-windows", type=int, help="routing statistics on the first N windows only (default: "
                    "all, scored in the same pass as the perplexity)")
+    p.add_argument("--oracle", action="store_true", help="also the perplexity with oracle routing at each top-k "
+                   "(oracle_forward: the k largest expert outputs per token, at weight 1)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from hobbit.models.assets_coder import CODERMOE_RECIPE
     source, recipe_path = {"smolmoe": ("smollm2-gguf", RECIPE),
                            "codermoe": ("qwen-coder-gguf", CODERMOE_RECIPE)}[args.model]
     sd, cfg, tok, _ = load_dense(args.src or asset_path(source))
@@ -188,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     recipe, mc, prov = load_recipe(args.recipe or recipe_path)
     res.update(recipe=str(args.recipe or recipe_path), moefy=vars(mc), provenance=prov)
-    md, layers = moe_layers(dense, recipe, mc)
+    md, layers = moe_layers(dense, recipe, mc, drop_mlp=True)  # the dense model is scored above
     n_stats = min(args.stats_windows or args.windows, args.windows)
     for k in args.top_k or [mc.top_k]:
         stats = {t: routing_stats(md, layers, ids[:n_stats], k, mc.norm) for t, ids in texts.items()}
@@ -201,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         res["routing"][f"top{k}"] = stats
         print(f"top{k}", res["perplexity"][f"top{k}"], {t: s["mean"] for t, s in stats.items()}, flush=True)
         save()
+        if args.oracle:
+            def omlp(l: int, x: Tensor, k: int = k) -> Tensor:
+                return oracle_forward(layers[l], recipe[f"layers.{l}.scale"], x.reshape(-1, x.shape[-1]), k).view_as(x)
+            res["perplexity"][f"oracle_top{k}"] = {t: round(perplexity(md, ids, omlp, batch=2), 3)
+                                                   for t, ids in texts.items()}
+            print(f"oracle top{k}", res["perplexity"][f"oracle_top{k}"], flush=True)
+            save()
     return 0
 
 

@@ -204,12 +204,16 @@ class OffloadedExperts:
         self.predictor: Predictor | None = None
         self.trace: TraceWriter | None = None
         self.resident: dict[tuple[int, int], Expert] = {}
-        if options.policy == "resident":
+        if options.policy == "resident":  # every expert in RAM, at its mapped precision (default high)
             keys = sorted({(b.layer, b.expert) for b in store.blobs.values() if b.precision == options.high})
-            self.pools = {options.high: SlotPool(store, options.high, len(keys), dtype)} if keys else {}
-            for slot, (layer, expert) in enumerate(keys):
-                self.pools[options.high].load(slot, layer, expert)
-                self.resident[(layer, expert)] = self.pools[options.high].experts[slot]
+            prec_of = {k: (options.precision_map or {}).get(k, options.high) for k in keys}
+            by_prec = {p: [k for k in keys if prec_of[k] == p] for p in sorted(set(prec_of.values()))}
+            self.pools = {p: SlotPool(store, p, len(ks), dtype) for p, ks in by_prec.items()}
+            for p, ks in by_prec.items():
+                for slot, (layer, expert) in enumerate(ks):
+                    self.pools[p].load(slot, layer, expert)
+                    self.resident[(layer, expert)] = self.pools[p].experts[slot]
+            self._resident_prec = prec_of
         else:
             self.pools = {p: SlotPool(store, p, n, dtype) for p, n in self.scheduler.capacity.items()}
         self.fetcher = SlotFetcher(self.pools, self.loader, self.stats, demand_on_loader=io_threads > 1)
@@ -254,7 +258,8 @@ class OffloadedExperts:
         done: dict[int, tuple[Tensor | None, Tensor]] = {}  # expert -> (its tokens, or None at decode; weighted output)
         if self.resident:  # no scheduler: every copy is in RAM
             experts = sorted({e for r, _ in rows for e in r})
-            self.stats.hits[self.opt.high] += len(experts)
+            for e in experts:
+                self.stats.hits[self._resident_prec[(layer, e)]] += 1
             self.stats.selections += sum(len(r) for r, _ in rows)
             for e in experts:
                 done[e] = _weighted(self.resident[(layer, e)], e, x, ids, rows[0], weights)

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from hobbit.policies.biglittle import LITTLE_RULES
+from hobbit.policies.precision import HIGH, LOW
 from hobbit.policies.prefetch import PredictionStats
 
 NO_CACHE_POLICIES = ("resident", "ondemand")
@@ -64,6 +65,9 @@ class Options:
     gamma: float = 0.7  # MoBiLE: a little pass whose top next-token probability is below gamma is redone big
     prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
     eviction_options: dict = field(default_factory=dict)
+    # static per-expert precision, (layer, expert) -> format (unlisted: high); it replaces Eq. 2's per-token
+    # rule on every policy; its one format besides `high` becomes `low` (the two tiers are two cache pools)
+    precision_map: dict[tuple[int, int], str] | None = None
 
     def __post_init__(self) -> None:
         if self.policy in MOBILE_POLICIES:
@@ -75,6 +79,13 @@ class Options:
                 raise ValueError(f"unknown little rule {self.little_rule!r}; choose from {', '.join(LITTLE_RULES)}")
             if self.little is None:
                 raise ValueError(f"little rule {self.little_rule!r} needs a threshold (--little X)")
+        if self.precision_map is not None:
+            others = set(self.precision_map.values()) - {self.high}
+            if len(others) > 1 or (others and self.low is not None and others != {self.low}):
+                raise ValueError(f"a precision map holds two tiers: {self.high} (high) and one low format"
+                                 f"{f' ({self.low})' if self.low else ''}; it names {', '.join(sorted(others))}")
+            if others:
+                self.low = others.pop()
         if not 0 <= self.gamma <= 1.01:
             raise ValueError(f"gamma must be in [0, 1] (above 1: every token falls back), got {self.gamma}")
 
@@ -83,6 +94,16 @@ class Options:
         """The policy as the user names it ('hobbit+mobile', not the base 'hobbit')."""
         return next((k for k, v in MOBILE_POLICIES.items() if v == self.policy), self.policy) if self.mobile \
             else self.policy
+
+    @property
+    def two_tiers(self) -> bool:
+        """High and low copies in two cache pools: policy hobbit, or a precision map that uses low."""
+        return self.policy == "hobbit" or (self.precision_map is not None and self.low is not None
+                                           and self.low in self.precision_map.values())
+
+    def mapped_tier(self, layer: int, expert: int) -> str:
+        """'high' | 'low': the precision map's tier of an expert (high when unlisted)."""
+        return LOW if self.precision_map.get((layer, expert), self.high) != self.high else HIGH
 
     @property
     def depth(self) -> int:

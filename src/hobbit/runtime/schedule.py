@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from hobbit.runtime.cache import CacheFull, ExpertCache
-from hobbit.policies.eviction import Key, make_policy
+from hobbit.policies.eviction import Key, make_evictor
 from hobbit.policies.biglittle import LITTLE_RULES, little_k, little_weights
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, Stats
@@ -86,8 +86,8 @@ class Scheduler:
         if budget < need:
             raise ValueError(f"budget {budget} bytes is too small: one layer's {top_k} active experts at "
                              f"{o.high} need {need} bytes ({need / 2**20:.1f} MiB); raise --budget to at least that")
-        evictor = {"lru+prefetch": "lru"}.get(o.policy, o.policy)
-        if o.policy != "hobbit":
+        evictor = {"lru+prefetch": "lru", "hobbit": "multidim"}.get(o.policy, o.policy)
+        if not o.two_tiers:
             return self._pools({"all": budget}, lambda prec: "all", evictor)
         low_budget = int(budget * o.low_pool_fraction)
         pools = {HIGH: budget - low_budget, LOW: low_budget}
@@ -100,14 +100,14 @@ class Scheduler:
     def _pools(self, pools: dict[str, int], pool_of: Callable[[str], str], evictor: str) -> ExpertCache:
         """The cache, and the slot count of each pool's one precision (its budget over one expert's bytes)."""
         o = self.opt
-        for prec in filter(None, (o.high, o.low if o.policy == "hobbit" else None)):
+        for prec in filter(None, (o.high, o.low if o.two_tiers else None)):
             n = pools[pool_of(prec)] // self.expert_nbytes(prec)
             if n < 1:
                 raise ValueError(f"the {pool_of(prec)} pool ({pools[pool_of(prec)]} bytes) cannot hold one {prec} "
                                  f"expert ({self.expert_nbytes(prec)} bytes); raise --budget or the low-pool fraction")
             self.capacity[prec] = n
             self._free[prec] = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
-        return ExpertCache(pools, pool_of, make_policy(evictor, self.num_layers, **o.eviction_options))
+        return ExpertCache(pools, pool_of, make_evictor(evictor, self.num_layers, **o.eviction_options))
 
     # -- clock -----------------------------------------------------------------------------------
     def begin_sequence(self, fetcher: Fetcher | None = None) -> None:
@@ -247,7 +247,7 @@ class Scheduler:
 
         Returns the tier per unique expert (the highest any token asks for) and, when a token
         drops or rescales an expert, the weights to compute with ([T][k], 0 for a dropped slot;
-        the kept ones are not renormalized after an Eq. 2 skip, per the notes), else None.
+        the kept ones are not renormalized after an Eq. 2 skip: a skip drops that expert's term), else None.
         """
         o = self.opt
         rank = {HIGH: 0, LOW: 1, SKIP: 2}
@@ -263,7 +263,7 @@ class Scheduler:
                 w, changed = kept + [0.0] * (len(w) - len(kept)), True
             n = sum(1 for x in w if x > 0) or 1
             # Eq. 2 on the full top-k: dropping the tail does not change the mass ranked above an expert
-            tiers = decide(weights, o.t1, o.t2)[:n] if o.policy == "hobbit" else [HIGH] * n
+            tiers = self._tiers(layer, ids, weights)[:n]
             for slot, e in enumerate(ids):
                 tier = tiers[slot] if slot < n else SKIP
                 if tier == SKIP and slot < n and self._cached(layer, e, LOW) is not None:
@@ -275,6 +275,13 @@ class Scheduler:
                     want[e] = tier
             out.append(w)
         return want, (out if changed else None)
+
+    def _tiers(self, layer: int, ids: Sequence[int], weights: Sequence[float]) -> list[str]:
+        """Each selected expert's tier: the static precision map's, else Eq. 2 (policy hobbit), else high."""
+        o = self.opt
+        if o.precision_map is not None:
+            return [o.mapped_tier(layer, e) for e in ids]
+        return decide(weights, o.t1, o.t2) if o.policy == "hobbit" else [HIGH] * len(ids)
 
     def _fmt(self, tier: str) -> str:
         return self.opt.high if tier == HIGH else self.opt.low
@@ -299,8 +306,8 @@ class Scheduler:
             if tier == SKIP:
                 steps.append(Step(e, "skip"))
             elif self.opt.policy == "resident":
-                self.stats.hits[self.opt.high] += 1
-                steps.append(Step(e, "hit", (layer, e, self.opt.high), e))
+                self.stats.hits[self._fmt(tier)] += 1
+                steps.append(Step(e, "hit", (layer, e, self._fmt(tier)), e))
             elif (served := self._cached(layer, e, tier)) is not None:
                 key = (layer, e, self._fmt(served))
                 self.cache.touch(key, self.t, layer, served == HIGH)
@@ -361,11 +368,15 @@ class Scheduler:
             return []
         for j, pairs in predicted.items():
             self._predicted[j] = [e for e, _ in pairs]
-        if self.opt.policy == "hobbit":
+        if self.opt.policy == "hobbit" and self.opt.precision_map is None:
             t1, t2 = self.opt.t1, self.opt.t2
         else:
-            t1 = t2 = 1.0  # full-precision speculation: every predicted expert is high
-        plan = plan_prefetch(predicted, lambda j, e, tier: self._cached(j, e, tier) is not None, t1, t2)
+            t1 = t2 = 1.0  # full-precision speculation: every predicted expert is high (or its mapped tier)
+        tier_of = (lambda j, e, tier: self.opt.mapped_tier(j, e)) if self.opt.precision_map is not None else \
+            (lambda j, e, tier: tier)
+        plan = plan_prefetch(predicted, lambda j, e, tier: self._cached(j, e, tier_of(j, e, tier)) is not None, t1, t2)
+        plan = type(plan)([(j, e, tier_of(j, e, t)) for j, e, t in plan.loads],
+                          [(j, e, tier_of(j, e, t)) for j, e, t in plan.pins], plan.stop_layer)
         for j, e, tier in plan.pins:
             served = self._cached(j, e, tier)
             key = (j, e, self._fmt(served or tier))
@@ -392,7 +403,7 @@ class Scheduler:
             return []
         loads = []
         for ids, weights in rows:
-            tiers = decide(weights, self.opt.t1, self.opt.t2) if self.opt.policy == "hobbit" else [HIGH] * len(ids)
+            tiers = self._tiers(layer, ids, weights)
             for e, tier in list(zip(ids, tiers))[little_k(len(ids)):]:
                 if tier == SKIP or self._cached(layer, e, tier) is not None:
                     continue
