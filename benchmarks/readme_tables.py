@@ -78,6 +78,29 @@ def profile(name: str = "bench_smolmoe.json") -> str:
     return _md(head, rows)
 
 
+def mobile(*names: str) -> str:
+    """MoBiLE runs (hobbit bench with mobile policies), one block of rows per file; × lru within the file."""
+    rows, docs = [], [_load(name) for name in names]
+    cancel = any("fallback_prefetch_cancelled_frac" in r for d in docs for r in d["runs"])  # measured since then
+    for d in docs:
+        gamma = d["settings"]["engine"].get("gamma")
+        lru = next(r["decode_tok_s"] for r in d["runs"] if r["policy"] == "lru")
+        for r in d["runs"]:
+            little = r["fallback_rate"] is not None
+            fb = "" if not little else f"{_pct(r['fallback_rate'])} / {_pct(r['eval_fallback_rate'])}"
+            saved = r.get("fallback_bytes_saved_per_token")
+            rows.append([r["policy"], f"{0.7 if gamma is None else gamma:g}" if little else "",
+                         f"{r['decode_tok_s']:.2f}", f"{r['decode_tok_s'] / lru:.2f}", fb,
+                         _pct(r["fallback_prefetch_used_frac"]) if little else ""]
+                        + ([_pct(r.get("fallback_prefetch_cancelled_frac")) if little else "",
+                            f"{saved / 1024:.0f}" if little and saved is not None else ""] if cancel else [])
+                        + [f"{r['bytes_per_token'] / 1024:.0f}", f"{r['ppl_delta_pct']:+.2f}%",
+                           f"{r['top1_agreement']:.1%}"])
+    return _md(["policy", "gamma", "decode tok/s", "× lru", "fallback (decode / eval)", "fallback prefetches used"]
+               + (["cancelled unread", "KiB saved / token"] if cancel else [])
+               + ["KiB read / token", "ppl Δ", "top-1"], rows)
+
+
 def offload() -> str:
     d = _load("offload_random_qwen3.json")
     rows = [[p, f"{x['decode_tok_s']:.1f}", f"{x['hit_rate']:.0%}", f"{x['bytes_per_token'] / MIB:.0f} MiB",
@@ -102,7 +125,11 @@ def dense() -> str:
     return _md(["`--dense`", "SmolLM2 tok/s", "fastest step", "SmolLM2 ppl", "SmolMoE ppl"], rows)
 
 
-TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload}
+TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload,
+          "mobile": lambda: mobile("bench_mobile.json", "bench_mobile_gamma0.json"),
+          "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma0.5.json",
+                                            "bench_mobile_codermoe_gamma0.3.json"),
+          "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json")}
 
 
 def missing(readme: str) -> list[str]:

@@ -7,6 +7,8 @@ import torch
 
 import hobbit
 
+from hobbit.runtime.loader import PREFETCH
+
 from tiny import decode_logits
 
 PROMPT = [3, 17, 42, 99, 7, 128, 64, 5]
@@ -64,3 +66,64 @@ def test_redo_needs_the_last_pass_tokens(tiny_store):
         with pytest.raises(ValueError, match="redo needs"):
             seq.redo(torch.tensor([5, 6]))
     eng.close()
+
+
+def test_accepted_tokens_cancel_their_queued_fallback_reads(tiny_store):
+    """No loader thread (io_threads 0): a prefetch stays queued until someone waits for it, so with gamma 0
+    (every token accepted) each fallback read is still queued when the next token starts and is dropped
+    unread: none runs, their keys leave the cache and their slots are free again; the logits are those of
+    a run whose loader did read them."""
+    ref_logits, ref_toks, _, _ = _decode(tiny_store, "mobile", gamma=0.0)
+    eng = hobbit.load(tiny_store, budget=BUDGET, policy="mobile", gamma=0.0, io_threads=0)
+    logits, toks = decode_logits(eng, PROMPT, STEPS)
+    sched, stats = eng.provider.scheduler, eng.provider.stats
+    pending = [k for k in sched._fallback]  # the last token's reads: cancelled when the next sequence begins
+    eng.provider.begin_sequence()
+    assert toks == ref_toks and torch.equal(logits, ref_logits)
+    s = stats.as_dict()
+    assert s["fallback_prefetch_issued"] > 0
+    assert s["fallback_prefetch_used"] == 0
+    # every fallback read was dropped unread: by acceptance, or (evicted first) by its slot's reuse
+    assert s["fallback_prefetch_cancelled"] + s["prefetch_cancelled"] == s["fallback_prefetch_issued"]
+    assert s["fallback_prefetch_cancelled"] > 0 and pending
+    assert s["fallback_bytes_saved"] == s["fallback_prefetch_cancelled"] * eng.provider.expert_bytes("bf16")
+    assert eng.provider.loader.loads[PREFETCH] == 0
+    assert not any(k in sched.cache for k in pending)
+    for prec, n in sched.capacity.items():  # every slot is either free or holds a cached key, once
+        held = [slot for k, slot in sched._slot.items() if k[2] == prec]
+        assert sorted(held + sched._free[prec]) == list(range(n))
+        assert all(k in sched.cache for k in sched._slot)
+    eng.close()
+
+
+def test_a_started_fallback_read_completes_and_stays_cached(tiny_store):
+    """A fallback read that is running when its token is accepted is not cancelled: it finishes and its
+    copy stays cached (and serves a later request without a read)."""
+    eng = hobbit.load(tiny_store, budget=BUDGET, policy="mobile", gamma=0.0, io_threads=0)
+    sched, fetcher = eng.provider.scheduler, eng.provider.fetcher
+    seq = eng.sequence()
+    with torch.inference_mode():
+        seq.step(torch.tensor(PROMPT))
+        for tok in range(5, 5 + STEPS):  # little passes, until one queues fallback reads
+            seq.step(torch.tensor([tok]))
+            if sched._fallback:
+                break
+        first = next(iter(sched._fallback))
+        fetcher.wait(first, sched._slot[first])  # one of them runs (here, to completion)
+        issued = eng.provider.stats.fallback_prefetch_issued
+        seq.step(torch.tensor([6]))  # accepted: the others are cancelled, the one that ran is kept
+    s = eng.provider.stats
+    assert first in sched.cache and first not in sched.cancelled
+    assert s.fallback_prefetch_cancelled >= 1 and s.fallback_prefetch_cancelled + s.prefetch_cancelled <= issued - 1
+    eng.close()
+
+
+def test_the_redo_reuses_the_first_sparse_layer_little_outputs(tiny_store):
+    """With every token falling back, each redo takes ceil(k/2) expert outputs of its first sparse layer
+    from the little pass (same input, same copy); the decode stays bit-identical to big-only (above)."""
+    _, _, _, stats = _decode(tiny_store, "mobile", gamma=1.01)
+    eng = hobbit.load(tiny_store, budget=BUDGET, policy="lru")
+    k = eng.config.top_k
+    eng.close()
+    from hobbit.policies.biglittle import little_k
+    assert 0 < stats["fallback_reused"] <= STEPS * little_k(k)

@@ -33,18 +33,26 @@ SETTINGS = [
     ("lru", {"little_rule": "adapmoe", "little": 0.3}),  # AdapMoE's weight threshold
     ("mobile", {"gamma": 0.035}),  # MoBiLE: little passes, some redone big (the tiny model's confidences)
     ("hobbit+mobile", {"gamma": 0.035}),
+    # no loader thread: every fallback read is still queued when its token is accepted, so it is cancelled
+    # (the trace records which; the replay's cache drops the same keys)
+    ("mobile", {"gamma": 0.035, "io_threads": 0}),
+    ("hobbit+mobile", {"gamma": 0.035, "io_threads": 0}),
 ]
 
 COMPARED = ("hits_by_precision", "misses_by_precision", "skipped", "selections", "evictions", "prefetch_issued",
-            "prefetch_used", "little_steps", "fallbacks", "fallback_prefetch_issued", "fallback_prefetch_used")
+            "prefetch_used", "little_steps", "fallbacks", "fallback_prefetch_issued", "fallback_prefetch_used",
+            "fallback_prefetch_cancelled")
 
 
 def live_run(store, trace, policy, **options):
     """Two greedy sequences through the live engine, recording the trace."""
     eng = hobbit.load(store, budget=BUDGET, policy=policy, low="int4" if "hobbit" in policy else None,
                       trace=trace, **options)
+    read0 = eng.store.bytes_read  # resident reads every expert at load
     outs = [eng.generate(p, max_new_tokens=NEW_TOKENS, stop_token_ids=[]) for p in PROMPTS]
-    stats = eng.provider.stats.as_dict()
+    eng.provider.fetcher.drain()  # the reads still queued (io_threads 0 runs them only when waited for)
+    # the store's reads include those that landed after the last generate's counters were taken
+    stats = dict(eng.provider.stats.as_dict(), store_bytes_read=eng.store.bytes_read - read0)
     opt, budget = eng.provider.opt, eng.budget_bytes
     loads = dict(eng.provider.loader.loads)
     eng.close()
@@ -66,12 +74,15 @@ def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
     assert (sim["evictions"] > 0) == cached, "the budget should make the cache work"
     assert sim["ram_bytes_demand"] == live["bytes_demand"]
     assert sim["ram_bytes_prefetch"] == live["bytes_prefetch"]
+    assert sim["ram_fallback_bytes_saved"] == live["fallback_bytes_saved"]
     assert sim["prediction"] == live["prediction"]
     # the live loader's reads are the simulated loads; its store reads are the simulated disk bytes
-    # (less the prefetches whose slot was reused before their read started: the live loader drops those)
-    cancelled = live["prefetch_cancelled"]
+    # (less the prefetches whose slot was reused before their read started, and the fallback reads an
+    # accepted little pass dropped before they started: the live loader never runs those)
+    cancelled = live["prefetch_cancelled"] + live["fallback_prefetch_cancelled"]
     assert loads == {DEMAND: sim["misses"], PREFETCH: sim["prefetch_loads"] - cancelled}
-    read = sum(o.stats["bytes_read"] for o in outs)
+    read = live["store_bytes_read"]
+    assert read >= sum(o.stats["bytes_read"] for o in outs)
     assert read + cancelled * max(header["expert_disk_bytes"].values()) >= \
         sim["bytes_demand"] + sim["bytes_prefetch"] >= read
     assert sum(sim["selections_by_precision"].values()) + sim["skipped"] == sim["selections"]
@@ -80,6 +91,8 @@ def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
     if opt.mobile:
         assert 0 < sim["fallbacks"] < sim["little_steps"] == len(PROMPTS) * (NEW_TOKENS - 1)
         assert sim["fallback_prefetch_issued"] > 0 and sim["policy"] == policy
+        if overrides.get("io_threads") == 0:
+            assert sim["fallback_prefetch_cancelled"] > 0 and sim["fallback_bytes_saved"] > 0
     assert sim["demand_s"] == pytest.approx(sim["bytes_demand"] / 2e9)
     if "hobbit" in policy:
         assert sim["hits_by_precision"].get("int4", 0) + sim["misses_by_precision"].get("int4", 0) > 0

@@ -16,6 +16,7 @@ at the highest stored precision.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -37,7 +38,8 @@ from hobbit.runtime.trace import belady_accesses, read_trace
 
 _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "decode_s", "hits", "misses",
          "bytes_read", "loader_wait_s", "skipped", "selections", "little_steps", "fallbacks",
-         "fallback_prefetch_issued", "fallback_prefetch_used")
+         "fallback_prefetch_issued", "fallback_prefetch_used", "fallback_prefetch_cancelled", "fallback_bytes_saved",
+         "fallback_reused")
 WARMUP_TOKENS = 8  # warm-up prompt length; it generates 4 tokens
 
 
@@ -166,6 +168,10 @@ def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict,
         fallback_rate=t["fallbacks"] / t["little_steps"] if t["little_steps"] else None,
         fallback_prefetch_used_frac=t["fallback_prefetch_used"] / t["fallback_prefetch_issued"]
         if t["fallback_prefetch_issued"] else None,
+        # ... and of those reads, the share an accepted token cancelled before the loader started them
+        fallback_prefetch_cancelled_frac=t["fallback_prefetch_cancelled"] / t["fallback_prefetch_issued"]
+        if t["fallback_prefetch_issued"] else None,
+        fallback_bytes_saved_per_token=t["fallback_bytes_saved"] / tokens,
         eval_fallback_rate=q["fallbacks"] / q["little_steps"] if q.get("little_steps") else None,
         ppl=q["ppl"], ppl_full_precision=ref["ppl"], ppl_delta_pct=100 * (q["ppl"] / ref["ppl"] - 1),
         top1_agreement=agreement(q["predictions"], ref["predictions"]),
@@ -180,6 +186,8 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
     with load(s.store, policy="resident", **dict(s.engine, high=None, dense=None)) as ref_engine:
         log(f"reference: resident at {ref_engine.provider.opt.high}, {len(s.eval_ids)} tokens")
         ref = evaluate_ppl(ref_engine, s.eval_ids, s.window, s.stride, keep_predictions=True, stepwise=s.stepwise)
+    del ref_engine  # its resident pools hold every expert: freed now, not when the whole bench returns
+    gc.collect()
     samples: dict[Config, list[dict]] = {c: [] for c in cfgs}
     quality, info, failed = {}, {}, []
     active = list(cfgs)

@@ -71,10 +71,16 @@ def default_precisions(header: dict, policy: str, high: str | None, low: str | N
 # -- replay -----------------------------------------------------------------------------------------
 
 class CountingFetcher:
-    """The simulator's `Fetcher`: every read lands at once; loads are counted per kind and precision."""
+    """The simulator's `Fetcher`: every read lands at once; loads are counted per kind and precision.
+    A read can be cancelled only when the trace recorded that the live run cancelled it (`unread`: the
+    keys recorded on the step about to run), so the replay's cache follows the live one's."""
 
     def __init__(self) -> None:
         self.loads = {"demand": Counter(), "prefetch": Counter()}  # precision -> loads
+        self.unread: set = set()
+
+    def cancel(self, key, slot: int) -> bool:
+        return tuple(key) in self.unread
 
     def fetch(self, key, slot: int, priority: int) -> None:
         self.loads["demand" if priority == DEMAND else "prefetch"][key[2]] += 1
@@ -127,16 +133,20 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
     phases = {"prefill": _Phase(), "decode": _Phase()}
     seq, sequences, steps, tokens = -1, 0, 0, 0
     stats = sched.stats
+    cancelled = []  # fallback reads dropped unread (MoBiLE: accepted little passes)
 
     for s, t, group in iter_steps(calls):
+        fetcher.unread = set(group[0].cancelled)  # what the live run dropped unread before this step
         if s != seq:
             if s < seq:
                 raise ValueError(f"trace out of order: sequence {s} after {seq}")
             for _ in range(s - seq):  # one begin_sequence per sequence the engine began
                 sched.begin_sequence(fetcher)
+                cancelled += sched.cancelled
             seq, sequences = s, sequences + 1
         sched.t = t
-        sched.begin_pass(group[0].little)  # MoBiLE: the live run's little/fallback passes, as recorded
+        sched.begin_pass(group[0].little, fetcher)  # MoBiLE: the live run's little/fallback passes, as recorded
+        cancelled += sched.cancelled
         ntok = len(group[0].ids)
         ph = phases["prefill" if ntok > 1 else "decode"]
         before = (sum(loads["demand"].values()), sum(loads["prefetch"].values()), sum(stats.hits.values()))
@@ -165,11 +175,11 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         ph.c["bytes_prefetch"] += sum(disk[p] * n for p, n in loads["prefetch"].items()) - bp0
 
     return _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases,
-                   sequences, steps, tokens, disk)
+                   sequences, steps, tokens, disk, cancelled)
 
 
 def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, sequences, steps, tokens,
-            disk) -> dict:
+            disk, cancelled=()) -> dict:
     link = link_gbps * 1e9 if link_gbps else None
     base = stats.as_dict()
     precs = sorted(set(stats.hits) | set(stats.misses) | set(served), key=list(header["precisions"]).index)
@@ -200,6 +210,9 @@ def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, 
         little_steps=stats.little_steps, fallbacks=stats.fallbacks,
         fallback_rate=stats.fallbacks / stats.little_steps if stats.little_steps else None,
         fallback_prefetch_issued=stats.fallback_prefetch_issued, fallback_prefetch_used=stats.fallback_prefetch_used,
+        fallback_prefetch_cancelled=stats.fallback_prefetch_cancelled,
+        ram_fallback_bytes_saved=stats.fallback_bytes_saved,
+        fallback_bytes_saved=sum(disk[k[2]] for k in cancelled),
         demand_loads_by_precision=dict(loads["demand"]), prefetch_loads_by_precision=dict(loads["prefetch"]),
         prefetch_loads=sum(loads["prefetch"].values()),
         bytes_demand=bytes_demand, bytes_prefetch=bytes_prefetch,
@@ -279,7 +292,9 @@ def format_report(r: dict) -> str:
     if r["little_steps"]:
         rows.append(("MoBiLE", f"{r['fallbacks']} of {r['little_steps']} little passes redone big "
                                f"({r['fallback_rate']:.1%}); {r['fallback_prefetch_used']} of "
-                               f"{r['fallback_prefetch_issued']} fallback prefetches used by a fallback"))
+                               f"{r['fallback_prefetch_issued']} fallback prefetches used by a fallback, "
+                               f"{r['fallback_prefetch_cancelled']} cancelled unread "
+                               f"({r['fallback_bytes_saved'] / mib:.1f} MiB saved)"))
     if pred["samples"]:
         rows.append(("prediction", f"precision {pred['precision']:.1%}, recall {pred['recall']:.1%}, top-1 "
                                    f"{pred['top1_accuracy']:.1%} over {pred['samples']} layer calls"))

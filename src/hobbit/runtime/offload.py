@@ -110,6 +110,15 @@ class SlotFetcher:
                                  wake=priority == PREFETCH or self.demand_on_loader)
         self._reads[(prec, slot)] = (key, fut, priority)
 
+    def cancel(self, key: Key, slot: int) -> bool:
+        """Drop the queued read of `key` into `slot`: True if it never started (the slot holds nothing);
+        False if it runs or ran (it completes, and a later `wait` checks it as usual)."""
+        entry = self._reads.get((key[2], slot))
+        if entry is None or entry[0] != key or not self.loader.cancel((key[2], slot, key)):
+            return False
+        del self._reads[(key[2], slot)]
+        return True
+
     def wait(self, key: Key, slot: int) -> None:
         entry = self._reads.get((key[2], slot))
         if entry is None:
@@ -208,6 +217,11 @@ class OffloadedExperts:
         else:
             self.pools = {p: SlotPool(store, p, n, dtype) for p, n in self.scheduler.capacity.items()}
         self.fetcher = SlotFetcher(self.pools, self.loader, self.stats, demand_on_loader=io_threads > 1)
+        # MoBiLE: the little pass's unweighted outputs of the first sparse layer, by key, for its fallback
+        # (that layer's input is the same in both passes, so a copy at the same key gives the same bits)
+        self._little_out: dict[Key, Tensor] = {}
+        self._redo = False  # this pass is a fallback (a big pass right after a little one)
+        self._first_call = True  # the next experts() call is this pass's first sparse layer
 
     def expert_bytes(self, precision: str) -> int:
         """RAM one expert slot takes at this precision (what the budget counts), measured on a 1-slot pool."""
@@ -217,14 +231,23 @@ class OffloadedExperts:
 
     def begin_sequence(self) -> None:
         self.scheduler.begin_sequence(self.fetcher)
+        self._little_out.clear()
+        self._redo, self._first_call = False, True
         if self.trace is not None:
             self.trace.begin_sequence()
+            self.trace.cancelled(self.scheduler.cancelled)
 
     def end_step(self) -> None:
         self.scheduler.end_step()
 
     def begin_pass(self, little: bool) -> None:
-        self.scheduler.begin_pass(little)
+        self._redo = not little and self.scheduler.little_pass
+        if not self._redo:
+            self._little_out.clear()
+        self._first_call = True
+        self.scheduler.begin_pass(little, self.fetcher)
+        if self.trace is not None:
+            self.trace.cancelled(self.scheduler.cancelled)
 
     # -- the hot path ----------------------------------------------------------------------------
     def experts(self, layer: int, x: Tensor, logits: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
@@ -242,6 +265,11 @@ class OffloadedExperts:
                 done[e] = _weighted(self.resident[(layer, e)], e, x, ids, rows[0], weights)
             return _combine(done, x)
         sched, plan_weights = self.scheduler, []
+        # MoBiLE at a decode token's first sparse layer: the little pass keeps its experts' outputs, and
+        # its fallback reuses those computed from a copy at the same precision instead of computing them
+        first, self._first_call = self._first_call, False
+        keep = first and x.shape[0] == 1 and sched.little_pass
+        reuse = self._little_out if first and self._redo else {}
 
         def compute(step: Step) -> None:
             w = weights
@@ -249,11 +277,21 @@ class OffloadedExperts:
                 if not plan_weights:  # (Eq. 2 skips, little sets); decode reads them from `row` instead
                     plan_weights.append(torch.tensor(sched.weights, dtype=weights.dtype))
                 w = plan_weights[0]
-            expert = self.pools[step.key[2]].experts[step.slot]
             row = (rows[0][0], sched.weights[0]) if sched.weights is not None else rows[0]
+            if step.key in reuse:
+                self.stats.fallback_reused += 1
+                done[step.expert] = None, reuse.pop(step.key).mul_(float(row[1][row[0].index(step.expert)]))
+                return
+            expert = self.pools[step.key[2]].experts[step.slot]
+            if keep:  # [1,H] unweighted (x 1.0 is exact; through _weighted so `hobbit profile` times it)
+                y = self._little_out[step.key] = _weighted(expert, step.expert, x, ids, (row[0], [1.0] * len(row[0])), w)[1]
+                done[step.expert] = None, y.clone().mul_(float(row[1][row[0].index(step.expert)]))
+                return
             done[step.expert] = _weighted(expert, step.expert, x, ids, row, w)
 
         sched.run_layer(layer, rows, self.fetcher, compute, predicted)
+        if reuse:
+            reuse.clear()  # only the fallback's first sparse layer reuses
         return _combine(done, x)
 
     def close(self) -> None:

@@ -123,6 +123,9 @@ class Stats:
     fallbacks: int = 0  # MoBiLE: big passes that redid a little pass (the token was unsure)
     fallback_prefetch_issued: int = 0  # MoBiLE: reads queued during little passes for what a fallback adds
     fallback_prefetch_used: int = 0  # ... that served the fallback pass of the same token
+    fallback_prefetch_cancelled: int = 0  # ... dropped unread: the token was accepted before the loader started them
+    fallback_bytes_saved: int = 0  # RAM bytes of those cancelled reads (never read, their slots freed)
+    fallback_reused: int = 0  # live only: little-pass expert outputs of the first sparse layer a fallback reused
     selections: int = 0  # token-expert selections seen
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched copies that served a later request
@@ -142,5 +145,7 @@ class Stats:
                     little_steps=self.little_steps, fallbacks=self.fallbacks,
                     fallback_prefetch_issued=self.fallback_prefetch_issued,
                     fallback_prefetch_used=self.fallback_prefetch_used,
+                    fallback_prefetch_cancelled=self.fallback_prefetch_cancelled,
+                    fallback_bytes_saved=self.fallback_bytes_saved, fallback_reused=self.fallback_reused,
                     prefetch_cancelled=self.prefetch_cancelled, prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,
                     prediction=self.prediction.as_dict())

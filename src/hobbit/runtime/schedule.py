@@ -46,6 +46,10 @@ class Fetcher(Protocol):
     def drain(self) -> None:
         """Wait for every read in flight (a sequence boundary)."""
 
+    def cancel(self, key: Key, slot: int) -> bool:
+        """Drop the read of `key` into `slot` if it has not started: True then (the slot holds no copy);
+        False when it is running or done (it completes; the copy is valid)."""
+
 
 class Scheduler:
     def __init__(self, opt: Options, num_layers: int, top_k: int, expert_nbytes: Callable[[str], int],
@@ -67,7 +71,8 @@ class Scheduler:
         self._pins: dict[int, list[Key]] = {}  # layer -> predicted keys pinned until that layer runs
         self._predicted: dict[int, list[int]] = {}  # layer -> predicted experts (for precision/recall)
         self.little_pass = False  # MoBiLE: this forward pass runs each token's little set (begin_pass)
-        self._fallback: set[Key] = set()  # admitted for a fallback by the last little pass, not yet used
+        self._fallback: dict[Key, None] = {}  # admitted for a fallback by the last little pass, not yet used (issue order)
+        self.cancelled: list[Key] = []  # the fallback reads the last accepted little pass cancelled (traces record them)
         if opt.policy == "ondemand":  # no cache: top_k staging slots, emptied after each expert is computed
             self.cache = self._pools({"all": top_k * expert_nbytes(opt.high)}, lambda prec: "all", "lru")
         elif opt.policy in CACHE_POLICIES:
@@ -106,6 +111,10 @@ class Scheduler:
 
     # -- clock -----------------------------------------------------------------------------------
     def begin_sequence(self, fetcher: Fetcher | None = None) -> None:
+        self.cancelled = []
+        if self.little_pass:  # the sequence ended on an accepted little pass: its fallback reads are not needed
+            self._unpin_fallback()
+            self._cancel_fallback(fetcher)
         if fetcher is not None:
             fetcher.drain()  # no read may still be landing in a slot the new sequence reuses
         self.t = 0
@@ -121,17 +130,43 @@ class Scheduler:
     def end_step(self) -> None:
         self.t += 1
 
-    def begin_pass(self, little: bool) -> None:
+    def begin_pass(self, little: bool, fetcher: Fetcher | None = None) -> None:
         """MoBiLE: the next forward pass is a little pass, or big. A big pass right after a little one
-        is its fallback (the same token redone); a little pass starts a new token."""
-        for key in self._pins.pop(FALLBACK_PINS, []):  # the little pass is over: its fallback copies may go
-            self.cache.unpin(key)
+        is its fallback (the same token redone); a little pass starts a new token. A little pass right
+        after a little one means the previous token was accepted: its fallback reads still queued are
+        cancelled (`_cancel_fallback`; `cancelled` lists them)."""
+        self.cancelled = []
+        self._unpin_fallback()  # the little pass is over: its fallback copies may go
         if little:
+            if self.little_pass:
+                self._cancel_fallback(fetcher)
             self.stats.little_steps += 1
             self._fallback.clear()  # the previous token is settled: its fallback copies are plain cache now
         elif self.little_pass:
             self.stats.fallbacks += 1
         self.little_pass = little
+
+    def _unpin_fallback(self) -> None:
+        for key in self._pins.pop(FALLBACK_PINS, []):
+            self.cache.unpin(key)
+
+    def _cancel_fallback(self, fetcher: Fetcher | None) -> None:
+        """The last little pass was accepted: no fallback comes, so the reads it queued for one and that
+        have not started are dropped, in the order they were issued (the loader's next ones first); their
+        keys leave the cache and their slots are free again. A read that started finishes, and its copy
+        stays cached as usual. Whether a read started is the fetcher's answer (live: the loader's queue;
+        simulated: what the trace recorded), so the cache's books follow what was really read."""
+        if fetcher is None:
+            return
+        for key in list(self._fallback):
+            slot = self._slot.get(key)
+            if slot is None or self.cache.is_pinned(key) or not fetcher.cancel(key, slot):
+                continue
+            self._drop(key)
+            self.cancelled.append(key)
+            self.stats.fallback_prefetch_cancelled += 1
+            self.stats.fallback_bytes_saved += self.expert_nbytes(key[2])
+        self._fallback.clear()
 
     # -- one MoE layer call ----------------------------------------------------------------------
     def run_layer(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]], fetcher: Fetcher,
@@ -282,7 +317,7 @@ class Scheduler:
                     self._prefetched.discard(key)
                     self.stats.prefetch_used += 1
                 if key in self._fallback:
-                    self._fallback.discard(key)
+                    del self._fallback[key]
                     self.stats.fallback_prefetch_used += 1
                 steps.append(Step(e, "hit", key, self._slot[key]))
             else:
@@ -306,7 +341,8 @@ class Scheduler:
         if self.opt.policy != "ondemand":
             self.stats.evictions += len(evicted)
         self._prefetched.difference_update(evicted)
-        self._fallback.difference_update(evicted)
+        for k in evicted:
+            self._fallback.pop(k, None)
         for k in evicted:
             self._free[k[2]].append(self._slot.pop(k))
         slot = self._slot[key] = self._free[key[2]].pop()
@@ -318,7 +354,7 @@ class Scheduler:
             self.cache.discard(key)
             self._free[key[2]].append(self._slot.pop(key))
             self._prefetched.discard(key)
-            self._fallback.discard(key)
+            self._fallback.pop(key, None)
 
     def _unpin_predicted(self, layer: int) -> None:
         for key in self._pins.pop(layer, []):
@@ -378,7 +414,7 @@ class Scheduler:
                 self.stats.fallback_prefetch_issued += 1
                 self.stats.bytes_loaded["prefetch"] += self.expert_nbytes(key[2])
                 self._prefetched.add(key)
-                self._fallback.add(key)
+                self._fallback[key] = None
                 self.cache.pin(key)  # else Eq. 3's layer distance evicts it first, before the fallback needs it
                 self._pins.setdefault(FALLBACK_PINS, []).append(key)
                 loads.append((key, slot))

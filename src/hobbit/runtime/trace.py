@@ -6,12 +6,14 @@ stacked-gate predictions for later layers. gzip'd JSON lines, torch-free to read
     {"seq": 0, "t": 0, "layer": 1, "ids": [[3, 5], ...], "w": [[.6, .4], ...],
      "logits": [[...], ...], "pred": {"2": [[3, 0.7], [1, 0.3]], ...}}                       one layer call
     (+ "little": 1 on a MoBiLE little pass; a big pass after it at the next t is its fallback)
+    (+ "cancelled": [[layer, expert, precision], ...] on the first call after an accepted little pass:
+     the fallback reads that were dropped unread, so a replay's books follow the live run's)
 """
 from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +30,7 @@ class LayerCall:
     logits: list[list[float]] | None
     pred: dict[int, list[tuple[int, float]]]
     little: bool = False  # a MoBiLE little pass
+    cancelled: list[tuple[int, int, str]] = field(default_factory=list)  # fallback reads dropped before this call
 
     @property
     def rows(self) -> list[tuple[list[int], list[float]]]:
@@ -40,6 +43,11 @@ class TraceWriter:
         self.f.write(json.dumps(dict(header, format=FORMAT, version=1)) + "\n")
         self.seq = -1
         self.logits = logits
+        self._cancelled: list = []  # noted by `cancelled`, written with the next record
+
+    def cancelled(self, keys) -> None:
+        """The scheduler dropped these fallback reads unread (an accepted little pass)."""
+        self._cancelled += [list(k) for k in keys]
 
     def begin_sequence(self) -> None:
         self.seq += 1
@@ -54,6 +62,8 @@ class TraceWriter:
                    pred={str(j): [[e, w] for e, w in p] for j, p in predicted.items()})
         if little:
             rec["little"] = 1
+        if self._cancelled:
+            rec["cancelled"], self._cancelled = self._cancelled, []
         if self.logits and logits is not None:
             rec["logits"] = [[round(x, 4) for x in row] for row in logits.tolist()]
         self.f.write(json.dumps(rec) + "\n")
@@ -78,7 +88,7 @@ def read_trace(path: str | Path) -> tuple[dict, list[LayerCall]]:
 def _call(r: dict) -> LayerCall:
     return LayerCall(r["seq"], r["t"], r["layer"], r["ids"], r["w"], r.get("logits"),
                      {int(j): [(int(e), float(w)) for e, w in p] for j, p in r.get("pred", {}).items()},
-                     bool(r.get("little", 0)))
+                     bool(r.get("little", 0)), [(int(l), int(e), str(p)) for l, e, p in r.get("cancelled", [])])
 
 
 def iter_steps(calls: list[LayerCall]) -> Iterator[tuple[int, int, list[LayerCall]]]:
