@@ -1,19 +1,23 @@
 """hobbit vs llama.cpp on the same model under the same RAM limit (issue #9's headline benchmark).
 
-    python benchmarks/peer_memory.py --store STORE --gguf codermoe-q4_0.gguf --high int4 --repeats 2 \\
-        --json results/peer_memory.json --plot results/peer_memory.png
+    python benchmarks/peer_memory.py --store STORE --gguf codermoe-q4_0.gguf --high int4 --low int2 --tokens 16 \
+        --repeats 2 --json results/peer_memory.json --plot results/peer_memory.png
+    python benchmarks/peer_memory.py --replot results/peer_memory.json --plot results/peer_memory.png
 
 The GGUF is `hobbit export STORE out.gguf --type q4_0` (or bf16), so both engines run one model; hobbit's high
 tier is --high (int4 against Q4_0, bf16 against BF16). Every run is a fresh process inside a memory cgroup
 (peer_common.run_measured: cgroup v1 memory.limit_in_bytes, which counts page cache, so llama.cpp's mmap is
-really limited), page cache dropped before it; same prompt, 1 thread, greedy, --tokens decode steps.
+really limited), page cache dropped before it; same prompt, 1 thread, greedy, --tokens decode steps
+(llama-completion's `eval time`; hobbit run's decode_tok_s). llama.cpp runs twice per limit: as users run it
+(weight repacking copies Q4_0 tensors into anonymous memory) and with --no-repack (all weights via mmap).
 
 Limits: L(f) = dense + KV + f x experts + baseline, each term the larger of the two engines' (dense: hobbit's
 dense.safetensors vs the GGUF's non-expert bytes; experts at the compared precision; KV: hobbit fp32 at its
-256-position first allocation vs llama.cpp f16 at -c 256). Baselines are measured first, unlimited:
-llama.cpp = peak RSS - GGUF bytes of llama-completion on a tiny GGUF and on this GGUF (the larger);
-hobbit = peak RSS - dense - KV - expert budget of `hobbit run --policy lru` at f = 10% (import, tokenizer,
-torch allocator, slots' rounding). hobbit's --budget at L(f) is L(f) - its own baseline - dense - KV.
+256-position first allocation vs llama.cpp f16 at -c 256). Baselines are measured first, unlimited, from the
+polled VmHWM: llama.cpp = peak RSS - GGUF bytes of `llama-completion --no-repack` on a tiny GGUF and on this
+GGUF (the larger); hobbit = peak RSS - dense - KV - expert budget of `hobbit run --policy lru` at the largest f
+(Python, torch, tokenizer, allocator, slot rounding). hobbit's --budget at L(f) is L(f) - its own baseline -
+dense - KV. --own-fractions adds llama.cpp-only limits from its own sizes (where hobbit cannot start).
 """
 from __future__ import annotations
 
@@ -205,7 +209,7 @@ def plot(summary: list[dict], limits: list[dict], path: Path, title: str) -> Non
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = {lim["label"]: lim["limit_bytes"] / MIB for lim in limits}
     for row in dict.fromkeys(s["row"] for s in summary):
-        pts = [(xs[s["limit"]], s["best_tok_s"] or 0.0) for s in summary if s["row"] == row and s["limit"] in xs]
+        pts = sorted((xs[s["limit"]], s["best_tok_s"] or 0.0) for s in summary if s["row"] == row and s["limit"] in xs)
         name = row if row in LLAMA_ROWS else f"hobbit {row}"
         if pts:
             line, = ax.plot(*zip(*pts), marker="o", label=name)
@@ -288,7 +292,19 @@ def belady_check(store: Path, ids: list[int], a, budget: int, env: dict, folder:
     return out
 
 
+def replot(path: Path, png: Path) -> None:
+    """Table and plot again from a written JSON (`--replot results/peer_memory.json --plot X.png`)."""
+    d = json.loads(path.read_text())
+    print(markdown_table(d["summary"]))
+    c = d["config"]
+    plot(d["summary"], d["limits"] + d.get("own_limits", []), png,
+         f"CoderMoE, llama.cpp {Path(c['gguf']).name} vs hobbit --high {c['high']}, {c['threads']} thread")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--replot"]:
+        replot(Path(sys.argv[2]), Path(sys.argv[sys.argv.index("--plot") + 1]))
+        return 0
     a = parse_args(argv)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     bindir = build_llamacpp()
@@ -349,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown_table(summary))
     if a.plot:
-        plot(summary, limits + own, a.plot, f"CoderMoE, llama.cpp {a.gguf.name} vs hobbit --high {a.high}, 1 thread")
+        plot(summary, limits + own, a.plot, f"CoderMoE, llama.cpp {a.gguf.name} vs hobbit --high {a.high}, {a.threads} thread")
     _step(f"wrote {a.json}")
     return 0
 
