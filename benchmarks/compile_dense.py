@@ -2,8 +2,8 @@
 
     python benchmarks/compile_dense.py STORE [--mode max-autotune-no-cudagraphs] [--steps 40]
 
-Compiles Transformer.forward (one token, the position dynamic) with inductor freezing on, as
-the environment notes suggest (the CPU GEMM templates engage at M = 1), and prints the compile
+Compiles Transformer.forward (one token, the position dynamic) with inductor freezing on (the
+CPU GEMM templates engage at M = 1), and prints the compile
 time and min / median step time of eager, compiled, eager again (interleaved against drift).
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import hobbit
-from hobbit.models.assets import asset_path
+from hobbit.models.recipes import asset_path  # smolmoe is made from a recipe
 from hobbit.store.convert import convert
 from hobbit.lab.evaluate import evaluate_ppl, text_token_ids
 

@@ -148,9 +148,9 @@ ops = st.lists(
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops, st.sampled_from(["lru", "lfu", "slru", "hobbit"]))
+@given(ops, st.sampled_from(["lru", "lfu", "slru", "multidim"]))
 def test_invariants_under_random_use(operations, policy_name):
-    policy = {"lru": LRU(), "lfu": LFU(), "slru": SLRU(), "hobbit": Multidim(3)}[policy_name]
+    policy = {"lru": LRU(), "lfu": LFU(), "slru": SLRU(), "multidim": Multidim(3)}[policy_name]
     c = ExpertCache({"high": 250, "low": 100}, lambda prec: "high" if prec == "bf16" else "low", policy)
     sizes = {}
     for t, (op, layer, expert, prec, nbytes) in enumerate(operations):

@@ -15,7 +15,7 @@ from hobbit.store.format import ExpertStore
 from tiny import make_tiny_checkpoint
 
 FAMILIES = ["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-            "gpt_oss", "granitemoe"]
+            "gpt_oss", "granitemoe", "phimoe"]
 PROMPT = [5, 9, 23, 101, 77, 3, 150, 42, 8, 19, 60, 2]
 
 

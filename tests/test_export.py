@@ -14,7 +14,8 @@ import torch
 from gguf import GGUFReader
 
 import hobbit
-from hobbit.models.assets import AssetError, asset_path, cache_dir
+from hobbit.models.assets import AssetError, cache_dir
+from hobbit.models.recipes import asset_path
 from hobbit.cli import main as cli_main
 from hobbit.store.convert import convert
 from hobbit.store.export import ExportRefused, export_gguf

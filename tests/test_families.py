@@ -13,9 +13,9 @@ from hobbit.store.config import ModelConfig, UnsupportedArchitecture
 from hobbit.store.convert import convert
 
 from test_engine import check_budget
-from tiny import decode_logits, make_tiny_checkpoint
+from tiny import decode_logits, make_mxfp4_gpt_oss, make_tiny_checkpoint
 
-NEW_FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe"]
+NEW_FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "phimoe"]
 PROMPT = [3, 17, 42, 99, 7, 128, 64, 5, 200, 11, 31, 77]
 
 
@@ -129,26 +129,7 @@ def transformers_config(name: str, **kw):
 def test_gpt_oss_mxfp4_checkpoint_matches_transformers_dequantized(tmp_path):
     """Released gpt-oss ships MXFP4 experts (`*_blocks`, `*_scales`): read, dequantized as transformers
     does, split per expert; logits equal transformers' model holding the same dequantized experts."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    path = make_tiny_checkpoint("gpt_oss", tmp_path / "hf")
-    state, g = load_file(str(path / "model.safetensors")), torch.Generator().manual_seed(3)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    for layer, block in enumerate(hf.model.layers):
-        for proj in ("gate_up_proj", "down_proj"):
-            E, K, N = getattr(block.mlp.experts, proj).shape  # in-memory [E, in, out]
-            name = f"model.layers.{layer}.mlp.experts.{proj}"
-            blocks = torch.randint(0, 256, (E, N, K // 32, 16), generator=g, dtype=torch.uint8)
-            scales = torch.randint(122, 128, (E, N, K // 32), generator=g, dtype=torch.uint8)
-            del state[name]
-            state[name + "_blocks"], state[name + "_scales"] = blocks, scales
-            with torch.no_grad():
-                getattr(block.mlp.experts, proj).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
-    save_file(state, str(path / "model.safetensors"))
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    path, hf = make_mxfp4_gpt_oss(tmp_path / "hf")
     convert(path, tmp_path / "store", precisions="fp32", progress=False, dense="fp32")
     eng = hobbit.load(tmp_path / "store", policy="resident", dtype="fp32")
     with torch.inference_mode():

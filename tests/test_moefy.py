@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hobbit.models import moefy  # noqa: E402
+from hobbit.models import moefy, recipes  # noqa: E402
 from hobbit.models.moefy_train import distill, moe_layers  # noqa: E402
 
 MC = moefy.MoefyConfig(experts=4, top_k=2, shared=16, tau=0.5, router_epochs=3)
@@ -44,14 +44,14 @@ def test_checkpoint_matches_transformers(tiny, tmp_path):
     d, sd, cfg, ids = tiny
     out = tmp_path / "moe"
     parser = argparse.ArgumentParser()
-    moefy.add_moefy_args(parser)
+    recipes.add_moefy_args(parser)
     args = parser.parse_args([str(d), str(out), "--recipe", str(tmp_path / "r.safetensors")])
     recipe = moefy.calibrate(moefy.Dense(sd, cfg), ids, MC, log=lambda s: None)
     recipe = distill(moefy.Dense(sd, cfg), recipe, MC, ids, steps=3, rank=2, log=lambda s: None)
     assert {"layers.0.ffn_norm", "layers.0.lora_a", "layers.1.lora_b"} <= recipe.keys()
     moefy.save_recipe(args.recipe, recipe, MC, {"test": True})
     args.from_recipe = args.recipe
-    assert moefy.moefy_main(args) == 0
+    assert recipes.moefy_main(args) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     # our reference forward on the checkpoint's bf16 tensors

@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hobbit.models import moefy  # noqa: E402
+from hobbit.models import moefy, recipes  # noqa: E402
 from hobbit.store.convert import convert  # noqa: E402
 from hobbit.store.export import export_gguf  # noqa: E402
 from hobbit.models.moefy_text import CODER_CALIB, EVAL_TEXTS, stdlib_file  # noqa: E402
@@ -37,7 +37,7 @@ def qwen2(tmp_path_factory):
 
 def moefy_args(src, out, *extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    moefy.add_moefy_args(p)
+    recipes.add_moefy_args(p)
     return p.parse_args([str(src), str(out), *extra])
 
 
@@ -45,7 +45,7 @@ def run_moefy(qwen2, name: str, *extra: str):
     tmp, src, calib, _ = qwen2
     args = moefy_args(src, tmp / name, "--experts", "4", "--top-k", "2", "--shared", "16", "--no-norm-topk", "--tie",
                       "--calib", str(calib), "--calib-tokens", "2048", *extra)
-    assert moefy.moefy_main(args) == 0
+    assert recipes.moefy_main(args) == 0
     return tmp / name
 
 
@@ -91,7 +91,7 @@ def test_recipe_rebuild_is_deterministic(qwen2):
     assert all(torch.equal(ra[k], rb[k]) for k in ra)  # (its bytes are not: safetensors orders metadata freely)
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     rebuilt = tmp / "rebuilt"
-    assert moefy.moefy_main(moefy_args(src, rebuilt, "--from-recipe", str(tmp / "a.safetensors"))) == 0
+    assert recipes.moefy_main(moefy_args(src, rebuilt, "--from-recipe", str(tmp / "a.safetensors"))) == 0
     for name in ("model.safetensors", "config.json"):
         assert digest(out / name) == digest(rebuilt / name) == digest(again / name)
 
@@ -127,8 +127,8 @@ def test_expert_gate_up_rows_keep_the_gguf_grid():
 
 
 def test_committed_codermoe_recipe_has_the_issue_shape():
-    from hobbit.models.assets import ASSETS
-    from hobbit.models.assets_coder import CODERMOE_RECIPE
+    from hobbit.models.recipes import ASSETS
+    from hobbit.models.moefy import CODERMOE_RECIPE
     assert {"codermoe", "codermoe-store"} <= ASSETS.keys()
     assert CODERMOE_RECIPE.stat().st_size < 4e6
     recipe, mc, prov = moefy.load_recipe(CODERMOE_RECIPE)

@@ -19,7 +19,7 @@ from hobbit.policies import (
     little_k,
     little_mass,
     little_weights,
-    make_policy,
+    make_evictor,
     plan_prefetch,
     scores,
 )
@@ -196,18 +196,18 @@ def test_belady_evicts_farthest_next_use():
     assert p.next_use(D, 0, 0) == Belady.NEVER
 
 
-def test_make_policy():
-    assert isinstance(make_policy("lru", 4), LRU)
-    assert isinstance(make_policy("lfu", 4), LFU)
-    assert make_policy("slru", 4, protected_fraction=0.5).protected_fraction == 0.5
-    assert make_policy("hobbit", 4).num_layers == 4
-    assert make_policy("belady", 4, trace=[(0, 0, 0, 1)]).next_use((0, 1, "bf16"), 0, 0) == (0, 0, 0)
-    with pytest.raises(ValueError, match="lru, lfu, slru, hobbit, belady"):
-        make_policy("fifo", 4)
+def test_make_evictor():
+    assert isinstance(make_evictor("lru", 4), LRU)
+    assert isinstance(make_evictor("lfu", 4), LFU)
+    assert make_evictor("slru", 4, protected_fraction=0.5).protected_fraction == 0.5
+    assert make_evictor("multidim", 4).num_layers == 4
+    assert make_evictor("belady", 4, trace=[(0, 0, 0, 1)]).next_use((0, 1, "bf16"), 0, 0) == (0, 0, 0)
+    with pytest.raises(ValueError, match="lru, lfu, slru, multidim, belady"):
+        make_evictor("fifo", 4)
     with pytest.raises(ValueError, match="trace"):
-        make_policy("belady", 4)
+        make_evictor("belady", 4)
     with pytest.raises(TypeError):
-        make_policy("lru", 4, weights={})
+        make_evictor("lru", 4, weights={})
 
 
 def simulate(policy, sequences, capacity: int) -> int:

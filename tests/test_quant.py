@@ -8,7 +8,7 @@ N, K, GS = 256, 512, 64
 # relative Frobenius error bounds at gs=64; measured 256x512: gauss / heavy-tail
 # int8 0.0075/0.027 (per-channel: outlier columns inflate every row's scale), int4 0.090/0.141,
 # int3 0.170/0.232, int2 0.325/0.387 (least-squares fit; min/max RTN: 0.192/0.304, 0.450/0.697)
-BOUNDS = {"fp32": 1e-7, "bf16": 0.005, "int8": (0.01, 0.04), "int4": (0.11, 0.17),
+BOUNDS = {"fp32": 1e-7, "bf16": 0.005, "int8": (0.01, 0.04), "mxfp4": (0.12, 0.15), "int4": (0.11, 0.17),
           "int3": (0.21, 0.28), "int2": (0.4, 0.47)}
 QUANT = ("int8", "int4", "int3", "int2")
 
@@ -84,7 +84,7 @@ def _check_kernel(q, fmt, shape, gs, kind):
 
 @pytest.mark.parametrize("fmt", Q.FORMATS)
 def test_kernel_matches_reference(fmt, stored):
-    kind = {"fp32": "dense", "bf16": "dense", "int8": "int8"}.get(fmt, "int4")
+    kind = {"fp32": "dense", "bf16": "dense", "int8": "int8", "mxfp4": "mxfp4"}.get(fmt, "int4")
     for name in ("gauss", "heavy"):
         _check_kernel(stored[fmt, name], fmt, (N, K), GS, kind)
 
@@ -135,7 +135,10 @@ def test_fallback_dense(fmt, shape, gs):
 def test_fp32_path(fmt, stored):
     q = stored[fmt, "heavy"]
     p = Q.prepare(q, fmt, (N, K), GS, torch.float32)
-    assert p.kind == "dense" and p.w.dtype == torch.float32 and p.nbytes == N * K * 4
+    if fmt == "mxfp4":  # keeps its codes (dequantized per call), in fp32 as in bf16
+        assert p.kind == "mxfp4" and p.nbytes == Q.storage_nbytes(fmt, (N, K), GS)
+    else:
+        assert p.kind == "dense" and p.w.dtype == torch.float32 and p.nbytes == N * K * 4
     x = torch.randn(3, K)
     y = Q.linear(x, p)
     assert y.dtype == torch.float32

@@ -112,3 +112,29 @@ def test_topk_softmax_matches_transformers(kind, family):
             _, hf_w, hf_ids = hf(x)
         ids, w = routing.topk_softmax(x, 4)
         _same_choice(ids, w, hf_ids, hf_w.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "ties", "negative"])
+@pytest.mark.parametrize("eps", [0.0, 0.01, 0.3])
+def test_sparsemixer_matches_transformers(kind, eps, dtype):
+    """phimoe's router in eval mode (no jitter, the threshold only): same two experts, bit-identical weights,
+    also on tied maxima (the first index wins, twice) and all-negative logits (the clamp in the factor)."""
+    from transformers.models.phimoe import modeling_phimoe as phi
+
+    hf = phi.PhimoeTopKRouter(transformers.PhimoeConfig(hidden_size=E, num_attention_heads=4, num_local_experts=E,
+                                                         router_jitter_noise=eps)).eval().to(dtype)
+    with torch.no_grad():
+        hf.weight.copy_(torch.eye(E))
+    for seed in range(3):
+        x = _logits("ties" if kind == "ties" else "random", seed).to(dtype)
+        if kind == "negative":
+            x = -x.abs() - 0.5
+        with torch.no_grad():
+            _, hf_w, hf_ids = hf(x)
+        ids, w = routing.sparsemixer(x, eps)
+        _same_choice(ids, w, hf_ids, hf_w.float())
+        assert (ids[:, 0] != ids[:, 1]).all()
+        if kind == "ties":  # the first of tied maxima wins, as HF's max
+            first = (x == x.max(-1, keepdim=True).values).int().argmax(-1)
+            assert (hf_ids[:, 0] == first).all()

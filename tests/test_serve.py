@@ -19,7 +19,8 @@ import pytest
 import uvicorn
 
 import hobbit
-from hobbit.serve.chat import ChatSession, TextDeltas, run_chat
+from hobbit.runtime.tokenizer import TextDeltas
+from hobbit.serve.chat import ChatSession, run_chat
 from hobbit.cli import main as hobbit_main
 from hobbit.serve.server import create_app
 

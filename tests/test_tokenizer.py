@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hobbit.runtime.tokenizer import TextStream, Tokenizer
+from hobbit.runtime.tokenizer import TextDeltas, Tokenizer
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Hi there! ünïcödé ✓"},
@@ -42,7 +42,7 @@ def test_matches_transformers_smollm2(tmp_path):
 def test_stream_never_splits_a_character(tiny_checkpoint):
     tok = Tokenizer.from_dir(tiny_checkpoint)
     ids = tok.encode("é✓ ok")
-    stream = TextStream(tok)
+    stream = TextDeltas(tok)
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == "é✓ ok"
     assert all("\ufffd" not in p for p in pieces)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe")
+FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "phimoe")
 VOCAB = 272  # 256 byte tokens + 4 specials, padded
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 256..259
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
@@ -73,6 +73,14 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_hidden_layers=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
         embedding_multiplier=6.0, residual_multiplier=0.4, attention_multiplier=0.1, logits_scaling=4.0,
         tie_word_embeddings=True)),
+    # Phi-3.5-MoE: sparsemixer top-2 (a wide threshold so the masks keep several experts), LayerNorm with
+    # bias, q/k/v/o and lm_head biases, LongRoPE with its mscale (the prompts stay within the original length)
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        num_hidden_layers=2, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        router_jitter_noise=0.3, attention_bias=True, lm_head_bias=True, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope_type="longrope", rope_theta=1e4, original_max_position_embeddings=64,
+                             short_factor=[1.0 + 0.15 * i for i in range(8)],
+                             long_factor=[1.5 + 0.5 * i for i in range(8)], short_mscale=1.2, long_mscale=1.4))),
 }
 
 
@@ -95,13 +103,40 @@ def make_tiny_checkpoint(family: str, path: str | Path, seed: int = 0, max_shard
     return path
 
 
+def make_mxfp4_gpt_oss(path: str | Path, seed: int = 3):
+    """A tiny gpt_oss checkpoint as released gpt-oss ships it: experts as MXFP4 `{proj}_blocks` [E,N,K/32,16]
+    + `{proj}_scales` [E,N,K/32] (random codes, scales 2^-5..2^0), `quantization_config: mxfp4`. Returns
+    (path, transformers model in fp32 holding the same experts dequantized by transformers itself)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    path = make_tiny_checkpoint("gpt_oss", path)
+    state, g = load_file(str(path / "model.safetensors")), torch.Generator().manual_seed(seed)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    for layer, block in enumerate(hf.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            E, K, N = getattr(block.mlp.experts, proj).shape  # in-memory [E, in, out]
+            name = f"model.layers.{layer}.mlp.experts.{proj}"
+            blocks = torch.randint(0, 256, (E, N, K // 32, 16), generator=g, dtype=torch.uint8)
+            scales = torch.randint(122, 128, (E, N, K // 32), generator=g, dtype=torch.uint8)
+            del state[name]
+            state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+            with torch.no_grad():
+                getattr(block.mlp.experts, proj).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    save_file(state, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    return path, hf
+
+
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Weights with enough contrast that logits are spread out and routing differs across tokens."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             r = torch.randn(p.shape, generator=g)
-            if "norm" in name:
+            if "norm" in name and not name.endswith("bias"):
                 p.copy_(1.0 + 0.1 * r)
             elif name.endswith("bias"):
                 p.copy_(0.1 * r)

@@ -2,57 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from hobbit.runtime.options import POLICIES
-
-
-def add_engine_args(p: argparse.ArgumentParser, store: bool = True, policy: str = "lru") -> None:
-    """Options every command that loads a store shares."""
-    if store:
-        p.add_argument("store", help="expert store folder (made by `hobbit convert`)")
-    p.add_argument("--budget", default="25%", help="RAM for cached experts: bytes, 512MiB, 2GiB, or 25%% "
-                   "of all expert bytes at the highest stored precision (default 25%%)")
-    p.add_argument("--policy", default=policy, choices=POLICIES, help=f"expert cache policy (default {policy})")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
-    p.add_argument("--dense", default=None, choices=("bf16", "fp32", "int8", "int4", "auto"),
-                   help="precision of the dense (non-expert) weights in RAM (default: as the store holds them)")
-    p.add_argument("--mlock", action="store_true", help="lock the dense weights in RAM (needs RLIMIT_MEMLOCK)")
-    p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
-    p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit policy)")
-    p.add_argument("--t1", type=float, default=None, help="hobbit Eq. 2: high if score <= T1 (default 0.6 or tuned)")
-    p.add_argument("--t2", type=float, default=None, help="hobbit Eq. 2: low if score <= T2, else skip (default 0.9 or tuned)")
-    add_little_args(p)
-    p.add_argument("--prefetch-depth", type=int, default=None,
-                   help="layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; the loader uses another)")
-    p.add_argument("--no-direct-io", action="store_true", help="read blobs through the page cache")
-    p.add_argument("--io-threads", type=int, default=1, help="blobs read at once by the loader (default 1)")
-
-
-LITTLE_OPTIONS = ("little", "little_rule", "gamma")
-
-
-def add_little_args(p: argparse.ArgumentParser) -> None:
-    """Per-token expert-count rules: the per-layer little rules and MoBiLE's confidence threshold."""
-    p.add_argument("--little", type=float, default=None, metavar="X",
-                   help="threshold of the per-layer little rule (--little-rule; mass by default): e.g. 0.8")
-    p.add_argument("--little-rule", default=None, choices=("mass", "adapmoe"),
-                   help="mass: a token whose top-ceil(k/2) experts hold X of its routing mass runs only those; "
-                        "adapmoe: drop experts whose normalized weight is under X (AdapMoE's baseline)")
-    p.add_argument("--gamma", type=float, default=None, help="policies mobile, hobbit+mobile: a token decoded "
-                   "little whose top next-token probability is below this is redone big (default 0.7)")
+from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json
 
 
 def engine_from_args(args: argparse.Namespace):
     from hobbit.runtime.engine import load
-    options = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", *LITTLE_OPTIONS)
-               if getattr(args, k, None) is not None}
-    return load(args.store, budget=args.budget, policy=args.policy, dtype=args.dtype, high=args.high,
-                low=args.low, threads=args.threads, direct_io=not args.no_direct_io, dense=args.dense,
-                io_threads=args.io_threads, mlock=args.mlock,
-                trace=getattr(args, "trace", None), **options)
+    return load(args.store, config=RunConfig.from_args(args), trace=getattr(args, "trace", None))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -95,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def generate_and_report(engine, args: argparse.Namespace) -> int:
     """Stream the answer to args.prompt (or args.prompt_ids), then the stats block (or one JSON object)."""
-    from hobbit.runtime.tokenizer import TextStream
+    from hobbit.runtime.tokenizer import TextDeltas
     tok = engine.tokenizer
     if args.prompt_ids is not None:
         ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -104,20 +61,19 @@ def generate_and_report(engine, args: argparse.Namespace) -> int:
             sys.exit(f"error: {args.store} has no tokenizer.json, so text prompts can't be encoded; "
                      f"pass --prompt-ids 1,2,3 or convert a model folder that has tokenizer files")
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
-    stream = TextStream(tok) if tok is not None else None
+    stream = TextDeltas(tok) if tok is not None else None
+    quiet = args.json == "-"
 
     def on_token(t: int) -> None:
-        if not args.json:
+        if not quiet:
             print(stream.push(t) if stream else f"{t} ", end="", flush=True)
 
     out = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, callback=on_token)
     text = tok.decode(out.token_ids) if tok is not None else None
-    if args.json:
-        print(json.dumps(dict(text=text, token_ids=out.token_ids, prompt_ids=ids, finish_reason=out.finish_reason,
-                              policy=engine.policy, stats=out.stats)))
-    else:
-        print(f"\n\n[{out.finish_reason}] policy {engine.policy}")
+    if not emit_json(args, dict(text=text, token_ids=out.token_ids, prompt_ids=ids, finish_reason=out.finish_reason,
+                                policy=engine.policy, stats=out.stats)):
+        print((stream.flush() if stream else "") + f"\n\n[{out.finish_reason}] policy {engine.policy}")
         print(_format_stats(out.stats))
     engine.close()
     return 0
@@ -133,13 +89,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     r.update(store=args.store, policy=args.policy, budget=args.budget)
-    print(json.dumps(r) if args.json else f"{args.store}: policy {args.policy}, budget {args.budget}\n"
-          + format_profile(r))
+    if not emit_json(args, r):
+        print(f"{args.store}: policy {args.policy}, budget {args.budget}\n" + format_profile(r))
     return 0
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from hobbit.models.assets import asset_path
+    from hobbit.models.recipes import asset_path
     print(asset_path(args.name))
     return 0
 
@@ -149,7 +105,7 @@ DEMO_PROMPT = "Tell me about the Shire, where hobbits live."
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default model: SmolMoE's experts on disk under a 25% budget."""
-    from hobbit.models.assets import asset_path
+    from hobbit.models.recipes import asset_path
     store = asset_path("smolmoe-store")  # built and cached on first use (a few minutes), then instant
     args.store, args.chat, args.prompt_ids = str(store), True, None
     print(f"store: {store}\npolicy {args.policy}, budget {args.budget} of the expert bytes\n", flush=True)
@@ -157,6 +113,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # before loading the model: fastapi and uvicorn are the `serve` extra
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"`hobbit serve` needs {e.name or 'fastapi and uvicorn'}, which is not installed: "
+                           f"pip install 'hobbit-moe[serve]'") from None
     from hobbit.serve.server import run_server
     run_server(engine_from_args(args), host=args.host, port=args.port)
     return 0
@@ -169,15 +131,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hobbit", description="Run MoE LLMs bigger than RAM: experts on disk, "
-                                 "cached at mixed precision.")
-    sub = ap.add_subparsers(dest="command", required=True)
+def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int | None = None, top_k: bool = True) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=top_p)
+    if top_k:
+        p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=seed)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face model folder or GGUF into an expert store")
+
+def _convert(sub) -> None:
+    p = sub.add_parser("convert", help=HELP["convert"])
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--precisions", default="bf16,int4,int2", help="comma list of fp32,bf16,int8,int4,int3,int2")
+    p.add_argument("--precisions", default=None,
+                   help="comma list of fp32,bf16,int8,mxfp4,int4,int3,int2 (default bf16,int4,int2; "
+                        "mxfp4,int4,int2 for MXFP4 experts)")
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size (default 64, or the largest of 128/64/32 that fits the experts)")
     p.add_argument("--dense", default=None, choices=("fp32", "bf16", "int8", "int4", "auto"),
@@ -186,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "norms stay as in the source)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="write a store as a GGUF that stock llama.cpp runs (qwen2moe, qwen2, llama)")
+
+def _export(sub) -> None:
+    p = sub.add_parser("export", help=HELP["export"])
     p.add_argument("store")
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--type", default="bf16", choices=("bf16", "q8_0", "q4_0"),
@@ -196,78 +168,131 @@ def build_parser() -> argparse.ArgumentParser:
                         "hobbit renormalizes the top-k routing weights, llama.cpp's qwen2moe does not")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="generate text from a prompt, streaming, then print stats")
-    add_engine_args(p)
+
+def _run(sub) -> None:
+    p = sub.add_parser("run", help=HELP["run"])
+    add_run_args(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt")
     g.add_argument("--prompt-ids", help="comma-separated token ids (works without a tokenizer)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _sampling_args(p, max_new_tokens=64)
+    add_json_arg(p, "the answer, token ids and stats")
     p.add_argument("--trace", default=None, help="record the routing trace here (for `hobbit simulate`)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("profile", help="split a decode token's time into attention, router, experts, load wait, "
-                       "scheduler, lm_head, sampling (ms per token)")
-    add_engine_args(p)
+
+def _profile(sub) -> None:
+    p = sub.add_parser("profile", help=HELP["profile"])
+    add_run_args(p)
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (token ids 100, 101, ...)")
     p.add_argument("--tokens", type=int, default=32, help="decode tokens timed")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_arg(p, "the split")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("demo", help="run SmolMoE (built from SmolLM2-135M) with experts on disk, under a 25%% budget")
-    add_engine_args(p, store=False, policy="hobbit")
+
+def _demo(sub) -> None:
+    p = sub.add_parser("demo", help=HELP["demo"])
+    add_run_args(p, store=False, policy="hobbit")
     p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=64)
     # SmolMoE is a 135M model that loops when greedy: sample lightly, seeded, so runs repeat
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    _sampling_args(p, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
+    add_json_arg(p, "the answer, token ids and stats")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("assets", help="print the local path of a verified asset, fetching/building it on first use")
+
+def _assets(sub) -> None:
+    p = sub.add_parser("assets", help=HELP["assets"])
     p.add_argument("name", help="smollm2-gguf | austen | wiki | smolmoe | smolmoe-store | qwen-coder-gguf | codermoe "
                    "| codermoe-store")
     p.set_defaults(func=cmd_assets)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
-    add_engine_args(p)
+
+def _serve(sub) -> None:
+    p = sub.add_parser("serve", help=HELP["serve"])
+    add_run_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("chat", help="interactive terminal chat: streaming answers, history, stats line")
-    add_engine_args(p)
+
+def _chat(sub) -> None:
+    p = sub.add_parser("chat", help=HELP["chat"])
+    add_run_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    _sampling_args(p, max_new_tokens=512, top_k=False)
     p.set_defaults(func=cmd_chat)
 
-    from hobbit.models.moefy import add_moefy_args, moefy_main
-    p = sub.add_parser("moefy", help="split a dense Llama's FFN neurons into experts and learn routers "
-                       "(writes a Qwen2-MoE checkpoint; SmolMoE is made this way)")
+
+def _moefy(sub) -> None:
+    from hobbit.models.recipes import add_moefy_args, moefy_main
+    p = sub.add_parser("moefy", help=HELP["moefy"])
     add_moefy_args(p)
     p.set_defaults(func=moefy_main)
 
-    from hobbit.lab.bench import add_bench_args
+
+def _eval(sub) -> None:
     from hobbit.lab.evaluate import add_eval_args
+    add_eval_args(sub)
+
+
+def _bench(sub) -> None:
+    from hobbit.lab.bench import add_bench_args
+    add_bench_args(sub)
+
+
+def _simulate(sub) -> None:
     from hobbit.lab.simulate import add_simulate_args
+    add_simulate_args(sub)
+
+
+def _tune(sub) -> None:
     from hobbit.lab.tune import add_tune_args
-    for add in (add_eval_args, add_bench_args, add_simulate_args, add_tune_args):
-        add(sub)
+    add_tune_args(sub)
+
+
+# every command: its one line in `hobbit --help`, and what adds its parser (importing only that command's modules,
+# so `hobbit --help` and `hobbit simulate` never import torch)
+HELP = {
+    "convert": "convert a Hugging Face model folder or GGUF into an expert store",
+    "export": "write a store as a GGUF that stock llama.cpp runs (qwen2moe, qwen2, llama)",
+    "run": "generate text from a prompt, streaming, then print stats",
+    "profile": "split a decode token's time into attention, router, experts, load wait, scheduler, lm_head, "
+               "sampling (ms per token)",
+    "demo": "run SmolMoE (built from SmolLM2-135M) with experts on disk, under a 25%% budget",
+    "assets": "print the local path of a verified asset, fetching/building it on first use",
+    "serve": "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+    "chat": "interactive terminal chat: streaming answers, history, stats line",
+    "moefy": "split a dense Llama's FFN neurons into experts and learn routers (writes a Qwen2-MoE checkpoint; "
+             "SmolMoE is made this way)",
+    "eval": "perplexity over sliding windows of a text, with expert-cache stats",
+    "bench": "decode speed, cache stats and quality of policies across budgets",
+    "simulate": "replay a routing trace through a cache policy (no model): hit rates, bytes moved, modeled load time",
+    "tune": "calibrate HOBBIT's thresholds, low-pool share and eviction weights for a store and budget (writes "
+            "STORE/hobbit_tuned.json)",
+}
+COMMANDS = {"convert": _convert, "export": _export, "run": _run, "profile": _profile, "demo": _demo, "assets": _assets,
+            "serve": _serve, "chat": _chat, "moefy": _moefy, "eval": _eval, "bench": _bench, "simulate": _simulate,
+            "tune": _tune}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `hobbit` parser; with `only`, the other commands are listed but get no flags (nothing imported for them)."""
+    ap = argparse.ArgumentParser(prog="hobbit", description="Run MoE LLMs bigger than RAM: experts on disk, "
+                                 "cached at mixed precision.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, add in COMMANDS.items():
+        if only is None or name == only:
+            add(sub)
+        else:
+            sub.add_parser(name, help=HELP[name])
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -16,7 +16,6 @@ at the highest stored precision.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,7 @@ import torch
 from hobbit.runtime.engine import load
 from hobbit.lab.profile import PARTS, profile_decode
 from hobbit.lab.evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
+from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json
 from hobbit.runtime.options import NO_CACHE_POLICIES, POLICIES
 from hobbit.store.format import ExpertStore, checksum
 from hobbit.runtime.trace import belady_accesses, read_trace
@@ -296,10 +296,9 @@ def _ints(s: str) -> list[int]:
 
 
 def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from hobbit.cli import add_engine_args  # lazy: cli imports this module
     p = subparsers.add_parser("bench", help="decode speed, cache stats and quality of policies across budgets",
                               conflict_handler="resolve")  # --budget and --policy take lists here
-    add_engine_args(p)
+    add_run_args(p)
     p.add_argument("--budget", default="10%,25%,50%", help="comma list of budgets for the caching policies: "
                    "bytes, 512MiB, or %% of expert bytes at the highest precision (default 10%%,25%%,50%%)")
     p.add_argument("--policies", "--policy", default="resident,ondemand,lru,lru+prefetch,belady,hobbit",
@@ -311,24 +310,25 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     p.add_argument("--repeats", type=int, default=1, help="rounds over all prompts (default 1)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also split N decode tokens of each "
                    "configuration into attention, router, experts, load wait, scheduler, lm_head, ... (ms)")
-    p.add_argument("--json", required=True, help="write the results here")
+    add_json_arg(p, "the results (every run, machine, model, settings)")
     p.add_argument("--plot", default=None, help="write a PNG: tok/s and perplexity delta vs budget")
     p.set_defaults(func=cmd_bench)
     return p
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hobbit.cli import LITTLE_OPTIONS  # lazy: cli imports this module
     torch.set_num_threads(args.threads)
     cfgs = configs([x.strip() for x in args.policies.split(",") if x.strip()],
                    [x.strip() for x in args.budget.split(",") if x.strip()])
     store = ExpertStore(args.store)
     model, total = model_info(store), store.total_nbytes(store.precisions[0])
     store.close()
-    engine = dict(dtype=args.dtype, dense=args.dense, high=args.high, low=args.low, threads=args.threads,
-                  direct_io=not args.no_direct_io, io_threads=args.io_threads,
-                  **{k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", *LITTLE_OPTIONS)
-                     if getattr(args, k) is not None})
+    cfg = RunConfig.from_args(args, policy="hobbit", budget=None)  # bench sweeps policies and budgets itself
+    engine = dict(dtype=cfg.dtype, dense=cfg.dense, high=cfg.high, low=cfg.low, threads=cfg.threads,
+                  direct_io=cfg.direct_io, io_threads=cfg.io_threads,
+                  **{k: v for k, v in cfg.engine_kwargs().items()
+                     if k not in ("policy", "budget", "dtype", "dense", "high", "low", "threads", "direct_io",
+                                  "io_threads")})
     with load(args.store, policy="ondemand", **dict(engine, dense=None)) as probe:  # tokenizer and context only
         prompt_lens, output_lens = _ints(args.prompt_tokens), _ints(args.max_new_tokens)
         if max(prompt_lens) + max(output_lens) > probe.max_context:
@@ -347,7 +347,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              prompts=args.prompts, repeats=args.repeats, eval_tokens=len(s.eval_ids), window=s.window,
                              stride=s.stride, engine=engine),
                runs=runs, failed=failed)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    if emit_json(args, out):
+        return 0
     print(format_table(runs))
     if args.profile:
         print(format_profiles(runs))

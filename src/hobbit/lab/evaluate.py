@@ -13,7 +13,6 @@ after the first is scored once; with disjoint windows (stride = window) each win
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hobbit.models.assets import SPLITS, text_file
-from hobbit.runtime.engine import Engine
+from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json
+from hobbit.runtime.engine import Engine, load
 from hobbit.runtime.tokenizer import Tokenizer
 
 _COUNTERS = ("hits", "misses", "bytes_read", "skipped", "selections", "loader_wait_s", "little_steps", "fallbacks")
@@ -133,26 +133,22 @@ def add_text_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def add_eval_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from hobbit.cli import add_engine_args  # lazy: cli imports this module
     p = subparsers.add_parser("eval", help="perplexity over sliding windows of a text, with expert-cache stats")
-    add_engine_args(p)
+    add_run_args(p)
     add_text_args(p, max_tokens=4096)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    add_json_arg(p)
     p.set_defaults(func=cmd_eval)
     return p
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hobbit.cli import engine_from_args
-    with engine_from_args(args) as engine:
+    with load(args.store, config=RunConfig.from_args(args)) as engine:
         ids = text_token_ids(engine.tokenizer, args.text, args.max_tokens, args.split)
         window = min(args.window, engine.max_context)
-        res = evaluate_ppl(engine, ids, window, min(args.stride or window, window), progress=not args.json,
+        res = evaluate_ppl(engine, ids, window, min(args.stride or window, window), progress=args.json != "-",
                            stepwise=args.stepwise)
     res.update(text=str(args.text), split=args.split, store=str(args.store))
-    if args.json:
-        print(json.dumps(res))
-    else:
+    if not emit_json(args, res):
         budget = f"{res['budget_bytes'] / 2**20:.1f} MiB" if res["budget_bytes"] is not None else "-"
         print(f"ppl {res['ppl']:.4f} over {res['tokens']} tokens of {args.text} ({args.split}), {res['windows']} "
               f"windows of {res['window']} (stride {res['stride']})\npolicy {res['policy']}, budget {budget}, "

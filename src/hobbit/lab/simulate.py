@@ -16,22 +16,21 @@ Torch-free: it imports only the torch-free schedule/trace/policies/cache modules
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, base_policy, parse_budget
+from hobbit.runtime.config import FORMAT_ORDER  # noqa: F401  (re-exported: the engine's precision order)
+from hobbit.runtime.config import (RunConfig, StoreFacts, add_json_arg, add_run_args, emit_json, read_tuned, resolve,
+                                   tuned_path)
+from hobbit.runtime.config import default_precisions as _default_precisions
+from hobbit.runtime.options import Options, parse_budget
 from hobbit.runtime.schedule import DEMAND, Scheduler
 from hobbit.runtime.trace import LayerCall, belady_accesses, iter_steps, read_trace
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
                "expert_disk_bytes")
-# the engine's choice of --low for policy hobbit (the paper's pairs: bf16 + int4, int8 + int2): the first of
-# LOW_DEFAULTS stored below `high` in FORMAT_ORDER (hobbit.store.quant.FORMATS, which imports torch)
-FORMAT_ORDER = ("fp32", "bf16", "int8", "int4", "int3", "int2")
-LOW_DEFAULTS = ("int4", "int2", "int3", "int8")
 
 
 # -- trace ------------------------------------------------------------------------------------------
@@ -65,14 +64,8 @@ def parse_budget_for(budget, header: dict) -> int | None:
 
 
 def default_precisions(header: dict, policy: str, high: str | None, low: str | None) -> tuple[str, str | None]:
-    """The engine's defaults: high = the highest stored precision; low (hobbit) = the first of int4,
-    int2, int3, int8 stored below high."""
-    precs = list(header["precisions"])
-    high = high or (precs[0] if precs else "bf16")
-    if low is None and base_policy(policy) == "hobbit" and high in FORMAT_ORDER:
-        lower = [p for p in precs if p in FORMAT_ORDER and FORMAT_ORDER.index(p) > FORMAT_ORDER.index(high)]
-        low = next((p for p in LOW_DEFAULTS if p in lower), None)
-    return high, low
+    """The engine's defaults for the trace's store (`hobbit.runtime.config.default_precisions`)."""
+    return _default_precisions(header["precisions"], policy, high, low)
 
 
 # -- replay -----------------------------------------------------------------------------------------
@@ -221,76 +214,28 @@ def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, 
 
 # -- command line -----------------------------------------------------------------------------------
 
-def parse_weights(spec: str | None) -> dict | None:
-    """'lru=0.4,lfu=0.2,lhu=0.2,fld=0.2' -> dict (Eq. 3 weights of the hobbit eviction policy)."""
-    if not spec:
-        return None
-    out = {}
-    for part in spec.split(","):
-        name, sep, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"--weights {spec!r}: use name=value pairs, e.g. lru=0.4,lfu=0.2,lhu=0.2,fld=0.2")
-    return out
-
-
 def add_simulate_args(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("simulate", help="replay a routing trace through a cache policy (no model): hit "
                               "rates, bytes moved, modeled load time")
     p.add_argument("trace", help="routing trace recorded with `hobbit run ... --trace FILE`")
-    p.add_argument("--policy", default="lru", choices=POLICIES, help="expert cache policy (default lru)")
-    p.add_argument("--budget", required=True, help="RAM for cached experts: bytes, 512MiB, 2GiB, or 25%% of all "
-                   "expert bytes at the highest stored precision")
+    add_run_args(p, store=False, engine=False)
     p.add_argument("--link", type=float, default=None, metavar="GB/s",
                    help="storage bandwidth in GB/s for modeled load times (e.g. 3 for an NVMe SSD)")
-    p.add_argument("--high", default=None, help="precision of full-precision loads (default: highest stored)")
-    p.add_argument("--low", default=None, help="precision of low-precision loads (hobbit; default as the engine: "
-                   "int4, else int2, int3, int8 below --high)")
-    p.add_argument("--t1", type=float, default=None, help="Eq. 2 high/low threshold (default 0.6)")
-    p.add_argument("--t2", type=float, default=None, help="Eq. 2 low/skip threshold (default 0.9)")
-    p.add_argument("--prefetch-depth", type=int, default=None, help="layers ahead to prefetch "
-                   "(default: hobbit 2, lru+prefetch 1, others 0)")
-    p.add_argument("--low-pool-fraction", type=float, default=None, help="hobbit: share of the budget for "
-                   "low-precision copies (default 0.25)")
-    from hobbit.cli import add_little_args  # lazy: cli imports this module
-    add_little_args(p)
-    p.add_argument("--weights", default=None, help="hobbit Eq. 3 weights, e.g. lru=0.4,lfu=0.2,lhu=0.2,fld=0.2")
-    p.add_argument("--allow-low-for-high", action="store_true", help="a cached low copy may serve a high request")
-    p.add_argument("--no-tuned", action="store_true", help="policy hobbit: ignore the store's `hobbit tune` "
-                   "result (by default its options are the defaults, as in the engine)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_json_arg(p, "the report")
     p.set_defaults(func=cmd_simulate)
     return p
 
 
-def tuned_options(header: dict) -> tuple[dict, str | None]:
-    """The `hobbit tune` options of the trace's store, as the engine applies them to policy hobbit
-    ({} when the store is gone or was never tuned), and the file they came from."""
-    from hobbit.lab.tune import load_tuned, tuned_path
+def resolve_for(header: dict, config: RunConfig):
+    """`resolve` against the trace's store, as the engine resolved it (its tuning result when the store is here)."""
     store = header.get("store")
-    if not store or not Path(store).is_dir():
-        return {}, None
-    tuned = load_tuned(store) or {}
-    return tuned, str(tuned_path(store)) if tuned else None
+    here = bool(store) and Path(store).is_dir()
+    facts = StoreFacts(tuple(header["precisions"]), highest_total_bytes(header), int(header["num_experts"]))
+    return resolve(config, facts, read_tuned(store) if here and config.reads_tuned else None)
 
 
 def options_from_args(args: argparse.Namespace, header: dict) -> Options:
-    high, low = default_precisions(header, args.policy, args.high, args.low)
-    kw = {k: getattr(args, k) for k in ("t1", "t2", "prefetch_depth", "low_pool_fraction", "little", "little_rule",
-                                        "gamma")
-          if getattr(args, k, None) is not None}
-    weights = parse_weights(getattr(args, "weights", None))
-    if weights is not None:
-        if base_policy(args.policy) != "hobbit":
-            raise ValueError("--weights sets the hobbit eviction policy's Eq. 3 weights: use it with --policy hobbit")
-        kw["eviction_options"] = {"weights": weights}
-    if base_policy(args.policy) == "hobbit" and not getattr(args, "no_tuned", False):
-        kw = {**tuned_options(header)[0], **kw}  # like the engine: tuned defaults, explicit options win
-    return Options(policy=args.policy, high=high, low=low,
-                   allow_low_for_high=getattr(args, "allow_low_for_high", False), **kw)
+    return resolve_for(header, RunConfig.from_args(args)).options
 
 
 def _secs(x: float) -> str:
@@ -341,14 +286,13 @@ def format_report(r: dict) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     header, calls = load_trace(args.trace)
-    opt = options_from_args(args, header)
-    budget = parse_budget_for(args.budget, header) if opt.policy in CACHE_POLICIES else None
-    report = simulate(header, calls, opt, budget, args.link)
-    tuned = tuned_options(header)[1] if opt.policy == "hobbit" and not args.no_tuned else None
+    run = resolve_for(header, RunConfig.from_args(args))
+    if run.note:
+        print(f"warning: {header['store']}/{run.note}", file=sys.stderr)
+    report = simulate(header, calls, run.options, run.budget_bytes, args.link)
+    tuned = str(tuned_path(header["store"])) if run.tuned else None
     report["tuned_from"] = tuned
-    if args.json:
-        print(json.dumps(report))
-    else:
+    if not emit_json(args, report):
         print(f"simulated {args.trace}" + (f" (hobbit options tuned in {tuned})" if tuned else ""))
         print(format_report(report))
     return 0

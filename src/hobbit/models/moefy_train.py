@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from hobbit.models.assets import asset_path
-    from hobbit.models.moefy import RECIPE, load_dense, load_recipe
+    from hobbit.models.moefy import CODERMOE_RECIPE, RECIPE, load_dense, load_recipe
     from hobbit.models.moefy_text import EVAL_TEXTS, eval_windows
     p = argparse.ArgumentParser(prog="python -m hobbit.models.moefy_train", description=main.__doc__)
     p.add_argument("--model", choices=("smolmoe", "codermoe"), default="smolmoe",
@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from hobbit.models.assets_coder import CODERMOE_RECIPE
     source, recipe_path = {"smolmoe": ("smollm2-gguf", RECIPE),
                            "codermoe": ("qwen-coder-gguf", CODERMOE_RECIPE)}[args.model]
     sd, cfg, tok, _ = load_dense(args.src or asset_path(source))

@@ -6,21 +6,21 @@ from hobbit.policies.eviction import (
     DEFAULT_MULTIDIM_WEIGHTS,
     LFU,
     LRU,
-    POLICY_NAMES,
     SLRU,
     Belady,
-    EvictionPolicy,
+    EVICTORS,
+    Evictor,
     Key,
     Multidim,
-    make_policy,
+    make_evictor,
 )
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide, scores
 from hobbit.policies.prefetch import PredictionStats, PrefetchPlan, plan_prefetch
 
 __all__ = [
     "LITTLE_RULES", "adapmoe_weights", "layer_weights", "little_k", "little_mass", "little_weights",
-    "DEFAULT_MULTIDIM_WEIGHTS", "LFU", "LRU", "POLICY_NAMES", "SLRU", "Belady", "EvictionPolicy",
-    "Key", "Multidim", "make_policy",
+    "DEFAULT_MULTIDIM_WEIGHTS", "EVICTORS", "LFU", "LRU", "SLRU", "Belady", "Evictor",
+    "Key", "Multidim", "make_evictor",
     "HIGH", "LOW", "SKIP", "ServeRule", "decide", "scores",
     "PredictionStats", "PrefetchPlan", "plan_prefetch",
 ]

@@ -1,7 +1,7 @@
 """MoBiLE big-little experts (arXiv 2510.12357) and AdapMoE's weight threshold, as per-token
 weight rules. Torch-free.
 
-Only the abstract and secondary notes on MoBiLE were available (notes: mobile_and_users.md §1):
+Only the abstract and second-hand descriptions of MoBiLE were available, not the full text:
 
 - The "big" model uses the router's own top-K; the "little" model uses the first ``ceil(K/2)``
   of them, with their weights rescaled to the top-K's total so the output scale matches the big

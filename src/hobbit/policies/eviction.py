@@ -1,15 +1,19 @@
-"""Eviction policies for the expert cache (torch-free).
+"""Evictors: whom the expert cache evicts (torch-free).
 
 A cache entry is keyed ``(layer, expert, precision)``. The clock is ``t`` (token index within the
 sequence, 0-based; a prefill forward call counts as one step) and ``layer_now`` (the layer being
 computed). The cache calls ``touch`` on every use of a key (a hit or a fresh insert), ``remove``
 when a key leaves, and ``victim`` with the evictable (unpinned) keys of one pool.
 
-Policies: ``LRU`` (mixtral-offloading), ``LFU`` (per-sequence counts), ``SLRU`` (segmented LRU),
+The words: an *evictor* picks a victim (``lru``, ``lfu``, ``slru``, ``multidim``, ``belady``); a *policy*
+(``--policy``: resident, ondemand, lru, ..., hobbit, mobile) is the whole schedule and names the evictor
+it uses (hobbit evicts by ``multidim``; ``hobbit.runtime.options``).
+
+Evictors: ``LRU`` (mixtral-offloading), ``LFU`` (per-sequence counts), ``SLRU`` (segmented LRU),
 ``Multidim`` (HOBBIT Eq. 3, arXiv 2411.01433 §3.4) and ``Belady`` (offline optimum, a bound for
 simulations).
 
-Choices that are ours, shared by all policies:
+Choices that are ours, shared by all evictors:
 
 - Ties are broken by least recent touch of the key (a global counter that never resets), then by
   the key itself, so every victim is deterministic.
@@ -33,8 +37,8 @@ Key = tuple[int, int, str]
 """(layer, expert, precision); precision is a format name from ``hobbit.store.quant.FORMATS``."""
 
 
-class EvictionPolicy(Protocol):
-    """What ``ExpertCache`` needs from a policy (see ARCHITECTURE.md, "policies/ and cache.py")."""
+class Evictor(Protocol):
+    """What ``ExpertCache`` needs from an evictor (see ARCHITECTURE.md, "policies/ and cache.py")."""
 
     name: str
 
@@ -248,7 +252,7 @@ class Multidim(_Recorded):
     at the start of each new sequence"). Ties: least recent touch of the key, then the key.
     """
 
-    name = "hobbit"
+    name = "multidim"
 
     def __init__(self, num_layers: int, weights: dict[str, float] | None = None) -> None:
         if num_layers < 1:
@@ -351,13 +355,13 @@ class Belady:
         return max(candidates, key=lambda k: (self.next_use(k, t, layer_now), -self._recency.stamp(k)))
 
 
-POLICY_NAMES = ("lru", "lfu", "slru", "hobbit", "belady")
+EVICTORS = ("lru", "lfu", "slru", "multidim", "belady")
 
 
-def make_policy(name: str, num_layers: int, **options) -> EvictionPolicy:
-    """Build a policy by name.
+def make_evictor(name: str, num_layers: int, **options) -> Evictor:
+    """Build an evictor by name.
 
-    ``options``: ``slru`` takes ``protected_fraction``; ``hobbit`` takes ``weights`` (keys lru,
+    ``options``: ``slru`` takes ``protected_fraction``; ``multidim`` takes ``weights`` (keys lru,
     lfu, lhu, fld); ``belady`` requires ``trace`` (``(seq, t, layer, expert)`` uses, see ``Belady``). ``lru`` and
     ``lfu`` take none. An unknown option raises TypeError.
     """
@@ -367,10 +371,10 @@ def make_policy(name: str, num_layers: int, **options) -> EvictionPolicy:
         return LFU(**options)
     if name == "slru":
         return SLRU(**options)
-    if name == "hobbit":
+    if name == "multidim":
         return Multidim(num_layers, **options)
     if name == "belady":
         if "trace" not in options:
-            raise ValueError("policy 'belady' needs trace=[(seq, t, layer, expert), ...]: a recorded routing trace")
+            raise ValueError("evictor 'belady' needs trace=[(seq, t, layer, expert), ...]: a recorded routing trace")
         return Belady(**options)
-    raise ValueError(f"unknown eviction policy {name!r}; valid names: {', '.join(POLICY_NAMES)}")
+    raise ValueError(f"unknown evictor {name!r}; valid names: {', '.join(EVICTORS)}")

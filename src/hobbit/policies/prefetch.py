@@ -4,7 +4,7 @@ Torch-free; the prediction itself (stacked next-layer gates) lives in the engine
 The paper's walk: at layer i, predict layer i+1's experts; if all are cached, predict i+2, and so
 on; stop at the first layer whose predicted experts miss, or after p layers; prefetch the missing
 ones and mask all predicted experts from eviction. The paper does not give the precision of a
-prefetched expert; ours is Eq. 2 on the predicted routing weights (notes §1.3), so a predicted
+prefetched expert; ours is Eq. 2 on the predicted routing weights, so a predicted
 expert Eq. 2 would skip is neither loaded nor pinned nor counted as a miss.
 """
 

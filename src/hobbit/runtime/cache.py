@@ -3,7 +3,7 @@
 Entries are keyed ``(layer, expert, precision)``. Each precision belongs to one pool
 (``pool_of``); each pool has its own byte budget, as in HOBBIT's separate high- and
 low-precision caches (arXiv 2411.01433 §3.4), or one pool for everything. The cache stores
-payloads and bytes and keeps the books; whom to evict is the policy's call, among the unpinned
+payloads and bytes and keeps the books; whom to evict is the evictor's call, among the unpinned
 entries of the pool that needs room.
 
 Choices that are ours:
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hobbit.policies.eviction import EvictionPolicy, Key
+from hobbit.policies.eviction import Evictor, Key
 
 
 class CacheFull(Exception):
@@ -56,7 +56,7 @@ class ExpertCache:
     inserts (``CacheFull``).
     """
 
-    def __init__(self, pools: dict[str, int], pool_of: Callable[[str], str], policy: EvictionPolicy) -> None:
+    def __init__(self, pools: dict[str, int], pool_of: Callable[[str], str], evictor: Evictor) -> None:
         if not pools:
             raise ValueError("need at least one pool")
         for name, budget in pools.items():
@@ -65,7 +65,7 @@ class ExpertCache:
         self.budgets: dict[str, int] = dict(pools)
         self.used: dict[str, int] = {name: 0 for name in pools}
         self.pool_of = pool_of
-        self.policy = policy
+        self.evictor = evictor
         self.counters: dict[str, int] = {"inserts": 0, "evictions": 0, "evicted_bytes": 0, "rejected": 0}
         self._entries: dict[Key, _Entry] = {}
         self._pins: dict[Key, int] = {}
@@ -87,10 +87,10 @@ class ExpertCache:
         return None if entry is None else entry.payload
 
     def touch(self, key: Key, t: int, layer_now: int, high: bool) -> None:
-        """Record a use (a hit) of a cached key with the policy."""
+        """Record a use (a hit) of a cached key with the evictor."""
         if key not in self._entries:
             raise KeyError(f"touch of {key}, which is not cached")
-        self.policy.touch(key, t, layer_now, high)
+        self.evictor.touch(key, t, layer_now, high)
 
     def _pool(self, key: Key) -> str:
         pool = self.pool_of(key[2])
@@ -99,7 +99,7 @@ class ExpertCache:
         return pool
 
     def insert(self, key: Key, payload: object, nbytes: int, t: int, layer_now: int, high: bool) -> list[Key]:
-        """Cache ``payload`` under ``key``, evicting unpinned entries of its pool (the policy picks)
+        """Cache ``payload`` under ``key``, evicting unpinned entries of its pool (the evictor picks)
         until it fits; returns the evicted keys. Raises ``CacheFull`` (and changes nothing) when
         the item is bigger than the pool or the pinned entries leave too little room."""
         if nbytes < 0:
@@ -117,9 +117,9 @@ class ExpertCache:
         evicted: list[Key] = []
         while self.used[pool] + nbytes > budget:
             candidates = [k for k in self._by_pool[pool] if k not in self._pins]
-            victim = self.policy.victim(candidates, t, layer_now)
+            victim = self.evictor.victim(candidates, t, layer_now)
             if victim not in candidates:
-                raise RuntimeError(f"policy {self.policy.name!r} chose {victim}, which is not an evictable candidate")
+                raise RuntimeError(f"evictor {self.evictor.name!r} chose {victim}, which is not an evictable candidate")
             self._evict(victim)
             evicted.append(victim)
         self._entries[key] = _Entry(payload, nbytes, pool)
@@ -128,7 +128,7 @@ class ExpertCache:
         if self.used[pool] > budget:
             raise AssertionError(f"pool {pool!r} holds {self.used[pool]} bytes, over its budget of {budget}")
         self.counters["inserts"] += 1
-        self.policy.touch(key, t, layer_now, high)
+        self.evictor.touch(key, t, layer_now, high)
         return evicted
 
     def _evict(self, key: Key) -> None:
@@ -137,7 +137,7 @@ class ExpertCache:
         self.used[entry.pool] -= entry.nbytes
         self.counters["evictions"] += 1
         self.counters["evicted_bytes"] += entry.nbytes
-        self.policy.remove(key)
+        self.evictor.remove(key)
 
     def discard(self, key: Key) -> None:
         """Remove ``key`` without counting an eviction (a copy that never became valid, a staging use)."""
@@ -146,7 +146,7 @@ class ExpertCache:
             return
         del self._by_pool[entry.pool][key]
         self.used[entry.pool] -= entry.nbytes
-        self.policy.remove(key)
+        self.evictor.remove(key)
 
     def pin(self, key: Key) -> None:
         """Protect ``key`` from eviction (counted; it need not be cached yet)."""
@@ -167,5 +167,5 @@ class ExpertCache:
         return self._pins.get(key, 0) > 0
 
     def reset_sequence(self) -> None:
-        """A new sequence starts: the policy clears its per-sequence records."""
-        self.policy.reset()
+        """A new sequence starts: the evictor clears its per-sequence records."""
+        self.evictor.reset()

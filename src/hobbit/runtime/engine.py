@@ -16,13 +16,13 @@ from torch import Tensor
 
 from hobbit.store.config import ModelConfig
 from hobbit.store.dense import lock as lock_dense, peak_rss_bytes, read as read_dense, release_free_heap, rss_bytes
-from hobbit.store.quant import FORMATS as QUANT_FORMATS
-from hobbit.store.dense import FUSED
+from hobbit.store.dense import EMBEDDING, FUSED, embedding_is_lookup
 from hobbit.runtime.model import Transformer
 from hobbit.runtime.loader import DEMAND, PREFETCH
 from hobbit.runtime.offload import OffloadedExperts, Predictor
 from hobbit.policies.prefetch import PredictionStats
-from hobbit.runtime.options import Options, base_policy, parse_budget
+from hobbit.runtime.config import RunConfig, StoreFacts, read_tuned, resolve
+from hobbit.runtime.options import parse_budget  # noqa: F401  (hobbit.runtime.engine.parse_budget, as before)
 from hobbit.runtime.trace import TraceWriter
 from hobbit.store.format import ExpertStore
 from hobbit.runtime.tokenizer import Tokenizer
@@ -96,49 +96,40 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, gen: to
 
 class Engine:
     def __init__(self, store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16",
-                 high: str | None = None, low: str | None = None, max_seq_len: int | None = None,
-                 threads: int = 1, direct_io: bool = True, trace: str | Path | None = None,
-                 dense: str | None = None, dense_group_size: int = 32, io_threads: int = 1, mlock: bool = False,
-                 **options):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: choose bf16 or fp32")
+                 max_seq_len: int | None = None, trace: str | Path | None = None, dense_group_size: int = 32,
+                 config: RunConfig | None = None, **knobs):
+        """`config` (a RunConfig) or the knobs as keywords (RunConfig's fields: high, low, t1, ..., threads)."""
+        if config is None:
+            config = RunConfig(budget=budget, policy=policy, dtype=dtype, **knobs)
+        elif knobs:
+            raise TypeError(f"pass the knobs in config or as keywords, not both ({', '.join(knobs)})")
+        self.run_config = config
         self.baseline_rss_bytes = rss_bytes()  # before any weight: what the process costs by itself
-        torch.set_num_threads(threads)  # one compute thread; the loader thread takes the other core
+        torch.set_num_threads(config.threads)  # one compute thread; the loader thread takes the other core
         self.path = Path(store)
-        self.store = ExpertStore(self.path, direct_io=direct_io)
+        self.store = ExpertStore(self.path, direct_io=config.direct_io)
         self.config = ModelConfig.from_dict(self.store.manifest["config"])
-        self.dtype = DTYPES[dtype]
+        self.dtype = DTYPES[config.dtype]
         precs = self.store.precisions
-        high = high or (precs[0] if precs else "bf16")
-        if low is None and base_policy(policy) == "hobbit":  # the paper's pairs: bf16 + int4, int8 + int2
-            lower = [p for p in precs if p in QUANT_FORMATS and QUANT_FORMATS.index(p) > QUANT_FORMATS.index(high)]
-            low = next((p for p in ("int4", "int2", "int3", "int8") if p in lower), None)
-        if not self.config.num_experts:
-            policy = "resident"  # a dense model has no experts to offload
-        top = self.store.total_nbytes(precs[0]) if self.store.blobs else 0
-        self.budget_bytes = parse_budget(budget, top) if policy not in ("resident", "ondemand") else None
-        self.policy = policy
-        self.tuned = False
-        if base_policy(policy) == "hobbit":  # `hobbit tune` results are the defaults; explicit options win
-            from hobbit.lab.tune import read_tuned
-            doc = read_tuned(self.path)
-            if doc is not None:
-                cal = doc["calibration"]
-                if (cal.get("high"), cal.get("low")) == (high, low):
-                    self.tuned = True
-                    options = {**doc["options"], **options}
-                else:
-                    warnings.warn(f"{self.path}/hobbit_tuned.json was tuned for {cal.get('high')}+{cal.get('low')}, "
-                                  f"not {high}+{low}: using the default thresholds; re-run `hobbit tune`")
-        opts = Options(policy=policy, high=high, low=low, **options)
+        facts = StoreFacts(tuple(precs), self.store.total_nbytes(precs[0]) if self.store.blobs else 0,
+                           self.config.num_experts)
+        run = resolve(config, facts, read_tuned(self.path) if config.reads_tuned else None)
+        if run.note:  # `hobbit tune` results are policy hobbit's defaults, but only for the precisions tuned
+            warnings.warn(f"{self.path}/{run.note}")
+        opts = run.options
+        self.budget_bytes, self.policy, self.tuned = run.budget_bytes, opts.name, run.tuned
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
-                                         self.budget_bytes, opts, io_threads=io_threads)
+                                         self.budget_bytes, opts, io_threads=config.io_threads)
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
-        # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1
-        self.model.load_dense(read_dense(self.path / self.store.manifest["dense_file"], FUSED),
-                              {"bfloat16": "bf16", "float32": "fp32"}.get(dense, dense), dense_group_size)
+        # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1;
+        # the embedding stays file-mapped when the store has its own LM head (a row lookup; not after a re-format,
+        # which may tie the LM head to it)
+        dense = read_dense(self.path / self.store.manifest["dense_file"], FUSED, map_embedding=config.dense is None)
+        emb = dense[EMBEDDING] if config.dense is None and embedding_is_lookup(dense) else None
+        self.mapped_bytes = emb.numel() * emb.element_size() if emb is not None else 0
+        self.model.load_dense(dense, config.dense, dense_group_size)
         release_free_heap()  # load-time temporaries (re-packing, quantizing an old store)
-        if mlock:
+        if config.mlock:
             lock_dense(self.model.dense_tensors())
         depth = max(opts.depth, 3 if trace else 0)  # traces record 3 layers of predictions for simulate
         if depth and self.config.num_experts:
@@ -226,10 +217,10 @@ class Engine:
                     decode_tok_s=self.tokens_generated / self.decode_s if self.decode_s else 0.0, **self.memory())
 
     def memory(self) -> dict:
-        """Bytes: dense weights (every precision), KV cache as allocated, cached experts, and RSS now,
+        """Bytes: dense weights (every precision; dense_mapped_bytes of them file-mapped), KV cache as allocated, cached experts, and RSS now,
         at its peak and before the engine loaded anything (baseline: interpreter, torch, libraries)."""
         return dict(budget_bytes=self.budget_bytes, cached_expert_bytes=self.provider.cached_bytes(),
-                    dense_bytes=self.model.dense_nbytes(), kv_cache_bytes=self.model.kv_nbytes(),
+                    dense_bytes=self.model.dense_nbytes(), dense_mapped_bytes=self.mapped_bytes, kv_cache_bytes=self.model.kv_nbytes(),
                     peak_rss_bytes=peak_rss_bytes(), rss_bytes=rss_bytes(), baseline_rss_bytes=self.baseline_rss_bytes)
 
     def close(self) -> None:
@@ -281,7 +272,7 @@ class Engine:
 
 
 def load(store: str | Path, budget=None, policy: str = "lru", dtype: str = "bf16", **options) -> Engine:
-    """Open a converted expert store. budget: bytes, "2GiB" or "25%" of all expert bytes at the
+    """Open a converted expert store (`config=RunConfig(...)` instead of the keywords: `hobbit.runtime.config`). budget: bytes, "2GiB" or "25%" of all expert bytes at the
     highest stored precision (ignored by resident and ondemand); policy: resident | ondemand | lru | lfu |
     slru | lru+prefetch | belady (needs eviction_options={"trace": ...}) | hobbit | mobile | hobbit+mobile
     (MoBiLE decoding over lru / hobbit; `gamma=` its confidence threshold)."""

@@ -1,5 +1,5 @@
 """Building blocks the attention variants share: RoPE (frequencies as transformers computes them for
-each rope_type, and the rotation) and RMSNorm. D = head_dim, T = tokens.
+each rope_type, and the rotation), RMSNorm and LayerNorm (phimoe). D = head_dim, T = tokens.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from hobbit.store.config import ModelConfig
 
 def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Tensor, float]:
     """(inv_freq [D/2] fp32, cos/sin scale) as transformers computes them for each rope_type.
-    seq_len only matters for 'dynamic' (NTK), which rescales the base past max_position_embeddings."""
+    seq_len only matters for 'dynamic' (NTK), which rescales the base past max_position_embeddings, and
+    'longrope' (phimoe), whose long factors and mscale replace the short ones past the original length."""
     D, base, s = cfg.rope_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
     kind, exps = s["rope_type"], torch.arange(0, D, 2, dtype=torch.int64).float() / D  # [D/2]
     if kind == "dynamic":
@@ -35,7 +36,24 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[Tens
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
         return _yarn(s, D, base, pos_freqs, cfg.max_position_embeddings)
+    if kind == "longrope":
+        return _longrope(s, D, base, seq_len, cfg.max_position_embeddings)
     return inv_freq, 1.0
+
+
+def _longrope(s: dict, D: int, base: float, seq_len: int | None, max_pos: int) -> tuple[Tensor, float]:
+    """LongRoPE (Phi-3.5-MoE): per-frequency factors, short up to `original_max_position_embeddings`, long
+    past it, and cos/sin x `short_mscale` / `long_mscale` (PhimoeRotaryEmbedding; without them transformers'
+    attention factor sqrt(1 + ln(f) / ln(orig)))."""
+    orig = s["original_max_position_embeddings"]
+    long = bool(seq_len and seq_len > orig)
+    ext = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)  # [D/2]
+    inv_freq = 1.0 / (ext * base ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    mscale = s.get("long_mscale" if long else "short_mscale")
+    if mscale is None:
+        f = s.get("factor") or max_pos / orig
+        mscale = s.get("attention_factor") or (1.0 if f <= 1 else math.sqrt(1 + math.log(f) / math.log(orig)))
+    return inv_freq, float(mscale)
 
 
 def _yarn(s: dict, D: int, base: float, pos_freqs: Tensor, max_pos: int) -> tuple[Tensor, float]:
@@ -86,3 +104,21 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # normalize in fp32, scale in the activation dtype, as HF does
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """phimoe's nn.LayerNorm (weight and bias), computed in the activation dtype as HF does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """The family's hidden-state norm: RMSNorm, or LayerNorm with bias (phimoe)."""
+    return LayerNorm(dim, cfg.rms_norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.rms_norm_eps)

@@ -25,7 +25,7 @@ from hobbit.store import dense
 from hobbit.store import quant
 from hobbit.store.config import ModelConfig
 from hobbit.runtime.experts import ExpertProvider
-from hobbit.runtime.layers import RMSNorm, apply_partial_rope, rope_frequencies
+from hobbit.runtime.layers import RMSNorm, apply_partial_rope, norm, rope_frequencies
 from hobbit.store.quant import QuantLinear
 from hobbit.runtime.routing import FP32_BUFFERS, Router
 
@@ -143,9 +143,9 @@ class Block(nn.Module):
         super().__init__()
         self.sparse = layer in cfg.sparse_layers
         self.residual_multiplier = cfg.residual_multiplier  # granitemoe scales each branch; 1 elsewhere
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = norm(cfg, cfg.hidden_size)
         self.self_attn = attention_mla.MLAttention(cfg) if cfg.kv_lora_rank else Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm(cfg, cfg.hidden_size)
         self.mlp = MoE(cfg, layer) if self.sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
@@ -168,8 +168,8 @@ class Transformer(nn.Module):
             # given a weight, Embedding skips init.normal_, which costs ~70 MB of RSS even on meta
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.norm = norm(cfg, cfg.hidden_size)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         inv_freq, self.rope_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32
         self._allocate(0)
@@ -284,8 +284,11 @@ class Transformer(nn.Module):
         return (logits if self.cfg.logits_scaling == 1.0 else logits / self.cfg.logits_scaling).float()
 
     def _rope(self, start_pos: int, end: int) -> tuple[Tensor, Tensor]:
-        if self.cfg.rope_scaling and self.cfg.rope_scaling["rope_type"] == "dynamic" \
-                and end > self.cfg.max_position_embeddings:  # NTK: the base depends on the length
+        s = self.cfg.rope_scaling or {"rope_type": "default"}
+        past = {"dynamic": self.cfg.max_position_embeddings, "longrope": s.get("original_max_position_embeddings")}
+        # NTK: the base depends on the length; LongRoPE: a call reaching past the original length uses the
+        # long factors and mscale for all its positions (as transformers 4.x, vLLM, Phi-3.5's own code)
+        if s["rope_type"] in past and end > past[s["rope_type"]]:
             inv_freq, scale = rope_frequencies(self.cfg, seq_len=end)
             return self._rope_table(inv_freq.to(self.inv_freq.device), scale, start_pos, end)
         return self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]

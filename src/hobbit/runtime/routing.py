@@ -15,7 +15,7 @@ from torch import Tensor
 
 from hobbit.store.config import ModelConfig
 
-RULES = ("softmax", "deepseek_v2", "sigmoid_group", "topk_softmax")  # ModelConfig.routing
+RULES = ("softmax", "deepseek_v2", "sigmoid_group", "topk_softmax", "sparsemixer")  # ModelConfig.routing
 FP32_BUFFERS = ("e_score_correction_bias",)  # held in fp32 whatever the activation dtype, as HF does
 
 
@@ -72,10 +72,27 @@ def topk_softmax(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     return ids, F.softmax(top, dim=-1, dtype=top.dtype).float()
 
 
+def sparsemixer(logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """phimoe at inference (transformers' `sparsemixer`, training=False): always two experts. The first is
+    the argmax; its weight is its softmax over the experts whose logit lies within relative distance 2*eps
+    of the max ((max - s) / max(|s|, max) <= 2 eps). The second is the argmax of the rest, weighted by its
+    softmax over the rest within 2 eps of it. Same ops as transformers, in the logits' dtype, so the
+    weights are bit-identical (then fp32). logits [T,E]."""
+    weights, ids, scores = [], [], logits
+    for _ in range(2):
+        top, idx = scores.max(dim=-1, keepdim=True)  # [T,1]: the first of tied maxima, as HF
+        factor = logits.abs().clamp(min=top)  # HF divides by |logits| (not the masked scores) both times
+        gates = scores.masked_fill((top - logits) / factor > 2 * eps, float("-inf")).softmax(dim=-1)
+        weights.append(gates.gather(-1, idx))
+        ids.append(idx)
+        scores = torch.scatter(logits, -1, idx, float("-inf"))  # the second pick never repeats the first
+    return _by_weight(torch.cat(ids, dim=-1), torch.cat(weights, dim=-1).float())
+
+
 class Router(nn.Module):
     """`mlp.gate` of the families routed by a rule here: weight [E,H] (+ e_score_correction_bias [E],
     or bias [E] for gpt_oss; HF `mlp.router` / granitemoe `block_sparse_moe.router.layer`). DeepSeek/GLM
-    logits are computed in fp32 from the weight upcast; gpt_oss / granitemoe logits in the activation dtype,
+    logits are computed in fp32 from the weight upcast; gpt_oss / granitemoe / phimoe in the activation dtype,
     as transformers' routers do."""
 
     def __init__(self, cfg: ModelConfig):
@@ -92,8 +109,10 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T,H] -> logits [T,E] fp32, ids [T,k] (weight desc), weights [T,k] fp32."""
         c = self.cfg
-        if c.routing == "topk_softmax":
+        if c.routing in ("topk_softmax", "sparsemixer"):
             logits = F.linear(x, self.weight, getattr(self, "bias", None))  # [T,E] in x.dtype
+            if c.routing == "sparsemixer":
+                return (logits.float(), *sparsemixer(logits, c.router_jitter))
             return (logits.float(), *topk_softmax(logits, c.top_k))
         logits = F.linear(x.float(), self.weight.float())  # [T,E]
         if c.routing == "deepseek_v2":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from hobbit.runtime.cache import CacheFull, ExpertCache
-from hobbit.policies.eviction import Key, make_policy
+from hobbit.policies.eviction import Key, make_evictor
 from hobbit.policies.biglittle import LITTLE_RULES, little_k, little_weights
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, Stats
@@ -81,7 +81,7 @@ class Scheduler:
         if budget < need:
             raise ValueError(f"budget {budget} bytes is too small: one layer's {top_k} active experts at "
                              f"{o.high} need {need} bytes ({need / 2**20:.1f} MiB); raise --budget to at least that")
-        evictor = {"lru+prefetch": "lru"}.get(o.policy, o.policy)
+        evictor = {"lru+prefetch": "lru", "hobbit": "multidim"}.get(o.policy, o.policy)
         if o.policy != "hobbit":
             return self._pools({"all": budget}, lambda prec: "all", evictor)
         low_budget = int(budget * o.low_pool_fraction)
@@ -102,7 +102,7 @@ class Scheduler:
                                  f"expert ({self.expert_nbytes(prec)} bytes); raise --budget or the low-pool fraction")
             self.capacity[prec] = n
             self._free[prec] = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
-        return ExpertCache(pools, pool_of, make_policy(evictor, self.num_layers, **o.eviction_options))
+        return ExpertCache(pools, pool_of, make_evictor(evictor, self.num_layers, **o.eviction_options))
 
     # -- clock -----------------------------------------------------------------------------------
     def begin_sequence(self, fetcher: Fetcher | None = None) -> None:
@@ -212,7 +212,7 @@ class Scheduler:
 
         Returns the tier per unique expert (the highest any token asks for) and, when a token
         drops or rescales an expert, the weights to compute with ([T][k], 0 for a dropped slot;
-        the kept ones are not renormalized after an Eq. 2 skip, per the notes), else None.
+        the kept ones are not renormalized after an Eq. 2 skip: a skip drops that expert's term), else None.
         """
         o = self.opt
         rank = {HIGH: 0, LOW: 1, SKIP: 2}

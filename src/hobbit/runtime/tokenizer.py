@@ -2,12 +2,18 @@
 
 The template is rendered the way transformers renders it (trim_blocks, lstrip_blocks,
 raise_exception, tojson, strftime_now), so prompts match what the model was trained on.
+
+`TextDeltas`, the incremental detokenizer (`hobbit run`, `chat` and `serve`), turns generated token
+ids into text deltas: it decodes only a short window of ids (prefix/read offsets), holds back
+incomplete UTF-8 and any tail that could still become a stop string, and cuts the text at the
+first stop string.
 """
 from __future__ import annotations
 
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -92,18 +98,67 @@ def _compile(source: str) -> jinja2.Template:
     return _TEMPLATES[source]
 
 
-class TextStream:
-    """Incremental detokenizer: feed token ids, get the new text, never a broken UTF-8 character."""
+class TokenizerLike(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
+
+class TextDeltas:
+    """Feed token ids with `push`; each call returns the text that is now safe to show."""
+
+    def __init__(self, tokenizer: TokenizerLike, stop: Sequence[str] = ()):
+        self._decode = tokenizer.decode
+        self._stop = [s for s in stop if s]
+        self._longest_stop = max((len(s) for s in self._stop), default=0)
+        self._ids: list[int] = []
+        self._prefix = 0      # ids[prefix:read] decode to the context of the next window
+        self._read = 0        # ids before this are already part of `text`
+        self._text = ""       # decoded text so far (cut at a stop string once one is seen)
+        self._sent = 0        # chars of `_text` handed out
+        self.stopped = False  # a stop string was found; the text ends before it
+
+    @property
+    def text(self) -> str:
+        """Everything handed out so far (the whole answer once `flush` was called)."""
+        return self._text[: self._sent]
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        if self.stopped:
             return ""
-        new, self.text = text[len(self.text):], text
-        return new
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # incomplete UTF-8 sequence, or nothing visible yet
+        self._text += after[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The held-back rest, at the end of generation (incomplete bytes included)."""
+        if self.stopped:
+            return ""
+        tail = self._decode(self._ids[self._prefix :])[len(self._decode(self._ids[self._prefix : self._read])) :]
+        self._text += tail
+        self._prefix = self._read = len(self._ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text, start = self._text, self._sent
+        if self._stop:
+            lo = max(0, start - self._longest_stop)
+            hits = [i for i in (text.find(s, lo) for s in self._stop) if i >= 0]
+            if hits:
+                cut = max(min(hits), start)
+                self._text, self._sent, self.stopped = text[:cut], cut, True
+                return text[start:cut]
+        end = len(text) if final else len(text) - self._stop_prefix_len(text, start)
+        self._sent = end
+        return text[start:end]
+
+    def _stop_prefix_len(self, text: str, start: int) -> int:
+        """Length of the longest tail of `text` (after `start`) that begins some stop string."""
+        for k in range(min(self._longest_stop - 1, len(text) - start), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self._stop):
+                return k
+        return 0

@@ -1,11 +1,5 @@
-"""Incremental detokenization with stop strings, and the `hobbit chat` terminal chat.
-
-`hobbit chat` = `run_chat(ChatSession(engine, ...))`.
-
-`TextDeltas` turns generated token ids into text deltas: it decodes only a short window of
-ids (prefix/read offsets), holds back incomplete UTF-8 and any tail that could still become a
-stop string, and cuts the text at the first stop string. `hobbit serve` uses it too.
-"""
+"""The `hobbit chat` terminal chat: `run_chat(ChatSession(engine, ...))`; answers stream through
+`hobbit.runtime.tokenizer.TextDeltas`, the one incremental detokenizer."""
 
 from __future__ import annotations
 
@@ -13,73 +7,9 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence, TextIO
+from typing import Any, Callable, TextIO
 
-
-class TokenizerLike(Protocol):
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class TextDeltas:
-    """Feed token ids with `push`; each call returns the text that is now safe to show."""
-
-    def __init__(self, tokenizer: TokenizerLike, stop: Sequence[str] = ()):
-        self._decode = tokenizer.decode
-        self._stop = [s for s in stop if s]
-        self._longest_stop = max((len(s) for s in self._stop), default=0)
-        self._ids: list[int] = []
-        self._prefix = 0      # ids[prefix:read] decode to the context of the next window
-        self._read = 0        # ids before this are already part of `text`
-        self._text = ""       # decoded text so far (cut at a stop string once one is seen)
-        self._sent = 0        # chars of `_text` handed out
-        self.stopped = False  # a stop string was found; the text ends before it
-
-    @property
-    def text(self) -> str:
-        """Everything handed out so far (the whole answer once `flush` was called)."""
-        return self._text[: self._sent]
-
-    def push(self, token_id: int) -> str:
-        if self.stopped:
-            return ""
-        self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""  # incomplete UTF-8 sequence, or nothing visible yet
-        self._text += after[len(before) :]
-        self._prefix, self._read = self._read, len(self._ids)
-        return self._release(final=False)
-
-    def flush(self) -> str:
-        """The held-back rest, at the end of generation (incomplete bytes included)."""
-        if self.stopped:
-            return ""
-        tail = self._decode(self._ids[self._prefix :])[len(self._decode(self._ids[self._prefix : self._read])) :]
-        self._text += tail
-        self._prefix = self._read = len(self._ids)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        text, start = self._text, self._sent
-        if self._stop:
-            lo = max(0, start - self._longest_stop)
-            hits = [i for i in (text.find(s, lo) for s in self._stop) if i >= 0]
-            if hits:
-                cut = max(min(hits), start)
-                self._text, self._sent, self.stopped = text[:cut], cut, True
-                return text[start:cut]
-        end = len(text) if final else len(text) - self._stop_prefix_len(text, start)
-        self._sent = end
-        return text[start:end]
-
-    def _stop_prefix_len(self, text: str, start: int) -> int:
-        """Length of the longest tail of `text` (after `start`) that begins some stop string."""
-        for k in range(min(self._longest_stop - 1, len(text) - start), 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in self._stop):
-                return k
-        return 0
+from hobbit.runtime.tokenizer import TextDeltas
 
 
 def stats_line(stats: dict[str, Any], seconds: float) -> str:

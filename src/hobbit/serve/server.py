@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hobbit.serve.chat import TextDeltas
+from hobbit.runtime.tokenizer import TextDeltas
 from hobbit.serve.openai_api import (APIError, Params, error_body, get_param, invalid_param, parse_messages, parse_params,
                                parse_prompt)
 

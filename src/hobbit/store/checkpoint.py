@@ -16,16 +16,17 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from hobbit.store import mxfp4
 from hobbit.store.config import ModelConfig, eos_ids
 
 _QWEN_STYLE = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
 _QWEN_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # family -> (per-expert tensor name pattern with groups (layer, expert, proj), proj name -> gate/up/down)
+_MIXTRAL_STYLE = (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w3|w2)\.weight",
+                  {"w1": "gate", "w3": "up", "w2": "down"})
 EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
-    "mixtral": (
-        r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w3|w2)\.weight",
-        {"w1": "gate", "w3": "up", "w2": "down"},
-    ),
+    "mixtral": _MIXTRAL_STYLE,
+    "phimoe": _MIXTRAL_STYLE,
     "qwen2_moe": (_QWEN_STYLE, _QWEN_PROJ),
     "qwen3_moe": (_QWEN_STYLE, _QWEN_PROJ),
     "olmoe": (_QWEN_STYLE, _QWEN_PROJ),
@@ -40,8 +41,6 @@ EXPERT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
 FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\."
                         r"(gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias|gate_up_proj_blocks|"
                         r"gate_up_proj_scales|down_proj_blocks|down_proj_scales)")
-# FP4 (e2m1) code -> value; an MXFP4 block is 32 codes (two per byte, low nibble first) x 2^(scale - 127)
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 IN_FIRST_INTERLEAVED = ("gpt_oss",)  # families whose fused experts use the gpt_oss layout above
 # granitemoe on disk: block_sparse_moe.input_linear.weight [E,2I,H] (gate rows first), output_linear.weight [E,H,I]
 GRANITE_FUSED = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(input_linear|output_linear)\.weight")
@@ -133,10 +132,8 @@ class Checkpoint:
                            f"{self.config.num_experts} experts)")
         if layer in self._fused:
             names = self._fused[layer]
-            if "gate_up_proj_blocks" in names:  # MXFP4, already out-features first: [2I,H] interleaved, [H,I]
-                w13, w2 = (mxfp4_dequantize(self.tensor(names[p + "_blocks"])[expert],
-                                            self.tensor(names[p + "_scales"])[expert]) for p in ("gate_up_proj", "down_proj"))
-                return _deinterleave(w13), w2
+            if (native := self.expert_mxfp4(layer, expert)) is not None:  # exact, as transformers dequantizes
+                return mxfp4.dequantize(native["w13"]), mxfp4.dequantize(native["w2"])
             w13, w2 = self.tensor(names["gate_up_proj"])[expert], self.tensor(names["down_proj"])[expert]
             if self.config.arch in IN_FIRST_INTERLEAVED:  # [H,2I] interleaved -> [2I,H] gate rows, then up
                 return _deinterleave(w13.T), w2.T
@@ -146,6 +143,20 @@ class Checkpoint:
         return w13, self.tensor(names["down"])
 
 
+    def has_mxfp4_experts(self) -> bool:
+        return any("gate_up_proj_blocks" in names for names in self._fused.values())
+
+    def expert_mxfp4(self, layer: int, expert: int) -> dict[str, dict[str, Tensor]] | None:
+        """A released gpt-oss checkpoint's own MXFP4 codes for one expert, in mxfp4's storage form: w13 [2I,H]
+        (gate rows, then up: the interleaved rows reordered, codes untouched) and w2 [H,I]; None if the
+        experts are not stored as MXFP4. On disk `{proj}_blocks` [E,N,K/32,16], `_scales` [E,N,K/32]."""
+        names = self._fused.get(layer, {})
+        if "gate_up_proj_blocks" not in names:
+            return None
+        (b13, s13), (b2, s2) = ((self.tensor(names[p + "_blocks"])[expert], self.tensor(names[p + "_scales"])[expert])
+                                for p in ("gate_up_proj", "down_proj"))
+        return {"w13": mxfp4.from_hf(_deinterleave(b13), _deinterleave(s13)), "w2": mxfp4.from_hf(b2, s2)}
+
     def expert_biases(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
         """(b13 [2I] = cat(gate, up), b2 [H]) for one expert of a family with expert biases (gpt_oss)."""
         if not self.config.expert_bias:
@@ -153,14 +164,6 @@ class Checkpoint:
         names = self._fused[layer]
         b13, b2 = self.tensor(names["gate_up_proj_bias"])[expert], self.tensor(names["down_proj_bias"])[expert]
         return _deinterleave(b13), b2
-
-
-def mxfp4_dequantize(blocks: Tensor, scales: Tensor) -> Tensor:
-    """MXFP4 blocks [N,G,16] uint8 + scales [N,G] uint8 (biased exponents) -> [N, G*32] fp32."""
-    lut = torch.tensor(FP4_VALUES)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # [N,G,16,2]: low nibble first
-    values = lut[codes].flatten(-2)  # [N,G,32]
-    return torch.ldexp(values, scales.long()[..., None] - 127).flatten(-2)  # [N,G*32]
 
 
 def _deinterleave(t: Tensor) -> Tensor:

@@ -19,16 +19,17 @@ ARCHITECTURES = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "GptOssForCausalLM": "gpt_oss",
     "GraniteMoeForCausalLM": "granitemoe",
+    "PhimoeForCausalLM": "phimoe",
 }
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 # Values transformers uses when config.json leaves a field out.
 DEFAULT_ROPE_THETA = {"llama": 1e4, "qwen2": 1e4, "mixtral": 1e6, "qwen2_moe": 1e4, "qwen3_moe": 1e4, "olmoe": 1e4,
                       "deepseek_v2": 1e4, "deepseek_v3": 1e4, "glm4_moe": 1e4, "gpt_oss": 15e4,
-                      "granitemoe": 1e4}
+                      "granitemoe": 1e4, "phimoe": 1e6}
 DEFAULT_RMS_EPS = {"llama": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5, "qwen2_moe": 1e-6, "qwen3_moe": 1e-6, "olmoe": 1e-5,
                    "deepseek_v2": 1e-6, "deepseek_v3": 1e-6, "glm4_moe": 1e-5, "gpt_oss": 1e-5,
-                   "granitemoe": 1e-6}
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+                   "granitemoe": 1e-6, "phimoe": 1e-5}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -38,7 +39,7 @@ class UnsupportedArchitecture(ValueError):
 @dataclass
 class ModelConfig:
     arch: str  # 'llama' | 'qwen2' | 'mixtral' | 'qwen2_moe' | 'qwen3_moe' | 'olmoe' | 'deepseek_v2' | 'deepseek_v3'
-    #            | 'glm4_moe' | 'gpt_oss' | 'granitemoe'
+    #            | 'glm4_moe' | 'gpt_oss' | 'granitemoe' | 'phimoe'
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -91,6 +92,11 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float = 0.0
     logits_scaling: float = 1.0
+    # phimoe: LayerNorm (weight and bias, eps = rms_norm_eps) instead of RMSNorm, lm_head bias, and
+    # sparsemixer's mask threshold (HF `router_jitter_noise`: at inference a threshold, not noise)
+    norm: str = "rms"  # 'rms' | 'layernorm'
+    lm_head_bias: bool = False
+    router_jitter: float = 0.0
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
@@ -135,6 +141,14 @@ class ModelConfig:
                        residual_multiplier=float(d.get("residual_multiplier", 1.0)),
                        attention_multiplier=float(d.get("attention_multiplier", 1.0)),
                        logits_scaling=float(d.get("logits_scaling", 1.0)))
+        if arch == "phimoe":  # every layer sparse, expert width `intermediate_size`; biases as the config says
+            return cls(**common, num_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"],
+                       moe_intermediate_size=d["intermediate_size"], sparse_layers=tuple(range(n_layers)),
+                       attention_bias=bool(d.get("attention_bias", False)),
+                       o_proj_bias=bool(d.get("attention_bias", False)), routing="sparsemixer",
+                       sliding_window=d.get("sliding_window"), norm="layernorm",
+                       lm_head_bias=bool(d.get("lm_head_bias", False)),
+                       router_jitter=float(d.get("router_jitter_noise", 0.01)))
         if arch in ("llama", "qwen2"):  # dense; qwen2 always has q/k/v bias
             return cls(**common, attention_bias=arch == "qwen2")
         n_exp = d["num_local_experts"] if "num_local_experts" in d else d["num_experts"]  # v5 writes either
@@ -240,7 +254,8 @@ def _reject(d: dict[str, Any], arch: str) -> None:
     problems = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d['hidden_act']!r}")
-    if arch not in ("qwen2", "qwen2_moe", "glm4_moe", "gpt_oss", "granitemoe", *MLA_FAMILIES) and d.get("attention_bias"):
+    if arch not in ("qwen2", "qwen2_moe", "glm4_moe", "gpt_oss", "granitemoe", "phimoe", *MLA_FAMILIES) \
+            and d.get("attention_bias"):
         problems.append("attention_bias=True")
     if d.get("mlp_bias"):
         problems.append("mlp_bias=True")
@@ -255,6 +270,8 @@ def _reject(d: dict[str, Any], arch: str) -> None:
     kind = (d.get("quantization_config") or {}).get("quant_method")
     if d.get("quantization_config") and not (arch == "gpt_oss" and kind == "mxfp4"):  # gpt-oss MXFP4 experts are read
         problems.append(f"quantization_config ({kind or '?'}): dequantize the checkpoint to bf16 first")
+    if arch == "phimoe" and d.get("num_experts_per_tok", 2) != 2:  # sparsemixer always picks two
+        problems.append(f"num_experts_per_tok={d['num_experts_per_tok']} (transformers' sparsemixer routes top-2)")
     if (d.get("pretraining_tp") or 1) != 1:
         problems.append(f"pretraining_tp={d['pretraining_tp']}")
     if problems:
@@ -269,6 +286,7 @@ def _rope(d: dict[str, Any], arch: str) -> tuple[float, dict | None, float]:
     theta = params.pop("rope_theta", None) or d.get("rope_theta") or DEFAULT_ROPE_THETA[arch]
     kind = params.pop("rope_type", None) or params.get("type") or "default"
     params.pop("type", None)
+    kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
     if kind not in ROPE_TYPES:
         raise UnsupportedArchitecture(f"rope_type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     default_partial = 0.5 if arch == "glm4_moe" else 1.0  # transformers' Glm4MoeConfig default
@@ -277,6 +295,13 @@ def _rope(d: dict[str, Any], arch: str) -> tuple[float, dict | None, float]:
         raise UnsupportedArchitecture(f"partial_rotary_factor={partial} is not supported for {arch}")
     if kind == "default":
         return float(theta), None, partial
-    if kind in ("llama3", "yarn"):
+    if kind in ("llama3", "yarn", "longrope"):
         params.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
+    if kind == "longrope":
+        if d.get("original_max_position_embeddings"):  # Phi-3's top-level field wins, as in transformers
+            params["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+        missing = [k for k in ("short_factor", "long_factor") if k not in params]
+        if arch != "phimoe" or missing:
+            raise UnsupportedArchitecture(f"longrope for {arch}" + (f" without {missing}" if missing else "")
+                                          + " is not supported (phimoe only)")
     return float(theta), {"rope_type": kind, **params}, partial

@@ -21,6 +21,7 @@ from hobbit.store.checkpoint import open_checkpoint
 from hobbit.store.format import StoreWriter
 
 DEFAULT_PRECISIONS = ("bf16", "int4", "int2")
+NATIVE_MXFP4_PRECISIONS = ("mxfp4", "int4", "int2")  # the default for a checkpoint whose experts are MXFP4
 NativeParts = Callable[[int, int], "dict | None"]  # (layer, expert) -> int4 storage parts kept from a GGUF, or None
 DEFAULT_DENSE = "auto"  # per matrix int4 where lossless (4-bit sources), else int8: quality holds (dense.py, README)
 DENSE_GROUP_SIZE = 32
@@ -36,9 +37,11 @@ def parse_precisions(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return sorted(dict.fromkeys(items), key=quant.FORMATS.index)
 
 
-def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, group_size: int | None = None,
+def convert(src: str | Path, dst: str | Path, precisions: str | list[str] | None = None, group_size: int | None = None,
             progress: bool = True, dense: str | None = None, dense_group_size: int = DENSE_GROUP_SIZE) -> Path:
     """Write the expert store for `src` (HF folder or .gguf file) into `dst`; returns dst.
+    precisions: the tiers to store; None = DEFAULT_PRECISIONS, except that a source whose experts are MXFP4
+    (gpt-oss) gets NATIVE_MXFP4_PRECISIONS, its own codes as the top tier and int4/int2 re-quantized from them.
     group_size None picks 64, or the largest of 128/64/32 dividing every expert's input width.
     dense: the run precision of the dense projections, stored as such (fp32 | bf16 | int8 | int4 |
     auto; None = DEFAULT_DENSE)."""
@@ -58,19 +61,22 @@ def convert(src: str | Path, dst: str | Path, precisions=DEFAULT_PRECISIONS, gro
             group_size = GROUP  # 4-bit experts keep their own grid as int4 (group 32), no re-fit
         with tempfile.TemporaryDirectory(prefix="hobbit-gguf-") as tmp:
             export_hf(src, tmp)
-            return _convert_hf(Path(tmp), dst, parse_precisions(precisions), group_size, progress,
+            return _convert_hf(Path(tmp), dst, precisions, group_size, progress,
                                source={"path": str(src.resolve()), "format": "gguf"}, dense_format=dense_format,
                                native=native if group_size == GROUP else None)
-    return _convert_hf(src, dst, parse_precisions(precisions), group_size, progress,
+    return _convert_hf(src, dst, precisions, group_size, progress,
                        source={"path": str(src.resolve()), "format": "hf"}, dense_format=dense_format)
 
 
-def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | None, progress: bool,
+def _convert_hf(src: Path, dst: Path, precisions: str | list[str] | None, group_size: int | None, progress: bool,
                 source: dict, dense_format: dict, native: NativeParts | None = None) -> Path:
     """native(layer, expert) -> int4 storage parts (group 32) that keep a GGUF's own 4-bit codes, or
     None: used instead of re-fitting int4 wherever it gives them."""
     ckpt = open_checkpoint(src)
     cfg = ckpt.config
+    if precisions is None:  # the default: a native MXFP4 tier is kept as the top tier
+        precisions = NATIVE_MXFP4_PRECISIONS if ckpt.has_mxfp4_experts() else DEFAULT_PRECISIONS
+    precisions = parse_precisions(precisions)
     if cfg.num_experts:
         shapes = {"w13": (2 * cfg.moe_intermediate_size, cfg.hidden_size),
                   "w2": (cfg.hidden_size, cfg.moe_intermediate_size)}
@@ -98,6 +104,7 @@ def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | N
                   dense_bytes=sum(t.numel() * t.element_size() for t in dense.values()))
     writer = StoreWriter(dst, header)
     jobs = [(layer, e) for layer in cfg.sparse_layers for e in range(cfg.num_experts)]
+    native_mx = ckpt.has_mxfp4_experts()
     for layer, e in tqdm(jobs, desc=f"converting experts ({','.join(precisions)})", unit="expert",
                          disable=not progress):
         w13, w2 = ckpt.expert_weights(layer, e)
@@ -106,8 +113,9 @@ def _convert_hf(src: Path, dst: Path, precisions: list[str], group_size: int | N
         biases = dict(zip(("b13", "b2"), ({"b": b.float()} for b in ckpt.expert_biases(layer, e)))) \
             if cfg.expert_bias else {}
         kept = native(layer, e) if native is not None and "int4" in precisions else None
+        mx = ckpt.expert_mxfp4(layer, e) if native_mx and "mxfp4" in precisions else None  # codes kept as shipped
         for fmt in precisions:
-            parts = kept if fmt == "int4" and kept is not None else \
+            parts = kept if fmt == "int4" and kept is not None else mx if fmt == "mxfp4" and mx is not None else \
                 {"w13": quant.quantize(w13, fmt, group_size), "w2": quant.quantize(w2, fmt, group_size)}
             writer.add(layer, e, fmt, {**parts, **biases})
     writer.close()

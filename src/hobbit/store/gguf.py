@@ -1,4 +1,5 @@
-"""Read a llama.cpp GGUF (architectures `llama` incl. Mixtral, `qwen2`, `qwen2moe`) as an HF checkpoint.
+"""Read a llama.cpp GGUF (`llama` incl. Mixtral, `qwen2`, `qwen2moe`, `phimoe`, `granitemoe`, `gpt-oss`,
+`glm4moe`) as an HF checkpoint.
 
 `load_gguf(path)` gives the HF `config.json` dict, the weights under HF names (dequantized to
 float by gguf.quants: F32/F16/BF16, Q8_0, Q4_0/Q4_1, K-quants; llama.cpp's Q/K row permutation
@@ -23,47 +24,11 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+from hobbit.store import gguf_arch
+from hobbit.store.gguf_arch import ARCHS, BLOCK_NAMES, MODEL_TYPES, REFUSED, TOP_NAMES  # noqa: F401 (export.py)
 
-
-@dataclass(frozen=True)
-class GGUFArch:
-    """How one llama.cpp architecture names things in HF terms."""
-
-    dense: str                  # HF architectures[0] without experts
-    moe: str | None             # ... with experts (None: this arch has none)
-    block: dict[str, str]       # per-layer tensors beyond BLOCK_NAMES: GGUF part -> HF module
-    experts: str                # HF module of one expert, {e} = its index
-    expert_proj: dict[str, str]  # stacked GGUF expert tensor -> HF projection name
-    permute_qk: bool            # llama.cpp interleaved Q/K rows for its rotary kernel (NORM rope)
-
-
-_QWEN2MOE_BLOCK = {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
-                   "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
-                   "ffn_down_shexp": "mlp.shared_expert.down_proj"}
-ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch("LlamaForCausalLM", "MixtralForCausalLM", {"ffn_gate_inp": "block_sparse_moe.gate"},
-                      "block_sparse_moe.experts.{e}",
-                      {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}, permute_qk=True),
-    "qwen2": GGUFArch("Qwen2ForCausalLM", None, {}, "", {}, permute_qk=False),
-    "qwen2moe": GGUFArch("Qwen2MoeForCausalLM", "Qwen2MoeForCausalLM", _QWEN2MOE_BLOCK, "mlp.experts.{e}",
-                         {"ffn_gate_exps": "gate_proj", "ffn_down_exps": "down_proj", "ffn_up_exps": "up_proj"},
-                         permute_qk=False),
-}
+# name maps and per-family steps: gguf_arch.py (re-exported here for export.py)
 SUPPORTED_ARCHITECTURES = tuple(ARCHS)
-MODEL_TYPES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral", "Qwen2ForCausalLM": "qwen2",
-               "Qwen2MoeForCausalLM": "qwen2_moe"}
 
 _CONTROL, _USER_DEFINED = 3, 4
 _LLAMA3_SPLIT = (
@@ -91,7 +56,7 @@ class GGUFModel:
     """A GGUF seen as an HF checkpoint. Weights are dequantized lazily by `tensors()`."""
 
     path: Path
-    arch: str                           # llama.cpp architecture ('llama', 'qwen2', 'qwen2moe')
+    arch: str                           # llama.cpp architecture ('llama', 'qwen2', 'qwen2moe', 'gpt-oss', ...)
     config: dict                        # HF config.json
     tokenizer_json: str | None          # tokenizers.Tokenizer JSON; None if the GGUF has no usable one
     tokenizer_config: dict              # HF tokenizer_config.json
@@ -100,11 +65,18 @@ class GGUFModel:
     _reader: GGUFReader = field(repr=False)
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) for every weight, dequantized one GGUF tensor at a time."""
+        """(HF name, tensor) for every weight, dequantized one GGUF tensor at a time; stacked experts of
+        granitemoe / gpt-oss last, fused as HF has them (gpt-oss MXFP4 experts as their own uint8 codes)."""
         heads = (self.config["num_attention_heads"], self.config["num_key_value_heads"])
+        spec, stacked = ARCHS[self.arch], {}
         for t in self._reader.tensors:
+            if spec.stacked and split_name(t.name)[1] in spec.expert_proj:
+                stacked[_hf_shapes(t, self.arch)[0][0]] = t
+                continue
             for name, w in _convert(t, self.arch, *heads):
                 yield name, torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        for name, w in gguf_arch.finalize(self.arch, stacked, dequantize_tensor):
+            yield name, w if w.dtype == torch.uint8 else w.to(dtype)
 
     @functools.cached_property
     def raw(self) -> dict[str, ReaderTensor]:
@@ -124,7 +96,7 @@ class GGUFModel:
         tokenizer_config.json to out_dir (created); returns out_dir."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = dict(tqdm(self.tensors(dtype), total=len(self.shapes), desc=f"dequantizing {self.path.name}",
+        state = dict(tqdm(self.tensors(dtype), desc=f"dequantizing {self.path.name}",
                           unit="tensor", disable=not progress))
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         config = dict(self.config, torch_dtype=str(dtype).removeprefix("torch."))
@@ -141,6 +113,8 @@ def load_gguf(path: str | Path) -> GGUFModel:
     reader = GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
+    if arch in REFUSED:
+        raise UnsupportedGGUF(f"{path.name}: {REFUSED[arch]}")
     if arch not in ARCHS:
         raise UnsupportedGGUF(f"{path.name}: GGUF architecture {arch!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -159,6 +133,8 @@ def load_gguf(path: str | Path) -> GGUFModel:
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
     config = _hf_config(meta, arch, shapes, _field(reader, "tokenizer.ggml.bos_token_id"),
                         list(dict.fromkeys(i for i in eos if i is not None)))
+    if arch in ("phimoe", "granitemoe", "gpt-oss", "glm4moe"):
+        gguf_arch.config(arch, meta, shapes, {t.name: t for t in reader.tensors}, config, UnsupportedGGUF)
     tokenizer_json, tokenizer_config = _tokenizer(reader, tokens, config["max_position_embeddings"])
     return GGUFModel(path, arch, config, tokenizer_json, tokenizer_config, shapes, types, reader)
 
@@ -192,16 +168,22 @@ def split_name(name: str) -> tuple[int | None, str, str]:
 
 
 def _hf_shapes(t: ReaderTensor, arch: str) -> list[tuple[str, tuple[int, ...]]]:
+    if ".nextn." in t.name:  # glm4moe's multi-token-prediction head: not run
+        return []
     shape = tuple(int(x) for x in reversed(t.shape))
     layer, part, kind = split_name(t.name)
     spec = ARCHS[arch]
+    if part in spec.skip:
+        return []
     if layer is None and part in TOP_NAMES:
         return [(f"{TOP_NAMES[part]}.{kind}", shape)]
     prefix = f"model.layers.{layer}"
     if layer is not None and part == "ffn_gate_inp_shexp":
         return [(f"{prefix}.{spec.block[part]}.{kind}", (1, shape[-1]))]  # HF's [1, H] gate; llama.cpp: [H]
     if layer is not None and (module := spec.block.get(part) or BLOCK_NAMES.get(part)):
-        return [(f"{prefix}.{module}.{kind}", shape)]
+        return [(f"{prefix}.{module}" + ("" if part in spec.bare else f".{kind}"), shape)]
+    if layer is not None and part in spec.expert_proj and spec.stacked:  # fused later (gguf_arch.finalize)
+        return [(f"{prefix}.{spec.experts}.{spec.expert_proj[part]}.{kind}", shape)]
     if layer is not None and part in spec.expert_proj:
         return [(f"{prefix}.{spec.experts.format(e=e)}.{spec.expert_proj[part]}.{kind}", shape[1:])
                 for e in range(shape[0])]
@@ -221,6 +203,8 @@ def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
 
 def _convert(t: ReaderTensor, arch: str, n_head: int, n_kv: int) -> list[tuple[str, np.ndarray]]:
     spec, names = ARCHS[arch], _hf_shapes(t, arch)
+    if not names:
+        return []
     w = dequantize_tensor(t)
     part = split_name(t.name)[1]
     if spec.permute_qk and part in ("attn_q", "attn_k"):
@@ -259,7 +243,7 @@ def _hf_config(meta: dict, arch: str, shapes: dict[str, tuple[int, ...]], bos: i
         "hidden_act": "silu",
         "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(g("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta, arch),
+        "rope_scaling": gguf_arch.rope_scaling(meta, arch, UnsupportedGGUF),
         "max_position_embeddings": g("context_length"),
         "tie_word_embeddings": "lm_head.weight" not in shapes,
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in shapes,
@@ -282,15 +266,6 @@ def _hf_config(meta: dict, arch: str, shapes: dict[str, tuple[int, ...]], bos: i
     elif hf_arch == "Qwen2ForCausalLM":
         config.update(use_sliding_window=False)
     return config
-
-
-def _rope_scaling(meta: dict, arch: str) -> dict | None:
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    if kind == "none":
-        return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
-    raise UnsupportedGGUF(f"GGUF rope scaling type {kind!r} is not supported (supported: none, linear)")
 
 
 # ---------------------------------------------------------------- tokenizer

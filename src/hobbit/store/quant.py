@@ -5,6 +5,8 @@ Formats (``FORMATS``) and their storage form (what ``quantize`` returns and the 
 * ``fp32`` / ``bf16``: ``{"w": W}`` as is.
 * ``int8``: symmetric, per output channel (the int8 kernel takes no groups, so ``group_size`` does
   not apply): ``{"q": int8 [N, K], "scale": bf16 [N]}``, ``w = q * scale``.
+* ``mxfp4``: OCP MXFP4, gpt-oss's native expert format: ``{"blocks": uint8 [N, K/2], "scales": uint8
+  [N, K/32]}`` (see ``mxfp4.py``; a gpt-oss checkpoint's own codes are kept, other sources are rounded).
 * ``int4`` / ``int3`` / ``int2``: asymmetric, one (scale, offset) per group of ``group_size``
   consecutive inputs: ``w = (q - c) * scale + offset`` with centre ``c = 2**(bits-1)``.
   ``{"q": uint8 [ceil(N/64), K, 8*bits], "sz": bf16 [K/group_size, N, 2]}``; ``sz[..., 0]`` is
@@ -35,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FORMATS = ("fp32", "bf16", "int8", "int4", "int3", "int2")
+from hobbit.store import mxfp4
+
+FORMATS = ("fp32", "bf16", "int8", "mxfp4", "int4", "int3", "int2")  # highest precision first
 _BITS = {"int4": 4, "int3": 3, "int2": 2}
 _KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
 _BLOCK = 64  # rows per B64 block
@@ -52,7 +56,8 @@ _INT8_K = 16  # _weight_int8pack_mm is only right for K a multiple of this (meas
 @dataclass(eq=False)
 class Prepared:
     """Runtime form of one matrix. kind: 'dense' (F.linear on ``w``), 'int8' (``w`` int8 [N, K],
-    ``scales`` [N]) or 'int4' (``w`` int4-packed, ``scales`` = qScaleAndZeros [K/gs, N, 2])."""
+    ``scales`` [N]), 'int4' (``w`` int4-packed, ``scales`` = qScaleAndZeros [K/gs, N, 2]) or 'mxfp4'
+    (``w`` the FP4 codes [N, K/2], ``scales`` e8m0 [N, K/32]; dequantized per call into a scratch buffer)."""
     fmt: str
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -74,6 +79,8 @@ def check_shape(fmt: str, shape: tuple[int, int], group_size: int) -> None:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if len(shape) != 2 or min(shape) <= 0:
         raise ValueError(f"expected a 2-D weight shape (N out, K in) with positive sizes, got {tuple(shape)}")
+    if fmt == "mxfp4":
+        return mxfp4.check_shape(tuple(shape))  # fixed blocks of 32; group_size does not apply
     if fmt not in _BITS:
         return  # fp32 / bf16 / int8 take any shape; group_size does not apply
     if not isinstance(group_size, int) or group_size <= 0:
@@ -94,6 +101,8 @@ def storage_nbytes(fmt: str, shape: tuple[int, int], group_size: int) -> int:
         return N * K * (4 if fmt == "fp32" else 2)
     if fmt == "int8":
         return N * K + 2 * N
+    if fmt == "mxfp4":
+        return mxfp4.storage_nbytes((N, K))
     nb = -(-N // _BLOCK)
     return nb * K * 8 * _BITS[fmt] + (K // group_size) * N * 4
 
@@ -173,6 +182,8 @@ def quantize(w: Tensor, fmt: str, group_size: int = 64) -> dict[str, Tensor]:
     check_shape(fmt, tuple(w.shape), group_size)
     if fmt in ("fp32", "bf16"):
         return {"w": w.detach().to("cpu", torch.float32 if fmt == "fp32" else torch.bfloat16, copy=True).contiguous()}
+    if fmt == "mxfp4":
+        return mxfp4.quantize(w)
     w = w.detach().to("cpu", torch.float32).contiguous()  # read only below: no copy needed
     if fmt == "int8":
         amax = torch.maximum(w.amax(1), -w.amin(1))
@@ -209,6 +220,8 @@ def dequantize(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_siz
         return q["w"].float()
     if fmt == "int8":
         return q["q"].float() * q["scale"].float()[:, None]
+    if fmt == "mxfp4":
+        return mxfp4.dequantize(q)
     G = K // group_size
     w = _codes4(_to_int4(q["q"], _BITS[fmt]), N).float().view(N, G, group_size)
     s, m = q["sz"].float().permute(2, 1, 0)[..., None]  # each [N, G, 1]
@@ -257,6 +270,8 @@ def prepare(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: 
     N, K = shape
     if fmt in ("fp32", "bf16"):
         return Prepared(fmt, (N, K), dtype, "dense", q["w"].to(dtype).contiguous())
+    if fmt == "mxfp4":  # views of the stored codes: the slot holds 4.25 bits per weight
+        return Prepared(fmt, (N, K), dtype, "mxfp4", q["blocks"], q["scales"])
     if fmt == "int8" and dtype == torch.bfloat16 and _HAS_INT8 and K % _INT8_K == 0:
         return Prepared(fmt, (N, K), dtype, "int8", q["q"], q["scale"])
     if fmt == "int8" or dtype != torch.bfloat16 or not _HAS_INT4 or N % 16 or group_size not in _KERNEL_GROUPS:
@@ -274,6 +289,8 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
     xc = x.to(w.dtype).contiguous()
     if w.kind == "dense":
         y = F.linear(xc, w.w)
+    elif w.kind == "mxfp4":
+        y = mxfp4.linear(xc, w.w, w.scales, w.shape)
     elif w.kind == "int8":
         y = torch.ops.aten._weight_int8pack_mm(xc, w.w, w.scales)
     else:
@@ -301,6 +318,8 @@ def cat(parts: list[tuple[dict[str, Tensor], tuple[int, int]]], fmt: str) -> dic
         return {"w": cat0([s["w"] for s, _ in parts])}
     if fmt == "int8":
         return {"q": cat0([s["q"] for s, _ in parts]), "scale": cat0([s["scale"] for s, _ in parts])}
+    if fmt == "mxfp4":
+        return {k: cat0([s[k] for s, _ in parts]) for k in ("blocks", "scales")}
     bits = _BITS[fmt]
     if all(N % _BLOCK == 0 for _, (N, _) in parts):  # whole B64 blocks: the bytes concatenate
         q = cat0([s["q"] for s, _ in parts])
@@ -325,7 +344,7 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.w
-        if x.dtype != w.dtype or not x.is_contiguous():
+        if x.dtype != w.dtype or not x.is_contiguous() or w.kind == "mxfp4":
             y = linear(x, w)
         elif w.kind == "int4":  # the kernel straight away: linear's no-op casts cost 1.7 us a call at batch 1
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.w, w.group_size, w.scales)

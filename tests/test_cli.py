@@ -1,0 +1,150 @@
+"""The `hobbit` command's shape: one set of run flags on every command (from RunConfig), `--json`
+alike everywhere, `hobbit --help` without torch, a clear message for a missing extra; RunConfig
+resolves as the engine runs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from hobbit.cli import COMMANDS, HELP, build_parser, main
+from hobbit.runtime.config import RunConfig, StoreFacts, resolve
+
+ENGINE_COMMANDS = ("run", "serve", "eval", "bench", "tune", "chat", "profile")
+SCHEDULE_COMMANDS = ENGINE_COMMANDS + ("simulate",)
+JSON_COMMANDS = ("run", "eval", "bench", "simulate", "tune", "profile", "demo")
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def flags(p: argparse.ArgumentParser) -> dict[str, tuple]:
+    """option string -> (dest, default, choices, nargs, const) of every optional flag."""
+    return {s: (a.dest, a.default, tuple(a.choices or ()), a.nargs, a.const)
+            for a in p._actions if a.option_strings for s in a.option_strings if s.startswith("--")}
+
+
+PARSERS = subparsers(build_parser())
+RUN_FLAGS = {s: v for s, v in flags(PARSERS["run"]).items()
+             if v[0] in {f.name for f in dataclasses.fields(RunConfig)} | {"weights"}}
+ENGINE_FLAGS = {s for s, v in RUN_FLAGS.items()
+                if dataclasses.fields(RunConfig) and v[0] in {f.name for f in dataclasses.fields(RunConfig)
+                                                               if f.metadata["group"] == "engine"}}
+
+
+def test_run_flags_come_from_runconfig():
+    names = {f.metadata["flag"] for f in dataclasses.fields(RunConfig)}
+    assert set(RUN_FLAGS) == names and len(names) == len(dataclasses.fields(RunConfig))
+    defaults = {f.metadata["flag"]: f.default for f in dataclasses.fields(RunConfig)}
+    # what the flags default to is what RunConfig defaults to (--weights: no eviction options)
+    assert all(RUN_FLAGS[s][1] == defaults[s] for s in names if s != "--weights")
+    assert RunConfig.from_args(PARSERS["run"].parse_args(["store", "--prompt", "x"])) == RunConfig()
+
+
+@pytest.mark.parametrize("command", SCHEDULE_COMMANDS)
+def test_every_command_takes_the_same_run_flags_with_the_same_defaults(command):
+    got = flags(PARSERS[command])
+    want = {s: v for s, v in RUN_FLAGS.items() if command != "simulate" or s not in ENGINE_FLAGS}
+    if command == "bench":  # bench sweeps: --budget and --policy (alias --policies) take comma lists
+        want = {s: v for s, v in want.items() if s not in ("--budget", "--policy")}
+        assert got["--budget"][1] == "10%,25%,50%" and got["--policy"][0] == "policies"
+    assert {s: got.get(s) for s in want} == want
+    if command == "simulate":
+        assert not ENGINE_FLAGS & set(got), "simulate has no model: no engine flags"
+
+
+@pytest.mark.parametrize("command", JSON_COMMANDS)
+def test_json_means_the_same_everywhere(command):
+    assert flags(PARSERS[command])["--json"] == ("json", None, (), "?", "-")
+
+
+def test_help_lines_are_the_commands_own():
+    """`hobbit --help` lists every command with the help line its full parser has."""
+    full = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = next(a for a in build_parser("")._actions if isinstance(a, argparse._SubParsersAction))
+    full_help = {c.dest: c.help for c in full._choices_actions}
+    assert {c.dest: c.help for c in listed._choices_actions} == full_help == HELP
+    assert set(HELP) == set(COMMANDS)
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom hobbit.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'hobbit --help imported torch'\n"
+            "try:\n    main(['simulate', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'hobbit simulate --help imported torch'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "usage: hobbit" in done.stdout and "simulate" in done.stdout
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_serve_without_the_extra_names_it(tiny_store, monkeypatch, capsys, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now raises ImportError
+    assert main(["serve", str(tiny_store)]) == 2
+    err = capsys.readouterr().err
+    assert f"needs {missing}" in err and "pip install 'hobbit-moe[serve]'" in err and "Traceback" not in err
+
+
+def test_torch_dtypes_are_accepted_like_their_names(tiny_store):
+    import torch
+
+    import hobbit
+    for dtype, name in ((torch.float32, "fp32"), ("float32", "fp32"), (torch.bfloat16, "bf16")):
+        assert RunConfig(dtype=dtype).dtype == name
+        assert RunConfig(dense=dtype).dense == name and RunConfig(high=dtype).high == name
+    with hobbit.load(tiny_store, policy="resident", dtype=torch.float32) as eng:
+        assert eng.dtype == torch.float32 and eng.model.embed_tokens.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'float16': choose bf16 or fp32"):
+        hobbit.load(tiny_store, policy="resident", dtype=torch.float16)
+
+
+FACTS = StoreFacts(("bf16", "int8", "int4", "int2"), total_bytes=1000, num_experts=8)
+TUNED = {"options": {"t1": 0.3, "t2": 0.8, "low_pool_fraction": 0.4, "eviction_options": {"weights": {"lru": 1.0}}},
+         "calibration": {"high": "bf16", "low": "int4"}}
+
+
+def test_resolve_settles_defaults_budget_and_tuned_options():
+    r = resolve(RunConfig(policy="hobbit", budget="25%"), FACTS, TUNED)
+    o = r.options
+    assert (o.high, o.low, r.budget_bytes, r.tuned) == ("bf16", "int4", 250, True)
+    assert (o.t1, o.t2, o.low_pool_fraction, o.eviction_options) == (0.3, 0.8, 0.4, {"weights": {"lru": 1.0}})
+    explicit = resolve(RunConfig(policy="hobbit", t2=0.95), FACTS, TUNED).options  # explicit knobs win
+    assert (explicit.t1, explicit.t2) == (0.3, 0.95)
+    other = resolve(RunConfig(policy="hobbit", low="int2"), FACTS, TUNED)  # tuned for bf16+int4, not bf16+int2
+    assert not other.tuned and (other.options.t1, other.options.t2) == (0.6, 0.9) and "re-run" in other.note
+    assert not resolve(RunConfig(policy="hobbit", tuned=False), FACTS, TUNED).tuned
+    assert not resolve(RunConfig(policy="lru"), FACTS, TUNED).tuned  # tuned options are hobbit's only
+    assert resolve(RunConfig(policy="ondemand"), FACTS).budget_bytes is None
+    dense = resolve(RunConfig(policy="hobbit"), StoreFacts(("bf16",), 0, 0))  # no experts: nothing to offload
+    assert dense.options.policy == "resident" and dense.budget_bytes is None
+    with pytest.raises(ValueError, match="t1 must be a number in"):
+        resolve(RunConfig(policy="hobbit"), FACTS, {**TUNED, "options": {"t1": "high"}})
+
+
+def test_json_prints_or_writes(tiny_store, tmp_path, capsys):
+    """Bare --json: one JSON object and nothing else on stdout; --json FILE: the same object in FILE and
+    the human summary on stdout."""
+    import json
+    common = ["--policy", "lru", "--budget", "50%", "--json"]
+    assert main(["profile", str(tiny_store), "--prompt-tokens", "4", "--tokens", "2", *common]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["policy"] == "lru" and "attention" in printed["ms_per_token"]
+    out = tmp_path / "profile.json"
+    assert main(["profile", str(tiny_store), "--prompt-tokens", "4", "--tokens", "2", *common, str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert json.loads(out.read_text()).keys() == printed.keys() and "policy lru, budget 50%" in summary
+    assert main(["run", str(tiny_store), "--prompt-ids", "3,17,42", "--max-new-tokens", "4", *common, str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "[length] policy lru" in summary or "[stop] policy lru" in summary
+    assert json.loads(out.read_text())["prompt_ids"] == [3, 17, 42]
+
+
+def test_tune_refuses_the_knobs_it_searches(tiny_store, capsys):
+    for extra in (["--t1", "0.5"], ["--weights", "lru=1", "--policy", "hobbit"], ["--policy", "lfu"], ["--gamma", "0.5"]):
+        assert main(["tune", str(tiny_store), *extra]) == 2
+        assert "hobbit tune records with policy lru and searches" in capsys.readouterr().err
