@@ -46,19 +46,34 @@ PROMPT = '# Python 3\ndef fibonacci(n):\n    """Return the n-th Fibonacci number
 
 # ---------------------------------------------------------------- sizes and limits (pure)
 
-def store_sizes(manifest: dict, high: str, ctx: int = CTX) -> dict:
-    """hobbit's resident parts: dense bytes, all experts at `high`, its fp32 KV cache at ctx positions."""
+def store_sizes(manifest: dict, high: str, ctx: int = CTX, mapped_bytes: int = 0) -> dict:
+    """hobbit's resident parts: dense bytes (less the file-mapped embedding, mapped_bytes: only looked up
+    by row), all experts at `high`, its fp32 KV cache at ctx positions."""
     c = manifest["config"]
     experts = sum(b["nbytes"] for k, b in manifest["blobs"].items() if k.rsplit("/", 1)[1] == high)
     if not experts:
         raise ValueError(f"the store holds no {high} experts (it has {manifest.get('precisions')})")
     kv = len(c["sparse_layers"] or range(c["num_layers"])) * 2 * c["num_kv_heads"] * ctx * c["head_dim"] * 4
-    return dict(dense_bytes=manifest["dense_bytes"], expert_bytes=experts, kv_bytes=kv)
+    return dict(dense_bytes=manifest["dense_bytes"] - mapped_bytes, expert_bytes=experts, kv_bytes=kv)
+
+
+def mapped_embedding_bytes(dense_file: Path) -> int:
+    """Bytes of the embedding hobbit leaves file-mapped (hobbit.store.dense.embedding_is_lookup)."""
+    from hobbit.store.dense import EMBEDDING, embedding_is_lookup
+    with open(dense_file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    if not embedding_is_lookup(header):
+        return 0
+    start, end = header[EMBEDDING]["data_offsets"]
+    return end - start
 
 
 def gguf_sizes(tensors: dict[str, int], file_bytes: int, cfg: dict, ctx: int = CTX) -> dict:
-    """llama.cpp's parts: expert tensors (`*_exps`), everything else in the file, its f16 KV at -c ctx."""
+    """llama.cpp's parts: expert tensors (`*_exps`), everything else in the file but the token embedding
+    when the file has its own output.weight (mmap'd, looked up by row: as hobbit's), its f16 KV at -c ctx."""
     experts = sum(n for name, n in tensors.items() if "_exps" in name)
+    if "output.weight" in tensors:
+        file_bytes -= tensors.get("token_embd.weight", 0)
     kv = cfg["num_layers"] * 2 * cfg["num_kv_heads"] * ctx * cfg["head_dim"] * 2
     return dict(dense_bytes=file_bytes - experts, expert_bytes=experts, kv_bytes=kv)
 
@@ -91,7 +106,8 @@ def peak_rss(run: dict) -> int | None:
 
 def hobbit_baseline(stats: dict, max_rss: int) -> int:
     """Process memory of a hobbit run beyond its dense weights, KV cache and expert budget."""
-    return max_rss - stats["dense_bytes"] - stats["kv_cache_bytes"] - (stats.get("budget_bytes") or 0)
+    owned = stats["dense_bytes"] - stats.get("dense_mapped_bytes", 0)
+    return max_rss - owned - stats["kv_cache_bytes"] - (stats.get("budget_bytes") or 0)
 
 
 # ---------------------------------------------------------------- commands and parsing
@@ -130,8 +146,8 @@ def parse_llama_completion(stderr: str, stdout: str = "") -> dict:
                 load_s=float(m["load"][1]) / 1e3 if m["load"] else None, text=stdout)
 
 
-HOBBIT_KEEP = ("bytes_read", "hit_rate", "loader_wait_s", "skipped", "selections", "budget_bytes", "cached_expert_bytes",
-               "kv_cache_bytes", "baseline_rss_bytes", "prompt_tokens", "hits_by_precision", "misses_by_precision")
+HOBBIT_KEEP = ("bytes_read", "dense_bytes", "dense_mapped_bytes", "hit_rate", "loader_wait_s", "skipped", "selections",
+               "budget_bytes", "cached_expert_bytes", "kv_cache_bytes", "baseline_rss_bytes", "prompt_tokens", "hits_by_precision", "misses_by_precision")
 
 
 def parse_hobbit_run(stdout: str) -> dict:
@@ -313,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = Tokenizer.from_file(str(a.store / "tokenizer.json")).encode(a.prompt, add_special_tokens=False).ids
     tiny = a.tiny_gguf or Path(subprocess.run([*HOBBIT, "assets", "smollm2-gguf"], env=env, check=True,
                                               capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    sizes = dict(hobbit=store_sizes(manifest, a.high),
+    sizes = dict(hobbit=store_sizes(manifest, a.high, mapped_bytes=mapped_embedding_bytes(a.store / manifest["dense_file"])),
                  llama=gguf_sizes(gguf_tensor_bytes(a.gguf), a.gguf.stat().st_size, manifest["config"]))
     info = dict(machine_info(), started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     lparse = lambda m: parse_llama_completion(m.stderr_tail, m.stdout)  # noqa: E731

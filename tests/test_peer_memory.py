@@ -39,6 +39,10 @@ def test_store_and_gguf_sizes():
     g = pm.gguf_sizes({"blk.0.ffn_up_exps.weight": 300, "blk.0.attn_q.weight": 50, "token_embd.weight": 70},
                       file_bytes=500, cfg=manifest()["config"], ctx=8)
     assert g == dict(dense_bytes=200, expert_bytes=300, kv_bytes=2 * 2 * 2 * 8 * 4 * 2)  # f16 KV
+    g = pm.gguf_sizes({"blk.0.ffn_up_exps.weight": 300, "token_embd.weight": 70, "output.weight": 70},
+                      file_bytes=500, cfg=manifest()["config"], ctx=8)
+    assert g["dense_bytes"] == 500 - 300 - 70  # an own output.weight: the embedding is looked up by row
+    assert pm.store_sizes(manifest(), "int4", ctx=8, mapped_bytes=300)["dense_bytes"] == 700
 
 
 def test_limits_take_the_larger_term_and_budget_is_what_hobbit_has_left():
@@ -52,6 +56,8 @@ def test_limits_take_the_larger_term_and_budget_is_what_hobbit_has_left():
     lims = pm.compute_limits(hob, lcp, base_hobbit=300, base_llama=400, fractions=[0.1])
     assert lims[0]["limit_bytes"] == 1000 + 40 + 60 + 400 and lims[0]["hobbit_budget_bytes"] == 160
     assert pm.hobbit_baseline(dict(dense_bytes=1000, kv_cache_bytes=40, budget_bytes=60), 1500) == 400
+    assert pm.hobbit_baseline(dict(dense_bytes=1000, dense_mapped_bytes=300, kv_cache_bytes=40, budget_bytes=60),
+                              1500) == 700
 
 
 def test_parse_llama_completion_recorded():
