@@ -143,7 +143,7 @@ def peer_memory(name: str = "peer_memory.json", extras: bool = True) -> str:
 
 
 TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload,
-          "peer_memory": peer_memory}
+          "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", extras=False)}
 
 
 def missing(readme: str) -> list[str]:
