@@ -125,11 +125,52 @@ def dense() -> str:
     return _md(["`--dense`", "SmolLM2 tok/s", "fastest step", "SmolLM2 ppl", "SmolMoE ppl"], rows)
 
 
+def peer_memory(name: str = "peer_memory.json", extras: bool = True) -> str:
+    """hobbit vs llama.cpp under one cgroup limit (benchmarks/peer_memory.py), with the ratios the issue targets."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peer_memory import markdown_table
+    d = _load(name)
+    lims = ", ".join(f"{x['label']} = {x['limit_bytes'] / MIB:.0f} MiB (hobbit `--budget` {x['hobbit_budget_bytes'] / MIB:.0f} MiB)"
+                     for x in d["limits"])
+    own = ", ".join(f"{x['label']} = {x['limit_bytes'] / MIB:.0f} MiB" for x in d.get("own_limits", []))
+    out = [markdown_table(d["summary"]), "",
+           f"Limits: {lims}; llama.cpp only: {own or '-'}. Measured baselines: hobbit "
+           f"{d['baselines']['hobbit'] / MIB:.0f} MiB, llama.cpp {d['baselines']['llama_cpp'] / MIB:.0f} MiB."]
+    r = d["ratios"].get("25%")
+    if r:
+        def x(k: str) -> str:
+            return "-" if r.get(k) is None else f"{r[k]:.2f}×"
+        out.append(f"At the 25% limit, hobbit's decode tok/s is {x('hobbit_vs_llama_cpp')} llama.cpp's (target ≥ 2×), "
+                   f"{x('hobbit_vs_llama_cpp_no-repack')} llama.cpp `--no-repack`'s, {x('hobbit_vs_lru')} lru's "
+                   f"(target ≥ 1.5×), {x('hobbit_vs_ondemand')} ondemand's (target ≥ 3×) and "
+                   f"{x('hobbit_vs_lru+prefetch')} lru+prefetch's.")
+    sim = d.get("simulate")
+    if sim:
+        per = {p: v["per_token"]["bytes_demand"] + v["per_token"]["bytes_prefetch"] for p, v in sim.items()}
+        out.append("Expert bytes read per token, replayed on this prompt's trace at the 25% budget (`hobbit simulate`): "
+                   + ", ".join(f"{p} {v / MIB:.1f} MiB" for p, v in per.items())
+                   + f"; hobbit / belady = {per['hobbit'] / per['belady']:.2f} (target ≤ 1).")
+    qpath = ROOT / "results" / "peer_memory_quality.json"
+    if extras and qpath.is_file():
+        q = {r["policy"]: r for r in json.loads(qpath.read_text())["runs"] if r.get("ppl") is not None}
+        out.append("Quality against the resident bf16 model (`hobbit bench --stepwise`, "
+                   + "; ".join(f"{p}: perplexity {r['ppl']:.3f} vs {r['ppl_full_precision']:.3f} ({r['ppl_delta_pct']:+.2f}%), "
+                               f"top-1 agreement {r['top1_agreement']:.1%}" for p, r in q.items()) + ").")
+    ppath = ROOT / "results" / "peer_memory_profile.json"
+    if extras and ppath.is_file():
+        for p, r in json.loads(ppath.read_text())["runs"].items():
+            parts = sorted(r["ms_per_token"].items(), key=lambda kv: -kv[1])[:4]
+            out.append(f"`hobbit profile` {p}: {r['total_ms_per_token']:.0f} ms per decode token, of which "
+                       + ", ".join(f"{k} {v:.0f}" for k, v in parts) + " ms.")
+    return "\n".join(out)
+
+
 TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload,
           "mobile": lambda: mobile("bench_mobile.json", "bench_mobile_gamma0.json"),
           "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma0.5.json",
                                             "bench_mobile_codermoe_gamma0.3.json"),
-          "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json")}
+          "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json"),
+          "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", extras=False)}
 
 
 def missing(readme: str) -> list[str]:
