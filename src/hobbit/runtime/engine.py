@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from hobbit.store.config import ModelConfig
-from hobbit.store.dense import lock as lock_dense, peak_rss_bytes, read as read_dense, release_free_heap, rss_bytes
-from hobbit.store.dense import EMBEDDING, FUSED, embedding_is_lookup
+from hobbit.store.dense import (EMBEDDING, FUSED, embedding_is_lookup, lock as lock_dense, peak_rss_bytes,
+                                read as read_dense, release_free_heap, rss_bytes)
 from hobbit.runtime.model import Transformer
 from hobbit.runtime.loader import DEMAND, PREFETCH
 from hobbit.runtime.offload import OffloadedExperts, Predictor
