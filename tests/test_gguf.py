@@ -96,6 +96,20 @@ def random_tensors(tok: Tokenizer, seed: int, experts: int = 0, qkv_bias: bool =
     return vocab, tokens, merges, tensors
 
 
+def add_bpe_tokenizer(w: GGUFWriter, vocab: dict, tokens: list, merges: list, pre: str, bos: str,
+                      add_bos: bool) -> None:
+    """The tokenizer metadata llama.cpp writes for a byte-level BPE vocabulary (SPECIALS are control tokens)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab[bos])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(add_bos)
+    w.add_chat_template(TEMPLATE)
+
+
 def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: bool = False, pre: str = "gpt2",
                arch: str = "llama", extra: dict | None = None) -> dict[str, torch.Tensor]:
     """A tiny GGUF as llama.cpp writes it; returns the HF state dict a reader must recover."""
@@ -117,15 +131,7 @@ def write_gguf(path, tok: Tokenizer, experts: int = 0, seed: int = 0, add_bos: b
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(2)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab["<|im_start|>"])
-    w.add_eos_token_id(vocab["<|im_end|>"])
-    w.add_add_bos_token(add_bos)
-    w.add_chat_template(TEMPLATE)
+    add_bpe_tokenizer(w, vocab, tokens, merges, pre, bos="<|im_start|>", add_bos=add_bos)
     expected = {}
     for name, arr in tensors.items():
         part = name.split(".")[-2]

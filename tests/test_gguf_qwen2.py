@@ -22,7 +22,7 @@ from hobbit.runtime.experts import DenseExperts
 from hobbit.store.gguf import export_hf, load_gguf
 from hobbit.runtime.model import Transformer
 from kquants import quantize_k
-from test_gguf import CORPUS, SPECIALS, TEMPLATE, TEXTS, random_tensors, real_gguf, train_bpe
+from test_gguf import CORPUS, SPECIALS, TEMPLATE, TEXTS, add_bpe_tokenizer, random_tensors, real_gguf, train_bpe
 
 torch.set_num_threads(1)
 
@@ -53,15 +53,7 @@ def write_qwen2_gguf(path, tok: Tokenizer, seed: int = 0) -> dict[str, torch.Ten
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(1e6)
     w.add_file_type(15)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab["<|endoftext|>"])
-    w.add_eos_token_id(vocab["<|im_end|>"])
-    w.add_add_bos_token(False)
-    w.add_chat_template(TEMPLATE)
+    add_bpe_tokenizer(w, vocab, tokens, merges, "qwen2", bos="<|endoftext|>", add_bos=False)
     expected = {}
     for name, arr in tensors.items():
         parts = name.split(".")

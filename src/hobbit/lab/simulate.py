@@ -26,7 +26,8 @@ from hobbit.runtime.config import (RunConfig, StoreFacts, add_json_arg, add_run_
                                    tuned_path)
 from hobbit.runtime.config import default_precisions as _default_precisions
 from hobbit.runtime.options import Options, parse_budget
-from hobbit.runtime.schedule import DEMAND, Scheduler
+from hobbit.runtime.loader import DEMAND
+from hobbit.runtime.schedule import Scheduler
 from hobbit.runtime.trace import LayerCall, belady_accesses, iter_steps, read_trace
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",

@@ -26,7 +26,8 @@ from hobbit.runtime.experts import SILU, Act
 from hobbit.runtime.loader import DEMAND, PREFETCH, Loader
 from hobbit.policies.eviction import Key
 from hobbit.runtime.options import Options
-from hobbit.runtime.schedule import Scheduler, Step
+from hobbit.runtime.plan import Step
+from hobbit.runtime.schedule import Scheduler
 from hobbit.store.format import ALIGN, ExpertStore, blob_tensors
 from hobbit.runtime.trace import TraceWriter
 

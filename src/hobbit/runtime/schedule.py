@@ -14,41 +14,18 @@ key's slot is fixed while it is cached and returns to the pool's free list when 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 from hobbit.runtime.cache import CacheFull, ExpertCache
+from hobbit.runtime.loader import DEMAND, PREFETCH  # fetch priorities: demand loads always go first
+from hobbit.runtime.plan import Fetcher, Step
 from hobbit.policies.eviction import Key, make_evictor
 from hobbit.policies.biglittle import LITTLE_RULES, little_k, little_weights
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, Stats
 from hobbit.policies.prefetch import plan_prefetch
 
-DEMAND, PREFETCH = 0, 1  # fetch priorities: demand loads always go first
 FALLBACK_PINS = -1  # the `_pins` entry of MoBiLE's fallback reads: held through the little pass
-@dataclass
-class Step:
-    expert: int
-    action: str  # 'hit' | 'load' | 'skip'
-    key: Key | None = None
-    slot: int | None = None  # the key's slot in its precision's pool; None = a load still waiting for room
-
-
-class Fetcher(Protocol):
-    """Moves blobs into slots. The live one reads the store on the loader thread; the simulator's counts."""
-
-    def fetch(self, key: Key, slot: int, priority: int) -> None:
-        """Start reading `key`'s blob into `slot` of its precision's pool (DEMAND or PREFETCH)."""
-
-    def wait(self, key: Key, slot: int) -> None:
-        """Return once `slot` holds `key` (raises the read's error)."""
-
-    def drain(self) -> None:
-        """Wait for every read in flight (a sequence boundary)."""
-
-    def cancel(self, key: Key, slot: int) -> bool:
-        """Drop the read of `key` into `slot` if it has not started: True then (the slot holds no copy);
-        False when it is running or done (it completes; the copy is valid)."""
 
 
 class Scheduler:
@@ -368,23 +345,19 @@ class Scheduler:
             return []
         for j, pairs in predicted.items():
             self._predicted[j] = [e for e, _ in pairs]
-        if self.opt.policy == "hobbit" and self.opt.precision_map is None:
-            t1, t2 = self.opt.t1, self.opt.t2
-        else:
-            t1 = t2 = 1.0  # full-precision speculation: every predicted expert is high (or its mapped tier)
-        tier_of = (lambda j, e, tier: self.opt.mapped_tier(j, e)) if self.opt.precision_map is not None else \
-            (lambda j, e, tier: tier)
+        mapped = self.opt.precision_map is not None
+        # Eq. 2 on the predictions (policy hobbit), else full-precision speculation: every expert high
+        t1, t2 = (self.opt.t1, self.opt.t2) if self.opt.policy == "hobbit" and not mapped else (1.0, 1.0)
+        tier_of = (lambda j, e, tier: self.opt.mapped_tier(j, e)) if mapped else (lambda j, e, tier: tier)
         plan = plan_prefetch(predicted, lambda j, e, tier: self._cached(j, e, tier_of(j, e, tier)) is not None, t1, t2)
-        plan = type(plan)([(j, e, tier_of(j, e, t)) for j, e, t in plan.loads],
-                          [(j, e, tier_of(j, e, t)) for j, e, t in plan.pins], plan.stop_layer)
         for j, e, tier in plan.pins:
-            served = self._cached(j, e, tier)
-            key = (j, e, self._fmt(served or tier))
+            served = self._cached(j, e, tier_of(j, e, tier))
+            key = (j, e, self._fmt(served or tier_of(j, e, tier)))
             self.cache.pin(key)
             self._pins.setdefault(j, []).append(key)
         loads = []
         for j, e, tier in plan.loads:
-            key = (j, e, self._fmt(tier))
+            key = (j, e, self._fmt(tier_of(j, e, tier)))
             slot = self._admit(key)
             if slot is None:
                 continue  # no room: the prediction stays a hint
