@@ -1,12 +1,14 @@
-"""GGUF readers for `phimoe`, `granitemoe` and `gpt-oss`: a tiny HF checkpoint is written as a GGUF the way
-llama.cpp's convert_hf_to_gguf.py writes that architecture (Granite's Q/K row permutation and split
-input_linear, Phi's LayerNorm biases and LongRoPE factor tensors, gpt-oss's de-interleaved gate/up and its
-MXFP4 experts repacked to GGML's nibble order), converted, and checked against the store converted from the
-HF folder: same logits, and for MXFP4 the same codes. `deepseek2` / `glm4moe` are clear errors."""
+"""GGUF readers for `phimoe`, `granitemoe`, `gpt-oss`, `glm4moe` and `deepseek2`: a tiny HF checkpoint is
+written as a GGUF the way llama.cpp's convert_hf_to_gguf.py writes that architecture (Granite's Q/K row
+permutation and split input_linear, Phi's LayerNorm biases and LongRoPE factor tensors, gpt-oss's
+de-interleaved gate/up and its MXFP4 experts repacked to GGML's nibble order, DeepSeek's kv_b_proj split per
+head), converted, and checked against the store converted from the HF folder: same logits, and for MXFP4 the
+same codes. When llama.cpp's source is in the cache, its own converter writes the DeepSeek GGUFs too."""
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -203,6 +205,57 @@ def write_glm4moe(ckpt, path) -> None:
         **({} if cfg["n_group"] == 1 else {"expert_group_count": cfg["n_group"], "expert_group_used_count": cfg["topk_group"]})})
 
 
+def write_deepseek2(ckpt, path, split: bool = True, groups: bool = True, drop: tuple[str, ...] = ()) -> None:
+    """DeepseekV2Model: experts stacked, no Q/K permutation, e_score_correction_bias as exp_probs_b.bias. `split`:
+    today's MLA layout (kv_b_proj as attn_k_b [n,r,Dn] transposed per head + attn_v_b [n,Dv,r], one KV head,
+    key/value_length of the latent and the *_mla keys), else the older one (attn_kv_b whole, key/value_length
+    of a head); `groups`: the expert_group keys a current converter writes; `drop`: keys left out."""
+    cfg, state = json.loads((ckpt / "config.json").read_text()), load_file(str(ckpt / "model.safetensors"))
+    n, E, dense, H = cfg["num_hidden_layers"], cfg["n_routed_experts"], cfg["first_k_dense_replace"], cfg["num_attention_heads"]
+    r, R, Dn, Dv = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    mla = {"q_proj": "attn_q", "q_a_proj": "attn_q_a", "q_a_layernorm": "attn_q_a_norm", "q_b_proj": "attn_q_b",
+           "kv_a_proj_with_mqa": "attn_kv_a_mqa", "kv_a_layernorm": "attn_kv_a_norm", "o_proj": "attn_output"}
+    t = _top(state)
+    for i in range(n):
+        p = f"model.layers.{i}."
+        t |= _norms(state, i) | {f"blk.{i}.{g}.weight": state[p + f"self_attn.{h}.weight"].numpy()
+                                 for h, g in mla.items() if p + f"self_attn.{h}.weight" in state}
+        kv_b = state[p + "self_attn.kv_b_proj.weight"]
+        if split:  # DeepseekV2Model.modify_tensors
+            k_b, v_b = kv_b.view(H, Dn + Dv, r).split([Dn, Dv], dim=1)
+            t |= {f"blk.{i}.attn_k_b.weight": k_b.transpose(1, 2).numpy(), f"blk.{i}.attn_v_b.weight": v_b.numpy()}
+        else:
+            t[f"blk.{i}.attn_kv_b.weight"] = kv_b.numpy()
+        if i < dense:
+            t |= {f"blk.{i}.ffn_{x}.weight": state[p + f"mlp.{x}_proj.weight"].numpy() for x in ("gate", "up", "down")}
+            continue
+        t[f"blk.{i}.ffn_gate_inp.weight"] = state[p + "mlp.gate.weight"].numpy()
+        if p + "mlp.gate.e_score_correction_bias" in state:
+            t[f"blk.{i}.exp_probs_b.bias"] = state[p + "mlp.gate.e_score_correction_bias"].numpy()
+        for x in ("gate", "up", "down"):
+            t[f"blk.{i}.ffn_{x}_exps.weight"] = torch.stack(
+                [state[p + f"mlp.experts.{e}.{x}_proj.weight"] for e in range(E)]).numpy()
+            t[f"blk.{i}.ffn_{x}_shexp.weight"] = state[p + f"mlp.shared_experts.{x}_proj.weight"].numpy()
+    rope = cfg["rope_parameters"]
+    kv = {"leading_dense_block_count": dense, "vocab_size": cfg["vocab_size"], "attention.kv_lora_rank": r,
+          "attention.key_length": r + R if split else Dn + R, "attention.value_length": r if split else Dv,
+          "expert_feed_forward_length": cfg["moe_intermediate_size"], "expert_shared_count": cfg["n_shared_experts"],
+          "expert_weights_scale": float(cfg["routed_scaling_factor"]), "rope.dimension_count": R,
+          "rope.freq_base": float(rope["rope_theta"])}
+    kv |= {"attention.key_length_mla": Dn + R, "attention.value_length_mla": Dv} if split else {}
+    kv |= {"attention.q_lora_rank": cfg["q_lora_rank"]} if cfg["q_lora_rank"] else {}
+    kv |= {"expert_weights_norm": True} if cfg["norm_topk_prob"] else {}
+    kv |= {"expert_gating_func": 2} if cfg["model_type"] == "deepseek_v3" else {}  # V3's scoring_func: sigmoid
+    kv |= {"expert_group_count": cfg["n_group"], "expert_group_used_count": cfg["topk_group"]} if groups else {}
+    if rope["rope_type"] == "yarn":
+        kv |= {"rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"]),
+               "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+               "rope.scaling.yarn_beta_fast": float(rope["beta_fast"]), "rope.scaling.yarn_beta_slow": float(rope["beta_slow"]),
+               "rope.scaling.yarn_log_multiplier": 0.1 * rope["mscale_all_dim"]}
+    heads = {"num_key_value_heads": 1 if split else H, "num_local_experts": E}
+    _writer(path, "deepseek2", {**cfg, **heads}, t, {k: v for k, v in kv.items() if k not in drop})
+
+
 PHI_MSCALE = math.sqrt(1 + math.log(256 / 64) / math.log(64))  # llama.cpp's attn_factor for the tiny config
 PHI_ROPE = dict(rope_type="longrope", rope_theta=1e4, original_max_position_embeddings=64, short_mscale=PHI_MSCALE,
                 long_mscale=PHI_MSCALE, short_factor=[1.0 + 0.15 * i for i in range(8)],
@@ -265,14 +318,52 @@ def test_gguf_store_matches_hf_store(family, tmp_path):
         assert ours["quantization_config"] == {"quant_method": "mxfp4"}
 
 
-@pytest.mark.parametrize("arch", ["deepseek2"])
-def test_unwritten_readers_are_clear_errors(arch, tmp_path):
-    w = GGUFWriter(str(tmp_path / "x.gguf"), arch)
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(UnsupportedGGUF, match=f"{arch}.*not supported yet.*Hugging Face"):
+_MLA = dict(kv_lora_rank=24)  # latent width != qk head width: a key_length read as the wrong one shows
+_YARN = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=64, beta_fast=32.0,
+             beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)  # DeepSeek-V2's YaRN
+# case -> (tiny family, config overrides, write_deepseek2 kwargs)
+DEEPSEEK2 = {
+    "v2-groups-yarn": ("deepseek_v2", dict(rope_parameters=_YARN), {}),
+    "v2-lite-kv_b": ("deepseek_v2", dict(topk_method="greedy", n_group=1, topk_group=1), dict(split=False, groups=False)),
+    "v2-qlora": ("deepseek_v2", dict(q_lora_rank=32, topk_method="greedy", n_group=1, topk_group=1), {}),
+    "v3-groups": ("deepseek_v3", {}, {}),
+    "v3-nogroups-kv_b": ("deepseek_v3", dict(n_group=1, topk_group=1), dict(split=False, groups=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(DEEPSEEK2))
+def test_deepseek2_gguf_store_matches_hf_store(case, tmp_path):
+    """V2 / V2-Lite / V3 written as llama.cpp's converter writes them, both kv_b layouts: the HF config comes
+    back (routing included), and the store's logits equal the HF folder's."""
+    family, overrides, kwargs = DEEPSEEK2[case]
+    ckpt = make_tiny_checkpoint(family, tmp_path / "hf", **_MLA, **overrides)
+    _round_to_bf16(ckpt)
+    write_deepseek2(ckpt, tmp_path / "model.gguf", **kwargs)
+    ours, theirs = load_gguf(tmp_path / "model.gguf").config, json.loads((ckpt / "config.json").read_text())
+    keys = ["architectures", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "moe_intermediate_size", "n_group",
+            "topk_group", "norm_topk_prob", "routed_scaling_factor", "num_attention_heads", "num_key_value_heads"]
+    assert _same({k: ours[k] for k in keys}, {k: theirs[k] for k in keys})
+    assert ours.get("topk_method") == theirs.get("topk_method")
+    a = convert(ckpt, tmp_path / "hf-store", precisions="fp32", dense="fp32", progress=False)
+    b = convert(tmp_path / "model.gguf", tmp_path / "gguf-store", precisions="fp32", dense="fp32", progress=False)
+    ca, cb = (ExpertStore(s).manifest["config"] for s in (a, b))
+    assert _same({k: v for k, v in ca.items() if k != "eos_token_ids"}, {k: v for k, v in cb.items() if k != "eos_token_ids"})
+    assert (_logits(a) - _logits(b)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("drop,family,match", [
+    ("attention.kv_lora_rank", "deepseek_v2", "deepseek2.attention.kv_lora_rank"),
+    ("expert_shared_count", "deepseek_v2", "deepseek2.expert_shared_count"),
+    ("rope.dimension_count", "deepseek_v2", "deepseek2.rope.dimension_count"),
+    ("attention.q_lora_rank", "deepseek_v3", "deepseek2.attention.q_lora_rank"),
+    ("expert_group_used_count", "deepseek_v3", "deepseek2.expert_group_used_count"),
+    ("attention.value_length_mla", "deepseek_v3", "deepseek2.attention.value_length_mla"),
+    ("expert_gating_func", "deepseek_v3", "exp_probs_b but softmax routing"),  # a V3 file read as V2 would be wrong
+    ("rope.scaling.yarn_log_multiplier", "deepseek_v2", "yarn_log_multiplier"),
+])
+def test_deepseek2_missing_keys_are_clear_errors(drop, family, match, tmp_path):
+    ckpt = make_tiny_checkpoint(family, tmp_path / "hf", rope_parameters=_YARN)
+    write_deepseek2(ckpt, tmp_path / "x.gguf", drop=(drop,))
+    with pytest.raises(UnsupportedGGUF, match=re.escape(match)):
         load_gguf(tmp_path / "x.gguf")

@@ -1,5 +1,5 @@
 """Read a llama.cpp GGUF (`llama` incl. Mixtral, `qwen2`, `qwen2moe`, `phimoe`, `granitemoe`, `gpt-oss`,
-`glm4moe`) as an HF checkpoint.
+`glm4moe`, `deepseek2`) as an HF checkpoint.
 
 `load_gguf(path)` gives the HF `config.json` dict, the weights under HF names (dequantized to
 float by gguf.quants: F32/F16/BF16, Q8_0, Q4_0/Q4_1, K-quants; llama.cpp's Q/K row permutation
@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tqdm import tqdm
 
 from hobbit.store import gguf_arch
-from hobbit.store.gguf_arch import ARCHS, BLOCK_NAMES, MODEL_TYPES, REFUSED, TOP_NAMES  # noqa: F401 (export.py)
+from hobbit.store.gguf_arch import ARCHS, BLOCK_NAMES, MODEL_TYPES, TOP_NAMES  # noqa: F401 (export.py)
 
 # name maps and per-family steps: gguf_arch.py (re-exported here for export.py)
 SUPPORTED_ARCHITECTURES = tuple(ARCHS)
@@ -65,17 +65,19 @@ class GGUFModel:
     _reader: GGUFReader = field(repr=False)
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) for every weight, dequantized one GGUF tensor at a time; stacked experts of
-        granitemoe / gpt-oss last, fused as HF has them (gpt-oss MXFP4 experts as their own uint8 codes)."""
+        """(HF name, tensor) for every weight, dequantized one GGUF tensor at a time; the tensors HF joins
+        last (granitemoe / gpt-oss experts fused as HF has them, gpt-oss MXFP4 experts as their own uint8
+        codes; deepseek2's kv_b_proj from attn_k_b + attn_v_b)."""
         heads = (self.config["num_attention_heads"], self.config["num_key_value_heads"])
-        spec, stacked = ARCHS[self.arch], {}
+        spec, held = ARCHS[self.arch], {}
         for t in self._reader.tensors:
-            if spec.stacked and split_name(t.name)[1] in spec.expert_proj:
-                stacked[_hf_shapes(t, self.arch)[0][0]] = t
+            names = _hf_shapes(t, self.arch)
+            if names and split_name(t.name)[1] in spec.held:
+                held[names[0][0]] = t
                 continue
             for name, w in _convert(t, self.arch, *heads):
                 yield name, torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
-        for name, w in gguf_arch.finalize(self.arch, stacked, dequantize_tensor):
+        for name, w in gguf_arch.finalize(self.arch, held, dequantize_tensor):
             yield name, w if w.dtype == torch.uint8 else w.to(dtype)
 
     @functools.cached_property
@@ -113,8 +115,6 @@ def load_gguf(path: str | Path) -> GGUFModel:
     reader = GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
-    if arch in REFUSED:
-        raise UnsupportedGGUF(f"{path.name}: {REFUSED[arch]}")
     if arch not in ARCHS:
         raise UnsupportedGGUF(f"{path.name}: GGUF architecture {arch!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -133,7 +133,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
     config = _hf_config(meta, arch, shapes, _field(reader, "tokenizer.ggml.bos_token_id"),
                         list(dict.fromkeys(i for i in eos if i is not None)))
-    if arch in ("phimoe", "granitemoe", "gpt-oss", "glm4moe"):
+    if arch in ("phimoe", "granitemoe", "gpt-oss", "glm4moe", "deepseek2"):
         gguf_arch.config(arch, meta, shapes, {t.name: t for t in reader.tensors}, config, UnsupportedGGUF)
     tokenizer_json, tokenizer_config = _tokenizer(reader, tokens, config["max_position_embeddings"])
     return GGUFModel(path, arch, config, tokenizer_json, tokenizer_config, shapes, types, reader)
@@ -168,7 +168,7 @@ def split_name(name: str) -> tuple[int | None, str, str]:
 
 
 def _hf_shapes(t: ReaderTensor, arch: str) -> list[tuple[str, tuple[int, ...]]]:
-    if ".nextn." in t.name:  # glm4moe's multi-token-prediction head: not run
+    if ".nextn." in t.name:  # glm4moe / deepseek2 multi-token-prediction heads: not run
         return []
     shape = tuple(int(x) for x in reversed(t.shape))
     layer, part, kind = split_name(t.name)

@@ -1,6 +1,7 @@
 """llama.cpp architectures in HF terms, as data: tensor names per architecture, which GGUF metadata
 keys make which HF config fields, and the few steps a name map cannot say (HF's fused expert tensors
-rebuilt from llama.cpp's split ones, gpt-oss's MXFP4 experts handed on as their own codes).
+rebuilt from llama.cpp's split ones, gpt-oss's MXFP4 experts handed on as their own codes, DeepSeek's
+kv_b_proj rebuilt from its per-head halves).
 
 Read by `gguf.py`; what llama.cpp's `convert_hf_to_gguf.py` writes for each architecture is the
 reference (tests/test_gguf_families.py writes tiny GGUFs the same way).
@@ -43,20 +44,36 @@ class GGUFArch:
     stacked: bool = False       # experts stay stacked [E, ...] and `finalize` builds HF's fused tensors
     skip: tuple[str, ...] = ()  # GGUF tensors that are config, not weights (phimoe's rope factors)
     bare: tuple[str, ...] = ()  # parts whose HF name has no .weight (gpt-oss `self_attn.sinks`)
+    joined: tuple[str, ...] = ()  # parts `finalize` joins into one HF tensor (deepseek2's attn_k_b + attn_v_b)
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """GGUF parts held back for `finalize`: the joined ones and stacked experts."""
+        return self.joined + (tuple(self.expert_proj) if self.stacked else ())
 
 
 _QWEN2MOE_BLOCK = {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
                    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
                    "ffn_down_shexp": "mlp.shared_expert.down_proj"}
 _SPLIT_EXPERTS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
+_QWEN_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_down_exps": "down_proj", "ffn_up_exps": "up_proj"}
+# DeepSeek-V3-style MoE block (glm4moe, deepseek2): router + correction bias, ungated shared experts
+_V3_MOE_BLOCK = {"ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate.e_score_correction_bias",
+                 "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                 "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+# MLA: q_proj unfactored (V2-Lite) or q_a/q_b LoRA; kv_b_proj whole (older GGUFs) or split per head into
+# k_b (transposed) and v_b, which keep the converter's own intermediate names until `finalize` joins them
+_MLA_BLOCK = {"attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+              "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+              "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+              "attn_k_b": "self_attn.k_b_proj", "attn_v_b": "self_attn.v_b_proj"}
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("LlamaForCausalLM", "MixtralForCausalLM", {"ffn_gate_inp": "block_sparse_moe.gate"},
                       "block_sparse_moe.experts.{e}",
                       {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}, permute_qk=True),
     "qwen2": GGUFArch("Qwen2ForCausalLM", None, {}, "", {}, permute_qk=False),
     "qwen2moe": GGUFArch("Qwen2MoeForCausalLM", "Qwen2MoeForCausalLM", _QWEN2MOE_BLOCK, "mlp.experts.{e}",
-                         {"ffn_gate_exps": "gate_proj", "ffn_down_exps": "down_proj", "ffn_up_exps": "up_proj"},
-                         permute_qk=False),
+                         _QWEN_EXPERTS, permute_qk=False),
     # Phi3MiniModel's writer: no Q/K permutation (NEOX rope), LayerNorm weight + bias, output bias; LongRoPE
     # factors as tensors rope_factors_long / _short
     "phimoe": GGUFArch("PhimoeForCausalLM", "PhimoeForCausalLM", {"ffn_gate_inp": "block_sparse_moe.gate"},
@@ -74,23 +91,19 @@ ARCHS: dict[str, GGUFArch] = {
     # Glm4MoeModel: no Q/K permutation (NEOX), per-expert tensors stacked, shared experts as *_shexp, the
     # sigmoid router's correction bias as exp_probs_b, multi-token-prediction layers appended (skipped)
     "glm4moe": GGUFArch("Glm4MoeForCausalLM", "Glm4MoeForCausalLM",
-                        {"ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate.e_score_correction_bias",
-                         "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-                         "post_attention_norm": "post_attention_layernorm",
-                         "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
-                         "ffn_down_shexp": "mlp.shared_experts.down_proj"}, "mlp.experts.{e}",
-                        {"ffn_gate_exps": "gate_proj", "ffn_down_exps": "down_proj", "ffn_up_exps": "up_proj"},
+                        {**_V3_MOE_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                         "post_attention_norm": "post_attention_layernorm"}, "mlp.experts.{e}", _QWEN_EXPERTS,
                         permute_qk=False, bare=("exp_probs_b",)),
+    # DeepseekV2Model (V2, V2-Lite, V3, R1, Kimi-K2): no Q/K permutation (NORM rope on adjacent pairs, which
+    # is DeepSeek's interleaved rope), MLA tensors, per-expert tensors stacked; `finalize` rebuilds kv_b_proj
+    "deepseek2": GGUFArch("DeepseekV2ForCausalLM", "DeepseekV2ForCausalLM", {**_V3_MOE_BLOCK, **_MLA_BLOCK},
+                          "mlp.experts.{e}", _QWEN_EXPERTS, permute_qk=False, bare=("exp_probs_b",),
+                          joined=("attn_k_b", "attn_v_b")),
 }
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral", "Qwen2ForCausalLM": "qwen2",
                "Qwen2MoeForCausalLM": "qwen2_moe", "PhimoeForCausalLM": "phimoe",
-               "GraniteMoeForCausalLM": "granitemoe", "GptOssForCausalLM": "gpt_oss", "Glm4MoeForCausalLM": "glm4_moe"}
-# architectures the gguf package knows whose reader is not written: a clear error, not a wrong model
-REFUSED = {
-    "deepseek2": "GGUF architecture 'deepseek2' (DeepSeek-V2/V3, MLA) is not supported yet: llama.cpp stores "
-                 "kv_b_proj split per head into attn_k_b (transposed) and attn_v_b, and V2's topk_method and "
-                 "group limits are not in its metadata; convert the Hugging Face checkpoint instead",
-}
+               "GraniteMoeForCausalLM": "granitemoe", "GptOssForCausalLM": "gpt_oss", "Glm4MoeForCausalLM": "glm4_moe",
+               "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
 
 
 def rope_scaling(meta: dict, arch: str, unsupported: type[Exception]) -> dict | None:
@@ -106,16 +119,33 @@ def rope_scaling(meta: dict, arch: str, unsupported: type[Exception]) -> dict | 
                 "original_max_position_embeddings": meta[f"{arch}.rope.scaling.original_context_length"],
                 "beta_fast": float(meta.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
                 "beta_slow": float(meta.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0))}
+    if kind == "yarn" and arch == "deepseek2":
+        return _deepseek2_yarn(meta, factor, unsupported)
     raise unsupported(f"GGUF rope scaling type {kind!r} for {arch!r} is not supported "
-                      f"(supported: none, linear; yarn for gpt-oss)")
+                      f"(supported: none, linear; yarn for gpt-oss and deepseek2)")
+
+
+def _deepseek2_yarn(meta: dict, factor: float, unsupported: type[Exception]) -> dict:
+    """HF DeepSeek YaRN: llama.cpp reads mscale_all_dim from yarn_log_multiplier (written x 0.1) and takes
+    mscale equal to it, so cos/sin are unscaled and the softmax scale gains mscale_all_dim's factor squared."""
+    g = lambda key, default=None: meta.get(f"deepseek2.rope.scaling.{key}", default)  # noqa: E731
+    if g("yarn_log_multiplier") is None:  # llama.cpp then scales q_pe/k_pe too: not transformers' DeepSeek
+        raise unsupported("deepseek2 YaRN without deepseek2.rope.scaling.yarn_log_multiplier (the HF config's "
+                          "mscale_all_dim x 0.1) is not supported; re-convert with a current convert_hf_to_gguf.py")
+    m = float(g("yarn_log_multiplier")) / 0.1
+    return {"rope_type": "yarn", "factor": factor, "mscale": m, "mscale_all_dim": m,
+            "original_max_position_embeddings": g("original_context_length", meta["deepseek2.context_length"]),
+            "beta_fast": float(g("yarn_beta_fast", 32.0)), "beta_slow": float(g("yarn_beta_slow", 1.0))}
 
 
 def config(arch: str, meta: dict, shapes: dict[str, tuple[int, ...]], raw: dict[str, ReaderTensor],
            config: dict, unsupported: type[Exception] = ValueError) -> None:
-    """In place: the HF config fields of phimoe / granitemoe / gpt-oss / glm4moe beyond the common ones."""
+    """In place: the HF config fields of phimoe / granitemoe / gpt-oss / glm4moe / deepseek2 beyond the common ones."""
     g = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
     if arch == "glm4moe":
         return _glm4moe(g, shapes, config, unsupported)
+    if arch == "deepseek2":
+        return _deepseek2(g, shapes, config, unsupported)
     experts = dict(num_local_experts=g("expert_count"), num_experts_per_tok=g("expert_used_count"))
     if arch == "phimoe":  # GGUF does not carry the sparsemixer threshold: Phi-3.5-MoE's own 0.01
         config.update(experts, intermediate_size=shapes[_first(shapes, ".experts.0.w1.weight")][0],
@@ -159,6 +189,63 @@ def _glm4moe(g, shapes: dict, config: dict, unsupported: type[Exception]) -> Non
     config.pop("num_experts", None)
 
 
+def _deepseek2(g, shapes: dict, config: dict, unsupported: type[Exception]) -> None:
+    """DeepseekV2ForCausalLM for softmax routing, DeepseekV3ForCausalLM for sigmoid, from the keys llama.cpp's
+    deepseek2 loader reads. Routing as llama.cpp runs the file: no group keys means one group (greedy top-k
+    over all experts, which for V3 / R1 differs from the HF config's groups); softmax groups choose by each
+    group's best expert (transformers' V2 `group_limited_greedy`; llama.cpp scores groups by their best two)."""
+    def need(key: str):
+        if g(key) is None:
+            raise unsupported(f"deepseek2 GGUF lacks the metadata key deepseek2.{key}, which llama.cpp's deepseek2 "
+                              f"loader requires; re-convert with a current convert_hf_to_gguf.py")
+        return g(key)
+
+    n, n_head, has = config["num_hidden_layers"], config["num_attention_heads"], lambda s: any(s in k for k in shapes)
+    if g("expert_count") is None:
+        raise unsupported("deepseek2 without experts (a dense MLA model) is not supported")
+    # llama.cpp: no gating key means softmax (DeepSeek-V2 / V2.5 GGUFs), except GLM-4.7-Flash's shapes (sigmoid)
+    glm_flash = config["num_hidden_layers"] in (47, 48) and config["vocab_size"] == 154880
+    gating = g("expert_gating_func") or (2 if glm_flash else 1)
+    if gating not in (1, 2):
+        raise unsupported(f"deepseek2 expert_gating_func={gating} is not supported (1 softmax: V2, 2 sigmoid: V3)")
+    v3, norm = gating == 2, bool(g("expert_weights_norm", False))
+    if has(".e_score_correction_bias") != v3:
+        raise unsupported("deepseek2 GGUF with " + ("sigmoid routing but no exp_probs_b" if v3 else
+                          "exp_probs_b but softmax routing (no deepseek2.expert_gating_func=2)") +
+                          ": transformers' DeepSeek-V3 routes by sigmoid with that bias, V2 by softmax without it")
+    if norm and not v3:
+        raise unsupported("deepseek2 softmax routing with expert_weights_norm=true: transformers' DeepSeek-V2 "
+                          "never renormalizes")
+    groups = g("expert_group_count") or 1
+    used = need("expert_group_used_count") if groups > 1 else 1
+    mla = g("attention.key_length_mla") is not None  # llama.cpp's is_mla: kv_b split into k_b / v_b
+    if has(".k_b_proj.") != mla or has(".v_b_proj.") != mla or has(".kv_b_proj.") == mla:
+        raise unsupported("deepseek2 GGUF must hold attn_kv_b (without attention.key_length_mla) or attn_k_b + "
+                          "attn_v_b (with attention.key_length_mla / value_length_mla), as llama.cpp loads them")
+    head_k = need("attention.key_length_mla") if mla else g("attention.key_length", config["hidden_size"] // n_head)
+    head_v = need("attention.value_length_mla") if mla else g("attention.value_length", config["hidden_size"] // n_head)
+    if float(g("rope.scaling.attn_factor", 1.0)) != 1.0 or g("attention.temperature_scale"):
+        raise unsupported("deepseek2 rope.scaling.attn_factor / attention.temperature_scale are not supported")
+    rope, ff = need("rope.dimension_count"), need("expert_feed_forward_length")
+    config.update(
+        architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        model_type="deepseek_v3" if v3 else "deepseek_v2",
+        num_hidden_layers=n - (g("nextn_predict_layers") or 0),  # MTP layers are appended: not run
+        num_key_value_heads=n_head, head_dim=rope, rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        n_routed_experts=g("expert_count"), num_experts_per_tok=g("expert_used_count"),
+        moe_intermediate_size=ff[0] if isinstance(ff, list) else ff,  # llama.cpp: layer 0's width for all
+        n_shared_experts=need("expert_shared_count"), first_k_dense_replace=g("leading_dense_block_count") or 0,
+        routed_scaling_factor=float(g("expert_weights_scale") or 1.0),  # absent or 0: llama.cpp does not scale
+        norm_topk_prob=norm, n_group=groups, topk_group=used, moe_layer_freq=1,
+        q_lora_rank=need("attention.q_lora_rank") if has(".q_a_proj.") else None,
+        kv_lora_rank=need("attention.kv_lora_rank"), qk_rope_head_dim=rope, qk_nope_head_dim=head_k - rope,
+        v_head_dim=head_v)
+    if v3:
+        config.update(rope_interleave=True, num_nextn_predict_layers=0)
+    else:
+        config["topk_method"] = "group_limited_greedy" if groups > 1 else "greedy"
+
+
 def _first(shapes: dict, suffix: str) -> str:
     return next(n for n in shapes if n.endswith(suffix))
 
@@ -166,9 +253,27 @@ def _first(shapes: dict, suffix: str) -> str:
 Dequant = Callable[[ReaderTensor], np.ndarray]
 
 
-def finalize(arch: str, stacked: dict[str, ReaderTensor], dequant: Dequant) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF's fused expert tensors from llama.cpp's stacked gate / up / down ones (names as `_hf_shapes`
-    gives them: `model.layers.{i}.{experts}.{gate|up|down}.{weight|bias}`)."""
+def finalize(arch: str, held: dict[str, ReaderTensor], dequant: Dequant) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors from the GGUF tensors `GGUFArch.held` names (by the names `_hf_shapes` gives them)."""
+    if arch == "deepseek2":
+        yield from _kv_b(held, dequant)
+    else:
+        yield from _fused_experts(arch, held, dequant)
+
+
+def _kv_b(held: dict[str, ReaderTensor], dequant: Dequant) -> Iterator[tuple[str, torch.Tensor]]:
+    """kv_b_proj [n*(Dn+Dv), r] (per head: Dn key rows, then Dv value rows) from the converter's split:
+    k_b [n, r, Dn] (transposed per head) and v_b [n, Dv, r]."""
+    for name, t in held.items():
+        if name.endswith(".k_b_proj.weight"):
+            k = torch.from_numpy(dequant(t))  # [n, r, Dn]
+            v = torch.from_numpy(dequant(held[name.replace(".k_b_proj.", ".v_b_proj.")]))  # [n, Dv, r]
+            yield name.replace(".k_b_proj.", ".kv_b_proj."), torch.cat((k.transpose(1, 2), v), dim=1).flatten(0, 1)
+
+
+def _fused_experts(arch: str, stacked: dict[str, ReaderTensor], dequant: Dequant) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF's fused expert tensors from llama.cpp's stacked gate / up / down ones (named
+    `model.layers.{i}.{experts}.{gate|up|down}.{weight|bias}`)."""
     layers = sorted({int(n.split(".")[2]) for n in stacked})
     for i in layers:
         part = {".".join(n.split(".")[-2:]): t for n, t in stacked.items() if n.startswith(f"model.layers.{i}.")}
