@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from gguf import GGUFWriter
 from safetensors.torch import load_file
 
 import hobbit
+from hobbit.models.assets import cache_dir
 from hobbit.store import mxfp4
 from hobbit.store.convert import convert
 from hobbit.store.format import ExpertStore
@@ -280,6 +283,16 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _same_stores(ckpt, gguf, tmp_path, precisions: str = "fp32"):
+    """Stores converted from the HF folder and from the GGUF: same model config, logits within 1e-5."""
+    a = convert(ckpt, tmp_path / "hf-store", precisions=precisions, dense="fp32", progress=False)
+    b = convert(gguf, tmp_path / "gguf-store", precisions=precisions, dense="fp32", progress=False)
+    ca, cb = (ExpertStore(s).manifest["config"] for s in (a, b))
+    assert _same({k: v for k, v in ca.items() if k != "eos_token_ids"}, {k: v for k, v in cb.items() if k != "eos_token_ids"})
+    assert (_logits(a) - _logits(b)).abs().max().item() < 1e-5
+    return a, b
+
+
 def _logits(store, dtype="fp32"):
     eng = hobbit.load(store, policy="resident", dtype=dtype)
     out = eng.logits(PROMPT)
@@ -304,12 +317,7 @@ def test_gguf_store_matches_hf_store(family, tmp_path):
     ours = m.config
     theirs = json.loads((ckpt / "config.json").read_text())
     assert ours["architectures"] == theirs["architectures"]
-    precisions = "mxfp4,int4" if family.endswith("mxfp4") else "fp32"
-    a = convert(ckpt, tmp_path / "hf-store", precisions=precisions, dense="fp32", progress=False)
-    b = convert(gguf, tmp_path / "gguf-store", precisions=precisions, dense="fp32", progress=False)
-    ca, cb = (ExpertStore(s).manifest["config"] for s in (a, b))
-    assert _same({k: v for k, v in ca.items() if k != "eos_token_ids"}, {k: v for k, v in cb.items() if k != "eos_token_ids"})
-    assert (_logits(a) - _logits(b)).abs().max().item() < 1e-5
+    a, b = _same_stores(ckpt, gguf, tmp_path, "mxfp4,int4" if family.endswith("mxfp4") else "fp32")
     if family.endswith("mxfp4"):  # the GGUF's MXFP4 codes land in the store as the HF checkpoint's do
         sa, sb = ExpertStore(a), ExpertStore(b)
         for key in ("w13", "w2"):
@@ -345,11 +353,38 @@ def test_deepseek2_gguf_store_matches_hf_store(case, tmp_path):
             "topk_group", "norm_topk_prob", "routed_scaling_factor", "num_attention_heads", "num_key_value_heads"]
     assert _same({k: ours[k] for k in keys}, {k: theirs[k] for k in keys})
     assert ours.get("topk_method") == theirs.get("topk_method")
-    a = convert(ckpt, tmp_path / "hf-store", precisions="fp32", dense="fp32", progress=False)
-    b = convert(tmp_path / "model.gguf", tmp_path / "gguf-store", precisions="fp32", dense="fp32", progress=False)
-    ca, cb = (ExpertStore(s).manifest["config"] for s in (a, b))
-    assert _same({k: v for k, v in ca.items() if k != "eos_token_ids"}, {k: v for k, v in cb.items() if k != "eos_token_ids"})
-    assert (_logits(a) - _logits(b)).abs().max().item() < 1e-5
+    _same_stores(ckpt, tmp_path / "model.gguf", tmp_path)
+
+
+LLAMA_CPP = cache_dir() / "peers" / "llama-cpp-python-0.3.36" / "src" / "vendor" / "llama.cpp"
+# llama.cpp's own convert_hf_to_gguf.py with its own gguf-py; our tiny tokenizer's pre-tokenizer hash is not
+# in its table, so it is told 'gpt-2' (the split the tiny byte-level tokenizer uses)
+_CONVERT = """import runpy, sys
+src = sys.argv[1]
+sys.path[:0] = [src + "/gguf-py", src]
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = [src + "/convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file(), reason=f"no llama.cpp source at {LLAMA_CPP}")
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek2_from_llama_cpp_converter(family, tmp_path):
+    """The GGUF llama.cpp's converter writes (split kv_b, group keys, YaRN's log multiplier) converts to a
+    store with the HF folder's logits. V3 gets the `scoring_func` its real config.json has: without it the
+    converter writes no gating key and llama.cpp would route a V3 file by softmax (we refuse that file)."""
+    ckpt = make_tiny_checkpoint(family, tmp_path / "hf", **_MLA, rope_parameters=_YARN)
+    _round_to_bf16(ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "scoring_func": "sigmoid"} if family == "deepseek_v3" else cfg))
+    gguf = tmp_path / "model.gguf"
+    done = subprocess.run([sys.executable, "-c", _CONVERT, str(LLAMA_CPP), str(ckpt), "--outfile", str(gguf),
+                           "--outtype", "f32"], capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    assert "blk.1.attn_k_b.weight" in load_gguf(gguf).raw
+    _same_stores(ckpt, gguf, tmp_path)
 
 
 @pytest.mark.parametrize("drop,family,match", [

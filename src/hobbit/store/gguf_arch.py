@@ -191,21 +191,21 @@ def _glm4moe(g, shapes: dict, config: dict, unsupported: type[Exception]) -> Non
 
 def _deepseek2(g, shapes: dict, config: dict, unsupported: type[Exception]) -> None:
     """DeepseekV2ForCausalLM for softmax routing, DeepseekV3ForCausalLM for sigmoid, from the keys llama.cpp's
-    deepseek2 loader reads. Routing as llama.cpp runs the file: no group keys means one group (greedy top-k
-    over all experts, which for V3 / R1 differs from the HF config's groups); softmax groups choose by each
-    group's best expert (transformers' V2 `group_limited_greedy`; llama.cpp scores groups by their best two)."""
+    deepseek2 loader reads. Routing is what the file says, read as llama.cpp reads it: no group keys means one
+    group (greedy top-k over all experts; for V3 / R1 not the HF config's groups). One deliberate difference:
+    softmax (V2) groups are chosen by their best expert, as transformers' V2 `group_limited_greedy` does;
+    llama.cpp scores every arch's groups by their best two, so on a grouped V2 file its choices can differ."""
     def need(key: str):
         if g(key) is None:
             raise unsupported(f"deepseek2 GGUF lacks the metadata key deepseek2.{key}, which llama.cpp's deepseek2 "
                               f"loader requires; re-convert with a current convert_hf_to_gguf.py")
         return g(key)
 
-    n, n_head, has = config["num_hidden_layers"], config["num_attention_heads"], lambda s: any(s in k for k in shapes)
+    has = lambda part: any(part in name for name in shapes)  # noqa: E731
+    n_head = config["num_attention_heads"]
     if g("expert_count") is None:
         raise unsupported("deepseek2 without experts (a dense MLA model) is not supported")
-    # llama.cpp: no gating key means softmax (DeepSeek-V2 / V2.5 GGUFs), except GLM-4.7-Flash's shapes (sigmoid)
-    glm_flash = config["num_hidden_layers"] in (47, 48) and config["vocab_size"] == 154880
-    gating = g("expert_gating_func") or (2 if glm_flash else 1)
+    gating = g("expert_gating_func") or 1  # llama.cpp: no key means softmax (DeepSeek-V2 / V2.5 GGUFs)
     if gating not in (1, 2):
         raise unsupported(f"deepseek2 expert_gating_func={gating} is not supported (1 softmax: V2, 2 sigmoid: V3)")
     v3, norm = gating == 2, bool(g("expert_weights_norm", False))
@@ -230,7 +230,7 @@ def _deepseek2(g, shapes: dict, config: dict, unsupported: type[Exception]) -> N
     config.update(
         architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
         model_type="deepseek_v3" if v3 else "deepseek_v2",
-        num_hidden_layers=n - (g("nextn_predict_layers") or 0),  # MTP layers are appended: not run
+        num_hidden_layers=config["num_hidden_layers"] - (g("nextn_predict_layers") or 0),  # MTP appended: not run
         num_key_value_heads=n_head, head_dim=rope, rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         n_routed_experts=g("expert_count"), num_experts_per_tok=g("expert_used_count"),
         moe_intermediate_size=ff[0] if isinstance(ff, list) else ff,  # llama.cpp: layer 0's width for all
