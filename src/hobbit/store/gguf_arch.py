@@ -232,7 +232,7 @@ def _deepseek2(g, shapes: dict, config: dict, unsupported: type[Exception]) -> N
         model_type="deepseek_v3" if v3 else "deepseek_v2",
         num_hidden_layers=config["num_hidden_layers"] - (g("nextn_predict_layers") or 0),  # MTP appended: not run
         num_key_value_heads=n_head, head_dim=rope, rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        n_routed_experts=g("expert_count"), num_experts_per_tok=g("expert_used_count"),
+        n_routed_experts=g("expert_count"), num_experts_per_tok=need("expert_used_count"),
         moe_intermediate_size=ff[0] if isinstance(ff, list) else ff,  # llama.cpp: layer 0's width for all
         n_shared_experts=need("expert_shared_count"), first_k_dense_replace=g("leading_dense_block_count") or 0,
         routed_scaling_factor=float(g("expert_weights_scale") or 1.0),  # absent or 0: llama.cpp does not scale
