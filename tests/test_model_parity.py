@@ -88,6 +88,21 @@ def test_chunked_prefill_equals_full_prefill(family, tiny_dir):
     assert (torch.cat(parts) - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"])
+def test_windows_equal_fresh_prefills_and_carry_gradients(family, tiny_dir):
+    """The cache-free path moefy calibrates and distills on: each window of tokens [B,T] gives the logits of
+    its own cached prefill from position 0, and gradients reach what an FFN replaced through `mlp` holds."""
+    model, tokens = ours_from(tiny_dir(family)), torch.stack([prompt(16, seed) for seed in (1, 2, 3)])
+    with torch.no_grad():
+        logits = model.head(model.windows(tokens))  # [3,16,V]
+    for window, got in zip(tokens, logits):
+        model.reset()
+        assert (got - model(window, 0)).abs().max().item() < 1e-5
+    gain = torch.ones(model.cfg.hidden_size, requires_grad=True)
+    model.head(model.windows(tokens[:1], lambda l, x: x * gain)).logsumexp(-1).sum().backward()
+    assert gain.grad is not None and gain.grad.abs().sum() > 0
+
+
 def test_router_and_norm_weights_are_exposed(tiny_dir):
     ck = open_checkpoint(tiny_dir("mixtral"))
     model = ours_from(tiny_dir("mixtral"))

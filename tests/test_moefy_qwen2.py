@@ -55,7 +55,8 @@ def test_dense_qwen2_forward_matches_transformers(qwen2):
     assert "model.layers.0.self_attn.q_proj.bias" in sd
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(moefy.Dense(sd, cfg).forward(ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+        ours = moefy.dense_model(sd, cfg)
+        torch.testing.assert_close(ours.head(ours.windows(ids)), model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_moefied_qwen2_matches_transformers_and_exports_exactly(qwen2):
@@ -72,10 +73,13 @@ def test_moefied_qwen2_matches_transformers_and_exports_exactly(qwen2):
     torch.testing.assert_close(model.get_input_embeddings().weight, sd["lm_head.weight"].to(torch.bfloat16).float())
     assert torch.equal(model.model.layers[1].self_attn.k_proj.bias,
                        sd["model.layers.1.self_attn.k_proj.bias"].to(torch.bfloat16).float())
-    md, layers = moe_layers(moefy.Dense(sd, dcfg), recipe, mc)  # our reference forward on the bf16 tensors
-    md = moefy.Dense({k: v.to(torch.bfloat16).float() for k, v in md.sd.items()}, md.cfg)
+    md = moefy.dense_model(sd, dcfg)  # our reference forward on the bf16 tensors
+    layers = moe_layers(md, recipe, mc)
+    for p in md.parameters():
+        p.data = p.data.to(torch.bfloat16).float()
     layers = [{k: v.to(torch.bfloat16).float() for k, v in m.items()} for m in layers]
-    ours = md.forward(ids, lambda l, x: moefy.moe_forward(layers[l], x.reshape(-1, H), 2, norm=False).view_as(x))
+    mlp = lambda l, x: moefy.moe_forward(layers[l], x.reshape(-1, H), 2, norm=False).view_as(x)  # noqa: E731
+    ours = md.head(md.windows(ids, mlp))
     with torch.no_grad():
         torch.testing.assert_close(ours, model(ids).logits, atol=2e-4, rtol=1e-4)
     store = convert(out, tmp / "store", precisions=["bf16"], progress=False)

@@ -10,6 +10,8 @@ Per layer, sequentially on calibration text (each layer sees the outputs of the 
    softmax -> top-k -> renormalize), and the result is propagated to the next layer.
 Then, optionally (`moefy_train.distill`), routers, scales, shared gates, FFN input norms and a low-rank
 delta of each shared down_proj are distilled end to end against the dense model.
+All of it runs the runtime's own model (`dense_model`: `Transformer.windows`, a cache-free forward over
+token windows), routing (`softmax_topk`) and expert FFN (`routed_sum`, `expert_ffn`): one Llama/Qwen2.
 
 What is learned is a small *recipe*; `apply_recipe` rebuilds the full Qwen2-MoE weights from the dense
 ones. `hobbit.models.recipes.build_from_recipe` does that for a committed recipe and its GGUF asset:
@@ -29,6 +31,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
+from hobbit.runtime.experts import DenseExperts, expert_ffn, routed_sum
+from hobbit.runtime.model import MLP, Transformer
+from hobbit.runtime.routing import softmax_topk
+from hobbit.store.config import ModelConfig
+
 RECIPE = Path(__file__).parents[1] / "data" / "smolmoe_recipe.safetensors"  # SmolMoE's (from the smollm2-gguf asset)
 CODERMOE_RECIPE = Path(__file__).parents[1] / "data" / "codermoe_recipe.safetensors"  # from the qwen-coder-gguf asset
 DENSE_ARCHS = ("llama", "qwen2")  # qwen2 = llama + q/k/v biases
@@ -47,7 +54,7 @@ class MoefyConfig:
     seed: int = 0
 
 
-# ---------------------------------------------------------------- dense model (functional Llama / Qwen2)
+# ---------------------------------------------------------------- the dense model (the runtime's Transformer)
 
 def load_dense(src: str | Path) -> tuple[dict[str, Tensor], dict, str | None, dict]:
     """(fp32 state dict, HF config, tokenizer.json text, tokenizer_config) of a dense GGUF or HF folder."""
@@ -77,73 +84,31 @@ def tie_embeddings(sd: dict[str, Tensor], cfg: dict) -> tuple[dict[str, Tensor],
     return sd, dict(cfg, tie_word_embeddings=True)
 
 
-def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+def dense_model(sd: dict[str, Tensor], cfg: dict) -> Transformer:
+    """The runtime's Transformer on a dense state dict (HF names) at fp32, frozen: what calibration,
+    distillation and evaluation run (`Transformer.windows`). The model shares sd's tensors, and sd's
+    gate/up weights become views of the model's fused gate_up (same values): one copy of each weight."""
+    model = Transformer(ModelConfig.from_hf(cfg), DenseExperts({}), torch.float32)
+    model.load_dense(dict(sd))  # consumes the copy of the dict, not the tensors
+    for l, block in enumerate(model.layers):
+        p = f"model.layers.{l}.mlp."
+        sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"], _ = mlp_weights(block.mlp)
+    return model.requires_grad_(False)
 
 
-class Dense:
-    """Just enough of a Llama / Qwen2 forward for calibration: batched windows, no KV cache."""
-
-    def __init__(self, sd: dict[str, Tensor], cfg: dict):
-        self.sd, self.cfg = sd, cfg
-        self.H, self.L, self.eps = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["rms_norm_eps"]
-        self.nh, self.nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-        self.hd = cfg.get("head_dim") or self.H // self.nh
-        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)
-        self.inv = 1.0 / (theta ** (torch.arange(0, self.hd, 2).float() / self.hd))
-
-    def w(self, l: int, name: str) -> Tensor:
-        return self.sd[f"model.layers.{l}.{name}.weight"]
-
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.sd["model.embed_tokens.weight"][ids]
-
-    def attention(self, l: int, h: Tensor) -> Tensor:
-        """Residual stream h [B,T,H] -> after layer l's attention."""
-        B, T, _ = h.shape
-        f = torch.outer(torch.arange(T).float(), self.inv)
-        cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
-        rot = lambda t: torch.cat([-t[..., self.hd // 2:], t[..., :self.hd // 2]], -1)  # noqa: E731
-        x = _rms(h, self.w(l, "input_layernorm"), self.eps)
-        bias = lambda p: self.sd.get(f"model.layers.{l}.self_attn.{p}_proj.bias", 0)  # noqa: E731  (Qwen2)
-        q, k, v = ((x @ self.w(l, f"self_attn.{p}_proj").T + bias(p)).view(B, T, n, self.hd).transpose(1, 2)
-                   for p, n in (("q", self.nh), ("k", self.nkv), ("v", self.nkv)))
-        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return h + o.transpose(1, 2).reshape(B, T, -1) @ self.w(l, "self_attn.o_proj").T
-
-    def ffn_in(self, l: int, h: Tensor) -> Tensor:
-        return _rms(h, self.w(l, "post_attention_layernorm"), self.eps)
-
-    def act(self, l: int, x: Tensor) -> Tensor:
-        return F.silu(x @ self.w(l, "mlp.gate_proj").T) * (x @ self.w(l, "mlp.up_proj").T)
-
-    def mlp(self, l: int, x: Tensor) -> Tensor:
-        return self.act(l, x) @ self.w(l, "mlp.down_proj").T
-
-    def logits(self, h: Tensor) -> Tensor:
-        head = self.sd.get("lm_head.weight", self.sd["model.embed_tokens.weight"])
-        return _rms(h, self.sd["model.norm.weight"], self.eps) @ head.T
-
-    def final_hidden(self, ids: Tensor, mlp=None) -> Tensor:
-        """ids [B,T] -> last residual stream [B,T,H]; mlp(l, x) replaces the dense MLP (e.g. a MoE)."""
-        mlp = mlp or self.mlp
-        h = self.embed(ids)
-        for l in range(self.L):
-            h = self.attention(l, h)
-            h = h + mlp(l, self.ffn_in(l, h))
-        return h
-
-    def forward(self, ids: Tensor, mlp=None) -> Tensor:
-        return self.logits(self.final_hidden(ids, mlp))
+def mlp_weights(mlp: MLP) -> tuple[Tensor, Tensor, Tensor]:
+    """A dense MLP's (gate_proj [F,H], up_proj [F,H], down_proj [H,F]) weights, as views."""
+    gate, up = mlp.gate_up.weight.chunk(2)
+    return gate, up, mlp.down_proj.weight
 
 
 # ---------------------------------------------------------------- MoE layers from a recipe
 
-def moe_layer(dense: Dense, l: int, r: dict[str, Tensor], S: int) -> dict[str, Tensor]:
-    """Qwen2-MoE tensors of layer l: dense MLP rows/columns reordered by the recipe and scaled."""
+def moe_layer(gate: Tensor, up: Tensor, down: Tensor, r: dict[str, Tensor], S: int) -> dict[str, Tensor]:
+    """Qwen2-MoE tensors of a layer: its dense MLP's rows/columns (gate, up [F,H], down [H,F]) reordered by
+    the layer's recipe r and scaled."""
     perm, E = r["perm"].long(), r["router"].shape[0]
-    g, u, d = dense.w(l, "mlp.gate_proj")[perm], dense.w(l, "mlp.up_proj")[perm], dense.w(l, "mlp.down_proj")[:, perm]
+    g, u, d = gate[perm], up[perm], down[:, perm]
     I = (perm.numel() - S) // E
     scale = r["scale"]
     d_r = d[:, S:].reshape(-1, E, I) * scale[:E, None]  # [H,E,I]
@@ -154,21 +119,12 @@ def moe_layer(dense: Dense, l: int, r: dict[str, Tensor], S: int) -> dict[str, T
                 down_proj=d_r.permute(1, 0, 2).contiguous())
 
 
-def route(logits: Tensor, k: int, norm: bool = True) -> tuple[Tensor, Tensor]:
-    """Qwen2-MoE routing: softmax (fp32) -> top-k -> renormalize. Returns (weights [N,k], ids [N,k])."""
-    w, ids = torch.topk(F.softmax(logits.float(), -1), k, -1)
-    return (w / w.sum(-1, keepdim=True) if norm else w), ids
-
-
 def moe_forward(m: dict[str, Tensor], x: Tensor, k: int, norm: bool = True) -> Tensor:
-    """Reference Qwen2-MoE block on x [N,H] (all experts computed, unselected ones weighted 0)."""
-    E, I, H = m["gate_proj"].shape
-    w, ids = route(x @ m["router"].T, k, norm)
-    coef = torch.zeros(x.shape[0], E, dtype=x.dtype).scatter_(1, ids, w.to(x.dtype))
-    a = F.silu(x @ m["gate_proj"].reshape(E * I, H).T) * (x @ m["up_proj"].reshape(E * I, H).T)
-    a = (a.view(-1, E, I) * coef[..., None]).reshape(-1, E * I)
-    out = a @ m["down_proj"].permute(1, 0, 2).reshape(H, E * I).T
-    shared = (F.silu(x @ m["shared_gate_proj"].T) * (x @ m["shared_up_proj"].T)) @ m["shared_down_proj"].T
+    """The Qwen2-MoE block of layer tensors m (`moe_layer`) on x [N,H], of the runtime's parts: softmax-top-k
+    routing, the weighted sum of the selected experts, the shared expert gated by a sigmoid."""
+    ids, w = softmax_topk(x @ m["router"].T, k, norm)
+    out = routed_sum(x, ids, w, torch.cat((m["gate_proj"], m["up_proj"]), 1), m["down_proj"])  # w13 [E,2I,H]
+    shared = expert_ffn(x, torch.cat((m["shared_gate_proj"], m["shared_up_proj"])), m["shared_down_proj"])
     return out + torch.sigmoid(x @ m["shared_gate"].T) * shared
 
 
@@ -211,10 +167,10 @@ def train_router(x: Tensor, target: Tensor, epochs: int, seed: int, lr: float = 
     return w.detach()
 
 
-def calibrate_layer(dense: Dense, l: int, x: Tensor, mc: MoefyConfig) -> tuple[dict[str, Tensor], Tensor]:
-    """(recipe of layer l, the dense MLP output [N,H]) from its FFN inputs x [N,H]."""
+def calibrate_layer(mlp: MLP, x: Tensor, mc: MoefyConfig) -> tuple[dict[str, Tensor], Tensor]:
+    """(recipe of a layer, its dense MLP's output [N,H]) from its FFN inputs x [N,H]."""
     E, S = mc.experts, mc.shared
-    a, d = dense.act(l, x), dense.w(l, "mlp.down_proj")
+    a, d = mlp.act(x), mlp.down_proj.weight
     c = a.abs() * d.norm(dim=0)                                  # |contribution| per token and neuron
     shared = c.mean(0).argsort(descending=True)[:S]
     rest = torch.ones(a.shape[1], dtype=torch.bool)
@@ -229,7 +185,7 @@ def calibrate_layer(dense: Dense, l: int, x: Tensor, mc: MoefyConfig) -> tuple[d
     Y = torch.stack([a[:, gi] @ d[:, gi].T for gi in groups], 1)  # [N,E,H] expert outputs
     norms = Y.norm(dim=-1)
     router = train_router(x, norms / norms.sum(-1, keepdim=True), mc.router_epochs, mc.seed) / mc.tau
-    w, ids = route(x @ router.T, mc.top_k, mc.norm)
+    ids, w = softmax_topk(x @ router.T, mc.top_k, mc.norm)
     wf = torch.zeros_like(norms).scatter_(1, ids, w)
     # per-expert scale s: min sum_n ||sum_e w_ne s_e Y_ne - r_n||^2, r = the routed part of the dense output
     r = Y.sum(1)
@@ -242,20 +198,24 @@ def calibrate_layer(dense: Dense, l: int, x: Tensor, mc: MoefyConfig) -> tuple[d
                  scale=torch.cat([s, torch.tensor([2.0])])), r + a[:, shared] @ d[:, shared].T)
 
 
-def calibrate(dense: Dense, ids: Tensor, mc: MoefyConfig, log=print) -> dict[str, Tensor]:
-    """Sequential layer-by-layer calibration on token windows ids [B,T] -> recipe tensors."""
-    recipe, h, chunk = {}, dense.embed(ids), 8
-    for l in range(dense.L):
-        t = time.time()
-        h = torch.cat([dense.attention(l, hc) for hc in h.split(chunk)])
-        x = dense.ffn_in(l, h).reshape(-1, dense.H)
-        r, ref = calibrate_layer(dense, l, x, mc)
+def calibrate(model: Transformer, ids: Tensor, mc: MoefyConfig, log=print) -> dict[str, Tensor]:
+    """Sequential layer-by-layer calibration on token windows ids [B,T] -> recipe tensors: one forward of the
+    dense model in which each layer's FFN is calibrated, then replaced by its MoE, when the forward reaches it."""
+    recipe, t = {}, time.time()
+
+    def calibrated(l: int, x: Tensor) -> Tensor:  # layer l's FFN inputs [B,T,H], layers < l already MoE
+        nonlocal t
+        xf = x.reshape(-1, x.shape[-1])
+        r, ref = calibrate_layer(model.layers[l].mlp, xf, mc)
         recipe.update({f"layers.{l}.{k}": v for k, v in r.items()})
-        m = moe_layer(dense, l, r, mc.shared)
-        y = torch.cat([moe_forward(m, xc, mc.top_k, mc.norm) for xc in x.split(8192)])
+        m = moe_layer(*mlp_weights(model.layers[l].mlp), r, mc.shared)
+        y = torch.cat([moe_forward(m, xc, mc.top_k, mc.norm) for xc in xf.split(8192)])
         rel = ((y - ref).pow(2).sum() / ref.pow(2).sum()).item()
-        h = h + y.view_as(h)
         log(f"layer {l:2d}: relative FFN error {rel:.3f} ({time.time() - t:.1f} s)")
+        t = time.time()
+        return y.view_as(x)
+
+    model.windows(ids, calibrated)
     return recipe
 
 
@@ -297,17 +257,14 @@ def apply_recipe(sd: dict[str, Tensor], cfg: dict, recipe: dict[str, Tensor], mc
     """Dense Llama/Qwen2 weights + recipe -> (Qwen2-MoE state dict with per-expert names, config.json dict)."""
     if mc.tie:
         sd, cfg = tie_embeddings(sd, cfg)
-    dense, out = Dense(sd, cfg), {}
-    for name, w in sd.items():
-        if ".mlp." not in name:
-            out[name] = w
-    for l in range(dense.L):
+    out = {name: w for name, w in sd.items() if ".mlp." not in name}
+    for l in range(cfg["num_hidden_layers"]):
         r, p = layer_recipe(recipe, l), f"model.layers.{l}."
-        m = moe_layer(dense, l, r, mc.shared)
+        m = moe_layer(*(sd[p + f"mlp.{proj}_proj.weight"] for proj in ("gate", "up", "down")), r, mc.shared)
         if "ffn_norm" in r:
             out[p + "post_attention_layernorm.weight"] = r["ffn_norm"]
         for proj in ("q", "k", "v"):  # Qwen2-MoE always has q/k/v biases: a Llama's are zero
-            rows = dense.w(l, f"self_attn.{proj}_proj").shape[0]
+            rows = sd[p + f"self_attn.{proj}_proj.weight"].shape[0]
             out.setdefault(p + f"self_attn.{proj}_proj.bias", torch.zeros(rows))
         out[p + "mlp.gate.weight"] = m["router"]
         out[p + "mlp.shared_expert_gate.weight"] = m["shared_gate"]

@@ -17,8 +17,8 @@ import torch
 
 from hobbit.models import moefy
 from hobbit.models.assets import ASSETS, Asset, asset_path, register
-from hobbit.models.moefy import (CODERMOE_RECIPE, RECIPE, Dense, MoefyConfig, apply_recipe, calibrate, load_dense,
-                                 load_recipe, save_recipe, tie_embeddings, write_checkpoint)
+from hobbit.models.moefy import (CODERMOE_RECIPE, RECIPE, MoefyConfig, apply_recipe, calibrate, dense_model,
+                                 load_dense, load_recipe, save_recipe, tie_embeddings, write_checkpoint)
 from hobbit.models.moefy_text import SMOL_CALIB, calib_windows, describe
 from hobbit.models.moefy_train import distill
 from hobbit.store.convert import convert
@@ -105,7 +105,9 @@ def moefy_main(args: argparse.Namespace) -> int:
             raise SystemExit("moefy: the source has no tokenizer to read the calibration text with")
         mc = MoefyConfig(experts=args.experts, top_k=args.top_k, shared=args.shared, tau=args.tau,
                          norm=args.norm_topk, tie=args.tie, seed=args.seed)
-    base = Dense(*(tie_embeddings(sd, cfg) if mc.tie else (sd, cfg)))  # with the MoE's own embeddings
+    if mc.tie:  # the MoE's own embeddings (apply_recipe would tie them too)
+        sd, cfg = tie_embeddings(sd, cfg)
+    base = dense_model(sd, cfg)  # shares sd's weights
     if not args.from_recipe:
         torch.manual_seed(mc.seed)
         ids = calib_windows(tok, args.calib, args.calib_tokens)

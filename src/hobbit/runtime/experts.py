@@ -1,4 +1,5 @@
 """The only thing the model knows about experts: an ExpertProvider computes the routed-expert sum.
+Here too the one gated FFN (`expert_ffn`, SwiGLU by default) and the routed sum over resident experts.
 
 T = tokens, H = hidden, I = expert intermediate, E = experts, k = experts per token.
 """
@@ -80,12 +81,17 @@ class DenseExperts:
         return cls(weights, biases, Act.of(cfg))
 
     def experts(self, layer: int, x: Tensor, logits: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-        w13, w2 = self.weights[layer]
-        b13, b2 = self.biases.get(layer, (None, None))
-        out = torch.zeros_like(x)  # [T,H]
-        for e in ids.unique().tolist():  # only experts some token was routed to, ascending like HF
-            tok, slot = (ids == e).nonzero(as_tuple=True)  # [n], [n]
-            bias = (None, None) if b13 is None else (b13[e].to(x.dtype), b2[e].to(x.dtype))
-            y = expert_ffn(x[tok], w13[e].to(x.dtype), w2[e].to(x.dtype), *bias, act=self.act)  # [n,H]
-            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
-        return out
+        return routed_sum(x, ids, weights, *self.weights[layer], *self.biases.get(layer, (None, None)), self.act)
+
+
+def routed_sum(x: Tensor, ids: Tensor, weights: Tensor, w13: Tensor, w2: Tensor, b13: Tensor | None = None,
+               b2: Tensor | None = None, act: Act = SILU) -> Tensor:
+    """sum_j weights[:, j] * FFN_{ids[:, j]}(x) over experts w13 [E,2I,H], w2 [E,H,I] (biases [E,2I], [E,H]):
+    x [T,H], ids and weights [T,k] -> [T,H] in x.dtype. Differentiable (moefy distills through it)."""
+    out = torch.zeros_like(x)  # [T,H]
+    for e in ids.unique().tolist():  # only experts some token was routed to, ascending like HF
+        tok, slot = (ids == e).nonzero(as_tuple=True)  # [n], [n]
+        bias = (None, None) if b13 is None else (b13[e].to(x.dtype), b2[e].to(x.dtype))
+        y = expert_ffn(x[tok], w13[e].to(x.dtype), w2[e].to(x.dtype), *bias, act=act)  # [n,H]
+        out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
+    return out

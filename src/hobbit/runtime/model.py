@@ -1,37 +1,36 @@
 """Our lean decoder: GQA attention with RoPE and a growing KV cache, RMSNorm, SwiGLU MLP, and a
 MoE block that routes exactly like transformers and hands the expert sum to an ExpertProvider.
+`Transformer.windows` runs the same modules cache-free over a batch of token windows, each from
+position 0, with autograd: moefy calibrates and distills on it (one model in the codebase).
 
 T = tokens in this call, S = positions attended, H = hidden, D = head_dim, E = experts,
-k = experts per token, V = vocab. Module names follow HF (minus the `model.` prefix), except that
-q/k/v and gate/up projections are held fused (`qkv`, `gate_up`: batch-1 decode pays per call), so
-`model.layers[i].mlp.gate.weight` is layer i's router and dense weights load by HF name.
+k = experts per token, V = vocab, B = windows. Module names follow HF (minus the `model.` prefix),
+except that q/k/v and gate/up projections are held fused (`qkv`, `gate_up`: batch-1 decode pays per
+call), so `model.layers[i].mlp.gate.weight` is layer i's router and dense weights load by HF name.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from hobbit.runtime import attention_mla
-
-from hobbit.runtime import attention_sinks
-
-from hobbit.store import dense
-
-from hobbit.store import quant
-from hobbit.store.config import ModelConfig
-from hobbit.runtime.experts import ExpertProvider
+from hobbit.runtime import attention_mla, attention_sinks
+from hobbit.runtime.experts import SILU, ExpertProvider
 from hobbit.runtime.layers import RMSNorm, apply_partial_rope, norm, rope_frequencies
+from hobbit.runtime.routing import FP32_BUFFERS, Router, softmax_topk
+from hobbit.store import dense, quant
+from hobbit.store.config import ModelConfig
 from hobbit.store.quant import QuantLinear
-from hobbit.runtime.routing import FP32_BUFFERS, Router
 
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache length when none is given (capped by max_position_embeddings)
 KV_CHUNK = 256  # KV positions allocated at a time; capacity then doubles, up to max_seq_len
 FUSED = dense.FUSED
+WINDOW_CHUNK = 8  # windows attended at a time by `Transformer.windows`: bounds the [B,heads,T,T] scores
 
 
 class MLP(nn.Module):
@@ -40,16 +39,19 @@ class MLP(nn.Module):
         self.gate_up = nn.Linear(hidden, 2 * inter, bias=False)  # cat(gate, up) rows
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
+    def act(self, x: Tensor) -> Tensor:
+        """x [..,H] -> the gated activations silu(gate x) * up x [..,I] (moefy reads them per neuron)."""
+        return SILU(*self.gate_up(x).chunk(2, dim=-1))
+
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T,I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(x))
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         H, D, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        self.head_dim, self.nh, self.window, self.qk_norm = D, nh, cfg.sliding_window, cfg.qk_norm
+        self.head_dim, self.nh, self.nkv, self.window, self.qk_norm = D, nh, nkv, cfg.sliding_window, cfg.qk_norm
         self.scale = cfg.attention_multiplier or D**-0.5  # granitemoe sets its own
         self.qkv = nn.Linear(H, (nh + 2 * nkv) * D, bias=cfg.attention_bias)  # cat(q, k, v) rows
         self.o_proj = nn.Linear(nh * D, H, bias=cfg.o_proj_bias)
@@ -61,23 +63,35 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":  # olmoe: over the whole q / k projection
             self.q_norm, self.k_norm = RMSNorm(nh * D, cfg.rms_norm_eps), RMSNorm(nkv * D, cfg.rms_norm_eps)
 
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [..,T,H] -> q [..,T,nh,D], k and v [..,T,nkv,D]; q and k rotated by cos, sin [T,1,D]."""
+        D, nh, nkv, lead = self.head_dim, self.nh, self.nkv, x.shape[:-1]
+        qkv = self.qkv(x)  # [..,T,(nh+2nkv)*D]
+        v = qkv[..., (nh + nkv) * D:].view(*lead, nkv, D)
+        if self.qk_norm == "none":  # q and k heads are adjacent in qkv: one RoPE for both
+            qk = apply_partial_rope(qkv[..., :(nh + nkv) * D].view(*lead, nh + nkv, D), cos, sin)  # [..,T,nh+nkv,D]
+            return qk[..., :nh, :], qk[..., nh:, :], v
+        q, k = qkv[..., :nh * D], qkv[..., nh * D:(nh + nkv) * D]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(*lead, nh, D), k.view(*lead, nkv, D)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
+
+    def causal(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Cache-free causal attention over windows x [B,T,H] at positions 0..T-1 -> [B,T,H]."""
+        if self.window or self.layer_window or hasattr(self, "sinks"):
+            raise ValueError("windows: only plain causal attention (no sliding window, no sinks)")
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x, cos, sin))  # [B,heads,T,D]
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=self.scale,
+                                           enable_gqa=True)  # [B,nh,T,D] fp32, as the cached path
+        return self.o_proj(y.transpose(1, 2).flatten(2).to(x.dtype))
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, start_pos: int,
                 k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        T, D, nh = x.shape[0], self.head_dim, self.nh
-        nkv = k_cache.shape[0]
-        qkv = self.qkv(x)  # [T,(nh+2nkv)*D]
-        v = qkv[:, (nh + nkv) * D:].view(T, nkv, D)
-        if self.qk_norm == "none":  # q and k heads are adjacent in qkv: one RoPE for both
-            qk = apply_partial_rope(qkv[:, :(nh + nkv) * D].view(T, nh + nkv, D), cos, sin)  # [T,nh+nkv,D]
-            q, k = qk[:, :nh], qk[:, nh:]
-        else:
-            q, k = qkv[:, :nh * D], qkv[:, nh * D:(nh + nkv) * D]
-            if self.qk_norm == "full":
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = q.reshape(T, nh, D), k.reshape(T, nkv, D)
-            if self.qk_norm == "head":
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        T, D, nh, nkv = x.shape[0], self.head_dim, self.nh, self.nkv
+        q, k, v = self._qkv(x, cos, sin)  # [T,nh,D], [T,nkv,D], [T,nkv,D]
         end = start_pos + T
         k_cache[:, start_pos:end] = k.transpose(0, 1)  # caches [nkv,S_cap,D] fp32 (exact copies of k, v)
         v_cache[:, start_pos:end] = v.transpose(0, 1)
@@ -120,10 +134,7 @@ class MoE(nn.Module):
         if isinstance(self.gate, Router):
             return self.gate(x)
         logits = self.gate(x)  # [T,E] in x.dtype
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T,k], sorted descending
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        ids, weights = softmax_topk(logits, self.top_k, self.norm_topk_prob)  # [T,k], sorted descending
         if self.round_weights:
             weights = weights.to(x.dtype).float()
         return logits.float(), ids, weights
@@ -156,6 +167,10 @@ class Block(nn.Module):
         y = self.post_attention_layernorm(h)
         f = self.mlp(y, provider) if self.sparse else self.mlp(y)
         return h + (f if m == 1.0 else f * m)
+
+    def attend(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Windows x [B,T,H] -> the residual stream after this layer's (cache-free, causal) attention."""
+        return x + self.self_attn.causal(self.input_layernorm(x), cos, sin) * self.residual_multiplier
 
 
 class Transformer(nn.Module):
@@ -275,15 +290,39 @@ class Transformer(nn.Module):
             self._allocate(end)
         cos, sin = self._rope(start_pos, end)
         mask = self._mask(start_pos, end)
-        x = self.embed_tokens(tokens)  # [T,H]
-        if self.cfg.embedding_multiplier != 1.0:
-            x = x * self.cfg.embedding_multiplier
+        x = self.embed(tokens)  # [T,H]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, start_pos, self.k_cache[i], self.v_cache[i], self.provider)
-        logits = self.lm_head(self.norm(x))  # [T,V]
+        return self.head(x)
+
+    def windows(self, tokens: Tensor, mlp: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
+        """Token windows [B,T], each at positions 0..T-1, no KV cache -> the last residual stream [B,T,H]
+        (`head` makes logits). mlp(l, x) replaces layer l's FFN on its input x [B,T,H] (moefy: a MoE being
+        calibrated or distilled). Autograd flows unless the caller turns it off; plain causal attention only."""
+        cos, sin = self._rope(0, tokens.shape[1])
+        h = self.embed(tokens)  # [B,T,H]
+        for l, block in enumerate(self.layers):
+            h = torch.cat([block.attend(w, cos, sin) for w in h.split(WINDOW_CHUNK)])
+            x = block.post_attention_layernorm(h)
+            if mlp is not None:
+                f = mlp(l, x)
+            else:  # a MoE block and its provider take tokens [N,H]
+                f = block.mlp(x.flatten(0, 1), self.provider).view_as(x) if block.sparse else block.mlp(x)
+            h = h + f * block.residual_multiplier
+        return h
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens [..] int64 -> embeddings [..,H]."""
+        x = self.embed_tokens(tokens)
+        return x if self.cfg.embedding_multiplier == 1.0 else x * self.cfg.embedding_multiplier
+
+    def head(self, x: Tensor) -> Tensor:
+        """The last residual stream [..,H] -> logits [..,V] fp32 (final norm, LM head)."""
+        logits = self.lm_head(self.norm(x))
         return (logits if self.cfg.logits_scaling == 1.0 else logits / self.cfg.logits_scaling).float()
 
     def _rope(self, start_pos: int, end: int) -> tuple[Tensor, Tensor]:
+        """RoPE tables [T,1,D] (cos, sin) of positions start_pos..end-1."""
         s = self.cfg.rope_scaling or {"rope_type": "default"}
         past = {"dynamic": self.cfg.max_position_embeddings, "longrope": s.get("original_max_position_embeddings")}
         # NTK: the base depends on the length; LongRoPE: a call reaching past the original length uses the
@@ -291,6 +330,8 @@ class Transformer(nn.Module):
         if s["rope_type"] in past and end > past[s["rope_type"]]:
             inv_freq, scale = rope_frequencies(self.cfg, seq_len=end)
             return self._rope_table(inv_freq.to(self.inv_freq.device), scale, start_pos, end)
+        if end > self.rope_cos.shape[0]:  # windows past the KV capacity (no cache, no max_seq_len)
+            return self._rope_table(self.inv_freq, self.rope_scale, start_pos, end)
         return self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
 
     def _rope_table(self, inv_freq: Tensor, scale: float, start: int, end: int) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,6 @@
-"""Routing rules beyond plain softmax-top-k: one pure function per rule, each choosing exactly the
-experts and weights transformers' router of that family chooses, plus the Router module that holds
-a family's router weights under their HF names.
+"""Routing rules: one pure function per rule, each choosing exactly the experts and weights
+transformers' router of that family chooses, plus the Router module that holds the weights of the
+families routed beyond plain softmax-top-k under their HF names.
 
 T = tokens, H = hidden, E = experts, G = expert groups, k = experts per token.
 Every rule returns (ids [T,k] int64, weights [T,k] fp32) sorted by weight, descending.
@@ -17,6 +17,13 @@ from hobbit.store.config import ModelConfig
 
 RULES = ("softmax", "deepseek_v2", "sigmoid_group", "topk_softmax", "sparsemixer")  # ModelConfig.routing
 FP32_BUFFERS = ("e_score_correction_bias",)  # held in fp32 whatever the activation dtype, as HF does
+
+
+def softmax_topk(logits: Tensor, top_k: int, norm: bool) -> tuple[Tensor, Tensor]:
+    """qwen2_moe / qwen3_moe / olmoe / mixtral (and moefy's routers): softmax in fp32, top-k, divided by
+    their sum if `norm` (norm_topk_prob). logits [T,E] in any float dtype."""
+    weights, ids = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float32), top_k, dim=-1)  # [T,k], descending
+    return ids, (weights / weights.sum(dim=-1, keepdim=True) if norm else weights)
 
 
 def _by_weight(ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
