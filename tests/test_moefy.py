@@ -82,3 +82,10 @@ def test_checkpoint_matches_transformers(tiny, tmp_path):
     with torch.no_grad():
         theirs = model(ids[:2]).logits
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_routing_stats_refuse_top1_before_loading_anything(capsys):
+    from hobbit.models.moefy_train import main
+    with pytest.raises(SystemExit) as e:
+        main(["--src", "/nonexistent.gguf", "--top-k", "4", "1"])
+    assert e.value.code == 2 and "need k >= 2" in capsys.readouterr().err

@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(oracle_forward: the k largest expert outputs per token, at weight 1)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
+    if any(k < 2 for k in args.top_k or []):  # the statistics compare the top-1 weight with the rest
+        p.error(f"--top-k {min(args.top_k)}: routing statistics need k >= 2 (ranks 1..k are compared)")
     torch.set_num_threads(1)
     source, recipe_path = {"smolmoe": ("smollm2-gguf", RECIPE),
                            "codermoe": ("qwen-coder-gguf", CODERMOE_RECIPE)}[args.model]
