@@ -186,6 +186,22 @@ def test_auto_gives_the_parts_of_a_fused_projection_one_format():
     assert fmt["model.layers.0.mlp.gate_proj.weight"] == fmt["model.layers.0.mlp.up_proj.weight"] == "int4"
 
 
+def test_prefill_logits_of_the_last_token_only(stores, monkeypatch):
+    """A prefill's [T, V] fp32 logits are T x 0.6 MB for Qwen2's vocab: generate asks for the last row only,
+    which is that row exactly (norm and LM head are per row)."""
+    eng = hobbit.load(stores["int8"], policy="resident")
+    ids = torch.tensor(PROMPT)
+    with torch.inference_mode():
+        full, last = eng.sequence().step(ids), eng.sequence().step(ids, last_only=True)
+    assert full.shape == (len(PROMPT), eng.config.vocab_size) and last.shape == (1, eng.config.vocab_size)
+    assert torch.equal(last, full[-1:])
+    rows, forward = [], eng.model.forward
+    monkeypatch.setattr(eng.model, "forward", lambda *a, **k: rows.append(forward(*a, **k).shape[0]) or forward(*a, **k))
+    eng.generate(PROMPT, max_new_tokens=3, stop_token_ids=[])
+    assert rows == [1, 1, 1]  # the prefill and two decode steps, one row each
+    eng.close()
+
+
 def test_tokenizer_loads_before_the_dense_weights(tiny_store, monkeypatch):
     """Parsing tokenizer.json peaks at ~3x what the tokenizer keeps (+120 MiB for Qwen2's vocab): first, that
     transient stays below the weights' peak, and the freed parse is trimmed before the weights arrive."""

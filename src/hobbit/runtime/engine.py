@@ -44,21 +44,21 @@ class Sequence:
         self.pos = 0
         self._last = 0  # tokens of the last pass: what `redo` runs again
 
-    def step(self, tokens: Tensor) -> Tensor:
-        """tokens [T] int64 at the next positions -> logits [T, V] fp32. Under MoBiLE a single token is
-        decoded little first and redone big when the little pass's top next-token probability is
-        below gamma; the logits returned are the accepted pass's."""
+    def step(self, tokens: Tensor, last_only: bool = False) -> Tensor:
+        """tokens [T] int64 at the next positions -> logits [T, V] fp32 ([1, V], the last token's, when
+        last_only). Under MoBiLE a single token is decoded little first and redone big when the little
+        pass's top next-token probability is below gamma; the logits returned are the accepted pass's."""
         if self.gamma is None or tokens.shape[0] != 1:
-            return self.forward(tokens)
+            return self.forward(tokens, last_only=last_only)
         logits = self.forward(tokens, little=True)
         if float(torch.softmax(logits[-1], dim=-1).max()) < self.gamma:
             logits = self.redo(tokens)
         return logits
 
-    def forward(self, tokens: Tensor, little: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, little: bool = False, last_only: bool = False) -> Tensor:
         """One forward pass (little: each token runs the first ceil(k/2) of its top-k experts)."""
         self.provider.begin_pass(little)
-        logits = self.model.forward(tokens, self.pos)
+        logits = self.model.forward(tokens, self.pos, last_only)
         self.pos += tokens.shape[0]
         self._last = tokens.shape[0]
         self.provider.end_step()
@@ -184,7 +184,7 @@ class Engine:
         t0 = time.perf_counter()
         prefill_s = decode_s = 0.0
         with torch.inference_mode():
-            logits = seq.step(ids)[-1]
+            logits = seq.step(ids, last_only=True)[-1]  # a prefill's [T, V] fp32 logits: T x 0.6 MB (Qwen2)
             prefill_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             while len(out) < max_new_tokens:

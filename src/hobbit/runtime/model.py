@@ -264,8 +264,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)  # [S_cap,1,D], rotate-half sign folded in
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
-        """tokens [T] int64 at positions start_pos.. -> logits [T,V] fp32; appends to the KV cache."""
+    def forward(self, tokens: Tensor, start_pos: int, last_only: bool = False) -> Tensor:
+        """tokens [T] int64 at positions start_pos.. -> logits [T,V] fp32 ([1,V] when last_only: the LM head
+        runs on the last position only); appends to the KV cache."""
         T = tokens.shape[0]
         end = start_pos + T
         if end > self.max_seq_len:
@@ -280,6 +281,8 @@ class Transformer(nn.Module):
             x = x * self.cfg.embedding_multiplier
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, start_pos, self.k_cache[i], self.v_cache[i], self.provider)
+        if last_only:
+            x = x[-1:]  # [1,H]: norm and LM head are per row, so the last row's logits are the same
         logits = self.lm_head(self.norm(x))  # [T,V]
         return (logits if self.cfg.logits_scaling == 1.0 else logits / self.cfg.logits_scaling).float()
 
