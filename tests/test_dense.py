@@ -213,3 +213,39 @@ def test_tokenizer_loads_before_the_dense_weights(tiny_store, monkeypatch):
     eng = hobbit.load(tiny_store, policy="resident")
     assert eng.tokenizer is not None and order[:3] == ["tokenizer", "trim", "dense"]
     eng.close()
+
+
+@pytest.mark.parametrize("src,fmt", [("int8", "int4"), ("int8", "bf16"), ("int4", "int8"), ("plain", "int4")])
+def test_convert_matrix_in_row_blocks_equals_the_whole(src, fmt, monkeypatch):
+    """Converting a stored matrix row block by row block (the LM head: never a whole fp32 copy) equals
+    dequantizing and quantizing it whole."""
+    w = torch.randn(320, 64, generator=torch.Generator().manual_seed(0))
+    stored = w if src == "plain" else dense.Stored(src, quant.quantize(w, src, 32), (320, 64), 32 if src == "int4" else 0)
+    ref = quant.quantize(w if src == "plain" else stored.dequantize(), fmt, 32)
+    seen, real = [], quant.quantize
+    monkeypatch.setattr(quant, "quantize", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    got = dense.convert_matrix(stored, fmt, 32, rows=128)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert seen == [128, 128, 64]  # three blocks, the last one short
+
+
+def test_lm_head_format_of_its_own_keeps_the_embedding_mapped(stores):
+    """--dense int4 --lm-head int8 (llama.cpp's Q4_0 export: Q4_0 projections, Q8_0 output): the projections are
+    re-quantized, the stored int8 LM head is kept as it is, and the embedding stays file-mapped."""
+    base = hobbit.load(stores["int8"], policy="resident")
+    eng = hobbit.load(stores["int8"], policy="resident", dense="int4", lm_head="int8")
+    assert eng.model.layers[0].self_attn.qkv.w.fmt == "int4" and eng.model.lm_head.w.fmt == "int8"
+    assert torch.equal(eng.model.lm_head.w.w, base.model.lm_head.w.w)  # kept, not re-fitted
+    assert eng.memory()["dense_mapped_bytes"] == base.memory()["dense_mapped_bytes"] > 0
+    assert eng.memory()["dense_bytes"] < base.memory()["dense_bytes"]
+    head4 = hobbit.load(stores["int8"], policy="resident", lm_head="int4")  # the LM head alone
+    assert head4.model.lm_head.w.fmt == "int4" and head4.model.layers[0].self_attn.qkv.w.fmt == "int8"
+    for e in (base, eng, head4):
+        e.close()
+
+
+def test_reformat_consumes_its_input(stores):
+    """Each stored matrix is freed as soon as it is converted: reformat owns (and empties) the dict it gets."""
+    state = {n.removeprefix("model."): t for n, t in dense.read(stores["int8"] / "dense.safetensors").items()}
+    out = dense.reformat(state, "int4", 32, tied=False, head="int8")
+    assert state == {} and "lm_head.weight.q" in out and "layers.0.self_attn.q_proj.weight.sz" in out

@@ -128,13 +128,15 @@ class Engine:
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
                                          self.budget_bytes, opts, io_threads=self._io_threads(config, opts))
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
-        # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1;
-        # the embedding stays file-mapped when the store has its own LM head (a row lookup; not after a re-format,
-        # which may tie the LM head to it)
-        dense = read_dense(self.path / self.store.manifest["dense_file"], FUSED, map_embedding=config.dense is None)
-        emb = dense[EMBEDDING] if config.dense is None and embedding_is_lookup(dense) else None
-        self.mapped_bytes = emb.numel() * emb.element_size() if emb is not None else 0
-        self.model.load_dense(dense, config.dense, dense_group_size)
+        # dense weights in owned memory, as stored (convert --dense) unless `dense` / `lm_head` override: int4 is 2.5x
+        # bf16 at batch 1; the embedding stays file-mapped when the store has its own LM head (a row lookup; not
+        # after a re-format without --lm-head, which makes the LM head again from the embedding)
+        map_embedding = config.dense is None or config.lm_head is not None
+        dense = read_dense(self.path / self.store.manifest["dense_file"], FUSED, map_embedding=map_embedding)
+        emb = dense[EMBEDDING] if map_embedding and embedding_is_lookup(dense) else None
+        self.model.load_dense(dense, config.dense, dense_group_size, config.lm_head)
+        mapped = emb is not None and self.model.embed_tokens.weight.data_ptr() == emb.data_ptr()  # still the file map
+        self.mapped_bytes = emb.numel() * emb.element_size() if mapped else 0
         release_free_heap()  # load-time temporaries (re-packing, quantizing an old store)
         if config.mlock:
             lock_dense(self.model.dense_tensors())
