@@ -18,6 +18,9 @@ polled VmHWM: llama.cpp = peak RSS - GGUF bytes of `llama-completion --no-repack
 GGUF (the larger); hobbit = peak RSS - dense - KV - expert budget of `hobbit run --policy lru` at the largest f
 (Python, torch, tokenizer, allocator, slot rounding). hobbit's --budget at L(f) is L(f) - its own baseline -
 dense - KV. --own-fractions adds llama.cpp-only limits from its own sizes (where hobbit cannot start).
+hobbit's dense term is what its calibration run holds (dense weights less the file-mapped embedding), so
+--hobbit-args '--dense int4 --lm-head int8' (the dense weights as the Q4_0 export holds them: Q4_0
+projections, Q8_0 output) counts what that run holds.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -104,10 +108,14 @@ def peak_rss(run: dict) -> int | None:
     return run.get("hwm_bytes") or run.get("max_rss_bytes")
 
 
+def owned_dense(stats: dict) -> int:
+    """Dense bytes a hobbit run holds in RAM: all of them less the file-mapped embedding."""
+    return stats["dense_bytes"] - stats.get("dense_mapped_bytes", 0)
+
+
 def hobbit_baseline(stats: dict, max_rss: int) -> int:
     """Process memory of a hobbit run beyond its dense weights, KV cache and expert budget."""
-    owned = stats["dense_bytes"] - stats.get("dense_mapped_bytes", 0)
-    return max_rss - owned - stats["kv_cache_bytes"] - (stats.get("budget_bytes") or 0)
+    return max_rss - owned_dense(stats) - stats["kv_cache_bytes"] - (stats.get("budget_bytes") or 0)
 
 
 # ---------------------------------------------------------------- commands and parsing
@@ -120,14 +128,14 @@ def llama_cmd(bindir: Path, gguf: Path, prompt: str, tokens: int, threads: int, 
 
 
 def hobbit_cmd(store: Path, policy: str, prompt_ids: list[int], tokens: int, threads: int, high: str,
-               low: str | None, budget: int | None, trace: Path | None = None) -> list[str]:
+               low: str | None, budget: int | None, trace: Path | None = None, extra: list[str] = ()) -> list[str]:
     cmd = [*HOBBIT, "run", str(store), "--prompt-ids", ",".join(map(str, prompt_ids)), "--max-new-tokens",
            str(tokens + 1), "--json", "--policy", policy, "--threads", str(threads), "--high", high]
     if low and policy == "hobbit":
         cmd += ["--low", low]
     if budget is not None and policy != "resident":
         cmd += ["--budget", str(budget)]
-    return cmd + (["--trace", str(trace)] if trace else [])
+    return cmd + list(extra) + (["--trace", str(trace)] if trace else [])
 
 
 _PERF = {"prompt": re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens"),
@@ -283,12 +291,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--hobbit-args", default="", help="flags added to every hobbit run, e.g. '--dense int4 "
+                    "--lm-head int8' (the dense weights as the Q4_0 export holds them)")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
     a = ap.parse_args(argv)
     a.fractions = [float(x) for x in a.fractions.split(",")]
     a.own_fractions = [float(x) for x in a.own_fractions.split(",") if x.strip()]
     a.policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    a.hobbit_extra = shlex.split(a.hobbit_args)
     if a.repeats < 1 or a.tokens < 1 or not all(0 < f < 1 for f in a.fractions):
         ap.error("--repeats and --tokens must be >= 1, fractions in (0, 1)")
     return a
@@ -297,7 +308,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def belady_check(store: Path, ids: list[int], a, budget: int, env: dict, folder: Path) -> dict:
     """Record the routing of this prompt (resident run), then replay belady / lru / hobbit on it at `budget`."""
     trace = folder / "trace.jsonl.gz"
-    subprocess.run(hobbit_cmd(store, "resident", ids, a.tokens, a.threads, a.high, None, None, trace), env=env,
+    subprocess.run(hobbit_cmd(store, "resident", ids, a.tokens, a.threads, a.high, None, None, trace, a.hobbit_extra), env=env,
                    check=True, stdout=subprocess.DEVNULL)
     out = {}
     for pol in ("belady", "lru", "hobbit"):
@@ -342,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
            measure(0, "llama.cpp no-repack", "baseline", llama_cmd(bindir, a.gguf, a.prompt, a.tokens, a.threads, nr),
                    lparse, env, None, a.timeout, model_bytes=a.gguf.stat().st_size)]
     b_cal = round(max(a.fractions) * sizes["hobbit"]["expert_bytes"])  # the largest budget: the fewest reads
-    cal.append(measure(0, "lru", "baseline", hobbit_cmd(a.store, "lru", ids, a.tokens, a.threads, a.high, a.low, b_cal),
-                       hparse, env, None, a.timeout))
+    cal.append(measure(0, "lru", "baseline", hobbit_cmd(a.store, "lru", ids, a.tokens, a.threads, a.high, a.low, b_cal,
+                                                        extra=a.hobbit_extra), hparse, env, None, a.timeout))
     if cal[2]["tok_s"] is None:
         raise SystemExit("the hobbit baseline run failed; see its error above")
+    sizes["hobbit"]["dense_bytes"] = owned_dense(cal[2])  # as that run holds them (--hobbit-args may re-format)
     base_llama = max(peak_rss(r) - r["model_bytes"] for r in cal[:2])
     base_hobbit = hobbit_baseline(cal[2], peak_rss(cal[2]))
     limits = compute_limits(sizes["hobbit"], sizes["llama"], base_hobbit, base_llama, a.fractions)
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd, parse = llama_cmd(bindir, a.gguf, a.prompt, a.tokens, a.threads, LLAMA_ROWS[row]), lparse
         else:
             cmd, parse = hobbit_cmd(a.store, row, ids, a.tokens, a.threads, a.high, a.low,
-                                    lim["hobbit_budget_bytes"] if lim else None), hparse
+                                    lim["hobbit_budget_bytes"] if lim else None, extra=a.hobbit_extra), hparse
         runs.append(measure(rnd, row, label, cmd, parse, env, limit, a.timeout))
         summary = summarize(runs)  # written after every run: an interrupted benchmark keeps what it measured
         info.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), runs_done=len(runs))

@@ -184,3 +184,68 @@ def test_auto_gives_the_parts_of_a_fused_projection_one_format():
     assert [fmt[p + x] for x in ("q_proj.weight", "k_proj.weight", "v_proj.weight")] == ["int8"] * 3
     assert fmt[p + "o_proj.weight"] == "int4"  # alone: int4 where lossless
     assert fmt["model.layers.0.mlp.gate_proj.weight"] == fmt["model.layers.0.mlp.up_proj.weight"] == "int4"
+
+
+def test_prefill_logits_of_the_last_token_only(stores, monkeypatch):
+    """A prefill's [T, V] fp32 logits are T x 0.6 MB for Qwen2's vocab: generate asks for the last row only,
+    which is that row exactly (norm and LM head are per row)."""
+    eng = hobbit.load(stores["int8"], policy="resident")
+    ids = torch.tensor(PROMPT)
+    with torch.inference_mode():
+        full, last = eng.sequence().step(ids), eng.sequence().step(ids, last_only=True)
+    assert full.shape == (len(PROMPT), eng.config.vocab_size) and last.shape == (1, eng.config.vocab_size)
+    assert torch.equal(last, full[-1:])
+    rows, forward = [], eng.model.forward
+    monkeypatch.setattr(eng.model, "forward", lambda *a, **k: rows.append(forward(*a, **k).shape[0]) or forward(*a, **k))
+    eng.generate(PROMPT, max_new_tokens=3, stop_token_ids=[])
+    assert rows == [1, 1, 1]  # the prefill and two decode steps, one row each
+    eng.close()
+
+
+def test_tokenizer_loads_before_the_dense_weights(tiny_store, monkeypatch):
+    """Parsing tokenizer.json peaks at ~3x what the tokenizer keeps (+120 MiB for Qwen2's vocab): first, that
+    transient stays below the weights' peak, and the freed parse is trimmed before the weights arrive."""
+    from hobbit.runtime import engine as engine_mod
+    order, from_dir, read = [], engine_mod.Tokenizer.from_dir, engine_mod.read_dense
+    monkeypatch.setattr(engine_mod.Tokenizer, "from_dir", staticmethod(lambda p: order.append("tokenizer") or from_dir(p)))
+    monkeypatch.setattr(engine_mod, "read_dense", lambda *a, **k: order.append("dense") or read(*a, **k))
+    monkeypatch.setattr(engine_mod, "release_free_heap", lambda: order.append("trim"))
+    eng = hobbit.load(tiny_store, policy="resident")
+    assert eng.tokenizer is not None and order[:3] == ["tokenizer", "trim", "dense"]
+    eng.close()
+
+
+@pytest.mark.parametrize("src,fmt", [("int8", "int4"), ("int8", "bf16"), ("int4", "int8"), ("plain", "int4")])
+def test_convert_matrix_in_row_blocks_equals_the_whole(src, fmt, monkeypatch):
+    """Converting a stored matrix row block by row block (the LM head: never a whole fp32 copy) equals
+    dequantizing and quantizing it whole."""
+    w = torch.randn(320, 64, generator=torch.Generator().manual_seed(0))
+    stored = w if src == "plain" else dense.Stored(src, quant.quantize(w, src, 32), (320, 64), 32 if src == "int4" else 0)
+    ref = quant.quantize(w if src == "plain" else stored.dequantize(), fmt, 32)
+    seen, real = [], quant.quantize
+    monkeypatch.setattr(quant, "quantize", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    got = dense.convert_matrix(stored, fmt, 32, rows=128)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert seen == [128, 128, 64]  # three blocks, the last one short
+
+
+def test_lm_head_format_of_its_own_keeps_the_embedding_mapped(stores):
+    """--dense int4 --lm-head int8 (llama.cpp's Q4_0 export: Q4_0 projections, Q8_0 output): the projections are
+    re-quantized, the stored int8 LM head is kept as it is, and the embedding stays file-mapped."""
+    base = hobbit.load(stores["int8"], policy="resident")
+    eng = hobbit.load(stores["int8"], policy="resident", dense="int4", lm_head="int8")
+    assert eng.model.layers[0].self_attn.qkv.w.fmt == "int4" and eng.model.lm_head.w.fmt == "int8"
+    assert torch.equal(eng.model.lm_head.w.w, base.model.lm_head.w.w)  # kept, not re-fitted
+    assert eng.memory()["dense_mapped_bytes"] == base.memory()["dense_mapped_bytes"] > 0
+    assert eng.memory()["dense_bytes"] < base.memory()["dense_bytes"]
+    head4 = hobbit.load(stores["int8"], policy="resident", lm_head="int4")  # the LM head alone
+    assert head4.model.lm_head.w.fmt == "int4" and head4.model.layers[0].self_attn.qkv.w.fmt == "int8"
+    for e in (base, eng, head4):
+        e.close()
+
+
+def test_reformat_consumes_its_input(stores):
+    """Each stored matrix is freed as soon as it is converted: reformat owns (and empties) the dict it gets."""
+    state = {n.removeprefix("model."): t for n, t in dense.read(stores["int8"] / "dense.safetensors").items()}
+    out = dense.reformat(state, "int4", 32, tied=False, head="int8")
+    assert state == {} and "lm_head.weight.q" in out and "layers.0.self_attn.q_proj.weight.sz" in out

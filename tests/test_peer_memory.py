@@ -87,6 +87,10 @@ def test_commands():
     assert h[h.index("--budget") + 1] == "12345" and h[h.index("--low") + 1] == "int2" and h[h.index("--high") + 1] == "int4"
     r = pm.hobbit_cmd(Path("s"), "resident", [1], 32, 1, "int4", "int2", 12345, trace=Path("t.gz"))
     assert "--budget" not in r and "--low" not in r and r[-2:] == ["--trace", "t.gz"]
+    x = pm.hobbit_cmd(Path("s"), "lru", [1], 32, 1, "int4", None, 9, extra=pm.parse_args(
+        ["--store", "s", "--gguf", "g", "--json", "j", "--hobbit-args", "--dense int4 --lm-head int8"]).hobbit_extra)
+    assert x[-4:] == ["--dense", "int4", "--lm-head", "int8"]
+    assert pm.owned_dense(dict(dense_bytes=1000, dense_mapped_bytes=300)) == 700
 
 
 def test_plan_interleaves_every_row_each_round():

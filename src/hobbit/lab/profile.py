@@ -68,7 +68,7 @@ def profile_decode(engine: Engine, prompt_ids: list[int], tokens: int) -> dict:
         seq = engine.sequence()
         with torch.inference_mode():
             t0 = time.perf_counter()
-            logits = seq.step(torch.tensor(prompt_ids))[-1]
+            logits = seq.step(torch.tensor(prompt_ids), last_only=True)[-1]
             prefill_s = time.perf_counter() - t0
             acc.clear()
             wait0 = provider.stats.loader_wait_s

@@ -111,7 +111,7 @@ def record_calibration(store: str | Path, budget, trace_path: str | Path, text=N
                 if progress:
                     progress(f"calibration sequence {n + 1}/{len(chunks)} ({len(chunk)} tokens)")
                 seq = engine.sequence()
-                seq.step(torch.tensor(chunk[:prompt_len]))
+                seq.step(torch.tensor(chunk[:prompt_len]), last_only=True)
                 for pos in range(prompt_len, len(chunk)):
                     seq.step(torch.tensor(chunk[pos:pos + 1]))
         return dict(text=label, tokens=sum(len(c) for c in chunks), sequences=len(chunks), seq_len=seq_len,

@@ -34,6 +34,7 @@ FORMAT_ORDER = ("fp32", "bf16", "int8", "mxfp4", "int4", "int3", "int2")
 LOW_DEFAULTS = ("int4", "int2", "int3", "int8")  # the paper's pairs: bf16 + int4, int8 + int2
 COMPUTE_DTYPES = ("bf16", "fp32")
 DENSE_FORMATS = ("bf16", "fp32", "int8", "int4", "auto")
+LM_HEAD_FORMATS = ("bf16", "int8", "int4")
 TUNED_FILE = "hobbit_tuned.json"
 TUNED_OPTIONS = ("t1", "t2", "low_pool_fraction", "eviction_options")  # what `hobbit tune` chooses
 _ALIASES = {"bfloat16": "bf16", "float32": "fp32"}
@@ -101,6 +102,10 @@ class RunConfig:
     dense: str | None = field(default=None, metadata=_knob(
         "--dense", "precision of the dense (non-expert) weights in RAM (default: as the store holds them)",
         "engine", choices=DENSE_FORMATS))
+    lm_head: str | None = field(default=None, metadata=_knob(
+        "--lm-head", "precision of the LM head in RAM, made from its stored copy (default: --dense's, or as the "
+        "store holds it); with --dense int4 --lm-head int8, the dense weights are as llama.cpp's Q4_0 export holds "
+        "them (quality cost: README)", "engine", choices=LM_HEAD_FORMATS))
     mlock: bool = field(default=False, metadata=_knob(
         "--mlock", "lock the dense weights in RAM (needs RLIMIT_MEMLOCK)", "engine", action="store_true"))
     threads: int = field(default=1, metadata=_knob(
@@ -113,7 +118,7 @@ class RunConfig:
         "engine", type=int))
 
     def __post_init__(self) -> None:
-        for name in ("dtype", "dense", "high", "low"):  # torch dtypes and long names, as the short names
+        for name in ("dtype", "dense", "lm_head", "high", "low"):  # torch dtypes and long names, as the short names
             object.__setattr__(self, name, precision_name(getattr(self, name)))
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose bf16 or fp32")

@@ -44,21 +44,21 @@ class Sequence:
         self.pos = 0
         self._last = 0  # tokens of the last pass: what `redo` runs again
 
-    def step(self, tokens: Tensor) -> Tensor:
-        """tokens [T] int64 at the next positions -> logits [T, V] fp32. Under MoBiLE a single token is
-        decoded little first and redone big when the little pass's top next-token probability is
-        below gamma; the logits returned are the accepted pass's."""
+    def step(self, tokens: Tensor, last_only: bool = False) -> Tensor:
+        """tokens [T] int64 at the next positions -> logits [T, V] fp32 ([1, V], the last token's, when
+        last_only). Under MoBiLE a single token is decoded little first and redone big when the little
+        pass's top next-token probability is below gamma; the logits returned are the accepted pass's."""
         if self.gamma is None or tokens.shape[0] != 1:
-            return self.forward(tokens)
+            return self.forward(tokens, last_only=last_only)
         logits = self.forward(tokens, little=True)
         if float(torch.softmax(logits[-1], dim=-1).max()) < self.gamma:
             logits = self.redo(tokens)
         return logits
 
-    def forward(self, tokens: Tensor, little: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, little: bool = False, last_only: bool = False) -> Tensor:
         """One forward pass (little: each token runs the first ceil(k/2) of its top-k experts)."""
         self.provider.begin_pass(little)
-        logits = self.model.forward(tokens, self.pos)
+        logits = self.model.forward(tokens, self.pos, last_only)
         self.pos += tokens.shape[0]
         self._last = tokens.shape[0]
         self.provider.end_step()
@@ -108,8 +108,12 @@ class Engine:
             raise TypeError(f"pass the knobs in config or as keywords, not both ({', '.join(knobs)})")
         self.run_config = config
         self.baseline_rss_bytes = rss_bytes()  # before any weight: what the process costs by itself
-        torch.set_num_threads(config.threads)  # one compute thread; the loader thread takes the other core
         self.path = Path(store)
+        # first, while little else is resident: parsing tokenizer.json peaks ~3x what the tokenizer keeps (Qwen2's
+        # 151k vocab: +120 MiB, then 42 MiB once the parse's freed heap is trimmed, instead of 100 MiB kept)
+        self.tokenizer = Tokenizer.from_dir(self.path)
+        release_free_heap()
+        torch.set_num_threads(config.threads)  # one compute thread; the loader thread takes the other core
         self.store = ExpertStore(self.path, direct_io=config.direct_io)
         self.config = ModelConfig.from_dict(self.store.manifest["config"])
         self.dtype = DTYPES[config.dtype]
@@ -124,13 +128,15 @@ class Engine:
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
                                          self.budget_bytes, opts, io_threads=self._io_threads(config, opts))
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
-        # dense weights in owned memory, as stored (convert --dense) unless `dense` overrides: int4 is 2.5x bf16 at batch 1;
-        # the embedding stays file-mapped when the store has its own LM head (a row lookup; not after a re-format,
-        # which may tie the LM head to it)
-        dense = read_dense(self.path / self.store.manifest["dense_file"], FUSED, map_embedding=config.dense is None)
-        emb = dense[EMBEDDING] if config.dense is None and embedding_is_lookup(dense) else None
-        self.mapped_bytes = emb.numel() * emb.element_size() if emb is not None else 0
-        self.model.load_dense(dense, config.dense, dense_group_size)
+        # dense weights in owned memory, as stored (convert --dense) unless `dense` / `lm_head` override: int4 is 2.5x
+        # bf16 at batch 1; the embedding stays file-mapped when the store has its own LM head (a row lookup; not
+        # after a re-format without --lm-head, which makes the LM head again from the embedding)
+        map_embedding = config.dense is None or config.lm_head is not None
+        dense = read_dense(self.path / self.store.manifest["dense_file"], FUSED, map_embedding=map_embedding)
+        emb = dense[EMBEDDING] if map_embedding and embedding_is_lookup(dense) else None
+        self.model.load_dense(dense, config.dense, dense_group_size, config.lm_head)
+        mapped = emb is not None and self.model.embed_tokens.weight.data_ptr() == emb.data_ptr()  # still the file map
+        self.mapped_bytes = emb.numel() * emb.element_size() if mapped else 0
         release_free_heap()  # load-time temporaries (re-packing, quantizing an old store)
         if config.mlock:
             lock_dense(self.model.dense_tensors())
@@ -143,7 +149,6 @@ class Engine:
                 depth, self.config.top_k, self.config.norm_topk_prob)
         if trace:
             self.provider.trace = TraceWriter(trace, self.trace_header())
-        self.tokenizer = Tokenizer.from_dir(self.path)
         self.max_context = self.model.max_seq_len
         self.model_name = self.path.resolve().name
         self.tokens_generated = 0
@@ -181,7 +186,7 @@ class Engine:
         t0 = time.perf_counter()
         prefill_s = decode_s = 0.0
         with torch.inference_mode():
-            logits = seq.step(ids)[-1]
+            logits = seq.step(ids, last_only=True)[-1]  # a prefill's [T, V] fp32 logits: T x 0.6 MB (Qwen2)
             prefill_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             while len(out) < max_new_tokens:

@@ -11,7 +11,6 @@ call), so `model.layers[i].mlp.gate.weight` is layer i's router and dense weight
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -189,15 +188,18 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32
         self._allocate(0)
 
-    def load_dense(self, state_dict: dict[str, Tensor], fmt: str | None = None, group_size: int = 32) -> None:
+    def load_dense(self, state_dict: dict[str, Tensor], fmt: str | None = None, group_size: int = 32,
+                   head: str | None = None) -> None:
         """Every non-expert weight by HF name, plain or in a stored dense format (see dense.py);
         missing or unexpected names are errors. fmt None keeps the stored precision; else the
         projections are brought to fmt ('fp32' | 'bf16' | 'int8' | 'int4' | 'auto', group_size for
-        int4). state_dict is consumed (emptied): each part's memory goes as soon as it is fused,
-        so loading peaks at the weights plus one layer, not twice the weights."""
+        int4); head: the LM head's own format (dense.reformat). state_dict is consumed (emptied): each
+        part's memory goes as soon as it is fused or converted, so loading peaks at the weights plus one
+        matrix, not twice the weights."""
         state = {_our_name(n): t for n, t in state_dict.items()}
-        if fmt is not None:
-            state = self._reformat(state, fmt, group_size)
+        state_dict.clear()
+        if fmt is not None or head is not None:
+            state = dense.reformat(state, fmt, group_size, self.cfg.tie_word_embeddings, head)
         plain, stored = dense.split_state(state)
         if self.cfg.tie_word_embeddings and "lm_head.weight" not in stored:
             plain.pop("lm_head.weight", None)
@@ -209,7 +211,6 @@ class Transformer(nn.Module):
             raise ValueError(f"{self.cfg.arch} dense weights do not match the model: missing {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''} (our names, HF minus 'model.')")
-        state_dict.clear()
         del state
         _fuse(plain, stored)
         for n, t in plain.items():  # one tensor at a time: the old one is freed at once
@@ -225,21 +226,6 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, attention_mla.MLAttention):
                 m.absorb()
-
-    def _reformat(self, state: dict[str, Tensor], fmt: str, group_size: int) -> dict[str, Tensor]:
-        dense.check_format(fmt)
-        plain, stored = dense.split_state(state)
-        same = fmt == "auto" or all(s.fmt == fmt and s.group_size in (0, group_size) for s in stored.values())
-        if stored and same:
-            return state  # already stored as asked
-        rank = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
-        if stored and fmt != "auto" and max(rank[s.fmt] for s in stored.values()) > rank[fmt]:
-            warnings.warn(f"dense weights are stored quantized; loading them as {fmt} cannot restore the "
-                          f"precision lost (convert with --dense {fmt} for that)")
-        plain.update({n: s.dequantize() for n, s in stored.items()})
-        if self.cfg.tie_word_embeddings and stored:
-            plain.pop("lm_head.weight", None)  # the stored copy of the embedding
-        return dense.quantize_state(plain, fmt, group_size, self.cfg.tie_word_embeddings)
 
     def dense_tensors(self) -> list[Tensor]:
         """Every tensor the dense weights hold, each once (quantized projections included)."""
@@ -279,8 +265,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)  # [S_cap,1,D], rotate-half sign folded in
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
-        """tokens [T] int64 at positions start_pos.. -> logits [T,V] fp32; appends to the KV cache."""
+    def forward(self, tokens: Tensor, start_pos: int, last_only: bool = False) -> Tensor:
+        """tokens [T] int64 at positions start_pos.. -> logits [T,V] fp32 ([1,V] when last_only: the LM head
+        runs on the last position only); appends to the KV cache."""
         T = tokens.shape[0]
         end = start_pos + T
         if end > self.max_seq_len:
@@ -293,7 +280,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)  # [T,H]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, start_pos, self.k_cache[i], self.v_cache[i], self.provider)
-        return self.head(x)
+        return self.head(x[-1:] if last_only else x)  # norm and LM head are per row: last_only = the last row's
 
     def windows(self, tokens: Tensor, mlp: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
         """Token windows [B,T], each at positions 0..T-1, no KV cache -> the last residual stream [B,T,H]

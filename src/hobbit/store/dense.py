@@ -140,6 +140,78 @@ def split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, 
     return plain, stored
 
 
+def convert_matrix(w: Stored | Tensor, fmt: str, group_size: int, rows: int = 2048) -> dict[str, Tensor]:
+    """One matrix (stored, or plain [N, K]) in `fmt`'s storage form, converted `rows` output rows at a time
+    into preallocated parts: the transient is a rows x K fp32 block and quantize's temporaries of it
+    (~5x; 2048 x 1536: ~60 MiB), not the matrix (Qwen2's LM head in fp32: 890 MiB). Every format
+    quantizes per row, so the result equals the whole matrix's. int4 -> int8 where K % group_size."""
+    N, K = w.shape
+    fmt = "int8" if fmt == "int4" and K % group_size else fmt
+    if isinstance(w, Stored) and w.fmt == fmt and w.group_size in (0, group_size):
+        return w.q  # already so: kept, not re-fitted
+    if isinstance(w, Stored) and w.fmt != "int8":
+        w = w.dequantize()  # int4's rows interleave in 64-row blocks: only int8 is sliced as stored
+    if fmt == "int4" and N % 64:
+        rows = N  # int4 packs rows in 64-row blocks: a partial block is not cut
+    out: dict[str, Tensor] = {}
+    for r in range(0, N, rows):
+        n = min(rows, N - r)
+        block = w[r:r + n].float() if isinstance(w, Tensor) else \
+            w.q["q"][r:r + n].float() * w.q["scale"][r:r + n, None].float()  # [n, K]
+        for key, part in quant.quantize(block, fmt, group_size).items():
+            dim = 1 if key == "sz" else 0  # int4's sz is [G, N, 2]; every other part's rows lead
+            if key not in out:
+                out[key] = part.new_empty([*part.shape[:dim], part.shape[dim] * N // n, *part.shape[dim + 1:]])
+            out[key].narrow(dim, part.shape[dim] * r // n, part.shape[dim]).copy_(part)
+    return out
+
+
+def reformat(state: dict[str, Tensor], fmt: str | None, group_size: int, tied: bool,
+             head: str | None = None) -> dict[str, Tensor]:
+    """Dense weights (our names) brought to `fmt` (None: as they are), the LM head to `head` (None: as the
+    rest). Quantized matrices are converted one at a time (no fp32 copy of the model). A tied model's LM
+    head in `fmt` is made again from the embedding (a stored copy holds the precision already lost); `head`
+    makes it from its own stored copy when there is one, so the embedding is never needed in RAM. `state`
+    is consumed (emptied)."""
+    plain, stored = split_state(state)
+    state.clear()  # consumed: a converted matrix's source is freed at once
+    if head is None:
+        return _reformat(plain, stored, fmt, group_size, tied)
+    check_format(head)
+    src = stored.pop("lm_head.weight") if "lm_head.weight" in stored else plain.pop("lm_head.weight", None)
+    out = _reformat(plain, stored, fmt, group_size, tied=False)  # the head is made below: no other copy
+    q = convert_matrix(src if src is not None else out["embed_tokens.weight"], head, group_size)  # last: the
+    return {**out, **_named("lm_head.weight", q, head)}  # projections' sources are freed by now
+
+
+def _named(name: str, q: dict[str, Tensor], fmt: str) -> dict[str, Tensor]:
+    """A matrix's storage form under the state's names: plain `name`, or `name.q` + `.scale`/`.sz`."""
+    return {name: q["w"]} if fmt in DTYPES else {f"{name}.{k}": v for k, v in q.items()}
+
+
+def _reformat(plain: dict[str, Tensor], stored: dict[str, Stored], fmt: str | None, group_size: int,
+              tied: bool) -> dict[str, Tensor]:
+    if fmt is not None:
+        check_format(fmt)
+    if fmt is None or stored and (fmt == "auto" or all(s.fmt == fmt and s.group_size in (0, group_size)
+                                                       for s in stored.values())):
+        return {**plain, **{f"{n}.{k}": v for n, s in stored.items() for k, v in s.q.items()}}  # as stored
+    if not stored:
+        return quantize_state(plain, fmt, group_size, tied)
+    rank = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
+    if fmt != "auto" and max(rank[s.fmt] for s in stored.values()) > rank[fmt]:
+        warnings.warn(f"dense weights are stored quantized; loading them as {fmt} cannot restore the "
+                      f"precision lost (convert with --dense {fmt} for that)")
+    if tied:
+        stored.pop("lm_head.weight", None)  # made again from the embedding below
+        if fmt not in DTYPES and "embed_tokens.weight" in plain:
+            stored["lm_head.weight"] = plain["embed_tokens.weight"]
+    out = {}
+    for name in list(stored):  # one matrix at a time: each fp32 transient is freed before the next
+        out.update(_named(name, convert_matrix(stored.pop(name), fmt, group_size), fmt))
+    return {**quantize_state(plain, fmt, group_size), **out}  # norms, biases, routers as they are; the embedding
+
+
 EMBEDDING = "model.embed_tokens.weight"
 
 
