@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_common import (HOBBIT, LLAMA_CPP_PYTHON, TARGETS, Measured, _own_cgroup, _step, build_llamacpp,  # noqa: E402,F401
-                         drop_page_cache, hobbit_has_option, machine_info, make_memory_cgroup, parse_size, peers_dir,
+from peer_common import (HOBBIT, LLAMA_CPP_PYTHON, TARGETS, _own_cgroup, _step, build_llamacpp,  # noqa: E402,F401
+                         hobbit_has_option, machine_info, make_memory_cgroup, parse_size, peers_dir,
                          run_measured)
 
 LLAMA_ROW = "llama.cpp"

@@ -63,7 +63,7 @@ def test_budget_too_small_names_minimum(tiny_store):
 
 
 def test_budget_parsing():
-    from hobbit.runtime.engine import parse_budget
+    from hobbit.runtime.options import parse_budget
     assert parse_budget("2GiB", 0) == 2 << 30
     assert parse_budget("512MiB", 0) == 512 << 20
     assert parse_budget("25%", 1000) == 250

@@ -22,7 +22,7 @@ from hobbit.runtime.experts import DenseExperts
 from hobbit.store.gguf import export_hf, load_gguf
 from hobbit.runtime.model import Transformer
 from kquants import quantize_k
-from test_gguf import CORPUS, SPECIALS, TEMPLATE, TEXTS, add_bpe_tokenizer, random_tensors, real_gguf, train_bpe
+from test_gguf import CORPUS, TEMPLATE, TEXTS, add_bpe_tokenizer, random_tensors, real_gguf, train_bpe
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,5 @@
 """Torch-free policy tests: hand-worked Eq. 2 / Eq. 3 examples, small traces, Belady as a bound."""
 
-import math
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -217,7 +217,8 @@ def test_bad_trace_files(tmp_path):
 
 def test_default_precisions_follow_the_engine(tiny_store):
     from hobbit.store.quant import FORMATS
-    from hobbit.lab.simulate import FORMAT_ORDER, default_precisions
+    from hobbit.lab.simulate import default_precisions
+    from hobbit.runtime.config import FORMAT_ORDER
     assert FORMAT_ORDER == FORMATS
     h = {"precisions": ["bf16", "int8", "int4", "int2"]}
     assert default_precisions(h, "hobbit", None, None) == ("bf16", "int4")

@@ -21,7 +21,6 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from hobbit.runtime.config import FORMAT_ORDER  # noqa: F401  (re-exported: the engine's precision order)
 from hobbit.runtime.config import (RunConfig, StoreFacts, add_json_arg, add_run_args, emit_json, read_tuned, resolve,
                                    tuned_path)
 from hobbit.runtime.config import default_precisions as _default_precisions

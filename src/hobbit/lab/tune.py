@@ -36,7 +36,6 @@ from hobbit.policies.eviction import DEFAULT_MULTIDIM_WEIGHTS
 from hobbit.policies.precision import TOLERANCE, scores
 from hobbit.runtime.options import Options
 from hobbit.lab.simulate import default_precisions, simulate
-from hobbit.runtime.config import TUNED_FILE  # noqa: F401  (re-exported: hobbit.lab.tune.TUNED_FILE)
 from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json, read_tuned, tuned_path, write_tuned
 from hobbit.runtime.trace import LayerCall, read_trace
 

@@ -22,7 +22,6 @@ from hobbit.runtime.loader import DEMAND, PREFETCH
 from hobbit.runtime.offload import OffloadedExperts, Predictor
 from hobbit.policies.prefetch import PredictionStats
 from hobbit.runtime.config import RunConfig, StoreFacts, read_tuned, resolve
-from hobbit.runtime.options import parse_budget  # noqa: F401  (hobbit.runtime.engine.parse_budget, as before)
 from hobbit.runtime.trace import TraceWriter
 from hobbit.store.format import ExpertStore
 from hobbit.runtime.tokenizer import Tokenizer
