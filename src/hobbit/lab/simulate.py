@@ -296,7 +296,7 @@ def format_report(r: dict) -> str:
         rows.append(("MoBiLE", f"{r['fallbacks']} of {r['little_steps']} little passes redone big "
                                f"({r['fallback_rate']:.1%}); {r['fallback_prefetch_used']} of "
                                f"{r['fallback_prefetch_issued']} fallback prefetches used by a fallback "
-                               f"({r['fallback_prefetch_withheld']} withheld: no room to survive), "
+                               f"({r['fallback_prefetch_withheld']} withheld by --fallback-prefetch), "
                                f"{r['fallback_prefetch_cancelled']} cancelled unread "
                                f"({r['fallback_bytes_saved'] / mib:.1f} MiB saved)"))
     if pred["samples"]:
