@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hobbit.lab.bench import Config, add_bench_args, cmd_bench, configs, cut_prompts, format_table
+from hobbit.lab.bench import Config, add_bench_args, cmd_bench, configs, cut_prompts, format_table, mobile_variants
 
 RUN_KEYS = {"policy": str, "budget_bytes": int, "budget_fraction": float, "prefill_s": float, "decode_tok_s": float,
             "hit_rate": float, "hit_rate_by_precision": dict, "bytes_per_token": float, "loader_wait_frac": float,
@@ -18,6 +18,15 @@ def test_configs_and_prompts():
     assert cfgs == [Config("resident", None), Config("lru", "10%"), Config("lru", "50%"), Config("ondemand", None)]
     with pytest.raises(ValueError, match="unknown policies"):
         configs(["fifo"], ["10%"])
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser.add_subparsers())
+    args = parser.parse_args(["bench", "store", "--gamma", "0.7,0.3", "--fallback-prefetch", "fit,always"])
+    variants = mobile_variants(args)
+    assert variants == [dict(gamma=g, fallback_prefetch=f) for g in (0.7, 0.3) for f in ("fit", "always")]
+    cfgs = configs(["lru", "hobbit+mobile"], ["25%"], variants)
+    assert cfgs[0] == Config("lru", "25%") and len(cfgs) == 5  # only MoBiLE policies take the variants
+    assert cfgs[-1].name == "hobbit+mobile gamma=0.3 fallback_prefetch=always"
+    assert mobile_variants(parser.parse_args(["bench", "store"])) == [{}]
     ids = list(range(1000))
     items = cut_prompts(ids, [16, 128], [32, 128], per_pair=2)
     assert [(len(p), n) for p, n in items] == [(16, 32), (16, 128), (128, 32), (128, 128)] * 2

@@ -49,9 +49,10 @@ def test_run_flags_come_from_runconfig():
 def test_every_command_takes_the_same_run_flags_with_the_same_defaults(command):
     got = flags(PARSERS[command])
     want = {s: v for s, v in RUN_FLAGS.items() if command != "simulate" or s not in ENGINE_FLAGS}
-    if command == "bench":  # bench sweeps: --budget and --policy (alias --policies) take comma lists
-        want = {s: v for s, v in want.items() if s not in ("--budget", "--policy")}
+    if command == "bench":  # bench sweeps: --budget, --policy (alias --policies) and MoBiLE's knobs take comma lists
+        want = {s: v for s, v in want.items() if s not in ("--budget", "--policy", "--gamma", "--fallback-prefetch")}
         assert got["--budget"][1] == "10%,25%,50%" and got["--policy"][0] == "policies"
+        assert got["--gamma"][:2] == ("gamma", None) and got["--fallback-prefetch"][:3] == ("fallback_prefetch", None, ())
     assert {s: got.get(s) for s in want} == want
     if command == "simulate":
         assert not ENGINE_FLAGS & set(got), "simulate has no model: no engine flags"

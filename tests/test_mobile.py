@@ -127,3 +127,19 @@ def test_the_redo_reuses_the_first_sparse_layer_little_outputs(tiny_store):
     eng.close()
     from hobbit.policies.biglittle import little_k
     assert 0 < stats["fallback_reused"] <= STEPS * little_k(k)
+
+
+def test_withheld_fallback_reads_change_no_result(tiny_store):
+    """Below a token's big set (2 sparse layers x top-2 > 3 slots at 20%) 'fit' leaves the fallback to
+    demand loads; every token is redone big, so the logits are those of reading the tail ahead."""
+    runs = {}
+    for mode in ("fit", "always"):
+        eng = hobbit.load(tiny_store, budget="20%", policy="mobile", gamma=1.01, fallback_prefetch=mode)
+        runs[mode] = decode_logits(eng, PROMPT, STEPS), eng.provider.stats.as_dict()
+        eng.close()
+    (fit_logits, fit_toks), fit = runs["fit"]
+    (always_logits, always_toks), always = runs["always"]
+    assert fit_toks == always_toks and torch.equal(fit_logits, always_logits)
+    assert fit["fallback_prefetch_issued"] == 0 and fit["fallback_prefetch_withheld"] > 0
+    assert always["fallback_prefetch_issued"] > 0 and always["fallback_prefetch_withheld"] == 0
+    assert fit["bytes_prefetch"] < always["bytes_prefetch"]

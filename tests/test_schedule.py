@@ -89,6 +89,50 @@ def test_mobile_little_pass_prefetches_what_a_fallback_adds():
     assert st.little_steps == 3 and st.fallbacks == 1
 
 
+def test_fallback_reads_fit_when_the_pool_holds_the_big_set():
+    from hobbit.policies.biglittle import fallback_reads_fit
+    assert fallback_reads_fit(capacity=224, layers=28, big=8)  # CoderMoE at 50%: 8 of 16 per layer
+    assert not fallback_reads_fit(capacity=112, layers=28, big=8)  # at 25%: half a token's working set
+    assert fallback_reads_fit(capacity=112, layers=28, big=4)  # a tier holding half of each layer's big set
+    with pytest.raises(ValueError):
+        fallback_reads_fit(capacity=8, layers=0, big=1)
+    with pytest.raises(ValueError, match="unknown fallback prefetch"):
+        Options(fallback_prefetch="sometimes")
+
+
+@pytest.mark.parametrize("mode,budget,issued", [("fit", 12, True), ("fit", 11, False), ("always", 11, True),
+                                                ("never", 64, False)])
+def test_fallback_reads_only_where_the_pool_keeps_them(mode, budget, issued):
+    """4 layers x top-3: a token's big set is 12 copies. A pool of 11 cannot keep it until the fallback,
+    so 'fit' leaves the tail to demand loads (withheld); 'always' reads it anyway; 'never' never does."""
+    s = Scheduler(Options(policy="mobile", fallback_prefetch=mode), num_layers=4, top_k=3,
+                  expert_nbytes=lambda p: MB, budget_bytes=budget * MB)
+    f = CountingFetcher()
+    s.begin_pass(True)
+    for layer in range(4):
+        s.run_layer(layer, [([1, 2, 3], [0.5, 0.3, 0.2])], f)
+    st = s.stats
+    assert (st.fallback_prefetch_issued, st.fallback_prefetch_withheld) == \
+        ((4, 0) if issued else (0, 4))
+    assert sum(f.loads["prefetch"].values()) == st.fallback_prefetch_issued
+
+
+def test_fallback_reads_fit_per_precision_pool():
+    """hobbit's two pools: a layer's tail is read at its Eq. 2 tier only if that tier's pool holds the
+    layer's big-set copies at that tier for every layer (4 layers; 6 high slots, 6 low slots)."""
+    s = Scheduler(Options(policy="hobbit", high="bf16", low="int4", t1=0.85, t2=0.95, mobile=True,
+                          low_pool_fraction=0.5, prefetch_depth=0), num_layers=4, top_k=3,
+                  expert_nbytes=lambda p: MB, budget_bytes=12 * MB)
+    assert s.capacity == {"bf16": 6, "int4": 6}
+    f = CountingFetcher()
+    s.begin_pass(True)
+    s.run_layer(0, [([1, 2, 3], [0.5, 0.3, 0.2])], f)  # scores [0, .5, .8]: all high, 4 x 3 > 6: withheld
+    assert (s.stats.fallback_prefetch_issued, s.stats.fallback_prefetch_withheld) == (0, 1)
+    s.run_layer(1, [([1, 2, 3], [0.6, 0.3, 0.1])], f)  # scores [0, .6, .9]: expert 3 low, 4 x 1 <= 6: read
+    assert (s.stats.fallback_prefetch_issued, s.stats.fallback_prefetch_withheld) == (1, 1)
+    assert f.loads["prefetch"] == {"int4": 1}
+
+
 def test_little_end_to_end(tiny_store):
     import hobbit
     prompt = [3, 17, 42, 99, 7, 128]

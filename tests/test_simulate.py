@@ -37,16 +37,22 @@ SETTINGS = [
     # (the trace records which; the replay's cache drops the same keys)
     ("mobile", {"gamma": 0.035, "io_threads": 0}),
     ("hobbit+mobile", {"gamma": 0.035, "io_threads": 0}),
+    # a pool below a token's big set (2 sparse layers x top-2 > 3 slots): 'fit' withholds the fallback reads
+    # (lru's one pool: all; hobbit's two: where the tier's pool is short), 'always' issues them
+    ("mobile", {"gamma": 0.035, "budget": "20%"}),
+    ("hobbit+mobile", {"gamma": 0.035, "budget": "20%"}),
+    ("mobile", {"gamma": 0.035, "budget": "20%", "fallback_prefetch": "always"}),
+    ("hobbit+mobile", {"gamma": 0.035, "fallback_prefetch": "never"}),
 ]
 
 COMPARED = ("hits_by_precision", "misses_by_precision", "skipped", "selections", "evictions", "prefetch_issued",
             "prefetch_used", "little_steps", "fallbacks", "fallback_prefetch_issued", "fallback_prefetch_used",
-            "fallback_prefetch_cancelled")
+            "fallback_prefetch_withheld", "fallback_prefetch_cancelled")
 
 
-def live_run(store, trace, policy, **options):
+def live_run(store, trace, policy, budget=BUDGET, **options):
     """Two greedy sequences through the live engine, recording the trace."""
-    eng = hobbit.load(store, budget=BUDGET, policy=policy, low="int4" if "hobbit" in policy else None,
+    eng = hobbit.load(store, budget=budget, policy=policy, low="int4" if "hobbit" in policy else None,
                       trace=trace, **options)
     read0 = eng.store.bytes_read  # resident reads every expert at load
     outs = [eng.generate(p, max_new_tokens=NEW_TOKENS, stop_token_ids=[]) for p in PROMPTS]
@@ -65,7 +71,7 @@ def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
     live, opt, budget, outs, loads = live_run(tiny_store, trace, policy, **overrides)
     header, calls = load_trace(trace)
     cached = policy not in ("resident", "ondemand")
-    assert (parse_budget_for(BUDGET, header) if cached else None) == budget
+    assert (parse_budget_for(overrides.get("budget", BUDGET), header) if cached else None) == budget
     sim = simulate(header, calls, opt, budget, link_gbps=2.0)
     for k in COMPARED:
         assert sim[k] == live[k], f"{k}: simulated {sim[k]} != live {live[k]}"
@@ -90,7 +96,11 @@ def test_simulate_matches_live_engine(tiny_store, tmp_path, policy, overrides):
     assert sim["tokens"] == sum(len(p) + NEW_TOKENS - 1 for p in PROMPTS) + live["fallbacks"]  # a redo is a pass
     if opt.mobile:
         assert 0 < sim["fallbacks"] < sim["little_steps"] == len(PROMPTS) * (NEW_TOKENS - 1)
-        assert sim["fallback_prefetch_issued"] > 0 and sim["policy"] == policy
+        assert sim["policy"] == policy
+        mode, small = opt.fallback_prefetch, "budget" in overrides
+        assert (sim["fallback_prefetch_issued"] > 0) == (mode == "always" or mode == "fit" and
+                                                         (not small or policy == "hobbit+mobile"))
+        assert (sim["fallback_prefetch_withheld"] > 0) == (mode == "never" or mode == "fit" and small)
         if overrides.get("io_threads") == 0:
             assert sim["fallback_prefetch_cancelled"] > 0 and sim["fallback_bytes_saved"] > 0
     assert sim["demand_s"] == pytest.approx(sim["bytes_demand"] / 2e9)

@@ -42,7 +42,8 @@ def _format_stats(s: dict) -> str:
     ]
     if s.get("little_steps"):
         rows.append(("MoBiLE", f"{s['fallbacks']} of {s['little_steps']} little passes redone big; "
-                               f"{s['fallback_prefetch_used']} of {s['fallback_prefetch_issued']} fallback prefetches used"))
+                               f"{s['fallback_prefetch_used']} of {s['fallback_prefetch_issued']} fallback prefetches used, "
+                               f"{s['fallback_prefetch_withheld']} withheld (--fallback-prefetch)"))
     return "\n".join(f"  {k:<18} {v}" for k, v in rows)
 
 

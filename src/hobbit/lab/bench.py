@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import platform
 import sys
@@ -32,21 +33,31 @@ from hobbit.runtime.engine import load
 from hobbit.lab.profile import PARTS, profile_decode
 from hobbit.lab.evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
 from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json
-from hobbit.runtime.options import NO_CACHE_POLICIES, POLICIES
+from hobbit.runtime.options import MOBILE_POLICIES, NO_CACHE_POLICIES, POLICIES
 from hobbit.store.format import ExpertStore, checksum
 from hobbit.runtime.trace import belady_accesses, read_trace
 
 _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "decode_s", "hits", "misses",
          "bytes_read", "loader_wait_s", "skipped", "selections", "little_steps", "fallbacks",
-         "fallback_prefetch_issued", "fallback_prefetch_used", "fallback_prefetch_cancelled", "fallback_bytes_saved",
+         "fallback_prefetch_issued", "fallback_prefetch_used", "fallback_prefetch_withheld",
+         "fallback_prefetch_cancelled", "fallback_bytes_saved",
          "fallback_reused")
 WARMUP_TOKENS = 8  # warm-up prompt length; it generates 4 tokens
+
+
+MOBILE_KNOBS = ("gamma", "fallback_prefetch")  # comma lists in `hobbit bench`: one configuration per combination
 
 
 @dataclass(frozen=True)
 class Config:
     policy: str
     budget: str | None  # as given ("25%", "512MiB"); None: the policy keeps no cache
+    variant: tuple[tuple[str, object], ...] = ()  # MoBiLE policies: ((knob, value), ...) of MOBILE_KNOBS
+
+    @property
+    def name(self) -> str:
+        """The policy, and its variant as the table and plot label it: 'hobbit+mobile gamma=0.5'."""
+        return " ".join([self.policy, *(f"{k}={v}" for k, v in self.variant)])
 
 
 @dataclass
@@ -63,12 +74,16 @@ class Settings:
     profile: int = 0  # decode tokens to profile per configuration (hobbit profile's split), 0 = none
 
 
-def configs(policies: list[str], budgets: list[str]) -> list[Config]:
+def configs(policies: list[str], budgets: list[str], variants: list[dict] | None = None) -> list[Config]:
+    """Each policy at each budget (policies without a cache once); MoBiLE policies once per variant (a dict
+    of MOBILE_KNOBS values; the engine's defaults when none)."""
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
-    return [c for p in dict.fromkeys(policies)
-            for c in ([Config(p, None)] if p in NO_CACHE_POLICIES else [Config(p, b) for b in budgets])]
+    mobile = [tuple(v.items()) for v in variants or [{}]]
+    return [Config(p, b, v) for p in dict.fromkeys(policies)
+            for b in ([None] if p in NO_CACHE_POLICIES else budgets)
+            for v in (mobile if p in MOBILE_POLICIES else [()])]
 
 
 def cut_prompts(ids: list[int], prompt_lens: list[int], output_lens: list[int],
@@ -109,7 +124,7 @@ def session(s: Settings, cfg: Config, item: tuple[list[int], int], quality: bool
     """One engine's life: warm-up, page cache dropped, one timed generation, then (quality) the eval
     windows and (s.profile) the time split of s.profile decode tokens after the same prompt. Returns
     (generation stats, quality result or None, engine facts: budget_bytes, tuned, profile)."""
-    policy, opts = cfg.policy, dict(s.engine)
+    policy, opts = cfg.policy, dict(s.engine, **dict(cfg.variant))
     if trace is not None:
         policy, opts["trace"] = "lru", trace
     if belady is not None:
@@ -159,7 +174,8 @@ def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict,
         fraction = budget_bytes / total
     tokens, seconds = t["prompt_tokens"] + t["generated_tokens"], prefill_s + decode_s
     return dict(
-        policy=cfg.policy, budget=cfg.budget, budget_bytes=budget_bytes, budget_fraction=fraction,
+        policy=cfg.policy, variant=dict(cfg.variant), name=cfg.name, budget=cfg.budget, budget_bytes=budget_bytes,
+        budget_fraction=fraction,
         prefill_s=prefill_s / len(samples), decode_tok_s=t["decode_tokens"] / decode_s if decode_s else 0.0,
         hit_rate=t["hits"] / max(1, t["hits"] + t["misses"]), hit_rate_by_precision=hit_by,
         bytes_per_token=t["bytes_read"] / tokens, loader_wait_frac=t["loader_wait_s"] / seconds,
@@ -200,14 +216,14 @@ def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
                     stats, q, facts = run_config(s, cfg, s.items[i], cfg not in quality, Path(tmp))
                     info.setdefault(cfg, facts)  # the first run's: it also measured quality and the profile
                 except ValueError as e:  # e.g. a budget below one layer's active experts
-                    failed.append(dict(policy=cfg.policy, budget=cfg.budget, error=str(e)))
+                    failed.append(dict(policy=cfg.policy, variant=dict(cfg.variant), budget=cfg.budget, error=str(e)))
                     active.remove(cfg)
-                    log(f"skipping {cfg.policy} at {cfg.budget}: {e}")
+                    log(f"skipping {cfg.name} at {cfg.budget}: {e}")
                     continue
                 if q is not None:
                     quality[cfg] = q
                 samples[cfg].append(dict(sample(stats), repeat=r, item=i))
-                log(f"[{n + 1}/{len(rounds)}] {cfg.policy:>12} {cfg.budget or '-':>7} prompt {len(s.items[i][0]):>4} "
+                log(f"[{n + 1}/{len(rounds)}] {cfg.name:>12} {cfg.budget or '-':>7} prompt {len(s.items[i][0]):>4} "
                     f"+{stats['generated_tokens']:>4}: {stats['decode_tok_s']:7.2f} tok/s, hit {stats['hit_rate']:.0%}")
     runs = [summarize(c, info[c], total, samples[c], quality[c], ref) for c in cfgs if c in active]
     return runs, failed
@@ -247,7 +263,7 @@ def format_table(runs: list[dict]) -> str:
             "ppl", "Δppl", "top1", "fallback")
     rows = [head]
     for x in runs:
-        rows.append((x["policy"], _pct(x["budget_fraction"]),
+        rows.append((x["name"], _pct(x["budget_fraction"]),
                      "-" if x["budget_bytes"] is None else f"{x['budget_bytes'] / 2**20:.1f}",
                      f"{x['prefill_s']:.3f}", f"{x['decode_tok_s']:.2f}", _pct(x["hit_rate"]),
                      " ".join(f"{p}:{v:.0%}" for p, v in x["hit_rate_by_precision"].items()) or "-",
@@ -261,7 +277,7 @@ def format_table(runs: list[dict]) -> str:
 
 def format_profiles(runs: list[dict]) -> str:
     """ms per decode token by part, one column per configuration."""
-    cols = [(f"{x['policy']} {_pct(x['budget_fraction'])}", x["profile_ms_per_token"]) for x in runs]
+    cols = [(f"{x['name']} {_pct(x['budget_fraction'])}", x["profile_ms_per_token"]) for x in runs]
     rows = [["part", *(c for c, _ in cols)]] + [[p, *(f"{m[p]:.2f}" for _, m in cols)] for p in PARTS]
     rows.append(["total", *(f"{sum(m.values()):.2f}" for _, m in cols)])
     widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
@@ -279,15 +295,18 @@ def plot(runs: list[dict], path: str | Path, title: str) -> None:
     panels = ((axes[0], "decode_tok_s", "decode tokens/s"),
               (axes[1], "ppl_delta_pct", "perplexity Δ vs full precision (%)"))
     for ax, key, label in panels:
-        for policy in dict.fromkeys(x["policy"] for x in runs):
-            pts = [x for x in runs if x["policy"] == policy]
+        names = list(dict.fromkeys(x["name"] for x in runs))
+        for name in names:
+            pts = [x for x in runs if x["name"] == name]
+            policy = pts[0]["policy"]
             color = f"C{POLICIES.index(policy)}"  # a policy keeps its color across panels and benchmarks
             if policy in NO_CACHE_POLICIES:
-                ax.axhline(pts[0][key], color=color, linestyle="--", linewidth=1.2, label=policy)
-            else:
+                ax.axhline(pts[0][key], color=color, linestyle="--", linewidth=1.2, label=name)
+            else:  # a policy's variants: the same color, another marker
+                marker = "osD^v<>"[[n for n in names if n.split()[0] == policy].index(name) % 7]
                 pts.sort(key=lambda x: x["budget_fraction"])
-                ax.plot([100 * x["budget_fraction"] for x in pts], [x[key] for x in pts], color=color, marker="o",
-                        label=policy)
+                ax.plot([100 * x["budget_fraction"] for x in pts], [x[key] for x in pts], color=color, marker=marker,
+                        label=name)
         ax.set_xlabel("expert budget (% of expert bytes at the highest precision)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -303,6 +322,13 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
+def mobile_variants(args: argparse.Namespace) -> list[dict]:
+    """Every combination of the MOBILE_KNOBS lists given (--gamma 0.7,0.5 --fallback-prefetch fit,always: 4)."""
+    lists = [[(k, float(x) if k == "gamma" else x.strip()) for x in v.split(",") if x.strip()]
+             for k in MOBILE_KNOBS if (v := getattr(args, k, None))]
+    return [dict(c) for c in itertools.product(*lists)]
+
+
 def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="decode speed, cache stats and quality of policies across budgets",
                               conflict_handler="resolve")  # --budget and --policy take lists here
@@ -311,6 +337,10 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                    "bytes, 512MiB, or %% of expert bytes at the highest precision (default 10%%,25%%,50%%)")
     p.add_argument("--policies", "--policy", default="resident,ondemand,lru,lru+prefetch,belady,hobbit",
                    help=f"comma list from {', '.join(POLICIES)} (default: all but lfu and slru)")
+    p.add_argument("--gamma", default=None, help="mobile, hobbit+mobile: comma list of confidence thresholds, one "
+                   "configuration each (default 0.7)")
+    p.add_argument("--fallback-prefetch", default=None, help="mobile, hobbit+mobile: comma list of fit, always, "
+                   "never, one configuration each (default fit)")
     add_text_args(p, max_tokens=512)
     p.add_argument("--prompt-tokens", default="16,128", help="comma list of prompt lengths (default 16,128)")
     p.add_argument("--max-new-tokens", default="32,128", help="comma list of output lengths (default 32,128)")
@@ -327,11 +357,12 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def cmd_bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cfgs = configs([x.strip() for x in args.policies.split(",") if x.strip()],
-                   [x.strip() for x in args.budget.split(",") if x.strip()])
+                   [x.strip() for x in args.budget.split(",") if x.strip()], mobile_variants(args))
     store = ExpertStore(args.store)
     model, total = model_info(store), store.total_nbytes(store.precisions[0])
     store.close()
-    cfg = RunConfig.from_args(args, policy="hobbit", budget=None)  # bench sweeps policies and budgets itself
+    # bench sweeps policies, budgets and MoBiLE variants itself
+    cfg = RunConfig.from_args(args, policy="hobbit", budget=None, gamma=None, fallback_prefetch=None)
     engine = dict(dtype=cfg.dtype, dense=cfg.dense, high=cfg.high, low=cfg.low, threads=cfg.threads,
                   direct_io=cfg.direct_io, io_threads=cfg.io_threads,
                   **{k: v for k, v in cfg.engine_kwargs().items()

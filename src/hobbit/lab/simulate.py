@@ -125,7 +125,8 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
     opt = options
     if opt.policy == "belady":
         opt = replace(opt, eviction_options={"trace": belady_accesses(calls)})
-    sched = Scheduler(opt, int(header["num_layers"]), int(header["top_k"]), ram.__getitem__, budget_bytes)
+    sched = Scheduler(opt, int(header["num_layers"]), int(header["top_k"]), ram.__getitem__, budget_bytes,
+                      sparse_layers=len(header["sparse_layers"]))
 
     fetcher = CountingFetcher()
     loads = fetcher.loads
@@ -210,6 +211,7 @@ def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, 
         little_steps=stats.little_steps, fallbacks=stats.fallbacks,
         fallback_rate=stats.fallbacks / stats.little_steps if stats.little_steps else None,
         fallback_prefetch_issued=stats.fallback_prefetch_issued, fallback_prefetch_used=stats.fallback_prefetch_used,
+        fallback_prefetch_withheld=stats.fallback_prefetch_withheld,
         fallback_prefetch_cancelled=stats.fallback_prefetch_cancelled,
         ram_fallback_bytes_saved=stats.fallback_bytes_saved,
         fallback_bytes_saved=sum(disk[k[2]] for k in cancelled),
@@ -292,7 +294,8 @@ def format_report(r: dict) -> str:
     if r["little_steps"]:
         rows.append(("MoBiLE", f"{r['fallbacks']} of {r['little_steps']} little passes redone big "
                                f"({r['fallback_rate']:.1%}); {r['fallback_prefetch_used']} of "
-                               f"{r['fallback_prefetch_issued']} fallback prefetches used by a fallback, "
+                               f"{r['fallback_prefetch_issued']} fallback prefetches used by a fallback "
+                               f"({r['fallback_prefetch_withheld']} withheld by --fallback-prefetch), "
                                f"{r['fallback_prefetch_cancelled']} cancelled unread "
                                f"({r['fallback_bytes_saved'] / mib:.1f} MiB saved)"))
     if pred["samples"]:

@@ -83,5 +83,21 @@ def adapmoe_weights(weights: Sequence[float], threshold: float) -> list[float]:
     return [x * scale for x in head]
 
 
+FALLBACK_PREFETCH = ("fit", "always", "never")
+"""--fallback-prefetch: when a little pass reads what its fallback adds (``fallback_reads_fit``, always, never)."""
+
+
+def fallback_reads_fit(capacity: int, layers: int, big: int) -> bool:
+    """Whether MoBiLE's fallback reads can survive until the big pass uses them: a read issued at a
+    layer of the little pass is used when the big pass reaches that layer again, a whole token of
+    loads later, so its copy survives only if the pool (``capacity`` copies of one precision) holds
+    the token's big set at that precision at once, ``big`` copies per layer over ``layers`` sparse
+    layers (the little half the little pass itself loads and pins, the other half these reads).
+    Below that, LRU-like eviction drops them before use and the reads only cost bandwidth."""
+    if capacity < 0 or layers < 1 or big < 0:
+        raise ValueError(f"need capacity >= 0, layers >= 1, big >= 0; got {capacity}, {layers}, {big}")
+    return big * layers <= capacity
+
+
 LITTLE_RULES = {"mass": layer_weights, "adapmoe": adapmoe_weights}
 """--little-rule name -> (weights, threshold) -> the leading weights to compute with."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from hobbit.policies.biglittle import LITTLE_RULES
+from hobbit.policies.biglittle import FALLBACK_PREFETCH, LITTLE_RULES
 from hobbit.runtime.options import NO_CACHE_POLICIES, POLICIES, Options, base_policy, parse_budget
 
 # hobbit.store.quant.FORMATS, highest first (quant imports torch; a test keeps the two equal)
@@ -86,6 +86,11 @@ class RunConfig:
     gamma: float | None = field(default=None, metadata=_knob(
         "--gamma", "policies mobile, hobbit+mobile: a token decoded little whose top next-token probability is "
         "below this is redone big (default 0.7)", type=float))
+    fallback_prefetch: str | None = field(default=None, metadata=_knob(
+        "--fallback-prefetch", "policies mobile, hobbit+mobile: while a token runs little, read what its fallback "
+        "would add: fit = only where the cache holds a token's big set at that precision (else those reads are "
+        "evicted before the fallback uses them), always, or never (the fallback loads on demand) (default fit)",
+        choices=FALLBACK_PREFETCH))
     prefetch_depth: int | None = field(default=None, metadata=_knob(
         "--prefetch-depth", "layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)",
         type=int))
@@ -191,7 +196,8 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> 
     policy = config.policy if facts.num_experts else "resident"  # a dense model has no experts to offload
     budget = parse_budget(config.budget, facts.total_bytes) if policy not in NO_CACHE_POLICIES else None
     knobs = {k: getattr(config, k) for k in ("t1", "t2", "low_pool_fraction", "eviction_options", "little",
-                                             "little_rule", "gamma", "prefetch_depth")
+                                             "little_rule", "gamma", "fallback_prefetch",
+                                             "prefetch_depth")
              if getattr(config, k) is not None}
     used, note = False, None
     if tuned is not None and config.reads_tuned:

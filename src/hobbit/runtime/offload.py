@@ -199,7 +199,8 @@ class OffloadedExperts:
                                  f"re-convert with `--precisions` including it")
         self.store, self.dtype, self.opt = store, dtype, options
         self._slot_bytes: dict[str, int] = {}
-        self.scheduler = Scheduler(options, num_layers, top_k, self.expert_bytes, budget_bytes)
+        self.scheduler = Scheduler(options, num_layers, top_k, self.expert_bytes, budget_bytes,
+                                   sparse_layers=len(ModelConfig.from_dict(store.manifest["config"]).sparse_layers))
         self.stats = self.scheduler.stats
         self.loader = Loader(threads=io_threads)
         self.predictor: Predictor | None = None

@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from hobbit.policies.biglittle import LITTLE_RULES
+from hobbit.policies.biglittle import FALLBACK_PREFETCH, LITTLE_RULES
 from hobbit.policies.precision import HIGH, LOW
 from hobbit.policies.prefetch import PredictionStats
 
@@ -63,6 +63,9 @@ class Options:
     little_rule: str | None = None  # 'mass' (top-ceil(k/2) hold this share of the mass) | 'adapmoe' (drop normalized weights under it)
     mobile: bool = False  # MoBiLE decoding (set by the policy names in MOBILE_POLICIES; `policy` is then the base)
     gamma: float = 0.7  # MoBiLE: a little pass whose top next-token probability is below gamma is redone big
+    # MoBiLE: a little pass reads what its fallback adds 'fit': where the pool holds the token's big set
+    # (biglittle.fallback_reads_fit), 'always', or 'never' (the fallback loads on demand)
+    fallback_prefetch: str = "fit"
     prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
     eviction_options: dict = field(default_factory=dict)
     # static per-expert precision, (layer, expert) -> format (unlisted: high); it replaces Eq. 2's per-token
@@ -86,6 +89,9 @@ class Options:
                                  f"{f' ({self.low})' if self.low else ''}; it names {', '.join(sorted(others))}")
             if others:
                 self.low = others.pop()
+        if self.fallback_prefetch not in FALLBACK_PREFETCH:
+            raise ValueError(f"unknown fallback prefetch {self.fallback_prefetch!r}; choose from "
+                             f"{', '.join(FALLBACK_PREFETCH)}")
         if not 0 <= self.gamma <= 1.01:
             raise ValueError(f"gamma must be in [0, 1] (above 1: every token falls back), got {self.gamma}")
 
@@ -123,6 +129,7 @@ class Stats:
     fallbacks: int = 0  # MoBiLE: big passes that redid a little pass (the token was unsure)
     fallback_prefetch_issued: int = 0  # MoBiLE: reads queued during little passes for what a fallback adds
     fallback_prefetch_used: int = 0  # ... that served the fallback pass of the same token
+    fallback_prefetch_withheld: int = 0  # ... not issued (--fallback-prefetch: fit, the pool cannot keep them; never)
     fallback_prefetch_cancelled: int = 0  # ... dropped unread: the token was accepted before the loader started them
     fallback_bytes_saved: int = 0  # RAM bytes of those cancelled reads (never read, their slots freed)
     fallback_reused: int = 0  # live only: little-pass expert outputs of the first sparse layer a fallback reused
@@ -145,6 +152,7 @@ class Stats:
                     little_steps=self.little_steps, fallbacks=self.fallbacks,
                     fallback_prefetch_issued=self.fallback_prefetch_issued,
                     fallback_prefetch_used=self.fallback_prefetch_used,
+                    fallback_prefetch_withheld=self.fallback_prefetch_withheld,
                     fallback_prefetch_cancelled=self.fallback_prefetch_cancelled,
                     fallback_bytes_saved=self.fallback_bytes_saved, fallback_reused=self.fallback_reused,
                     prefetch_cancelled=self.prefetch_cancelled, prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,

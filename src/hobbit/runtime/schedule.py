@@ -9,6 +9,8 @@ Reads go through a `Fetcher`: the live engine's reads blobs into slot memory on 
 thread; the simulator's only counts them. Both run this same code on the same routing, so a
 replay's counters are the live engine's by construction.
 
+MoBiLE's little/big passes and the fallback reads are the `MobilePasses` half (runtime/fallback.py).
+
 Slots: each cache pool holds one precision, so its byte budget is a number of equal slots; a
 key's slot is fixed while it is cached and returns to the pool's free list when it is evicted.
 """
@@ -20,22 +22,23 @@ from hobbit.runtime.cache import CacheFull, ExpertCache
 from hobbit.runtime.loader import DEMAND, PREFETCH  # fetch priorities: demand loads always go first
 from hobbit.runtime.plan import Fetcher, Step
 from hobbit.policies.eviction import Key, make_evictor
-from hobbit.policies.biglittle import LITTLE_RULES, little_k, little_weights
+from hobbit.policies.biglittle import LITTLE_RULES, little_weights
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, Stats
 from hobbit.policies.prefetch import plan_prefetch
+from hobbit.runtime.fallback import MobilePasses
 
-FALLBACK_PINS = -1  # the `_pins` entry of MoBiLE's fallback reads: held through the little pass
 
-
-class Scheduler:
+class Scheduler(MobilePasses):
     def __init__(self, opt: Options, num_layers: int, top_k: int, expert_nbytes: Callable[[str], int],
-                 budget_bytes: int | None):
+                 budget_bytes: int | None, sparse_layers: int | None = None):
+        """num_layers: all layers (Eq. 3's layer distance); sparse_layers: those with experts (default all)."""
         if opt.policy not in POLICIES:
             raise ValueError(f"unknown policy {opt.policy!r}; choose from {', '.join(POLICIES)}")
         if opt.policy == "hobbit" and not opt.low:
             raise ValueError("policy 'hobbit' needs a low precision (--low int4, int3 or int2) stored in the store")
         self.opt, self.num_layers, self.expert_nbytes = opt, num_layers, expert_nbytes
+        self.sparse_layers = sparse_layers or num_layers
         self.serve_rule = ServeRule(allow_low_for_high=opt.allow_low_for_high)
         self.stats = Stats()
         self.weights: list[list[float]] | None = None  # per-token weights of the last plan(), when changed
@@ -106,44 +109,6 @@ class Scheduler:
 
     def end_step(self) -> None:
         self.t += 1
-
-    def begin_pass(self, little: bool, fetcher: Fetcher | None = None) -> None:
-        """MoBiLE: the next forward pass is a little pass, or big. A big pass right after a little one
-        is its fallback (the same token redone); a little pass starts a new token. A little pass right
-        after a little one means the previous token was accepted: its fallback reads still queued are
-        cancelled (`_cancel_fallback`; `cancelled` lists them)."""
-        self.cancelled = []
-        self._unpin_fallback()  # the little pass is over: its fallback copies may go
-        if little:
-            if self.little_pass:
-                self._cancel_fallback(fetcher)
-            self.stats.little_steps += 1
-            self._fallback.clear()  # the previous token is settled: its fallback copies are plain cache now
-        elif self.little_pass:
-            self.stats.fallbacks += 1
-        self.little_pass = little
-
-    def _unpin_fallback(self) -> None:
-        for key in self._pins.pop(FALLBACK_PINS, []):
-            self.cache.unpin(key)
-
-    def _cancel_fallback(self, fetcher: Fetcher | None) -> None:
-        """The last little pass was accepted: no fallback comes, so the reads it queued for one and that
-        have not started are dropped, in the order they were issued (the loader's next ones first); their
-        keys leave the cache and their slots are free again. A read that started finishes, and its copy
-        stays cached as usual. Whether a read started is the fetcher's answer (live: the loader's queue;
-        simulated: what the trace recorded), so the cache's books follow what was really read."""
-        if fetcher is None:
-            return
-        for key in list(self._fallback):
-            slot = self._slot.get(key)
-            if slot is None or self.cache.is_pinned(key) or not fetcher.cancel(key, slot):
-                continue
-            self._drop(key)
-            self.cancelled.append(key)
-            self.stats.fallback_prefetch_cancelled += 1
-            self.stats.fallback_bytes_saved += self.expert_nbytes(key[2])
-        self._fallback.clear()
 
     # -- one MoE layer call ----------------------------------------------------------------------
     def run_layer(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]], fetcher: Fetcher,
@@ -365,30 +330,4 @@ class Scheduler:
             self.stats.bytes_loaded["prefetch"] += self.expert_nbytes(key[2])
             self._prefetched.add(key)
             loads.append((key, slot))
-        return loads
-
-    def prefetch_fallback(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]]
-                          ) -> list[tuple[Key, int]]:
-        """During a MoBiLE little pass: admit what a fallback (big) pass of this layer adds, the last
-        floor(k/2) experts of each token, at the tier HOBBIT's Eq. 2 gives on the full top-k (policy
-        hobbit; high otherwise; skips are not read). Returns (key, slot) of the reads to start."""
-        if self.cache is None or self.opt.policy == "ondemand":
-            return []
-        loads = []
-        for ids, weights in rows:
-            tiers = self._tiers(layer, ids, weights)
-            for e, tier in list(zip(ids, tiers))[little_k(len(ids)):]:
-                if tier == SKIP or self._cached(layer, e, tier) is not None:
-                    continue
-                key = (layer, e, self._fmt(tier))
-                if key in self._slot or (slot := self._admit(key)) is None:
-                    continue  # queued already, or no room: the fallback loads it on demand
-                self.stats.prefetch_issued += 1
-                self.stats.fallback_prefetch_issued += 1
-                self.stats.bytes_loaded["prefetch"] += self.expert_nbytes(key[2])
-                self._prefetched.add(key)
-                self._fallback[key] = None
-                self.cache.pin(key)  # else Eq. 3's layer distance evicts it first, before the fallback needs it
-                self._pins.setdefault(FALLBACK_PINS, []).append(key)
-                loads.append((key, slot))
         return loads
