@@ -71,7 +71,7 @@ def bench(name: str = "bench_smolmoe.json") -> str:
 def profile(name: str = "bench_smolmoe.json") -> str:
     runs = [r for r in _load(name)["runs"] if r.get("profile_ms_per_token")]
     parts = list(runs[0]["profile_ms_per_token"])
-    head = ["ms per decode token"] + [f"{r['policy']} {_pct(r['budget_fraction']) if r['budget_fraction'] else ''}".strip()
+    head = ["ms per decode token"] + [f"{r.get('name') or r['policy']} {_pct(r['budget_fraction']) if r['budget_fraction'] else ''}".strip()
                                       for r in runs]
     rows = [[p] + [f"{r['profile_ms_per_token'][p]:.2f}" for r in runs] for p in parts]
     rows.append(["total"] + [f"{sum(r['profile_ms_per_token'].values()):.2f}" for r in runs])
@@ -82,21 +82,28 @@ def mobile(*names: str) -> str:
     """MoBiLE runs (hobbit bench with mobile policies), one block of rows per file; × lru within the file."""
     rows, docs = [], [_load(name) for name in names]
     cancel = any("fallback_prefetch_cancelled_frac" in r for d in docs for r in d["runs"])  # measured since then
+    withheld = any("fallback_prefetch_withheld" in r for d in docs for r in d["runs"])  # --fallback-prefetch since then
     for d in docs:
-        gamma = d["settings"]["engine"].get("gamma")
         lru = next(r["decode_tok_s"] for r in d["runs"] if r["policy"] == "lru")
         for r in d["runs"]:
             little = r["fallback_rate"] is not None
+            gamma = (r.get("variant") or {}).get("gamma", d["settings"]["engine"].get("gamma"))
+            mode = (r.get("variant") or {}).get("fallback_prefetch", "fit" if withheld else None)
             fb = "" if not little else f"{_pct(r['fallback_rate'])} / {_pct(r['eval_fallback_rate'])}"
             saved = r.get("fallback_bytes_saved_per_token")
-            rows.append([r["policy"], f"{0.7 if gamma is None else gamma:g}" if little else "",
-                         f"{r['decode_tok_s']:.2f}", f"{r['decode_tok_s'] / lru:.2f}", fb,
-                         _pct(r["fallback_prefetch_used_frac"]) if little else ""]
+            issued = (f"{r['fallback_prefetch_issued']} / {r['fallback_prefetch_withheld']}"
+                      if little and withheld else "")
+            rows.append([r["policy"] + (f" ({mode})" if little and mode else ""),
+                         f"{0.7 if gamma is None else gamma:g}" if little else "",
+                         f"{r['decode_tok_s']:.2f}", f"{r['decode_tok_s'] / lru:.2f}", fb]
+                        + ([issued] if withheld else [])
+                        + [_pct(r["fallback_prefetch_used_frac"]) if little else ""]
                         + ([_pct(r.get("fallback_prefetch_cancelled_frac")) if little else "",
                             f"{saved / 1024:.0f}" if little and saved is not None else ""] if cancel else [])
                         + [f"{r['bytes_per_token'] / 1024:.0f}", f"{r['ppl_delta_pct']:+.2f}%",
                            f"{r['top1_agreement']:.1%}"])
-    return _md(["policy", "gamma", "decode tok/s", "× lru", "fallback (decode / eval)", "fallback prefetches used"]
+    return _md(["policy", "gamma", "decode tok/s", "× lru", "fallback (decode / eval)"]
+               + (["fallback reads issued / withheld"] if withheld else []) + ["fallback prefetches used"]
                + (["cancelled unread", "KiB saved / token"] if cancel else [])
                + ["KiB read / token", "ppl Δ", "top-1"], rows)
 
@@ -167,8 +174,7 @@ def peer_memory(name: str = "peer_memory.json", extras: bool = True) -> str:
 
 TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload,
           "mobile": lambda: mobile("bench_mobile.json", "bench_mobile_gamma0.json"),
-          "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma0.5.json",
-                                            "bench_mobile_codermoe_gamma0.3.json"),
+          "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma.json"),
           "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json"),
           "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", extras=False)}
 
