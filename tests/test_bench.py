@@ -133,3 +133,21 @@ def test_profile_split_per_configuration(bench_result):
             assert split["load_wait"] == 0  # nothing is ever loaded
         if r["policy"] == "ondemand":
             assert split["load_wait"] > 0  # every expert is read while the compute thread waits
+
+
+def test_reference_ignores_dense_overrides(tiny_store, tmp_path):
+    """--dense / --lm-head change the configurations, never the full-precision reference they are scored against."""
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man must be in want of a wife.\n" * 4)
+    refs = []
+    for flags in ([], ["--dense", "int8", "--lm-head", "int4"]):
+        parser = argparse.ArgumentParser()
+        add_bench_args(parser.add_subparsers())
+        out = tmp_path / f"out{len(flags)}.json"
+        assert cmd_bench(parser.parse_args(["bench", str(tiny_store), "--policies", "resident", "--text", str(text),
+                                            "--split", "all", "--prompt-tokens", "8", "--max-new-tokens", "2",
+                                            "--window", "32", "--max-tokens", "64", "--json", str(out), *flags])) == 0
+        run = json.loads(out.read_text())["runs"][0]
+        refs.append((run["ppl_full_precision"], run["ppl"]))
+    assert refs[0][0] == refs[1][0] == refs[0][1]  # same reference; resident as stored is the reference
+    assert refs[1][1] != refs[1][0]  # the overridden dense weights do change the scored run

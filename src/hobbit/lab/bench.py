@@ -199,7 +199,7 @@ def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict,
 def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
           log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
     """All configurations, interleaved: returns (run records, configurations that could not run)."""
-    with load(s.store, policy="resident", **dict(s.engine, high=None, dense=None)) as ref_engine:
+    with load(s.store, policy="resident", **dict(s.engine, high=None, dense=None, lm_head=None)) as ref_engine:
         log(f"reference: resident at {ref_engine.provider.opt.high}, {len(s.eval_ids)} tokens")
         ref = evaluate_ppl(ref_engine, s.eval_ids, s.window, s.stride, keep_predictions=True, stepwise=s.stepwise)
     del ref_engine  # its resident pools hold every expert: freed now, not when the whole bench returns
