@@ -18,9 +18,8 @@ polled VmHWM: llama.cpp = peak RSS - GGUF bytes of `llama-completion --no-repack
 GGUF (the larger); hobbit = peak RSS - dense - KV - expert budget of `hobbit run --policy lru` at the largest f
 (Python, torch, tokenizer, allocator, slot rounding). hobbit's --budget at L(f) is L(f) - its own baseline -
 dense - KV. --own-fractions adds llama.cpp-only limits from its own sizes (where hobbit cannot start).
-hobbit's dense term is what its calibration run holds (dense weights less the file-mapped embedding), so
---hobbit-args '--dense int4 --lm-head int8' (the dense weights as the Q4_0 export holds them: Q4_0
-projections, Q8_0 output) counts what that run holds.
+hobbit's dense term is what its calibration run holds (less the file-mapped embedding), so it follows
+--hobbit-args, e.g. '--dense int4 --lm-head int8' (the dense weights as the Q4_0 export holds them).
 """
 from __future__ import annotations
 
@@ -291,8 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--hobbit-args", default="", help="flags added to every hobbit run, e.g. '--dense int4 "
-                    "--lm-head int8' (the dense weights as the Q4_0 export holds them)")
+    ap.add_argument("--hobbit-args", default="", help="flags added to every hobbit run, e.g. '--dense int4 --lm-head int8'")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -308,8 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def belady_check(store: Path, ids: list[int], a, budget: int, env: dict, folder: Path) -> dict:
     """Record the routing of this prompt (resident run), then replay belady / lru / hobbit on it at `budget`."""
     trace = folder / "trace.jsonl.gz"
-    subprocess.run(hobbit_cmd(store, "resident", ids, a.tokens, a.threads, a.high, None, None, trace, a.hobbit_extra), env=env,
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(hobbit_cmd(store, "resident", ids, a.tokens, a.threads, a.high, None, None, trace,
+                              a.hobbit_extra), env=env, check=True, stdout=subprocess.DEVNULL)
     out = {}
     for pol in ("belady", "lru", "hobbit"):
         cmd = [*HOBBIT, "simulate", str(trace), "--policy", pol, "--budget", str(budget), "--high", a.high, "--json",

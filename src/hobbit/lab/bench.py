@@ -43,8 +43,6 @@ _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "dec
          "fallback_prefetch_cancelled", "fallback_bytes_saved",
          "fallback_reused")
 WARMUP_TOKENS = 8  # warm-up prompt length; it generates 4 tokens
-
-
 MOBILE_KNOBS = ("gamma", "fallback_prefetch")  # comma lists in `hobbit bench`: one configuration per combination
 
 

@@ -125,7 +125,8 @@ class Engine:
         opts = run.options
         self.budget_bytes, self.policy, self.tuned = run.budget_bytes, opts.name, run.tuned
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
-                                         self.budget_bytes, opts, io_threads=self._io_threads(config, opts))
+                                         self.budget_bytes, opts, io_threads=self._io_threads(config, opts),
+                                         sparse_layers=len(self.config.sparse_layers))
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
         # dense weights in owned memory, as stored (convert --dense) unless `dense` / `lm_head` override: int4 is 2.5x
         # bf16 at batch 1; the embedding stays file-mapped when the store has its own LM head (a row lookup; not

@@ -27,6 +27,7 @@ from hobbit.runtime.loader import DEMAND, PREFETCH, Loader
 from hobbit.policies.eviction import Key
 from hobbit.runtime.options import Options
 from hobbit.runtime.plan import Step
+from hobbit.runtime.routing import softmax_topk
 from hobbit.runtime.schedule import Scheduler
 from hobbit.store.format import ALIGN, ExpertStore, blob_tensors
 from hobbit.runtime.trace import TraceWriter
@@ -183,24 +184,20 @@ class Predictor:
             return {}
         ahead, w = self.stacks[layer]
         logits = (x[-1:] @ w.T).float().view(len(ahead), -1)  # [depth, E]
-        probs = torch.softmax(logits, dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)  # [depth, k]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
+        ids, weights = softmax_topk(logits, self.top_k, self.norm_topk_prob)  # [depth, k]
         return {j: list(zip(ids[n].tolist(), weights[n].tolist())) for n, j in enumerate(ahead)}
 
 
 class OffloadedExperts:
     def __init__(self, store: ExpertStore, num_layers: int, top_k: int, dtype: torch.dtype,
-                 budget_bytes: int | None, options: Options, io_threads: int = 1):
+                 budget_bytes: int | None, options: Options, io_threads: int = 1, sparse_layers: int | None = None):
         for p in filter(None, (options.high, options.low)):
             if p not in store.precisions:
                 raise ValueError(f"precision {p!r} is not in the store (it has {', '.join(store.precisions)}); "
                                  f"re-convert with `--precisions` including it")
         self.store, self.dtype, self.opt = store, dtype, options
         self._slot_bytes: dict[str, int] = {}
-        self.scheduler = Scheduler(options, num_layers, top_k, self.expert_bytes, budget_bytes,
-                                   sparse_layers=len(ModelConfig.from_dict(store.manifest["config"]).sparse_layers))
+        self.scheduler = Scheduler(options, num_layers, top_k, self.expert_bytes, budget_bytes, sparse_layers)
         self.stats = self.scheduler.stats
         self.loader = Loader(threads=io_threads)
         self.predictor: Predictor | None = None

@@ -156,8 +156,8 @@ def convert_matrix(w: Stored | Tensor, fmt: str, group_size: int, rows: int = 20
     out: dict[str, Tensor] = {}
     for r in range(0, N, rows):
         n = min(rows, N - r)
-        block = w[r:r + n].float() if isinstance(w, Tensor) else \
-            w.q["q"][r:r + n].float() * w.q["scale"][r:r + n, None].float()  # [n, K]
+        block = w[r:r + n].float() if isinstance(w, Tensor) else quant.dequantize(  # [n, K]
+            {k: v[r:r + n] for k, v in w.q.items()}, "int8", (n, K), 0)
         for key, part in quant.quantize(block, fmt, group_size).items():
             dim = 1 if key == "sz" else 0  # int4's sz is [G, N, 2]; every other part's rows lead
             if key not in out:
