@@ -149,3 +149,22 @@ def test_little_end_to_end(tiny_store):
     assert not (always.logits(prompt) == base).all()
     for e in (ref, never, always):
         e.close()
+
+
+@pytest.mark.parametrize("keep,started", [(False, False), (True, False), (False, True)])
+def test_a_prefetch_its_router_did_not_choose_is_dropped_unread(keep, started):
+    """Layer 0 predicts experts 1 and 2 of layer 1; layer 1's router chooses 1 and 3. Expert 2's read is
+    dropped when it has not started (its slot serves expert 3's load), unless --keep-stale-prefetch."""
+    s = Scheduler(Options(policy="lru+prefetch", high="bf16", keep_stale_prefetch=keep), num_layers=2, top_k=2,
+                  expert_nbytes=lambda p: MB, budget_bytes=4 * MB)
+    f = CountingFetcher()
+    s.run_layer(0, [([0, 5], [0.6, 0.4])], f, predicted={1: [(1, 0.6), (2, 0.4)]})
+    assert f.loads == {"demand": {"bf16": 2}, "prefetch": {"bf16": 2}} and (1, 2, "bf16") in s.cache
+    f.unread = set() if started else {(1, 2, "bf16")}  # what a live loader has not started
+    s.run_layer(1, [([1, 3], [0.7, 0.3])], f)
+    dropped = not keep and not started
+    assert s.stale == ([(1, 2, "bf16")] if dropped else [])
+    assert ((1, 2, "bf16") in s.cache) != dropped
+    assert s.stats.stale_prefetch_cancelled == dropped and s.stats.stale_bytes_saved == dropped * MB
+    assert s.stats.prefetch_used == 1 and s.stats.misses["bf16"] == 3  # 0, 5, then 3 (1 was prefetched)
+    assert s.stats.evictions == (0 if dropped else 1)  # expert 3 took the dropped read's slot

@@ -135,6 +135,7 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
     seq, sequences, steps, tokens = -1, 0, 0, 0
     stats = sched.stats
     cancelled = []  # fallback reads dropped unread (MoBiLE: accepted little passes)
+    stale = []  # prefetch reads dropped unread (their layer's router chose other experts)
 
     for s, t, group in iter_steps(calls):
         fetcher.unread = set(group[0].cancelled)  # what the live run dropped unread before this step
@@ -154,9 +155,11 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         bd0 = sum(disk[p] * n for p, n in loads["demand"].items())
         bp0 = sum(disk[p] * n for p, n in loads["prefetch"].items())
         for call in group:
+            fetcher.unread = set(call.stale)  # the prefetch reads the live run dropped unread at this call
             prec_of = {}
             kept = sched.run_layer(call.layer, call.rows, fetcher,
                                    lambda st: prec_of.__setitem__(st.expert, st.key[2]), call.pred)
+            stale += sched.stale
             # selections computed, per precision: a token's slot counts unless the plan dropped it
             for r, ids in enumerate(call.ids):
                 wr = kept[r] if kept is not None else None
@@ -176,11 +179,11 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         ph.c["bytes_prefetch"] += sum(disk[p] * n for p, n in loads["prefetch"].items()) - bp0
 
     return _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases,
-                   sequences, steps, tokens, disk, cancelled)
+                   sequences, steps, tokens, disk, cancelled, stale)
 
 
 def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, sequences, steps, tokens,
-            disk, cancelled=()) -> dict:
+            disk, cancelled=(), stale=()) -> dict:
     link = link_gbps * 1e9 if link_gbps else None
     base = stats.as_dict()
     precs = sorted(set(stats.hits) | set(stats.misses) | set(served), key=list(header["precisions"]).index)
@@ -215,6 +218,8 @@ def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, 
         fallback_prefetch_cancelled=stats.fallback_prefetch_cancelled,
         ram_fallback_bytes_saved=stats.fallback_bytes_saved,
         fallback_bytes_saved=sum(disk[k[2]] for k in cancelled),
+        stale_prefetch_cancelled=stats.stale_prefetch_cancelled,
+        stale_bytes_saved=sum(disk[k[2]] for k in stale),
         demand_loads_by_precision=dict(loads["demand"]), prefetch_loads_by_precision=dict(loads["prefetch"]),
         prefetch_loads=sum(loads["prefetch"].values()),
         bytes_demand=bytes_demand, bytes_prefetch=bytes_prefetch,

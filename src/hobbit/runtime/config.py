@@ -94,6 +94,9 @@ class RunConfig:
     prefetch_depth: int | None = field(default=None, metadata=_knob(
         "--prefetch-depth", "layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)",
         type=int))
+    keep_stale_prefetch: bool = field(default=False, metadata=_knob(
+        "--keep-stale-prefetch", "finish the queued prefetch reads of a layer whose router chose other experts "
+        "(by default they are dropped unread when the router runs)", action="store_true"))
     precision_map: dict | None = field(default=None, metadata=_knob(
         "--precision-map", "a JSON file {\"layer/expert\": precision}: those experts always run at that precision "
         "(one below --high), the rest at --high, instead of a per-token rule (`hobbit study` writes such maps)",
@@ -210,7 +213,7 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> 
     if config.precision_map and config.low is None:  # the map names the low tier
         low = next(iter(set(config.precision_map.values()) - {high}), low)
     options = Options(policy=policy, high=high, low=low, allow_low_for_high=config.allow_low_for_high,
-                      precision_map=config.precision_map, **knobs)
+                      keep_stale_prefetch=config.keep_stale_prefetch, precision_map=config.precision_map, **knobs)
     return Resolved(options, budget, used, note)
 
 

@@ -289,6 +289,8 @@ class OffloadedExperts:
             done[step.expert] = _weighted(expert, step.expert, x, ids, row, w)
 
         sched.run_layer(layer, rows, self.fetcher, compute, predicted)
+        if self.trace is not None:
+            self.trace.stale(sched.stale)
         if reuse:
             reuse.clear()  # only the fallback's first sparse layer reuses
         return _combine(done, x)

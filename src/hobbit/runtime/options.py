@@ -67,6 +67,8 @@ class Options:
     # (biglittle.fallback_reads_fit), 'always', or 'never' (the fallback loads on demand)
     fallback_prefetch: str = "fit"
     prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
+    # keep a queued prefetch of a layer whose router then chose other experts (default: drop it unread)
+    keep_stale_prefetch: bool = False
     eviction_options: dict = field(default_factory=dict)
     # static per-expert precision, (layer, expert) -> format (unlisted: high); it replaces Eq. 2's per-token
     # rule on every policy; its one format besides `high` becomes `low` (the two tiers are two cache pools)
@@ -137,6 +139,8 @@ class Stats:
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched copies that served a later request
     prefetch_cancelled: int = 0  # live only: queued prefetch reads dropped because their slot was reused first
+    stale_prefetch_cancelled: int = 0  # queued prefetch reads dropped unread: their layer's router chose otherwise
+    stale_bytes_saved: int = 0  # RAM bytes of those reads
     loader_wait_s: float = 0.0
     evictions: int = 0
     prediction: PredictionStats = field(default_factory=PredictionStats)
@@ -155,5 +159,6 @@ class Stats:
                     fallback_prefetch_withheld=self.fallback_prefetch_withheld,
                     fallback_prefetch_cancelled=self.fallback_prefetch_cancelled,
                     fallback_bytes_saved=self.fallback_bytes_saved, fallback_reused=self.fallback_reused,
-                    prefetch_cancelled=self.prefetch_cancelled, prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,
+                    prefetch_cancelled=self.prefetch_cancelled, stale_prefetch_cancelled=self.stale_prefetch_cancelled,
+                    stale_bytes_saved=self.stale_bytes_saved, prefetch_used=self.prefetch_used, loader_wait_s=self.loader_wait_s, evictions=self.evictions,
                     prediction=self.prediction.as_dict())

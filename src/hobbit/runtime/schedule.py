@@ -53,6 +53,7 @@ class Scheduler(MobilePasses):
         self.little_pass = False  # MoBiLE: this forward pass runs each token's little set (begin_pass)
         self._fallback: dict[Key, None] = {}  # admitted for a fallback by the last little pass, not yet used (issue order)
         self.cancelled: list[Key] = []  # the fallback reads the last accepted little pass cancelled (traces record them)
+        self.stale: list[Key] = []  # the prefetch reads the last layer call dropped unread (traces record them)
         if opt.policy == "ondemand":  # no cache: top_k staging slots, emptied after each expert is computed
             self.cache = self._pools({"all": top_k * expert_nbytes(opt.high)}, lambda prec: "all", "lru")
         elif opt.policy in CACHE_POLICIES:
@@ -118,7 +119,7 @@ class Scheduler(MobilePasses):
         `depth` layers are used; issued before this layer computes, so the reads overlap its compute),
         then compute each step as its copy lands. Returns the per-token weights to compute with when
         the plan dropped or rescaled a selection, else None."""
-        steps = self.plan(layer, rows)
+        steps = self.plan(layer, rows, fetcher)
         weights = self.weights
         ready = [s for s in steps if s.slot is not None]
         waiting = [s for s in steps if s.action == "load" and s.slot is None]
@@ -235,13 +236,18 @@ class Scheduler(MobilePasses):
             return None
         return self.serve_rule.serve(tier, (layer, e, o.high) in c, o.low is not None and (layer, e, o.low) in c)
 
-    def plan(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]]) -> list[Step]:
+    def plan(self, layer: int, rows: Sequence[tuple[Sequence[int], Sequence[float]]],
+             fetcher: Fetcher | None = None) -> list[Step]:
         """rows: per token (expert ids sorted by weight desc, weights). Steps in ascending expert id;
-        hits and admitted loads are pinned until `run_layer` is done with them."""
+        hits and admitted loads are pinned until `run_layer` is done with them. With a `fetcher`, this
+        layer's prefetches the router did not choose are dropped first where unread (`_cancel_stale`)."""
         if layer in self._predicted:
             self.stats.prediction.add(self._predicted.pop(layer), list(rows[-1][0]))
         steps = []
         want, self.weights = self.select(layer, rows)
+        self.stale = []
+        if fetcher is not None and not self.opt.keep_stale_prefetch:
+            self._cancel_stale(layer, want, fetcher)
         self.stats.selections += sum(len(ids) for ids, _ in rows)
         for e in sorted(want):
             tier = want[e]
@@ -271,6 +277,27 @@ class Scheduler(MobilePasses):
                     self.cache.pin(key)
                 steps.append(Step(e, "load", key, slot))
         return steps
+
+    def _cancel_stale(self, layer: int, want: dict[int, str], fetcher: Fetcher) -> None:
+        """Prefetches of `layer` for experts its router did not choose: a read not started yet is dropped
+        (the key leaves the cache, its slot is free for this layer's loads); one running or done stays
+        cached. Saves the bytes of mispredictions while the reads queue behind each other (I/O-bound
+        budgets); what was dropped is `stale`, so a trace replays it."""
+        stale = {k for k in self._prefetched if k[0] == layer and k[1] not in want and k not in self._fallback}
+        if not stale:
+            return
+        pins = self._pins.get(layer, [])
+        for key in pins:
+            if key in stale:
+                self.cache.unpin(key)
+        self._pins[layer] = [k for k in pins if k not in stale]
+        for key in sorted(stale):
+            if self.cache.is_pinned(key) or not fetcher.cancel(key, self._slot[key]):
+                continue
+            self._drop(key)
+            self.stale.append(key)
+            self.stats.stale_prefetch_cancelled += 1
+            self.stats.stale_bytes_saved += self.expert_nbytes(key[2])
 
     def _admit(self, key: Key) -> int | None:
         """Cache `key` in a slot (evicting by the policy); None when pinned keys leave no room."""

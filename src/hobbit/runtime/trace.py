@@ -31,6 +31,7 @@ class LayerCall:
     pred: dict[int, list[tuple[int, float]]]
     little: bool = False  # a MoBiLE little pass
     cancelled: list[tuple[int, int, str]] = field(default_factory=list)  # fallback reads dropped before this call
+    stale: list[tuple[int, int, str]] = field(default_factory=list)  # prefetch reads this call dropped unread
 
     @property
     def rows(self) -> list[tuple[list[int], list[float]]]:
@@ -44,6 +45,7 @@ class TraceWriter:
         self.seq = -1
         self.logits = logits
         self._cancelled: list = []  # noted by `cancelled`, written with the next record
+        self._pending: dict | None = None  # the last record, not written yet
 
     def cancelled(self, keys) -> None:
         """The scheduler dropped these fallback reads unread (an accepted little pass)."""
@@ -66,9 +68,22 @@ class TraceWriter:
             rec["cancelled"], self._cancelled = self._cancelled, []
         if self.logits and logits is not None:
             rec["logits"] = [[round(x, 4) for x in row] for row in logits.tolist()]
-        self.f.write(json.dumps(rec) + "\n")
+        self._flush()
+        self._pending = rec  # written with the next record, after `stale` has had its say
+
+    def stale(self, keys) -> None:
+        """The scheduler dropped these prefetch reads of the last recorded call unread (its router chose
+        other experts)."""
+        if keys:
+            self._pending.setdefault("stale", []).extend(list(k) for k in keys)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self.f.write(json.dumps(self._pending) + "\n")
+            self._pending = None
 
     def close(self) -> None:
+        self._flush()
         self.f.close()
 
 
@@ -88,7 +103,8 @@ def read_trace(path: str | Path) -> tuple[dict, list[LayerCall]]:
 def _call(r: dict) -> LayerCall:
     return LayerCall(r["seq"], r["t"], r["layer"], r["ids"], r["w"], r.get("logits"),
                      {int(j): [(int(e), float(w)) for e, w in p] for j, p in r.get("pred", {}).items()},
-                     bool(r.get("little", 0)), [(int(l), int(e), str(p)) for l, e, p in r.get("cancelled", [])])
+                     bool(r.get("little", 0)), *([(int(l), int(e), str(p)) for l, e, p in r.get(k, [])]
+                                                 for k in ("cancelled", "stale")))
 
 
 def iter_steps(calls: list[LayerCall]) -> Iterator[tuple[int, int, list[LayerCall]]]:
