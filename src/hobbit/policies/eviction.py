@@ -265,34 +265,37 @@ class Multidim(_Recorded):
         total = sum(w.values())
         self.weights = {k: v / total for k, v in w.items()}
         self.num_layers = num_layers
+        self._score: dict[tuple[int, int], float] = {}  # expert -> w_lru*R + w_lfu*F + w_lhu*H (Eq. 3 times T)
+        n, wd = num_layers, self.weights["fld"]
+        # [layer_now][layer] -> the FLD term
+        self._fld = [[wd * (1.0 - ((layer - now + n) % n) / n) for layer in range(n)] for now in range(n)]
         super().__init__()
+
+    def reset(self) -> None:
+        super().reset()
+        self._score.clear()
+
+    def touch(self, key: Key, t: int, layer_now: int, high: bool) -> None:
+        """Records as every evictor keeps them, and the expert's record terms of Eq. 3 summed once
+        here: they change only on a touch, while a victim scan reads them for every candidate."""
+        super().touch(key, t, layer_now, high)
+        e, r, w = (key[0], key[1]), self._records, self.weights
+        self._score[e] = w["lru"] * r.last[e] + w["lfu"] * r.uses[e] + w["lhu"] * r.high_uses.get(e, 0)
 
     def priority(self, key: Key, t: int, layer_now: int) -> float:
         """Eq. 3 for ``key`` at token ``t`` while computing ``layer_now``."""
-        e = (key[0], key[1])
-        big_t = t + 1
         n = self.num_layers
-        w = self.weights
-        return (
-            w["lru"] * self._records.last.get(e, 0) / big_t
-            + w["lfu"] * self._records.uses.get(e, 0) / big_t
-            + w["lhu"] * self._records.high_uses.get(e, 0) / big_t
-            + w["fld"] * (1.0 - ((key[0] - layer_now + n) % n) / n)
-        )
+        return self._score.get((key[0], key[1]), 0.0) * (1.0 / (t + 1)) + self._fld[layer_now % n][key[0] % n]
 
     def victim(self, candidates: Sequence[Key], t: int, layer_now: int) -> Key:
         """The lowest (priority, stamp, key); `priority` inlined (same expression, same floats): this
         scan runs once per eviction over the whole pool, so its per-candidate cost is the hot path."""
         _check_candidates(candidates)
-        big_t, n, w = t + 1, self.num_layers, self.weights
-        wl, wf, wh, wd = w["lru"], w["lfu"], w["lhu"], w["fld"]
-        last, uses, high = self._records.last.get, self._records.uses.get, self._records.high_uses.get
-        fld = [wd * (1.0 - ((layer - layer_now + n) % n) / n) for layer in range(n)]  # the FLD term per layer
-        stamp = self._recency.stamp
+        inv_t, n = 1.0 / (t + 1), self.num_layers
+        score, stamp, fld = self._score.get, self._recency.stamp, self._fld[layer_now % n]
         best, best_rank = None, None
         for k in candidates:
-            e = (k[0], k[1])
-            p = wl * last(e, 0) / big_t + wf * uses(e, 0) / big_t + wh * high(e, 0) / big_t + fld[k[0] % n]
+            p = score((k[0], k[1]), 0.0) * inv_t + fld[k[0] % n]
             if best_rank is None or p <= best_rank[0]:
                 rank = (p, stamp(k), k)
                 if best_rank is None or rank < best_rank:

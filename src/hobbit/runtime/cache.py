@@ -118,7 +118,7 @@ class ExpertCache:
         while self.used[pool] + nbytes > budget:
             candidates = [k for k in self._by_pool[pool] if k not in self._pins]
             victim = self.evictor.victim(candidates, t, layer_now)
-            if victim not in candidates:
+            if victim not in self._by_pool[pool] or victim in self._pins:  # (dict lookups: this runs per eviction)
                 raise RuntimeError(f"evictor {self.evictor.name!r} chose {victim}, which is not an evictable candidate")
             self._evict(victim)
             evicted.append(victim)
