@@ -172,11 +172,36 @@ def peer_memory(name: str = "peer_memory.json", extras: bool = True) -> str:
     return "\n".join(out)
 
 
+def study() -> str:
+    """`hobbit study`'s answer per store, from docs/study/study.json (the report itself: docs/study/report.md)."""
+    d = json.loads((ROOT / "docs" / "study" / "study.json").read_text())
+    rows = []
+    for st in d["stores"]:
+        a, f = st["analysis"], st["analysis"]["findings"]
+        uni = " · ".join(f"{p} {u['dppl']:+.1f}% ({u['top1']:.0%})" for p, u in f["uniform"].items())
+        noise = "-" if f["int4_spread"] is None else f"{f['int4_min']:+.1f} to {f['int4_max']:+.1f}"
+        below = ", ".join(f"{n['fraction']}%: {n['dppl']:+.1f}%" for n in f["native"]) or "-"
+        dec, loose = a["decision"], a["decision_loose"]
+        rows.append([f"{st['store']} ({st['native'].split(' (')[0]})", uni, noise,
+                     f"`{f['best_signal']}` {f['best_dppl']:+.1f}% / `{f['worst_signal']}` {f['worst_dppl']:+.1f}%",
+                     below, f"{dec['worth_cells']} / {dec['total_cells']}", f"{loose['worth_cells']} / {loose['total_cells']}",
+                     f"{dec['uniform_wins']} / {dec['total_cells']}"])
+    sm = d["summary"]
+    return _md(["store (source)", "uniform low store: Δppl (top-1)", "int4 re-quantized points: Δppl spread (noise)",
+                "best / worst signal: mean Δppl of its static points", "int4 + cold experts at int2 (below native): Δppl",
+                f"mixed worth it (Δppl ≤ {dec['tol_pct']:g}%)", f"... (Δppl ≤ {sm['loose_pct']:g}%)",
+                "a uniform store as fast as every mixed config"], rows) + (
+        f"\n\nCells are budget (10/25/50%) × link ({', '.join(f'{x:g}' for x in d['links'])} GB/s); \"worth it\" = "
+        f"within the perplexity bar and ≥ {dec['worth_speedup']:g}× both the full-precision SLRU and the best uniform "
+        f"store. Over the {sm['stores']} stores that hold the native int4 tier: {sm['worth']} of {sm['cells']} cells.")
+
+
 TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload,
           "mobile": lambda: mobile("bench_mobile.json", "bench_mobile_gamma0.json"),
           "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma.json"),
           "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json"),
-          "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", extras=False)}
+          "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", extras=False),
+          "study": study}
 
 
 def missing(readme: str) -> list[str]:

@@ -8,6 +8,8 @@ stacked-gate predictions for later layers. gzip'd JSON lines, torch-free to read
     (+ "little": 1 on a MoBiLE little pass; a big pass after it at the next t is its fallback)
     (+ "cancelled": [[layer, expert, precision], ...] on the first call after an accepted little pass:
      the fallback reads that were dropped unread, so a replay's books follow the live run's)
+    (+ "stale": [[layer, expert, precision], ...]: this call's prefetch reads its router made stale and
+     the scheduler dropped unread; a record is written once the scheduler has run its call)
 """
 from __future__ import annotations
 
