@@ -201,6 +201,7 @@ TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "p
           "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma.json"),
           "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json"),
           "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", extras=False),
+          "peer_memory_int8": lambda: peer_memory("peer_memory_int8.json", extras=False),
           "study": study}
 
 
