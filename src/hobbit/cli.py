@@ -34,7 +34,8 @@ def _format_stats(s: dict) -> str:
         ("prefill", f"{s['prefill_s']:.3f} s"),
         ("decode", f"{s['generated_tokens']} tokens, {s['decode_tok_s']:.2f} tok/s"),
         ("experts", f"hit rate {s['hit_rate']:.1%}, hits/misses by precision: {by_prec}, skipped {s['skipped']}"),
-        ("read from store", f"{s['bytes_read'] / 2**20:.1f} MiB"),
+        ("read from store", f"{s['bytes_read'] / 2**20:.1f} MiB; prefetches {s['prefetch_used']} of "
+                            f"{s['prefetch_issued']} used, {s['stale_prefetch_cancelled']} dropped unread (router chose otherwise)"),
         ("waited for loader", f"{s['loader_wait_s']:.3f} s"),
         ("memory", f"experts cached {s['cached_expert_bytes'] / 2**20:.1f} MiB of budget "
                    f"{(s['budget_bytes'] or 0) / 2**20:.1f} MiB, dense {s['dense_bytes'] / 2**20:.1f} MiB, "

@@ -286,7 +286,8 @@ def format_report(r: dict) -> str:
                          f" per token)"),
         ("read (demand)", f"{r['bytes_demand'] / mib:.1f} MiB ({r['per_token']['bytes_demand'] / mib:.2f} MiB/token)"),
         ("read (prefetch)", f"{r['bytes_prefetch'] / mib:.1f} MiB in {r['prefetch_loads']} loads, "
-                            f"{r['prefetch_used']} used"),
+                            f"{r['prefetch_used']} used, {r['stale_prefetch_cancelled']} dropped unread as the live "
+                            f"run did ({r['stale_bytes_saved'] / mib:.1f} MiB)"),
     ]
     if r["link_gbps"]:
         rows.append(("modeled load time", f"demand (stalls) {_secs(r['demand_s'])} = "

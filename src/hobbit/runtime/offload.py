@@ -103,11 +103,13 @@ class SlotFetcher:
         prev = self._reads.get((prec, slot))
         if prev is not None and self.loader.cancel((prec, slot, prev[0])):
             self.stats.prefetch_cancelled += 1  # evicted before its read started: never read
-        elif prev is not None:
+        elif prev is not None and not prev[1].done():
+            t0 = time.perf_counter()
             try:
                 prev[1].result()  # a read into this slot is running: let it finish before reusing the slot
             except Exception:
                 pass
+            self.stats.loader_wait_s += time.perf_counter() - t0  # a wait for the loader like any other
         fut = self.loader.submit((prec, slot, key), lambda: self.pools[prec].load(slot, key[0], key[1]), priority,
                                  wake=priority == PREFETCH or self.demand_on_loader)
         self._reads[(prec, slot)] = (key, fut, priority)
