@@ -132,7 +132,8 @@ def dense() -> str:
     return _md(["`--dense`", "SmolLM2 tok/s", "fastest step", "SmolLM2 ppl", "SmolMoE ppl"], rows)
 
 
-def peer_memory(name: str = "peer_memory.json", extras: bool = True) -> str:
+def peer_memory(name: str = "peer_memory.json", quality: str | None = "peer_memory_quality.json",
+                profile: str | None = "peer_memory_profile.json") -> str:
     """hobbit vs llama.cpp under one cgroup limit (benchmarks/peer_memory.py), with the ratios the issue targets."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from peer_memory import markdown_table
@@ -157,15 +158,14 @@ def peer_memory(name: str = "peer_memory.json", extras: bool = True) -> str:
         out.append("Expert bytes read per token, replayed on this prompt's trace at the 25% budget (`hobbit simulate`): "
                    + ", ".join(f"{p} {v / MIB:.1f} MiB" for p, v in per.items())
                    + f"; hobbit / belady = {per['hobbit'] / per['belady']:.2f} (target ≤ 1).")
-    qpath = ROOT / "results" / "peer_memory_quality.json"
-    if extras and qpath.is_file():
-        q = {r["policy"]: r for r in json.loads(qpath.read_text())["runs"] if r.get("ppl") is not None}
-        out.append("Quality against the resident bf16 model (`hobbit bench --stepwise`, "
+    if quality:
+        qd = _load(quality)
+        q = {r["policy"]: r for r in qd["runs"] if r.get("ppl") is not None}
+        out.append(f"Quality against the resident model with {qd['reference']} (`hobbit bench --stepwise`, "
                    + "; ".join(f"{p}: perplexity {r['ppl']:.3f} vs {r['ppl_full_precision']:.3f} ({r['ppl_delta_pct']:+.2f}%), "
                                f"top-1 agreement {r['top1_agreement']:.1%}" for p, r in q.items()) + ").")
-    ppath = ROOT / "results" / "peer_memory_profile.json"
-    if extras and ppath.is_file():
-        for p, r in json.loads(ppath.read_text())["runs"].items():
+    if profile:
+        for p, r in json.loads((ROOT / "results" / profile).read_text())["runs"].items():
             parts = sorted(r["ms_per_token"].items(), key=lambda kv: -kv[1])[:4]
             out.append(f"`hobbit profile` {p}: {r['total_ms_per_token']:.0f} ms per decode token, of which "
                        + ", ".join(f"{k} {v:.0f}" for k, v in parts) + " ms.")
@@ -200,8 +200,8 @@ TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "p
           "mobile": lambda: mobile("bench_mobile.json", "bench_mobile_gamma0.json"),
           "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma.json"),
           "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json"),
-          "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", extras=False),
-          "peer_memory_int8": lambda: peer_memory("peer_memory_int8.json", extras=False),
+          "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", None, None),
+          "peer_memory_int8": lambda: peer_memory("peer_memory_int8.json", "peer_memory_int8_quality.json", None),
           "study": study}
 
 
