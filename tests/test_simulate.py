@@ -241,3 +241,25 @@ def test_default_precisions_follow_the_engine(tiny_store):
     eng = hobbit.load(tiny_store, budget=BUDGET, policy="hobbit")
     assert (eng.provider.opt.high, eng.provider.opt.low) == default_precisions(h, "hobbit", None, None)
     eng.close()
+
+
+def test_a_traced_stale_prefetch_is_replayed_as_dropped(tmp_path):
+    """The writer puts a call's dropped prefetch reads on that call's record; the replay drops exactly
+    those (a read the trace does not name landed, as every simulated read does)."""
+    from hobbit.runtime.trace import TraceWriter
+    header = dict(num_layers=2, sparse_layers=[0, 1], num_experts=8, top_k=2, precisions=["bf16"],
+                  expert_ram_bytes={"bf16": 1 << 20}, expert_disk_bytes={"bf16": 1 << 20})
+    path = tmp_path / "stale.trace.gz"
+    for named in ([(1, 2, "bf16")], []):
+        w = TraceWriter(path, header, logits=False)
+        w.begin_sequence()
+        w.record(0, 0, [([0, 5], [0.6, 0.4])], None, {1: [(1, 0.6), (2, 0.4)]})
+        w.record(0, 1, [([1, 3], [0.7, 0.3])], None, {})
+        w.stale(named)  # layer 1's router chose 1 and 3: the read of expert 2 was dropped, or it had landed
+        w.close()
+        _, calls = load_trace(path)
+        assert [c.stale for c in calls] == [[], named]
+        r = simulate(header, calls, Options(policy="lru+prefetch", high="bf16"), 4 << 20)
+        assert r["prefetch_loads"] == 2 and r["stale_prefetch_cancelled"] == len(named)
+        assert r["stale_bytes_saved"] == len(named) << 20
+        assert r["evictions"] == (0 if named else 1)  # expert 3 takes the dropped read's slot
