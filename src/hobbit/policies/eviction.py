@@ -89,20 +89,27 @@ class LRU:
     name = "lru"
 
     def __init__(self) -> None:
-        self._recency = _Recency()
+        self._order: OrderedDict[Key, None] = OrderedDict()  # touched keys, least recent first
 
     def reset(self) -> None:
         pass
 
     def touch(self, key: Key, t: int, layer_now: int, high: bool) -> None:
-        self._recency.touch(key)
+        self._order[key] = None
+        self._order.move_to_end(key)
 
     def remove(self, key: Key) -> None:
-        self._recency.remove(key)
+        self._order.pop(key, None)
 
     def victim(self, candidates: Sequence[Key], t: int, layer_now: int) -> Key:
+        """The least recent candidate (never-touched ones first, by key): a walk from the old end,
+        which meets an unpinned key within a few steps, instead of a scan of the whole pool."""
         _check_candidates(candidates)
-        return min(candidates, key=lambda k: (self._recency.stamp(k), k))
+        wanted = set(candidates)
+        unseen = [k for k in candidates if k not in self._order]
+        if unseen:
+            return min(unseen)
+        return next(k for k in self._order if k in wanted)
 
 
 class _SequenceRecords:
