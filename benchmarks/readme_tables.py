@@ -200,7 +200,7 @@ TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "p
           "mobile": lambda: mobile("bench_mobile.json", "bench_mobile_gamma0.json"),
           "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma.json"),
           "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json"),
-          "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", None, None),
+          "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", "peer_memory_bf16_quality.json", None),
           "peer_memory_int8": lambda: peer_memory("peer_memory_int8.json", "peer_memory_int8_quality.json", None),
           "study": study}
 
