@@ -181,12 +181,11 @@ def study() -> str:
         uni = " · ".join(f"{p} {u['dppl']:+.1f}% ({u['top1']:.0%})" for p, u in f["uniform"].items())
         noise = "-" if f["int4_spread"] is None else f"{f['int4_min']:+.1f} to {f['int4_max']:+.1f}"
         below = ", ".join(f"{n['fraction']}%: {n['dppl']:+.1f}%" for n in f["native"]) or "-"
-        dec, loose = a["decision"], a["decision_loose"]
         rows.append([f"{st['store']} ({st['native'].split(' (')[0]})", uni, noise,
                      f"`{f['best_signal']}` {f['best_dppl']:+.1f}% / `{f['worst_signal']}` {f['worst_dppl']:+.1f}%",
-                     below, f"{dec['worth_cells']} / {dec['total_cells']}", f"{loose['worth_cells']} / {loose['total_cells']}",
-                     f"{dec['uniform_wins']} / {dec['total_cells']}"])
-    sm = d["summary"]
+                     below, *(f"{a[k]['worth_cells']} / {a[k]['total_cells']}" for k in ("decision", "decision_loose")),
+                     f"{a['decision']['uniform_wins']} / {a['decision']['total_cells']}"])
+    sm, dec = d["summary"], d["stores"][0]["analysis"]["decision"]  # the bar and speed-up every store shares
     return _md(["store (source)", "uniform low store: Δppl (top-1)", "int4 re-quantized points: Δppl spread (noise)",
                 "best / worst signal: mean Δppl of its static points", "int4 + cold experts at int2 (below native): Δppl",
                 f"mixed worth it (Δppl ≤ {dec['tol_pct']:g}%)", f"... (Δppl ≤ {sm['loose_pct']:g}%)",

@@ -17,7 +17,7 @@ FALLBACK_PINS = -1  # the `_pins` entry of MoBiLE's fallback reads: held through
 class MobilePasses:
     """The MoBiLE half of `Scheduler` (its attributes: cache, capacity, stats, opt, _slot, _pins,
     _prefetched, _fallback, little_pass, cancelled, sparse_layers; its methods _tiers, _cached,
-    _fmt, _admit, _drop)."""
+    _fmt, _admit, _drop_unread)."""
 
     def begin_pass(self, little: bool, fetcher: Fetcher | None = None) -> None:
         """MoBiLE: the next forward pass is a little pass, or big. A big pass right after a little one
@@ -48,13 +48,10 @@ class MobilePasses:
         if fetcher is None:
             return
         for key in list(self._fallback):
-            slot = self._slot.get(key)
-            if slot is None or self.cache.is_pinned(key) or not fetcher.cancel(key, slot):
-                continue
-            self._drop(key)
-            self.cancelled.append(key)
-            self.stats.fallback_prefetch_cancelled += 1
-            self.stats.fallback_bytes_saved += self.expert_nbytes(key[2])
+            if self._drop_unread(key, fetcher):
+                self.cancelled.append(key)
+                self.stats.fallback_prefetch_cancelled += 1
+                self.stats.fallback_bytes_saved += self.expert_nbytes(key[2])
         self._fallback.clear()
 
     def _fallback_pays(self, prec: str, big: int) -> bool:

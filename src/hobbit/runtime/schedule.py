@@ -292,12 +292,20 @@ class Scheduler(MobilePasses):
                 self.cache.unpin(key)
         self._pins[layer] = [k for k in pins if k not in stale]
         for key in sorted(stale):
-            if self.cache.is_pinned(key) or not fetcher.cancel(key, self._slot[key]):
-                continue
-            self._drop(key)
-            self.stale.append(key)
-            self.stats.stale_prefetch_cancelled += 1
-            self.stats.stale_bytes_saved += self.expert_nbytes(key[2])
+            if self._drop_unread(key, fetcher):
+                self.stale.append(key)
+                self.stats.stale_prefetch_cancelled += 1
+                self.stats.stale_bytes_saved += self.expert_nbytes(key[2])
+
+    def _drop_unread(self, key: Key, fetcher: Fetcher) -> bool:
+        """Cancel the read of an unpinned cached `key` if it has not started (the fetcher says: live, the
+        loader's queue; simulated, what the trace recorded) and forget the key, its slot free again.
+        False when the read started or ran: it finishes and the copy stays cached as usual."""
+        slot = self._slot.get(key)
+        if slot is None or self.cache.is_pinned(key) or not fetcher.cancel(key, slot):
+            return False
+        self._drop(key)
+        return True
 
     def _admit(self, key: Key) -> int | None:
         """Cache `key` in a slot (evicting by the policy); None when pinned keys leave no room."""
