@@ -132,6 +132,19 @@ def dense() -> str:
     return _md(["`--dense`", "SmolLM2 tok/s", "fastest step", "SmolLM2 ppl", "SmolMoE ppl"], rows)
 
 
+def int8_activations() -> str:
+    """Weight-only int8 against int8 x int8 products (benchmarks/int8_activations.py): kernel time and quality."""
+    d = _load("int8_activations.json")
+    ways, q = ("int8pack", "int_mm", "fbgemm"), d["quality"]["ways"]
+    rows = [[f"{name} {x['shape'][0]}×{x['shape'][1]}", *(f"{x[w]['ms']:.3f} ({x[w]['gb_s']:.1f})" for w in ways)]
+            for name, x in d["kernel_ms_at_one_token"].items()]
+    rows += [[f"KL vs fp32 products ({d['quality']['tokens']} tokens)", *(f"{q[w]['kl_vs_fp32']:.3f}" for w in ways)],
+             ["greedy top-1 vs fp32 products", *(f"{q[w]['top1_vs_fp32']:.1%}" for w in ways)],
+             [f"perplexity (fp32 products: {q['fp32']['ppl']:.2f})", *(f"{q[w]['ppl']:.2f}" for w in ways)]]
+    return _md(["ms at one token (GB/s)", "`_weight_int8pack_mm` (hobbit)", "`_int_mm`, int8 rows",
+                "fbgemm, one call per row"], rows)
+
+
 def peer_memory(name: str = "peer_memory.json", quality: str | None = "peer_memory_quality.json",
                 profile: str | None = "peer_memory_profile.json") -> str:
     """hobbit vs llama.cpp under one cgroup limit (benchmarks/peer_memory.py), with the ratios the issue targets."""
@@ -201,7 +214,7 @@ TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "p
           "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json"),
           "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", "peer_memory_bf16_quality.json", None),
           "peer_memory_int8": lambda: peer_memory("peer_memory_int8.json", "peer_memory_int8_quality.json", None),
-          "study": study}
+          "int8_activations": int8_activations, "study": study}
 
 
 def missing(readme: str) -> list[str]:
