@@ -19,6 +19,7 @@ from hobbit.policies import (
     little_weights,
     make_evictor,
     plan_prefetch,
+    ranks_worth_reading,
     scores,
 )
 
@@ -294,6 +295,28 @@ def test_prediction_stats():
     assert s.recall == pytest.approx(2 / 4)
     assert s.top1_accuracy == pytest.approx(1 / 2)
     assert s.as_dict()["samples"] == 2
+    assert (s.rank_hits, s.rank_total, s.rank_precision) == ([2, 0], [2, 1], [1.0, 0.0])  # ranks 0: 3, 4; 1: 1
+    assert PredictionStats.from_counts(s.as_dict()) == s
+
+
+def test_prefetch_reads_only_the_ranks_it_is_given():
+    """A miss at a rank past `ranks` stays a prediction: pinned, not loaded; the walk still stops at its layer."""
+    predicted = {1: [(4, 0.2), (0, 0.5), (9, 0.3)], 2: [(3, 1.0)]}
+    all_ranks = plan_prefetch(predicted, lambda *k: False, 1.0, 1.0)
+    two = plan_prefetch(predicted, lambda *k: False, 1.0, 1.0, ranks=2)
+    assert all_ranks.loads == [(1, 0, "high"), (1, 9, "high"), (1, 4, "high")]  # by predicted weight
+    assert two.loads == [(1, 0, "high"), (1, 9, "high")] and two.pins == all_ranks.pins and two.stop_layer == 1
+    only_low_rank_missing = plan_prefetch(predicted, lambda layer, e, tier: e != 4, 1.0, 1.0, ranks=2)
+    assert only_low_rank_missing.loads == [] and only_low_rank_missing.stop_layer == 1  # layer 2 not walked
+
+
+def test_ranks_worth_reading_cuts_at_the_first_imprecise_rank():
+    s = PredictionStats(rank_hits=[60, 50, 10, 60], rank_total=[64, 64, 64, 64])  # 94%, 78%, 16%, 94%
+    assert ranks_worth_reading(s, 0.7) == 2  # rank 3's precision does not bring rank 2 back
+    assert ranks_worth_reading(s, 0.8) == 1
+    assert ranks_worth_reading(s, 0.1) is None and ranks_worth_reading(s, 0.0) is None
+    few = PredictionStats(rank_hits=[60, 0], rank_total=[64, 63])  # rank 1: too few samples to judge
+    assert ranks_worth_reading(few, 0.7) is None and ranks_worth_reading(few, 0.7, min_samples=63) == 1
 
 
 # --- MoBiLE big-little ----------------------------------------------------------------------------

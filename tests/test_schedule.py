@@ -168,3 +168,27 @@ def test_a_prefetch_its_router_did_not_choose_is_dropped_unread(keep, started):
     assert s.stats.stale_prefetch_cancelled == dropped and s.stats.stale_bytes_saved == dropped * MB
     assert s.stats.prefetch_used == 1 and s.stats.misses["bf16"] == 3  # 0, 5, then 3 (1 was prefetched)
     assert s.stats.evictions == (0 if dropped else 1)  # expert 3 took the dropped read's slot
+
+
+@pytest.mark.parametrize("min_precision", [0.7, 0.0])
+def test_a_rank_whose_predictions_miss_is_no_longer_read_ahead(min_precision):
+    """Layer 0 predicts layer 1's experts as (1, then 2); the router takes 1 and 3. Rank 1's read stops once it
+    has been wrong MIN_RANK_SAMPLES times (it stays a pinned prediction), unless the rule is off."""
+    from hobbit.policies.prefetch import MIN_RANK_SAMPLES
+    s = Scheduler(Options(policy="lru+prefetch", high="bf16", prefetch_min_precision=min_precision), num_layers=2,
+                  top_k=2, expert_nbytes=lambda p: MB, budget_bytes=8 * MB)
+    f = CountingFetcher()
+    s.run_layer(0, [([4, 5], [0.6, 0.4])], f, predicted={1: [(1, 0.6), (2, 0.4)]})
+    assert f.loads["prefetch"] == {"bf16": 2}  # no samples yet: every rank is read
+    s.run_layer(1, [([1, 3], [0.7, 0.3])], f)
+    assert s.stats.prediction.rank_hits == [1, 0] and s.stats.prediction.rank_total == [1, 1]
+    for _ in range(MIN_RANK_SAMPLES - 1):
+        s.stats.prediction.add([1, 2], [1, 3])
+    s.end_step()
+    loads = s.prefetch(0, {1: [(6, 0.6), (7, 0.4)]})
+    assert [k for k, _ in loads] == [(1, 6, "bf16")] + ([] if min_precision else [(1, 7, "bf16")])
+
+
+def test_prefetch_min_precision_is_a_share():
+    with pytest.raises(ValueError, match="prefetch min precision must be in"):
+        Options(prefetch_min_precision=1.5)

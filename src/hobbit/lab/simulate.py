@@ -306,7 +306,8 @@ def format_report(r: dict) -> str:
                                f"({r['fallback_bytes_saved'] / mib:.1f} MiB saved)"))
     if pred["samples"]:
         rows.append(("prediction", f"precision {pred['precision']:.1%}, recall {pred['recall']:.1%}, top-1 "
-                                   f"{pred['top1_accuracy']:.1%} over {pred['samples']} layer calls"))
+                                   f"{pred['top1_accuracy']:.1%} over {pred['samples']} layer calls; precision by "
+                                   f"rank {' '.join(f'{p:.0%}' for p in pred['rank_precision'])}"))
     return "\n".join(f"  {k:<18} {v}" for k, v in rows)
 
 

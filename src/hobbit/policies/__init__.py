@@ -15,12 +15,12 @@ from hobbit.policies.eviction import (
     make_evictor,
 )
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide, scores
-from hobbit.policies.prefetch import PredictionStats, PrefetchPlan, plan_prefetch
+from hobbit.policies.prefetch import PredictionStats, PrefetchPlan, plan_prefetch, ranks_worth_reading
 
 __all__ = [
     "LITTLE_RULES", "adapmoe_weights", "layer_weights", "little_k", "little_mass", "little_weights",
     "DEFAULT_MULTIDIM_WEIGHTS", "EVICTORS", "LFU", "LRU", "SLRU", "Belady", "Evictor",
     "Key", "Multidim", "make_evictor",
     "HIGH", "LOW", "SKIP", "ServeRule", "decide", "scores",
-    "PredictionStats", "PrefetchPlan", "plan_prefetch",
+    "PredictionStats", "PrefetchPlan", "plan_prefetch", "ranks_worth_reading",
 ]

@@ -94,6 +94,10 @@ class RunConfig:
     prefetch_depth: int | None = field(default=None, metadata=_knob(
         "--prefetch-depth", "layers ahead to predict and prefetch (default: hobbit 2, lru+prefetch 1, others 0)",
         type=int))
+    prefetch_min_precision: float | None = field(default=None, metadata=_knob(
+        "--prefetch-min-precision", "read a predicted expert ahead only if the predictions at its rank have been "
+        "right at least this often in this run (measured online; 0 reads every predicted miss; default 0.7)",
+        type=float))
     keep_stale_prefetch: bool = field(default=False, metadata=_knob(
         "--keep-stale-prefetch", "finish the queued prefetch reads of a layer whose router chose other experts "
         "(by default they are dropped unread when the router runs)", action="store_true"))
@@ -200,7 +204,7 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> 
     budget = parse_budget(config.budget, facts.total_bytes) if policy not in NO_CACHE_POLICIES else None
     knobs = {k: getattr(config, k) for k in ("t1", "t2", "low_pool_fraction", "eviction_options", "little",
                                              "little_rule", "gamma", "fallback_prefetch",
-                                             "prefetch_depth")
+                                             "prefetch_depth", "prefetch_min_precision")
              if getattr(config, k) is not None}
     used, note = False, None
     if tuned is not None and config.reads_tuned:

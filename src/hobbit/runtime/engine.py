@@ -277,9 +277,14 @@ class Engine:
     @staticmethod
     def _delta(a: dict, b: dict) -> dict:
         out = {}
+        def minus(new, old):  # counts, or per-rank lists of counts (the older one may be shorter)
+            if isinstance(new, list):
+                old = old or []
+                return [x - (old[i] if i < len(old) else 0) for i, x in enumerate(new)]
+            return new - (old or 0)
         for k, v in b.items():
             if isinstance(v, dict):
-                out[k] = {kk: vv - a.get(k, {}).get(kk, 0) for kk, vv in v.items()}
+                out[k] = {kk: minus(vv, a.get(k, {}).get(kk)) for kk, vv in v.items()}
             elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "hit_rate":
                 out[k] = v - a.get(k, 0)
         if "prediction" in out:  # ratios of the differences, not differences of ratios

@@ -67,6 +67,8 @@ class Options:
     # (biglittle.fallback_reads_fit), 'always', or 'never' (the fallback loads on demand)
     fallback_prefetch: str = "fit"
     prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
+    # read a predicted rank ahead only while its measured precision is at least this (0: read every predicted miss)
+    prefetch_min_precision: float = 0.7
     # keep a queued prefetch of a layer whose router then chose other experts (default: drop it unread)
     keep_stale_prefetch: bool = False
     eviction_options: dict = field(default_factory=dict)
@@ -94,6 +96,9 @@ class Options:
         if self.fallback_prefetch not in FALLBACK_PREFETCH:
             raise ValueError(f"unknown fallback prefetch {self.fallback_prefetch!r}; choose from "
                              f"{', '.join(FALLBACK_PREFETCH)}")
+        if not 0 <= self.prefetch_min_precision <= 1:
+            raise ValueError(f"prefetch min precision must be in [0, 1] (0 reads every predicted miss), "
+                             f"got {self.prefetch_min_precision}")
         if not 0 <= self.gamma <= 1.01:
             raise ValueError(f"gamma must be in [0, 1] (above 1: every token falls back), got {self.gamma}")
 

@@ -25,7 +25,7 @@ from hobbit.policies.eviction import Key, make_evictor
 from hobbit.policies.biglittle import LITTLE_RULES, little_weights
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, Stats
-from hobbit.policies.prefetch import plan_prefetch
+from hobbit.policies.prefetch import plan_prefetch, ranks_worth_reading
 from hobbit.runtime.fallback import MobilePasses
 
 
@@ -349,7 +349,9 @@ class Scheduler(MobilePasses):
         # Eq. 2 on the predictions (policy hobbit), else full-precision speculation: every expert high
         t1, t2 = (self.opt.t1, self.opt.t2) if self.opt.policy == "hobbit" and not mapped else (1.0, 1.0)
         tier_of = (lambda j, e, tier: self.opt.mapped_tier(j, e)) if mapped else (lambda j, e, tier: tier)
-        plan = plan_prefetch(predicted, lambda j, e, tier: self._cached(j, e, tier_of(j, e, tier)) is not None, t1, t2)
+        ranks = ranks_worth_reading(self.stats.prediction, self.opt.prefetch_min_precision)
+        plan = plan_prefetch(predicted, lambda j, e, tier: self._cached(j, e, tier_of(j, e, tier)) is not None, t1, t2,
+                             ranks)
         for j, e, tier in plan.pins:
             served = self._cached(j, e, tier_of(j, e, tier))
             key = (j, e, self._fmt(served or tier_of(j, e, tier)))
