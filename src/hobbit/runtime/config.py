@@ -96,7 +96,8 @@ class RunConfig:
         type=int))
     prefetch_min_precision: float | None = field(default=None, metadata=_knob(
         "--prefetch-min-precision", "read a predicted expert ahead only if the predictions at its rank have been "
-        "right at least this often in this run (measured online; 0 reads every predicted miss; default 0.7)",
+        "right at least this often in this run (measured online, e.g. 0.7; default 0: every predicted miss, as "
+        "HOBBIT's walk does)",
         type=float))
     keep_stale_prefetch: bool = field(default=False, metadata=_knob(
         "--keep-stale-prefetch", "finish the queued prefetch reads of a layer whose router chose other experts "

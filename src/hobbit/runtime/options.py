@@ -67,8 +67,8 @@ class Options:
     # (biglittle.fallback_reads_fit), 'always', or 'never' (the fallback loads on demand)
     fallback_prefetch: str = "fit"
     prefetch_depth: int | None = None  # layers ahead to predict; None = policy default (hobbit 2, lru+prefetch 1)
-    # read a predicted rank ahead only while its measured precision is at least this (0: read every predicted miss)
-    prefetch_min_precision: float = 0.7
+    # read a predicted rank ahead only while its measured precision is at least this (0: every predicted miss)
+    prefetch_min_precision: float = 0.0
     # keep a queued prefetch of a layer whose router then chose other experts (default: drop it unread)
     keep_stale_prefetch: bool = False
     eviction_options: dict = field(default_factory=dict)
