@@ -134,3 +134,47 @@ def test_sequence_owns_position_and_clock(tiny_store):
     assert toks == out.token_ids
     assert seq.pos == len(prompt) + 6 and eng.provider.scheduler.t == 7  # one step per forward pass
     eng.close()
+
+
+def test_prefetch_threads_bound_the_prefetches_in_flight_not_the_demand_loads():
+    """3 threads, 1 for prefetches: a second prefetch waits queued (so it can still be cancelled) while the
+    first runs, yet a demand load runs at once on another thread."""
+    with pytest.raises(ValueError, match="prefetch_threads"):
+        Loader(threads=2, prefetch_threads=3)
+    loader = Loader(threads=3, prefetch_threads=1)
+    gate, started, running, most = threading.Event(), [], [0], [0]
+    lock = threading.Lock()
+
+    def job(name):
+        def run():
+            with lock:
+                started.append(name)
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            gate.wait(10)
+            with lock:
+                running[0] -= 1
+        return run
+    try:
+        p1 = loader.submit("p1", job("p1"), PREFETCH)
+        p2 = loader.submit("p2", job("p2"), PREFETCH)
+        deadline = time.perf_counter() + 10
+        while "p1" not in started and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        d = loader.submit("d", job("d"), DEMAND)
+        while "d" not in started and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # p2 had every chance to start on the third thread
+        assert started == ["p1", "d"] and loader.cancel("p2")  # still queued: dropped unread
+        gate.set()
+        for f in (p1, d):
+            f.result(10)
+        assert p2.cancelled() and most[0] == 2
+    finally:
+        gate.set()
+        loader.close()
+
+
+def test_more_prefetch_threads_than_loader_threads_is_refused(tiny_store):
+    with pytest.raises(ValueError, match="--prefetch-threads 2 must be between 1 and the loader's 1 thread"):
+        hobbit.load(tiny_store, policy="lru", budget="50%", io_threads=1, prefetch_threads=2)

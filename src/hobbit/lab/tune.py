@@ -348,7 +348,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                          f"weights; it takes no --{', --'.join(k.replace('_', '-') for k in given) or 'policy'}")
     cfg = RunConfig.from_args(args)
     engine = {k: v for k, v in cfg.engine_kwargs().items() if k in ("dtype", "dense", "mlock", "threads",
-                                                                    "direct_io", "io_threads")}
+                                                                    "direct_io", "io_threads", "prefetch_threads")}
     say = None if args.json == "-" else (lambda m: print(m, file=sys.stderr, flush=True))
     doc = tune(args.store, args.budget, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
                prompt_len=args.prompt_len, high=cfg.high, low=cfg.low, max_low=args.max_low,

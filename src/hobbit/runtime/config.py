@@ -125,6 +125,10 @@ class RunConfig:
         "--threads", "torch compute threads (default 1; the loader uses another)", "engine", type=int))
     direct_io: bool = field(default=True, metadata=_knob(
         "--no-direct-io", "read blobs through the page cache", "engine", action="store_false"))
+    prefetch_threads: int | None = field(default=None, metadata=_knob(
+        "--prefetch-threads", "of the --io-threads, how many read prefetches at once (default 1: a prefetch still "
+        "queued when its layer's router chose otherwise is dropped unread, a running one is not; demand loads "
+        "use them all)", "engine", type=int))
     io_threads: int | None = field(default=None, metadata=_knob(
         "--io-threads", "blobs read at once, demand loads included (default: 4 when one expert is >= 1 MiB, "
         "where parallel reads raise disk throughput; else 1, the compute thread reading its own misses)",

@@ -124,9 +124,14 @@ class Engine:
             warnings.warn(f"{self.path}/{run.note}")
         opts = run.options
         self.budget_bytes, self.policy, self.tuned = run.budget_bytes, opts.name, run.tuned
+        io_threads = self._io_threads(config, opts)
+        if config.prefetch_threads is not None and io_threads and not 1 <= config.prefetch_threads <= io_threads:
+            raise ValueError(f"--prefetch-threads {config.prefetch_threads} must be between 1 and the loader's "
+                             f"{io_threads} thread(s) (--io-threads)")
         self.provider = OffloadedExperts(self.store, self.config.num_layers, self.config.top_k, self.dtype,
-                                         self.budget_bytes, opts, io_threads=self._io_threads(config, opts),
-                                         sparse_layers=len(self.config.sparse_layers))
+                                         self.budget_bytes, opts, io_threads=io_threads,
+                                         sparse_layers=len(self.config.sparse_layers),
+                                         prefetch_threads=config.prefetch_threads or 1)
         self.model = Transformer(self.config, self.provider, dtype=self.dtype, max_seq_len=max_seq_len)
         # dense weights in owned memory, as stored (convert --dense) unless `dense` / `lm_head` override: int4 is 2.5x
         # bf16 at batch 1; the embedding stays file-mapped when the store has its own LM head (a row lookup; not
@@ -244,7 +249,7 @@ class Engine:
     def _io_threads(self, config: RunConfig, opts) -> int:
         """--io-threads, else 4 for MiB-sized experts (CoderMoE's 1.5 MiB int4 blobs: 1.4x decode at a 25%
         budget, reads at queue depth 4 run ~1.7x QD1 here) and 1 for small ones (SmolMoE's 216 KiB: the thread
-        hand-offs cost what parallel reads save)."""
+        hand-offs cost what parallel reads save). Of them, --prefetch-threads (default 1) read prefetches."""
         if config.io_threads is not None:
             return config.io_threads
         stored = self.store.blobs and opts.high in self.store.precisions  # else OffloadedExperts says what is wrong

@@ -23,9 +23,16 @@ class LoaderDead(RuntimeError):
 
 
 class Loader:
-    def __init__(self, threads: int = 1, name: str = "hobbit-loader"):
+    def __init__(self, threads: int = 1, name: str = "hobbit-loader", prefetch_threads: int | None = None):
         """With threads > 1, several blobs are read at once (small random reads are latency-bound);
-        each thread still takes the most urgent job first."""
+        each thread still takes the most urgent job first. At most `prefetch_threads` (default: all) of them
+        run prefetches at once: a prefetch still queued can be cancelled when its layer's router chose
+        otherwise, one already running cannot, so fewer prefetches in flight waste fewer reads."""
+        if threads < 0 or (threads and prefetch_threads is not None and not 1 <= prefetch_threads <= threads):
+            raise ValueError(f"a loader needs threads >= 0 (0: jobs run only when waited for) and 1 <= "
+                             f"prefetch_threads <= threads, got {threads} and {prefetch_threads}")
+        self._prefetch_limit = threads if prefetch_threads is None else prefetch_threads
+        self._prefetch_running = 0
         self._heap: list[tuple[int, int, Hashable]] = []
         self._jobs: dict[Hashable, tuple[int, Callable[[], None], Future]] = {}  # queued or running
         self._kind: dict[Hashable, int] = {}  # job -> the priority it was submitted with (what `loads` counts)
@@ -91,7 +98,8 @@ class Loader:
         self._run(job, entry[0], entry[1], entry[2])
         return True
 
-    def _run(self, job: Hashable, prio: int, fn: Callable[[], None], fut: Future) -> None:
+    def _run(self, job: Hashable, prio: int, fn: Callable[[], None], fut: Future, counted: bool = False) -> None:
+        """Run one job; `counted`: a loader thread took it as a prefetch (it holds one of the prefetch places)."""
         t0 = time.perf_counter()
         try:
             fn()
@@ -102,6 +110,9 @@ class Loader:
             self.read_s += time.perf_counter() - t0
             self._jobs.pop(job, None)
             self.loads[self._kind.pop(job, prio)] += 1
+            if counted:
+                self._prefetch_running -= 1
+                self._cv.notify()  # a thread held back by the prefetch limit may go
         if fut.done():  # close() already failed it
             return
         if error is None:
@@ -115,21 +126,33 @@ class Loader:
         if wake:
             self._cv.notify()
 
+    def _take(self) -> tuple[Hashable, int, Callable[[], None], Future] | None:
+        """The most urgent runnable job, marked running (under the lock); None when there is none, or only
+        prefetches while the prefetch places are full."""
+        while self._heap:
+            prio, _, job = self._heap[0]
+            entry = self._jobs.get(job)
+            if entry is None or entry[0] != prio:
+                heapq.heappop(self._heap)  # stale entry of a promoted or cancelled job
+                continue
+            if prio >= PREFETCH and self._prefetch_running >= self._prefetch_limit:
+                return None  # demand loads sort first: only prefetches are queued
+            heapq.heappop(self._heap)
+            self._jobs[job] = (_RUNNING, entry[1], entry[2])  # neither promoted nor cancelled any more
+            self._prefetch_running += prio >= PREFETCH
+            return job, prio, entry[1], entry[2]
+        return None
+
     def _main(self) -> None:
         try:
             while True:
                 with self._cv:
-                    while not self._heap and not self._closed:
+                    while not self._closed and (taken := self._take()) is None:
                         self._cv.wait()
                     if self._closed:
                         return
-                    prio, _, job = heapq.heappop(self._heap)
-                    entry = self._jobs.get(job)
-                    if entry is None or entry[0] != prio:
-                        continue  # stale entry of a promoted or cancelled job
-                    _, fn, fut = entry
-                    self._jobs[job] = (_RUNNING, fn, fut)  # neither promoted nor cancelled any more
-                self._run(job, prio, fn, fut)
+                job, prio, fn, fut = taken
+                self._run(job, prio, fn, fut, counted=prio >= PREFETCH)
         except BaseException as e:  # a bug in the loop itself: fail every waiter instead of hanging them
             with self._cv:
                 self._fatal = e

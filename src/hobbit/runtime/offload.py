@@ -192,7 +192,8 @@ class Predictor:
 
 class OffloadedExperts:
     def __init__(self, store: ExpertStore, num_layers: int, top_k: int, dtype: torch.dtype,
-                 budget_bytes: int | None, options: Options, io_threads: int = 1, sparse_layers: int | None = None):
+                 budget_bytes: int | None, options: Options, io_threads: int = 1, sparse_layers: int | None = None,
+                 prefetch_threads: int | None = None):
         for p in filter(None, (options.high, options.low)):
             if p not in store.precisions:
                 raise ValueError(f"precision {p!r} is not in the store (it has {', '.join(store.precisions)}); "
@@ -201,7 +202,7 @@ class OffloadedExperts:
         self._slot_bytes: dict[str, int] = {}
         self.scheduler = Scheduler(options, num_layers, top_k, self.expert_bytes, budget_bytes, sparse_layers)
         self.stats = self.scheduler.stats
-        self.loader = Loader(threads=io_threads)
+        self.loader = Loader(threads=io_threads, prefetch_threads=prefetch_threads)
         self.predictor: Predictor | None = None
         self.trace: TraceWriter | None = None
         self.resident: dict[tuple[int, int], Expert] = {}
