@@ -281,12 +281,13 @@ class Engine:
 
     @staticmethod
     def _delta(a: dict, b: dict) -> dict:
-        out = {}
         def minus(new, old):  # counts, or per-rank lists of counts (the older one may be shorter)
             if isinstance(new, list):
                 old = old or []
                 return [x - (old[i] if i < len(old) else 0) for i, x in enumerate(new)]
             return new - (old or 0)
+
+        out = {}
         for k, v in b.items():
             if isinstance(v, dict):
                 out[k] = {kk: minus(vv, a.get(k, {}).get(kk)) for kk, vv in v.items()}
