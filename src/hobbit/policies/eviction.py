@@ -102,8 +102,8 @@ class LRU:
         self._order.pop(key, None)
 
     def victim(self, candidates: Sequence[Key], t: int, layer_now: int) -> Key:
-        """The least recent candidate (never-touched ones first, by key): a walk from the old end,
-        which meets an unpinned key within a few steps, instead of a scan of the whole pool."""
+        """The least recent candidate (never-touched ones first, by key): a walk from the old end of the
+        touch order, which meets an unpinned key within a few steps, instead of ranking every candidate."""
         _check_candidates(candidates)
         wanted = set(candidates)
         unseen = [k for k in candidates if k not in self._order]

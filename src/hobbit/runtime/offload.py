@@ -193,7 +193,7 @@ class Predictor:
 class OffloadedExperts:
     def __init__(self, store: ExpertStore, num_layers: int, top_k: int, dtype: torch.dtype,
                  budget_bytes: int | None, options: Options, io_threads: int = 1, sparse_layers: int | None = None,
-                 prefetch_threads: int | None = None):
+                 prefetch_threads: int = 1):
         for p in filter(None, (options.high, options.low)):
             if p not in store.precisions:
                 raise ValueError(f"precision {p!r} is not in the store (it has {', '.join(store.precisions)}); "
