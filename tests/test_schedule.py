@@ -192,3 +192,38 @@ def test_a_rank_whose_predictions_miss_is_no_longer_read_ahead(min_precision):
 def test_prefetch_min_precision_is_a_share():
     with pytest.raises(ValueError, match="prefetch min precision must be in"):
         Options(prefetch_min_precision=1.5)
+
+
+class InFlightFetcher(CountingFetcher):
+    """Reads land only when waited for: every copy read by a load is still in flight until its `wait`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight: set = set()
+
+    def fetch(self, key, slot: int, priority: int) -> None:
+        super().fetch(key, slot, priority)
+        self.in_flight.add(key)
+
+    def wait(self, key, slot: int) -> None:
+        self.in_flight.discard(key)
+
+    def landed(self, key, slot: int) -> bool:
+        return key not in self.in_flight
+
+
+@pytest.mark.parametrize("slots,order", [(8, [3, 0, 1, 2]),  # the hit first, then the reads in id order
+                                         (5, [0, 3, 1, 2])])  # the plan's order until the waiting load is placed
+def test_copies_that_landed_compute_before_reads_in_flight(slots, order):
+    """Layer 0 holds experts 4 and (more recent) 3; layer 1's predicted 5 and 6 are pinned. Layer 0 then
+    takes 0-3: the hit on 3 is pinned before any load evicts (1 takes 4's slot). With room for every
+    load, the landed hit computes first; while a load waits for room the order is the plan's, as replayed."""
+    s = Scheduler(Options(policy="lru+prefetch", high="bf16"), num_layers=2, top_k=4, expert_nbytes=lambda p: MB,
+                  budget_bytes=slots * MB)
+    f = InFlightFetcher()
+    s.run_layer(0, [([4], [1.0])], f)
+    s.run_layer(0, [([3], [1.0])], f, predicted={1: [(5, 0.6), (6, 0.4)]})
+    f.in_flight -= {(0, 3, "bf16"), (0, 4, "bf16")}
+    done = []
+    s.run_layer(0, [([0, 1, 2, 3], [0.4, 0.3, 0.2, 0.1])], f, compute=lambda step: done.append(step.expert))
+    assert done == order and s.stats.hits["bf16"] == 1 and s.stats.misses["bf16"] == 5

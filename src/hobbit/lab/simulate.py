@@ -88,6 +88,9 @@ class CountingFetcher:
     def wait(self, key, slot: int) -> None:
         pass
 
+    def landed(self, key, slot: int) -> bool:
+        return True
+
     def drain(self) -> None:
         pass
 

@@ -142,6 +142,10 @@ class SlotFetcher:
             raise fut.exception()
         del self._reads[(key[2], slot)]
 
+    def landed(self, key: Key, slot: int) -> bool:
+        entry = self._reads.get((key[2], slot))
+        return entry is None or entry[1].done()
+
     def _finish(self, key: Key, slot: int, fut) -> None:
         """Until the read of `key` into `slot` is done: run it here if it has not started (demand
         reads are queued without waking a thread), else wait for the thread reading it."""

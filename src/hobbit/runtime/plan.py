@@ -26,6 +26,9 @@ class Fetcher(Protocol):
     def wait(self, key: Key, slot: int) -> None:
         """Return once `slot` holds `key` (raises the read's error)."""
 
+    def landed(self, key: Key, slot: int) -> bool:
+        """True when no read into `slot` is still under way (a `wait` would not block)."""
+
     def drain(self) -> None:
         """Wait for every read in flight (a sequence boundary)."""
 

@@ -4,7 +4,7 @@
 cached copy 'hit', load one at a precision 'load', or drop it 'skip', HOBBIT Eq. 2) -> admit
 (every load gets a cache slot *before* its read, evicting by the policy) -> fetch (the reads) ->
 prefetch for the predicted later layers (slots reserved the same way, reads overlapping this
-layer's compute) -> compute (in the order the copies land).
+layer's compute) -> compute (copies that have landed first, then as the others land).
 Reads go through a `Fetcher`: the live engine's reads blobs into slot memory on the loader
 thread; the simulator's only counts them. Both run this same code on the same routing, so a
 replay's counters are the live engine's by construction.
@@ -143,6 +143,10 @@ class Scheduler(MobilePasses):
                     if not self._place(waiting, ready, fetcher):
                         raise RuntimeError(f"no cache slot frees up for layer {layer}'s loads (budget too small)")
                     continue
+                if not waiting:  # compute a copy that has landed before one still being read: with no load
+                    # waiting for room no cache decision follows the order, and the sums run in expert-id order
+                    j = next((j for j in range(i, len(ready)) if fetcher.landed(ready[j].key, ready[j].slot)), i)
+                    ready.insert(i, ready.pop(j))
                 s = ready[i]
                 try:
                     fetcher.wait(s.key, s.slot)
@@ -243,19 +247,19 @@ class Scheduler(MobilePasses):
         layer's prefetches the router did not choose are dropped first where unread (`_cancel_stale`)."""
         if layer in self._predicted:
             self.stats.prediction.add(self._predicted.pop(layer), list(rows[-1][0]))
-        steps = []
         want, self.weights = self.select(layer, rows)
         self.stale = []
         if fetcher is not None and not self.opt.keep_stale_prefetch:
             self._cancel_stale(layer, want, fetcher)
         self.stats.selections += sum(len(ids) for ids, _ in rows)
-        for e in sorted(want):
+        steps: dict[int, Step] = {}
+        for e in sorted(want):  # hits first, pinned, so that this layer's own loads never evict them
             tier = want[e]
             if tier == SKIP:
-                steps.append(Step(e, "skip"))
+                steps[e] = Step(e, "skip")
             elif self.opt.policy == "resident":
                 self.stats.hits[self._fmt(tier)] += 1
-                steps.append(Step(e, "hit", (layer, e, self._fmt(tier)), e))
+                steps[e] = Step(e, "hit", (layer, e, self._fmt(tier)), e)
             elif (served := self._cached(layer, e, tier)) is not None:
                 key = (layer, e, self._fmt(served))
                 self.cache.touch(key, self.t, layer, served == HIGH)
@@ -267,16 +271,16 @@ class Scheduler(MobilePasses):
                 if key in self._fallback:
                     del self._fallback[key]
                     self.stats.fallback_prefetch_used += 1
-                steps.append(Step(e, "hit", key, self._slot[key]))
-            else:
-                key = (layer, e, self._fmt(tier))
-                self.stats.misses[key[2]] += 1
-                self.stats.bytes_loaded["demand"] += self.expert_nbytes(key[2])
-                slot = self._admit(key)
-                if slot is not None:
-                    self.cache.pin(key)
-                steps.append(Step(e, "load", key, slot))
-        return steps
+                steps[e] = Step(e, "hit", key, self._slot[key])
+        for e in sorted(want.keys() - steps.keys()):
+            key = (layer, e, self._fmt(want[e]))
+            self.stats.misses[key[2]] += 1
+            self.stats.bytes_loaded["demand"] += self.expert_nbytes(key[2])
+            slot = self._admit(key)
+            if slot is not None:
+                self.cache.pin(key)
+            steps[e] = Step(e, "load", key, slot)
+        return [steps[e] for e in sorted(steps)]
 
     def _cancel_stale(self, layer: int, want: dict[int, str], fetcher: Fetcher) -> None:
         """Prefetches of `layer` for experts its router did not choose: a read not started yet is dropped
