@@ -227,3 +227,11 @@ def test_copies_that_landed_compute_before_reads_in_flight(slots, order):
     done = []
     s.run_layer(0, [([0, 1, 2, 3], [0.4, 0.3, 0.2, 0.1])], f, compute=lambda step: done.append(step.expert))
     assert done == order and s.stats.hits["bf16"] == 1 and s.stats.misses["bf16"] == 5
+
+
+def test_hobbit_at_t1_one_gives_the_whole_budget_to_high_copies():
+    """Eq. 2 never asks for low at t1 = 1, so no share of the budget is held back for low copies."""
+    two = scheduler(policy="hobbit", high="bf16", low="int4", t1=0.6, t2=0.9, low_pool_fraction=0.25)
+    assert two.capacity == {"bf16": 48, "int4": 16}
+    one = scheduler(policy="hobbit", high="bf16", low="int4", t1=1.0, t2=1.0, low_pool_fraction=0.25)
+    assert one.capacity == {"bf16": 64} and one.cache.budgets == {"all": 64 * MB}

@@ -110,9 +110,11 @@ class Options:
 
     @property
     def two_tiers(self) -> bool:
-        """High and low copies in two cache pools: policy hobbit, or a precision map that uses low."""
-        return self.policy == "hobbit" or (self.precision_map is not None and self.low is not None
-                                           and self.low in self.precision_map.values())
+        """High and low copies in two cache pools: a precision map that uses low, or policy hobbit whose Eq. 2
+        can ask for low (t1 < 1; at t1 = 1 every score is <= t1, so the whole budget holds high copies)."""
+        if self.precision_map is not None:
+            return self.low is not None and self.low in self.precision_map.values()
+        return self.policy == "hobbit" and self.t1 < 1
 
     def mapped_tier(self, layer: int, expert: int) -> str:
         """'high' | 'low': the precision map's tier of an expert (high when unlisted)."""
