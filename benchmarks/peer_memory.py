@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_common import HOBBIT, _step, build_llamacpp, machine_info, run_measured  # noqa: E402
 from peer_llamacpp import parse_hobbit  # noqa: E402
 
+from hobbit.runtime.config import read_tuned  # noqa: E402
+
 MIB = 2**20
 LLAMA = "llama.cpp"
 LLAMA_ROWS = {LLAMA: [], "llama.cpp no-repack": ["--no-repack"]}  # repack (default) copies Q4_0 weights to RAM
@@ -372,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             sim = None
             _step(f"the belady replay failed: {e}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    tuned = read_tuned(a.store)  # policy hobbit runs with the store's `hobbit tune` result when it was tuned for high+low
+    config["tuned"] = tuned and dict(options=tuned["options"], budget_bytes=tuned["budget_bytes"],
+                                     high=tuned["calibration"]["high"], low=tuned["calibration"]["low"],
+                                     text=tuned["calibration"]["text"])
     result = dict(machine=info, config=dict(config, prompt_ids=ids), sizes=sizes, calibration=cal,
                   baselines=dict(hobbit=base_hobbit, llama_cpp=base_llama), limits=limits, own_limits=own, simulate=sim)
     a.json.parent.mkdir(parents=True, exist_ok=True)
