@@ -106,7 +106,7 @@ def test_torch_dtypes_are_accepted_like_their_names(tiny_store):
 
 FACTS = StoreFacts(("bf16", "int8", "int4", "int2"), total_bytes=1000, num_experts=8)
 TUNED = {"options": {"t1": 0.3, "t2": 0.8, "low_pool_fraction": 0.4, "eviction_options": {"weights": {"lru": 1.0}}},
-         "calibration": {"high": "bf16", "low": "int4"}}
+         "calibration": {"high": "bf16", "low": "int4"}, "budget_bytes": 250}
 
 
 def test_resolve_settles_defaults_budget_and_tuned_options():
@@ -118,6 +118,9 @@ def test_resolve_settles_defaults_budget_and_tuned_options():
     assert (explicit.t1, explicit.t2) == (0.3, 0.95)
     other = resolve(RunConfig(policy="hobbit", low="int2"), FACTS, TUNED)  # tuned for bf16+int4, not bf16+int2
     assert not other.tuned and (other.options.t1, other.options.t2) == (0.6, 0.9) and "re-run" in other.note
+    assert resolve(RunConfig(policy="hobbit", budget=270), FACTS, TUNED).tuned  # within 10% of the tuned budget
+    far = resolve(RunConfig(policy="hobbit", budget="50%"), FACTS, TUNED)  # tuned at 25%: not for 50%
+    assert not far.tuned and far.options.t1 == 0.6 and "--budget" in far.note
     assert not resolve(RunConfig(policy="hobbit", tuned=False), FACTS, TUNED).tuned
     assert not resolve(RunConfig(policy="lru"), FACTS, TUNED).tuned  # tuned options are hobbit's only
     assert resolve(RunConfig(policy="ondemand"), FACTS).budget_bytes is None

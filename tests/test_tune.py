@@ -100,6 +100,7 @@ def test_tight_limits_mean_full_precision(tuned):
     o = found["options"]
     r = simulate(header, calls, Options(policy="hobbit", high="bf16", low="int4", **o), doc["budget_bytes"])
     assert r["skipped"] == 0 and r["low_share"] == 0
+    assert o["t1"] == 1 and not [row for row in found["search"] if row["stage"] == "low_pool_fraction"]  # one pool
     # looser limits allow a lower penalty
     loose = search(header, calls, doc["budget_bytes"], "bf16", "int4", max_low=0.5, max_skip=0.1, weight_step=0.5)
     assert loose["result"]["penalty"] <= found["result"]["penalty"]

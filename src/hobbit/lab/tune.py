@@ -14,7 +14,8 @@
       are exact and cheap, so only the pairs on the feasible frontier (per T2 the lowest
       feasible T1: lower thresholds load less) are simulated, plus the paper's (0.6, 0.9) and
       all-high (1, 1).
-   b. the share of the budget for low-precision copies, with (a)'s thresholds;
+   b. the share of the budget for low-precision copies, with (a)'s thresholds (skipped when (a) chose
+      t1 = 1: nothing is then loaded low, and the whole budget holds high copies);
    c. the Eq. 3 eviction weights, a grid over the simplex, with (a) and (b).
    Each stage keeps the incumbent unless a setting lowers the penalty, so the result is never
    worse than the defaults it starts from.
@@ -226,12 +227,15 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
         raise ValueError(f"no HOBBIT setting fits budget {budget_bytes} bytes within the quality limits: {notes}")
     report("thresholds", chosen)
 
-    if progress:
-        progress(f"stage 2: low-pool fraction ({len(pool_fractions)} values)")
-    stage2 = [chosen if f == chosen["low_pool_fraction"] else run("low_pool_fraction", chosen["t1"], chosen["t2"], f, w0)
-              for f in pool_fractions]
-    chosen = best(stage2, chosen)
-    report("low-pool fraction", chosen)
+    if chosen["t1"] < 1:  # at t1 = 1 nothing is loaded low and the budget is one pool: no share to choose
+        if progress:
+            progress(f"stage 2: low-pool fraction ({len(pool_fractions)} values)")
+        stage2 = [chosen if f == chosen["low_pool_fraction"] else
+                  run("low_pool_fraction", chosen["t1"], chosen["t2"], f, w0) for f in pool_fractions]
+        chosen = best(stage2, chosen)
+        report("low-pool fraction", chosen)
+    elif progress:
+        progress("stage 2: skipped (t1 = 1: no low copies, so no low pool)")
 
     grid = simplex(weight_step)
     if progress:

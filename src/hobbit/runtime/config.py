@@ -5,7 +5,7 @@
 highest stored, low for policy hobbit = the first of int4, int2, int3, int8 stored below high), the
 budget's base ('25%' of all expert bytes at the highest stored precision), a dense model's policy
 (resident) and the store's `hobbit tune` result (validated; used as policy hobbit's defaults when it
-was tuned for the same high/low; explicit knobs win). The engine and `hobbit simulate` both call it,
+was tuned for the same high/low and a budget within TUNED_BUDGET_SPREAD of the run's; explicit knobs win). The engine and `hobbit simulate` both call it,
 so a replay runs the options the live run ran.
 
 `add_run_args` derives every command's flags from RunConfig's fields (same names, defaults and help
@@ -37,6 +37,7 @@ DENSE_FORMATS = ("bf16", "fp32", "int8", "int4", "auto")
 LM_HEAD_FORMATS = ("bf16", "int8", "int4")
 TUNED_FILE = "hobbit_tuned.json"
 TUNED_OPTIONS = ("t1", "t2", "low_pool_fraction", "eviction_options")  # what `hobbit tune` chooses
+TUNED_BUDGET_SPREAD = 0.1  # a tuning result applies to budgets within 10% of the one it was tuned at
 _ALIASES = {"bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -213,12 +214,16 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> 
              if getattr(config, k) is not None}
     used, note = False, None
     if tuned is not None and config.reads_tuned:
-        cal = tuned["calibration"]
-        if (cal.get("high"), cal.get("low")) == (high, low):
-            knobs, used = {**check_tuned_options(tuned["options"]), **knobs}, True
-        else:
+        cal, at = tuned["calibration"], tuned.get("budget_bytes")
+        if (cal.get("high"), cal.get("low")) != (high, low):
             note = (f"{TUNED_FILE} was tuned for {cal.get('high')}+{cal.get('low')}, not {high}+{low}: using the "
                     f"default thresholds; re-run `hobbit tune`")
+        elif not at or budget is None or abs(budget - at) > TUNED_BUDGET_SPREAD * at:
+            note = (f"{TUNED_FILE} was tuned at a {at / 2**20 if at else 0:.0f} MiB budget, not "
+                    f"{(budget or 0) / 2**20:.0f} MiB (what suits one budget can hurt another): using the default "
+                    f"thresholds; re-run `hobbit tune --budget` with this budget")
+        else:
+            knobs, used = {**check_tuned_options(tuned["options"]), **knobs}, True
     if config.precision_map and config.low is None:  # the map names the low tier
         low = next(iter(set(config.precision_map.values()) - {high}), low)
     options = Options(policy=policy, high=high, low=low, allow_low_for_high=config.allow_low_for_high,
