@@ -168,9 +168,12 @@ def peer_memory(name: str = "peer_memory.json", quality: str | None = "peer_memo
     sim = d.get("simulate")
     if sim:
         per = {p: v["per_token"]["bytes_demand"] + v["per_token"]["bytes_prefetch"] for p, v in sim.items()}
+        demand = sim["hobbit"]["per_token"]["bytes_demand"]
         out.append("Expert bytes read per token, replayed on this prompt's trace at the 25% budget (`hobbit simulate`): "
                    + ", ".join(f"{p} {v / MIB:.1f} MiB" for p, v in per.items())
-                   + f"; hobbit / belady = {per['hobbit'] / per['belady']:.2f} (target ≤ 1).")
+                   + f"; hobbit / belady = {per['hobbit'] / per['belady']:.2f} (target ≤ 1); hobbit's demand loads "
+                   f"alone (the reads a token waits for; the rest are prefetches) {demand / MIB:.1f} MiB, "
+                   f"{demand / per['belady']:.2f}× belady's.")
     if quality:
         qd = _load(quality)
         q = {r["policy"]: r for r in qd["runs"] if r.get("ppl") is not None}
