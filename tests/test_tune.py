@@ -134,6 +134,9 @@ def test_errors(tiny_store, tmp_path):
     tuned_path(store).write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tuning result"):
         load_tuned(store)
+    tuned_path(store).write_text(json.dumps({"options": {"t1": 1.0}, "calibration": {}}))
+    with pytest.raises(ValueError, match="budget_bytes"):  # the budget it applies near is part of a result
+        load_tuned(store)
     tuned_path(store).unlink()
     with pytest.raises(ValueError, match="neither a text name"):
         cmd_tune(_args(store, "--budget", BUDGET, "--text", tmp_path / "missing.txt", "--tokens", 16))

@@ -5,8 +5,8 @@
 highest stored, low for policy hobbit = the first of int4, int2, int3, int8 stored below high), the
 budget's base ('25%' of all expert bytes at the highest stored precision), a dense model's policy
 (resident) and the store's `hobbit tune` result (validated; used as policy hobbit's defaults when it
-was tuned for the same high/low and a budget within TUNED_BUDGET_SPREAD of the run's; explicit knobs win). The engine and `hobbit simulate` both call it,
-so a replay runs the options the live run ran.
+was tuned for the same high/low and a budget within TUNED_BUDGET_SPREAD of the run's; explicit knobs
+win). The engine and `hobbit simulate` both call it, so a replay runs the options the live run ran.
 
 `add_run_args` derives every command's flags from RunConfig's fields (same names, defaults and help
 everywhere): the schedule group (what `simulate` replays too) and the engine group (what loading a
@@ -214,14 +214,14 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> 
              if getattr(config, k) is not None}
     used, note = False, None
     if tuned is not None and config.reads_tuned:
-        cal, at = tuned["calibration"], tuned.get("budget_bytes")
+        cal, at = tuned["calibration"], tuned["budget_bytes"]
         if (cal.get("high"), cal.get("low")) != (high, low):
             note = (f"{TUNED_FILE} was tuned for {cal.get('high')}+{cal.get('low')}, not {high}+{low}: using the "
                     f"default thresholds; re-run `hobbit tune`")
-        elif not at or budget is None or abs(budget - at) > TUNED_BUDGET_SPREAD * at:
-            note = (f"{TUNED_FILE} was tuned at a {at / 2**20 if at else 0:.0f} MiB budget, not "
-                    f"{(budget or 0) / 2**20:.0f} MiB (what suits one budget can hurt another): using the default "
-                    f"thresholds; re-run `hobbit tune --budget` with this budget")
+        elif budget is None or abs(budget - at) > TUNED_BUDGET_SPREAD * at:
+            note = (f"{TUNED_FILE} was tuned at a {at / 2**20:.0f} MiB budget, not {(budget or 0) / 2**20:.0f} MiB "
+                    f"(what suits one budget can hurt another): using the default thresholds; re-run "
+                    f"`hobbit tune --budget` with this budget")
         else:
             knobs, used = {**check_tuned_options(tuned["options"]), **knobs}, True
     if config.precision_map and config.low is None:  # the map names the low tier
@@ -265,6 +265,8 @@ def read_tuned(store: str | Path) -> dict | None:
         check_tuned_options(doc["options"])
         if not isinstance(doc.get("calibration"), dict):
             raise TypeError("'calibration' is not an object")
+        if not isinstance(doc.get("budget_bytes"), int) or doc["budget_bytes"] <= 0:
+            raise TypeError("'budget_bytes' (the budget it was tuned at) is not a positive integer")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a valid tuning result ({e}); re-run `hobbit tune` or delete it") from e
     return doc

@@ -120,7 +120,7 @@ class Engine:
         facts = StoreFacts(tuple(precs), self.store.total_nbytes(precs[0]) if self.store.blobs else 0,
                            self.config.num_experts)
         run = resolve(config, facts, read_tuned(self.path) if config.reads_tuned else None)
-        if run.note:  # `hobbit tune` results are policy hobbit's defaults, but only for the precisions and budget tuned
+        if run.note:  # a `hobbit tune` result is hobbit's defaults only for the precisions and budget it was tuned at
             warnings.warn(f"{self.path}/{run.note}")
         opts = run.options
         self.budget_bytes, self.policy, self.tuned = run.budget_bytes, opts.name, run.tuned
