@@ -374,10 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             sim = None
             _step(f"the belady replay failed: {e}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    tuned = read_tuned(a.store)  # policy hobbit runs with the store's `hobbit tune` result when it was tuned for high+low
-    config["tuned"] = tuned and dict(options=tuned["options"], budget_bytes=tuned["budget_bytes"],
-                                     high=tuned["calibration"]["high"], low=tuned["calibration"]["low"],
-                                     text=tuned["calibration"]["text"])
+    # policy hobbit runs with the store's `hobbit tune` result for its high/low near each limit's budget
+    config["tuned"] = [dict(options=r["options"], budget_bytes=r["budget_bytes"], high=r["calibration"]["high"],
+                            low=r["calibration"]["low"], text=r["calibration"]["text"]) for r in read_tuned(a.store)]
     result = dict(machine=info, config=dict(config, prompt_ids=ids), sizes=sizes, calibration=cal,
                   baselines=dict(hobbit=base_hobbit, llama_cpp=base_llama), limits=limits, own_limits=own, simulate=sim)
     a.json.parent.mkdir(parents=True, exist_ok=True)

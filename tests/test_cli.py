@@ -110,24 +110,24 @@ TUNED = {"options": {"t1": 0.3, "t2": 0.8, "low_pool_fraction": 0.4, "eviction_o
 
 
 def test_resolve_settles_defaults_budget_and_tuned_options():
-    r = resolve(RunConfig(policy="hobbit", budget="25%"), FACTS, TUNED)
+    r = resolve(RunConfig(policy="hobbit", budget="25%"), FACTS, [TUNED])
     o = r.options
     assert (o.high, o.low, r.budget_bytes, r.tuned) == ("bf16", "int4", 250, True)
     assert (o.t1, o.t2, o.low_pool_fraction, o.eviction_options) == (0.3, 0.8, 0.4, {"weights": {"lru": 1.0}})
-    explicit = resolve(RunConfig(policy="hobbit", t2=0.95), FACTS, TUNED).options  # explicit knobs win
+    explicit = resolve(RunConfig(policy="hobbit", t2=0.95), FACTS, [TUNED]).options  # explicit knobs win
     assert (explicit.t1, explicit.t2) == (0.3, 0.95)
-    other = resolve(RunConfig(policy="hobbit", low="int2"), FACTS, TUNED)  # tuned for bf16+int4, not bf16+int2
-    assert not other.tuned and (other.options.t1, other.options.t2) == (0.6, 0.9) and "re-run" in other.note
-    assert resolve(RunConfig(policy="hobbit", budget=270), FACTS, TUNED).tuned  # within 10% of the tuned budget
-    far = resolve(RunConfig(policy="hobbit", budget="50%"), FACTS, TUNED)  # tuned at 25%: not for 50%
+    other = resolve(RunConfig(policy="hobbit", low="int2"), FACTS, [TUNED])  # tuned for bf16+int4, not bf16+int2
+    assert not other.tuned and (other.options.t1, other.options.t2) == (0.6, 0.9) and "hobbit tune" in other.note
+    assert resolve(RunConfig(policy="hobbit", budget=270), FACTS, [TUNED]).tuned  # within 10% of the tuned budget
+    far = resolve(RunConfig(policy="hobbit", budget="50%"), FACTS, [TUNED])  # tuned at 25%: not for 50%
     assert not far.tuned and far.options.t1 == 0.6 and "--budget" in far.note
-    assert not resolve(RunConfig(policy="hobbit", tuned=False), FACTS, TUNED).tuned
-    assert not resolve(RunConfig(policy="lru"), FACTS, TUNED).tuned  # tuned options are hobbit's only
+    assert not resolve(RunConfig(policy="hobbit", tuned=False), FACTS, [TUNED]).tuned
+    assert not resolve(RunConfig(policy="lru"), FACTS, [TUNED]).tuned  # tuned options are hobbit's only
     assert resolve(RunConfig(policy="ondemand"), FACTS).budget_bytes is None
     dense = resolve(RunConfig(policy="hobbit"), StoreFacts(("bf16",), 0, 0))  # no experts: nothing to offload
     assert dense.options.policy == "resident" and dense.budget_bytes is None
     with pytest.raises(ValueError, match="t1 must be a number in"):
-        resolve(RunConfig(policy="hobbit"), FACTS, {**TUNED, "options": {"t1": "high"}})
+        resolve(RunConfig(policy="hobbit"), FACTS, [{**TUNED, "options": {"t1": "high"}}])
 
 
 def test_json_prints_or_writes(tiny_store, tmp_path, capsys):

@@ -11,8 +11,9 @@ import pytest
 import hobbit
 from hobbit.runtime.options import Options
 from hobbit.lab.simulate import load_trace, simulate
-from hobbit.lab.tune import (RequestedShares, add_tune_args, cmd_tune, load_tuned, read_tuned, search, simplex,
-                         tuned_path, tune)
+from hobbit.lab.tune import (RequestedShares, add_tune_args, cmd_tune, read_tuned, search, simplex, tuned_path,
+                         tune, write_tuned)
+from hobbit.runtime.config import pick_tuned
 
 TEXT = ("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to "
         "unite some of the best blessings of existence; and had lived nearly twenty-one years in the world with "
@@ -34,8 +35,8 @@ def tuned(tiny_store, tmp_path_factory):
 
 def test_tuned_file_is_valid_and_loads(tuned):
     store, doc, _ = tuned
-    assert json.loads(tuned_path(store).read_text()) == doc == read_tuned(store)
-    opts = load_tuned(store)
+    assert json.loads(tuned_path(store).read_text()) == {"results": [doc]} and read_tuned(store) == [doc]
+    opts = read_tuned(store)[0]["options"]
     assert set(opts) == {"t1", "t2", "low_pool_fraction", "eviction_options"}
     w = opts["eviction_options"]["weights"]
     assert set(w) == {"lru", "lfu", "lhu", "fld"} and sum(w.values()) == pytest.approx(1)
@@ -128,15 +129,15 @@ def _args(*argv):
 
 
 def test_errors(tiny_store, tmp_path):
-    assert load_tuned(tiny_store) is None
+    assert read_tuned(tiny_store) == []
     store = tmp_path / "store"
     shutil.copytree(tiny_store, store)
     tuned_path(store).write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tuning result"):
-        load_tuned(store)
+        read_tuned(store)
     tuned_path(store).write_text(json.dumps({"options": {"t1": 1.0}, "calibration": {}}))
     with pytest.raises(ValueError, match="budget_bytes"):  # the budget it applies near is part of a result
-        load_tuned(store)
+        read_tuned(store)
     tuned_path(store).unlink()
     with pytest.raises(ValueError, match="neither a text name"):
         cmd_tune(_args(store, "--budget", BUDGET, "--text", tmp_path / "missing.txt", "--tokens", 16))
@@ -157,5 +158,28 @@ def test_cli(tuned, tmp_path, capsys):
                           "--weight-step", 0.5, "--low", "int2", "--max-skip", 0.1)) == 0
     out = capsys.readouterr().out
     assert "chosen: t1" in out and "wrote" in out and "hobbit_tuned.json" in out
-    doc = read_tuned(store)
-    assert doc["calibration"]["low"] == "int2" and doc["calibration"]["limits"]["max_skip"] == 0.1
+    results = {r["calibration"]["low"]: r for r in read_tuned(store)}  # the copied store's bf16+int4 result stays
+    assert set(results) == {"int4", "int2"}
+    assert results["int2"]["calibration"]["limits"]["max_skip"] == 0.1
+
+
+def test_results_per_precisions_and_budget(tuned, tmp_path):
+    """A store keeps one result per high/low/budget; a run takes the one at the nearest budget, within 10%."""
+    _, doc, _ = tuned
+    store = tmp_path / "store"
+    store.mkdir()
+    tuned_path(store).write_text(json.dumps(doc))  # one bare result, as hobbit tune wrote before
+    assert read_tuned(store) == [doc]
+    at = doc["budget_bytes"]
+    other = {**doc, "budget_bytes": 2 * at, "options": {**doc["options"], "t1": 0.35}}
+    write_tuned(store, other)
+    write_tuned(store, {**other, "options": {**other["options"], "t1": 0.45}})  # the same three: replaces
+    results = read_tuned(store)
+    assert [(r["budget_bytes"], r["options"]["t1"]) for r in results] == [(at, doc["options"]["t1"]), (2 * at, 0.45)]
+    high, low = doc["calibration"]["high"], doc["calibration"]["low"]
+    assert pick_tuned(results, high, low, int(1.05 * at))[0] is results[0]
+    assert pick_tuned(results, high, low, int(1.95 * at))[0] is results[1]
+    result, note = pick_tuned(results, high, low, int(1.5 * at))
+    assert result is None and "--budget" in note and "not" in note
+    result, note = pick_tuned(results, high, "int2" if low != "int2" else "int3", at)
+    assert result is None and f"{high}+{low}" in note

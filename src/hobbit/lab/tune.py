@@ -19,8 +19,9 @@
    c. the Eq. 3 eviction weights, a grid over the simplex, with (a) and (b).
    Each stage keeps the incumbent unless a setting lowers the penalty, so the result is never
    worse than the defaults it starts from.
-3. Write STORE/hobbit_tuned.json: {"options": {t1, t2, low_pool_fraction, eviction_options},
-   "budget_bytes", "calibration", "search"}; `load_tuned(store)` returns the options.
+3. Add the result to STORE/hobbit_tuned.json ({"results": [...]}, one per high/low/budget; this run's
+   replaces an earlier one for the same three): {"options": {t1, t2, low_pool_fraction,
+   eviction_options}, "budget_bytes", "calibration", "search"}; `read_tuned(store)` lists them.
 """
 from __future__ import annotations
 
@@ -47,14 +48,6 @@ PAPER_T = (0.6, 0.9)
 
 
 # -- reading the result (hobbit.runtime.config owns the file: the engine reads what this writes) ------
-
-def load_tuned(store: str | Path) -> dict | None:
-    """The tuned `Options` keyword arguments (t1, t2, low_pool_fraction, eviction_options) of a
-    store, or None when it was never tuned. They were tuned for `read_tuned(store)["calibration"]`'s
-    high/low precisions and `["budget_bytes"]`."""
-    doc = read_tuned(store)
-    return None if doc is None else dict(doc["options"])
-
 
 # -- calibration trace ------------------------------------------------------------------------------
 
@@ -265,8 +258,9 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
          high: str | None = None, low: str | None = None, max_low: float = 0.30, max_skip: float = 0.03,
          weight_step: float = 0.25, save_trace: str | Path | None = None, progress=None,
          prefetch_depth: int | None = None, **engine_knobs) -> dict:
-    """Record a calibration trace, search, write STORE/hobbit_tuned.json; returns what it wrote."""
+    """Record a calibration trace, search, add the result to STORE/hobbit_tuned.json; returns the result."""
     store = Path(store)
+    read_tuned(store)  # a broken file fails now, not after the calibration run
     with tempfile.TemporaryDirectory(prefix="hobbit-tune-") as tmp:
         trace_path = Path(save_trace) if save_trace else Path(tmp) / "calibration.trace.gz"
         if progress:

@@ -4,17 +4,17 @@
 `resolve(config, facts, tuned)` settles it against the store: the default precisions (high = the
 highest stored, low for policy hobbit = the first of int4, int2, int3, int8 stored below high), the
 budget's base ('25%' of all expert bytes at the highest stored precision), a dense model's policy
-(resident) and the store's `hobbit tune` result (validated; used as policy hobbit's defaults when it
-was tuned for the same high/low and a budget within TUNED_BUDGET_SPREAD of the run's; explicit knobs
-win). The engine and `hobbit simulate` both call it, so a replay runs the options the live run ran.
+(resident) and the store's `hobbit tune` results (validated; the one tuned for the same high/low at the
+budget nearest the run's gives policy hobbit's defaults when within TUNED_BUDGET_SPREAD of it; explicit
+knobs win). The engine and `hobbit simulate` both call it, so a replay runs the options the live run ran.
 
 `add_run_args` derives every command's flags from RunConfig's fields (same names, defaults and help
 everywhere): the schedule group (what `simulate` replays too) and the engine group (what loading a
 model adds). `--json [FILE]` means the same on every command: the result as one JSON object, printed
 instead of the human summary, or written to FILE besides it.
 
-The tuning result is STORE/hobbit_tuned.json: `hobbit tune` writes it with `write_tuned`, the engine
-and the simulator read it with `read_tuned`.
+The tuning results are STORE/hobbit_tuned.json, one per high/low/budget: `hobbit tune` adds one with
+`write_tuned`, the engine and the simulator read them with `read_tuned` and `resolve` picks with `pick_tuned`.
 """
 from __future__ import annotations
 
@@ -203,8 +203,8 @@ def read_precision_map(path: str | Path) -> dict[tuple[int, int], str]:
                          f"(layer/expert: precision), got {type(e).__name__}: {e}") from None
 
 
-def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> Resolved:
-    """The settled run (module docstring). `tuned` is the store's `read_tuned` document, or None. Pure."""
+def resolve(config: RunConfig, facts: StoreFacts, tuned: list[dict] | None = None) -> Resolved:
+    """The settled run (module docstring). `tuned` is the store's `read_tuned` results, or None. Pure."""
     high, low = default_precisions(facts.precisions, config.policy, config.high, config.low)
     policy = config.policy if facts.num_experts else "resident"  # a dense model has no experts to offload
     budget = parse_budget(config.budget, facts.total_bytes) if policy not in NO_CACHE_POLICIES else None
@@ -213,17 +213,10 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: dict | None = None) -> 
                                              "prefetch_depth", "prefetch_min_precision")
              if getattr(config, k) is not None}
     used, note = False, None
-    if tuned is not None and config.reads_tuned:
-        cal, at = tuned["calibration"], tuned["budget_bytes"]
-        if (cal.get("high"), cal.get("low")) != (high, low):
-            note = (f"{TUNED_FILE} was tuned for {cal.get('high')}+{cal.get('low')}, not {high}+{low}: using the "
-                    f"default thresholds; re-run `hobbit tune`")
-        elif budget is None or abs(budget - at) > TUNED_BUDGET_SPREAD * at:
-            note = (f"{TUNED_FILE} was tuned at a {at / 2**20:.0f} MiB budget, not {(budget or 0) / 2**20:.0f} MiB "
-                    f"(what suits one budget can hurt another): using the default thresholds; re-run "
-                    f"`hobbit tune --budget` with this budget")
-        else:
-            knobs, used = {**check_tuned_options(tuned["options"]), **knobs}, True
+    if tuned and config.reads_tuned:
+        result, note = pick_tuned(tuned, high, low, budget)
+        if result is not None:
+            knobs, used = {**check_tuned_options(result["options"]), **knobs}, True
     if config.precision_map and config.low is None:  # the map names the low tier
         low = next(iter(set(config.precision_map.values()) - {high}), low)
     options = Options(policy=policy, high=high, low=low, allow_low_for_high=config.allow_low_for_high,
@@ -255,28 +248,61 @@ def check_tuned_options(opts: Any) -> dict:
     return dict(opts)
 
 
-def read_tuned(store: str | Path) -> dict | None:
-    """The whole hobbit_tuned.json of a store (options validated), or None when it has none."""
+def read_tuned(store: str | Path) -> list[dict]:
+    """Every tuning result of a store, each validated; [] when it has none. The file holds
+    {"results": [...]}, one per high/low/budget `hobbit tune` ran (a file of one bare result, as
+    `hobbit tune` wrote before, is read as that one)."""
     path = tuned_path(store)
     if not path.is_file():
-        return None
+        return []
     try:
         doc = json.loads(path.read_text())
-        check_tuned_options(doc["options"])
-        if not isinstance(doc.get("calibration"), dict):
-            raise TypeError("'calibration' is not an object")
-        if not isinstance(doc.get("budget_bytes"), int) or doc["budget_bytes"] <= 0:
-            raise TypeError("'budget_bytes' (the budget it was tuned at) is not a positive integer")
+        results = doc["results"] if isinstance(doc, dict) and "results" in doc else [doc]
+        if not isinstance(results, list):
+            raise TypeError("'results' is not a list")
+        for result in results:
+            _check_result(result)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a valid tuning result ({e}); re-run `hobbit tune` or delete it") from e
-    return doc
+    return results
 
 
-def write_tuned(store: str | Path, doc: dict) -> Path:
-    """Write a tuning result where `read_tuned` finds it (its options checked first)."""
-    check_tuned_options(doc["options"])
+def _check_result(result: Any) -> None:
+    check_tuned_options(result["options"])
+    if not isinstance(result.get("calibration"), dict):
+        raise TypeError("'calibration' is not an object")
+    if not isinstance(result.get("budget_bytes"), int) or result["budget_bytes"] <= 0:
+        raise TypeError("'budget_bytes' (the budget it was tuned at) is not a positive integer")
+
+
+def _tuned_for(result: dict) -> tuple:
+    return result["calibration"].get("high"), result["calibration"].get("low"), result["budget_bytes"]
+
+
+def pick_tuned(results: list[dict], high: str, low: str | None, budget: int | None) -> tuple[dict | None, str | None]:
+    """The result tuned for high+low at the budget nearest `budget`, when within TUNED_BUDGET_SPREAD of it
+    (what suits one budget can hurt another); else (None, why not)."""
+    pair = [r for r in results if _tuned_for(r)[:2] == (high, low)]
+    if not pair:
+        tuned = ", ".join(sorted({f"{h}+{lo}" for h, lo, _ in map(_tuned_for, results)}))
+        return None, (f"{TUNED_FILE} was tuned for {tuned}, not {high}+{low}: using the default thresholds; "
+                      f"run `hobbit tune` for this pair")
+    best = min(pair, key=lambda r: abs((budget or 0) - r["budget_bytes"]))
+    if budget is not None and abs(budget - best["budget_bytes"]) <= TUNED_BUDGET_SPREAD * best["budget_bytes"]:
+        return best, None
+    at = ", ".join(f"{r['budget_bytes'] / 2**20:.0f}" for r in sorted(pair, key=lambda r: r["budget_bytes"]))
+    return None, (f"{TUNED_FILE} was tuned for {high}+{low} at {at} MiB, not {(budget or 0) / 2**20:.0f} MiB "
+                  f"(what suits one budget can hurt another): using the default thresholds; run "
+                  f"`hobbit tune --budget` with this budget")
+
+
+def write_tuned(store: str | Path, result: dict) -> Path:
+    """Add a tuning result to the store's (checked first), replacing one for the same high/low and budget."""
+    _check_result(result)
+    results = [r for r in read_tuned(store) if _tuned_for(r) != _tuned_for(result)] + [result]
     path = tuned_path(store)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    order = sorted(results, key=lambda r: (str(_tuned_for(r)[:2]), r["budget_bytes"]))
+    path.write_text(json.dumps({"results": order}, indent=1) + "\n")
     return path
 
 
