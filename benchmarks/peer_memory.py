@@ -37,7 +37,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_common import HOBBIT, _step, build_llamacpp, machine_info, run_measured  # noqa: E402
 from peer_llamacpp import parse_hobbit  # noqa: E402
-
 from hobbit.runtime.config import read_tuned  # noqa: E402
 
 MIB = 2**20
@@ -374,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             sim = None
             _step(f"the belady replay failed: {e}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    # policy hobbit runs with the store's `hobbit tune` result for its high/low near each limit's budget
-    config["tuned"] = [dict(options=r["options"], budget_bytes=r["budget_bytes"], high=r["calibration"]["high"],
-                            low=r["calibration"]["low"], text=r["calibration"]["text"]) for r in read_tuned(a.store)]
+    config["tuned"] = [{k: v for k, v in r.items() if k != "search"} for r in read_tuned(a.store)]  # what hobbit runs with
     result = dict(machine=info, config=dict(config, prompt_ids=ids), sizes=sizes, calibration=cal,
                   baselines=dict(hobbit=base_hobbit, llama_cpp=base_llama), limits=limits, own_limits=own, simulate=sim)
     a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,6 @@ POOL_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 PAPER_T = (0.6, 0.9)
 
 
-# -- reading the result (hobbit.runtime.config owns the file: the engine reads what this writes) ------
-
 # -- calibration trace ------------------------------------------------------------------------------
 
 def calibration_ids(tokenizer, text: str | Path | None, tokens: int) -> tuple[list[int], str]:
@@ -220,7 +218,7 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
         raise ValueError(f"no HOBBIT setting fits budget {budget_bytes} bytes within the quality limits: {notes}")
     report("thresholds", chosen)
 
-    if chosen["t1"] < 1:  # at t1 = 1 nothing is loaded low and the budget is one pool: no share to choose
+    if Options(policy="hobbit", high=high, low=low, t1=chosen["t1"], t2=chosen["t2"]).two_tiers:  # else one pool
         if progress:
             progress(f"stage 2: low-pool fraction ({len(pool_fractions)} values)")
         stage2 = [chosen if f == chosen["low_pool_fraction"] else
