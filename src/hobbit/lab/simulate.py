@@ -16,6 +16,7 @@ Torch-free: it imports only the torch-free schedule/trace/policies/cache modules
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from dataclasses import asdict, replace
@@ -28,6 +29,7 @@ from hobbit.runtime.options import Options, parse_budget
 from hobbit.runtime.loader import DEMAND
 from hobbit.runtime.schedule import Scheduler
 from hobbit.runtime.trace import LayerCall, belady_accesses, iter_steps, read_trace
+from hobbit.lab.timeline import TimedFetcher, TimeModel
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
                "expert_disk_bytes")
@@ -112,11 +114,13 @@ class _Phase:
 
 
 def simulate(header: dict, calls: list[LayerCall], options: Options, budget_bytes: int | None,
-             link_gbps: float | None = None) -> dict:
+             link_gbps: float | None = None, time_model: TimeModel | None = None) -> dict:
     """Replay `calls` (from `read_trace`) under `options` and a budget of `budget_bytes` (RAM bytes,
     as the engine counts them); `link_gbps` (GB/s, 1e9 bytes) models load times. Returns a report
     dict (see the module docstring; counters named as in `Stats.as_dict`, but `bytes_*` are disk
-    bytes and `ram_bytes_*` the Scheduler's RAM bytes)."""
+    bytes and `ram_bytes_*` the Scheduler's RAM bytes). With a `time_model` reads take disk time
+    and a read still queued can be cancelled (`hobbit.lab.timeline`), instead of following the
+    live run's recorded cancellations; the report's `modeled` holds the modeled times."""
     ram = {p: int(b) for p, b in header["expert_ram_bytes"].items()}
     disk = {p: int(b) for p, b in header["expert_disk_bytes"].items()}
     for name, prec in (("high", options.high), ("low", options.low)):
@@ -131,8 +135,10 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
     sched = Scheduler(opt, int(header["num_layers"]), int(header["top_k"]), ram.__getitem__, budget_bytes,
                       sparse_layers=len(header["sparse_layers"]))
 
-    fetcher = CountingFetcher()
+    fetcher = CountingFetcher() if time_model is None else TimedFetcher(time_model)
+    replays_cancels = time_model is None
     loads = fetcher.loads
+    clock = Counter()  # modeled seconds per phase
     served = Counter()  # precision -> token-expert selections computed with a copy at that precision
     phases = {"prefill": _Phase(), "decode": _Phase()}
     seq, sequences, steps, tokens = -1, 0, 0, 0
@@ -141,7 +147,8 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
     stale = []  # prefetch reads dropped unread (their layer's router chose other experts)
 
     for s, t, group in iter_steps(calls):
-        fetcher.unread = set(group[0].cancelled)  # what the live run dropped unread before this step
+        if replays_cancels:
+            fetcher.unread = set(group[0].cancelled)  # what the live run dropped unread before this step
         if s != seq:
             if s < seq:
                 raise ValueError(f"trace out of order: sequence {s} after {seq}")
@@ -157,11 +164,19 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         before = (sum(loads["demand"].values()), sum(loads["prefetch"].values()), sum(stats.hits.values()))
         bd0 = sum(disk[p] * n for p, n in loads["demand"].items())
         bp0 = sum(disk[p] * n for p, n in loads["prefetch"].items())
+        t0 = fetcher.now if time_model else 0.0
         for call in group:
-            fetcher.unread = set(call.stale)  # the prefetch reads the live run dropped unread at this call
-            prec_of = {}
-            kept = sched.run_layer(call.layer, call.rows, fetcher,
-                                   lambda st: prec_of.__setitem__(st.expert, st.key[2]), call.pred)
+            prec_of = {}  # expert -> the precision it was computed at
+
+            def compute(st, prec_of=prec_of):
+                prec_of[st.expert] = st.key[2]
+                if time_model:
+                    fetcher.compute(time_model.expert_ms[st.key[2]])
+            if replays_cancels:
+                fetcher.unread = set(call.stale)  # the prefetch reads the live run dropped unread at this call
+            else:
+                fetcher.compute(time_model.layer_ms)
+            kept = sched.run_layer(call.layer, call.rows, fetcher, compute, call.pred)
             stale += sched.stale
             # selections computed, per precision: a token's slot counts unless the plan dropped it
             for r, ids in enumerate(call.ids):
@@ -171,6 +186,9 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
                     if p is not None and (wr is None or wr[slot] > 0):
                         served[p] += 1
         sched.end_step()
+        if time_model:
+            fetcher.compute(time_model.step_ms)
+            clock["prefill" if ntok > 1 else "decode"] += fetcher.now - t0
         steps += 1
         tokens += ntok
         ph.c["steps"] += 1
@@ -181,8 +199,14 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         ph.c["bytes_demand"] += sum(disk[p] * n for p, n in loads["demand"].items()) - bd0
         ph.c["bytes_prefetch"] += sum(disk[p] * n for p, n in loads["prefetch"].items()) - bp0
 
-    return _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases,
-                   sequences, steps, tokens, disk, cancelled, stale)
+    report = _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases,
+                     sequences, steps, tokens, disk, cancelled, stale)
+    if time_model:
+        n = phases["decode"].c["tokens"]
+        report["modeled"] = dict(time_model=time_model.as_dict(), decode_s=clock["decode"], prefill_s=clock["prefill"],
+                                 decode_ms_per_token=clock["decode"] * 1e3 / n if n else None,
+                                 decode_tok_s=n / clock["decode"] if n and clock["decode"] else None)
+    return report
 
 
 def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, sequences, steps, tokens,
@@ -246,6 +270,9 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
     add_run_args(p, store=False, engine=False)
     p.add_argument("--link", type=float, default=None, metavar="GB/s",
                    help="storage bandwidth in GB/s for modeled load times (e.g. 3 for an NVMe SSD)")
+    p.add_argument("--time-model", default=None, metavar="JSON",
+                   help="model decode time (`hobbit.lab.timeline`): a JSON file holding a time model or the "
+                        "`hobbit tune --json` output that measured one; queued reads then cancel as modeled")
     add_json_arg(p, "the report")
     p.set_defaults(func=cmd_simulate)
     return p
@@ -261,6 +288,20 @@ def resolve_for(header: dict, config: RunConfig):
 
 def options_from_args(args: argparse.Namespace, header: dict) -> Options:
     return resolve_for(header, RunConfig.from_args(args)).options
+
+
+def read_time_model(path: str | Path) -> TimeModel:
+    """A time model from a JSON file: the model itself, or a `hobbit tune --json` result holding one."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the time model {path}: {e}") from None
+    if isinstance(d, dict) and "calibration" in d:
+        d = d["calibration"].get("time_model")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds no time model: pass the JSON `hobbit tune --json` wrote, or "
+                         f"{{\"read_ms\": {{precision: ms}}, \"layer_ms\": .., \"expert_ms\": {{..}}, \"step_ms\": ..}}")
+    return TimeModel.from_dict(d)
 
 
 def _secs(x: float) -> str:
@@ -296,6 +337,10 @@ def format_report(r: dict) -> str:
         rows.append(("modeled load time", f"demand (stalls) {_secs(r['demand_s'])} = "
                      f"{_secs(r['per_token']['demand_s'])}/token; prefetch (overlaps compute) "
                      f"{_secs(r['prefetch_s'])} at {r['link_gbps']:g} GB/s"))
+    if r.get("modeled"):
+        m = r["modeled"]
+        rows.append(("modeled decode", f"{m['decode_ms_per_token']:.1f} ms/token ({m['decode_tok_s']:.2f} tok/s) "
+                     f"under the time model" if m["decode_ms_per_token"] else "no decode steps"))
     for name, ph in r["phases"].items():
         t = f", {_secs(ph['demand_s_per_token'])}/token" if ph["demand_s_per_token"] is not None else ""
         rows.append((name, f"{ph['steps']} steps, {ph['tokens']} tokens: {ph['demand_loads_per_token']:.2f} demand "
@@ -319,7 +364,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     run = resolve_for(header, RunConfig.from_args(args))
     if run.note:
         print(f"warning: {header['store']}/{run.note}", file=sys.stderr)
-    report = simulate(header, calls, run.options, run.budget_bytes, args.link)
+    model = read_time_model(args.time_model) if args.time_model else None
+    report = simulate(header, calls, run.options, run.budget_bytes, args.link, time_model=model)
     tuned = str(tuned_path(header["store"])) if run.tuned else None
     report["tuned_from"] = tuned
     if not emit_json(args, report):

@@ -1,12 +1,16 @@
 """`hobbit tune`: calibrate HOBBIT's settings for one store and budget with the simulator.
 
-1. Record a calibration routing trace: the live engine (policy lru, full precision, at the
-   budget) reads calibration text, teacher-forced: per sequence one prefill step of `prompt_len`
-   tokens, then one decode step per following token. The default text is the train split of
-   Austen's *Emma* (`hobbit.models.assets`), kept apart from evaluation text; `--text FILE` uses a file.
-2. Search with `hobbit.lab.simulate` (HOBBIT §3.2, §3.4: "determined by minimizing the mixed-precision
-   cache miss penalty on a calibration dataset"), minimizing the miss penalty
-   `C·misses_high + C·(B_low/B_high)·misses_low` (B = bytes one expert load reads from disk):
+1. Record a calibration routing trace and measure a time model with the live engine
+   (`hobbit.lab.calibration`).
+2. Search with `hobbit.lab.simulate`, minimizing the objective:
+   - `time` (default): modeled decode ms per token (`hobbit.lab.timeline`: one disk queue shared
+     by demand loads and prefetches, each read taking its measured time, and the compute between).
+   - `penalty`: HOBBIT's (§3.2, §3.4: "determined by minimizing the mixed-precision cache miss
+     penalty on a calibration dataset") `C·misses_high + C·(B_low/B_high)·misses_low` (B = bytes
+     one expert load reads from disk). It counts demand loads only: it cannot see prefetches that
+     fill the disk (bf16 experts on CoderMoE: the setting it picks decodes 13% slower live than the
+     paper's), nor an int2 read that costs an int4 read's time once expanded for the kernel.
+   Stages:
    a. T1/T2 of Eq. 2. Quality limits (defaults in the spirit of the paper's 67/30/3 split): at
       most `max_low` of the token-expert selections computed at low precision and `max_skip`
       skipped. A pair must respect them both as Eq. 2 *requests* them (the paper's statistic;
@@ -17,7 +21,7 @@
    b. the share of the budget for low-precision copies, with (a)'s thresholds (skipped when (a) chose
       t1 = 1: nothing is then loaded low, and the whole budget holds high copies);
    c. the Eq. 3 eviction weights, a grid over the simplex, with (a) and (b).
-   Each stage keeps the incumbent unless a setting lowers the penalty, so the result is never
+   Each stage keeps the incumbent unless a setting lowers the objective, so the result is never
    worse than the defaults it starts from.
 3. Add the result to STORE/hobbit_tuned.json ({"results": [...]}, one per high/low/budget; this run's
    replaces an earlier one for the same three): {"options": {t1, t2, low_pool_fraction,
@@ -37,79 +41,16 @@ from pathlib import Path
 from hobbit.policies.eviction import DEFAULT_MULTIDIM_WEIGHTS
 from hobbit.policies.precision import TOLERANCE, scores
 from hobbit.runtime.options import Options
+from hobbit.lab.calibration import DEFAULT_TEXT, fit_reads, record_calibration
 from hobbit.lab.simulate import default_precisions, simulate
+from hobbit.lab.timeline import TimeModel
 from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json, read_tuned, tuned_path, write_tuned
 from hobbit.runtime.trace import LayerCall, read_trace
 
-DEFAULT_TEXT = "austen:emma"
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 POOL_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 PAPER_T = (0.6, 0.9)
-
-
-# -- calibration trace ------------------------------------------------------------------------------
-
-def calibration_ids(tokenizer, text: str | Path | None, tokens: int) -> tuple[list[int], str]:
-    """The first `tokens` tokens of the calibration text, and a label naming it."""
-    from hobbit.models import assets
-    spec = str(text) if text is not None else DEFAULT_TEXT
-    is_file = Path(spec).is_file()
-    try:
-        path = assets.text_file(spec, split="all" if is_file else "train")
-    except assets.AssetError as e:
-        raise RuntimeError(f"could not get the calibration text {spec!r} ({e}); pass --text FILE with a "
-                           f"plain-text file instead") from e
-    chars = max(4096, tokens * 8)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        body = f.read(chars)
-        ids = tokenizer.encode(body, add_special_tokens=False)
-        while len(ids) < tokens:  # rarely: a text that tokenizes into few tokens per character
-            more = f.read(chars)
-            if not more:
-                break
-            body += more
-            ids = tokenizer.encode(body, add_special_tokens=False)
-    label = f"{spec} (train split)" if not is_file else spec
-    return ids[:tokens], label
-
-
-def record_calibration(store: str | Path, budget, trace_path: str | Path, text=None, tokens: int = 256,
-                       seq_len: int = 128, prompt_len: int = 16, high: str | None = None,
-                       progress=None, **engine_knobs) -> dict:
-    """Run the engine (policy lru, full precision) over the calibration text, teacher-forced, recording
-    the routing trace to `trace_path`. Returns what was recorded. `engine_knobs`: RunConfig's engine
-    group (dtype, threads, ...)."""
-    import torch
-
-    from hobbit.runtime.engine import load
-    engine = load(store, budget=budget, policy="lru", high=high, trace=trace_path, **engine_knobs)
-    try:
-        if not engine.config.num_experts:
-            raise ValueError(f"{store} holds a dense model: there are no experts to tune for")
-        if engine.tokenizer is None:
-            raise ValueError(f"{store} has no tokenizer.json, so `hobbit tune` cannot encode calibration text; "
-                             f"convert a model folder that has tokenizer files")
-        ids, label = calibration_ids(engine.tokenizer, text, tokens)
-        seq_len = min(seq_len, engine.max_context)
-        prompt_len = max(1, min(prompt_len, seq_len - 1))
-        if len(ids) < prompt_len + 1:
-            raise ValueError(f"the calibration text gives only {len(ids)} tokens; need at least {prompt_len + 1}")
-        t0 = time.perf_counter()
-        chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
-        chunks = [c for c in chunks if len(c) > prompt_len] or [ids[:seq_len]]
-        with torch.inference_mode():
-            for n, chunk in enumerate(chunks):
-                if progress:
-                    progress(f"calibration sequence {n + 1}/{len(chunks)} ({len(chunk)} tokens)")
-                seq = engine.sequence()
-                seq.step(torch.tensor(chunk[:prompt_len]), last_only=True)
-                for pos in range(prompt_len, len(chunk)):
-                    seq.step(torch.tensor(chunk[pos:pos + 1]))
-        return dict(text=label, tokens=sum(len(c) for c in chunks), sequences=len(chunks), seq_len=seq_len,
-                    prompt_len=prompt_len, trace_policy="lru", high=engine.provider.opt.high,
-                    budget_bytes=engine.budget_bytes, record_s=round(time.perf_counter() - t0, 3))
-    finally:
-        engine.close()
+OBJECTIVES = ("time", "penalty")
 
 
 # -- search -----------------------------------------------------------------------------------------
@@ -153,10 +94,14 @@ def simplex(step: float) -> list[dict[str, float]]:
 
 def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, low: str,
            max_low: float = 0.30, max_skip: float = 0.03, thresholds=THRESHOLDS, pool_fractions=POOL_FRACTIONS,
-           weight_step: float = 0.25, prefetch_depth: int | None = None, progress=None) -> dict:
-    """The three-stage search (module docstring). Returns {"options", "result", "baseline", "search"}."""
+           weight_step: float = 0.25, prefetch_depth: int | None = None, progress=None,
+           time_model: TimeModel | None = None) -> dict:
+    """The three-stage search (module docstring), minimizing the modeled decode ms per token under
+    `time_model`, or the miss penalty when it is None. Returns {"options", "result", "baseline", "search"}."""
     if not (0 <= max_low <= 1 and 0 <= max_skip <= 1):
         raise ValueError(f"quality limits are shares in [0, 1], got max_low={max_low}, max_skip={max_skip}")
+    cost = "ms_per_token" if time_model else "penalty"
+    unit = "modeled ms/token" if time_model else "miss penalty"
     requested = RequestedShares(calls)
     rows: list[dict] = []
 
@@ -167,13 +112,14 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
         opt = Options(policy="hobbit", high=high, low=low, t1=t1, t2=t2, low_pool_fraction=frac,
                       prefetch_depth=prefetch_depth, eviction_options={"weights": weights})
         try:
-            r = simulate(header, calls, opt, budget_bytes)
+            r = simulate(header, calls, opt, budget_bytes, time_model=time_model)
         except ValueError as e:  # e.g. the high pool is below one layer's active experts
-            row.update(feasible=False, penalty=None, note=str(e))
+            row.update(feasible=False, penalty=None, ms_per_token=None, note=str(e))
         else:
             feasible = max(req_low, r["low_share"]) <= max_low + 1e-12 and \
                 max(req_skip, r["skip_share"]) <= max_skip + 1e-12
             row.update(feasible=feasible, penalty=r["miss_penalty"], hit_rate=r["hit_rate"],
+                       ms_per_token=r["modeled"]["decode_ms_per_token"] if time_model else None,
                        low_share=r["low_share"], skip_share=r["skip_share"], misses=r["misses_by_precision"],
                        bytes_demand=r["bytes_demand"], bytes_prefetch=r["bytes_prefetch"])
             if not feasible:
@@ -184,22 +130,23 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
     def report(stage: str, row: dict) -> None:
         if progress:
             progress(f"  best {stage}: t1 {row['t1']:g} t2 {row['t2']:g} low pool {row['low_pool_fraction']:g} "
-                     f"weights {_w(row['weights'])}: miss penalty {row['penalty']:.1f}")
+                     f"weights {_w(row['weights'])}: {unit} {row[cost]:.1f}")
 
     def best(candidates: list[dict], incumbent: dict | None) -> dict | None:
         ok = [r for r in candidates if r["feasible"]]
         if incumbent is not None and incumbent["feasible"]:
             ok = [incumbent] + [r for r in ok if r is not incumbent]
-        # lowest penalty; ties: lower requested low+skip (quality), then the incumbent / earlier row
-        return min(ok, key=lambda r: (round(r["penalty"], 9), r["requested_low_share"] + r["requested_skip_share"]),
+        # lowest objective; ties: lower requested low+skip (quality), then the incumbent / earlier row
+        return min(ok, key=lambda r: (round(r[cost], 9), r["requested_low_share"] + r["requested_skip_share"]),
                    default=None)
 
     w0 = dict(DEFAULT_MULTIDIM_WEIGHTS)
     f0 = Options.low_pool_fraction
     # baseline: full precision LRU at the same budget (for the summary)
-    base = simulate(header, calls, Options(policy="lru", high=high), budget_bytes)
+    base = simulate(header, calls, Options(policy="lru", high=high), budget_bytes, time_model=time_model)
     baseline = dict(policy="lru", penalty=base["miss_penalty"], hit_rate=base["hit_rate"],
-                    bytes_demand=base["bytes_demand"])
+                    bytes_demand=base["bytes_demand"],
+                    ms_per_token=base["modeled"]["decode_ms_per_token"] if time_model else None)
 
     # stage a: thresholds on the frontier of the requested-share limits
     ts = sorted(set(thresholds) | set(PAPER_T) | {1.0})
@@ -255,8 +202,12 @@ def _w(weights: dict) -> str:
 def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int = 128, prompt_len: int = 16,
          high: str | None = None, low: str | None = None, max_low: float = 0.30, max_skip: float = 0.03,
          weight_step: float = 0.25, save_trace: str | Path | None = None, progress=None,
-         prefetch_depth: int | None = None, **engine_knobs) -> dict:
-    """Record a calibration trace, search, add the result to STORE/hobbit_tuned.json; returns the result."""
+         prefetch_depth: int | None = None, objective: str = "time", **engine_knobs) -> dict:
+    """Record a calibration trace and a time model, search for the lowest `objective` ("time": modeled
+    decode ms per token; "penalty": the miss penalty), add the result to STORE/hobbit_tuned.json;
+    returns the result."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
     store = Path(store)
     read_tuned(store)  # a broken file fails now, not after the calibration run
     with tempfile.TemporaryDirectory(prefix="hobbit-tune-") as tmp:
@@ -274,11 +225,15 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
         raise ValueError(f"low precision {low!r} is not in the store (it has {', '.join(header['precisions'])})")
     budget_bytes = calibration.pop("budget_bytes")
     t0 = time.perf_counter()
+    measured = TimeModel.from_dict(calibration["time_model"])
+    fitted, fit = fit_reads(measured, header, calls, budget_bytes, high, calibration["decode_ms_per_token"])
+    calibration.update(time_model=fitted.as_dict(), read_fit=dict(fit, measured_read_ms=dict(measured.read_ms)))
+    time_model = fitted if objective == "time" else None
     found = search(header, calls, budget_bytes, high, low, max_low=max_low, max_skip=max_skip,
-                   weight_step=weight_step, prefetch_depth=prefetch_depth, progress=progress)
+                   weight_step=weight_step, prefetch_depth=prefetch_depth, progress=progress, time_model=time_model)
     calibration.update(high=high, low=low, limits=dict(max_low=max_low, max_skip=max_skip),
                        search_s=round(time.perf_counter() - t0, 3), result=found["result"],
-                       baseline_lru=found["baseline"], paper_default=found["paper_default"],
+                       baseline_lru=found["baseline"], paper_default=found["paper_default"], objective=objective,
                        trace=str(save_trace) if save_trace else None)
     doc = dict(options=found["options"], budget_bytes=budget_bytes, calibration=calibration, search=found["search"])
     write_tuned(store, doc)
@@ -288,11 +243,18 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
 def format_summary(doc: dict, path: Path) -> str:
     c, o = doc["calibration"], doc["options"]
     r, b, d = c["result"], c["baseline_lru"], c["paper_default"]
+    timed = c.get("objective") == "time"
+
+    def ms(row) -> str:
+        return f"{row['ms_per_token']:.1f}" if row and row.get("ms_per_token") is not None else "-"
+
+    def score(row) -> str:
+        return f"{ms(row)} ms/token" if timed else f"miss penalty {row['penalty']:.1f}"
     lines = [f"calibration: {c['tokens']} tokens of {c['text']} in {c['sequences']} sequences; high {c['high']}, "
              f"low {c['low']}; budget {doc['budget_bytes'] / 2**20:.1f} MiB; limits low <= {c['limits']['max_low']:.0%}, "
-             f"skip <= {c['limits']['max_skip']:.0%}",
+             f"skip <= {c['limits']['max_skip']:.0%}; objective: " + ("modeled decode time" if timed else "miss penalty"),
              f"{'stage':<18} {'t1':>5} {'t2':>5} {'lowpool':>7} {'weights lru/lfu/lhu/fld':>24} {'penalty':>9} "
-             f"{'hit':>6} {'low':>6} {'skip':>6}  note"]
+             f"{'ms/tok':>7} {'hit':>6} {'low':>6} {'skip':>6}  note"]
     for row in doc["search"]:
         pen = f"{row['penalty']:.1f}" if row["penalty"] is not None else "-"
         hit = f"{row['hit_rate']:.1%}" if "hit_rate" in row else "-"
@@ -300,11 +262,11 @@ def format_summary(doc: dict, path: Path) -> str:
         skip = f"{max(row['requested_skip_share'], row.get('skip_share', 0)):.1%}"
         mark = "*" if row is r or row == r else ""
         lines.append(f"{row['stage']:<18} {row['t1']:>5g} {row['t2']:>5g} {row['low_pool_fraction']:>7g} "
-                     f"{_w(row['weights']):>24} {pen:>9} {hit:>6} {low:>6} {skip:>6}  {mark}{row.get('note', '')}")
+                     f"{_w(row['weights']):>24} {pen:>9} {ms(row):>7} {hit:>6} {low:>6} {skip:>6}  "
+                     f"{mark}{row.get('note', '')}")
     lines.append(f"chosen: t1 {o['t1']:g}, t2 {o['t2']:g}, low pool {o['low_pool_fraction']:g}, weights "
-                 f"{_w(o['eviction_options']['weights'])}: miss penalty {r['penalty']:.1f} high-precision loads "
-                 f"(full-precision lru {b['penalty']:.1f}"
-                 + (f", paper's t1 0.6 t2 0.9 {d['penalty']:.1f}" + ("" if d["feasible"] else " but over the limits")
+                 f"{_w(o['eviction_options']['weights'])}: {score(r)} (full-precision lru {score(b)}"
+                 + (f", paper's t1 0.6 t2 0.9 {score(d)}" + ("" if d["feasible"] else " but over the limits")
                     if d and d["penalty"] is not None else "")
                  + f"); hit rate {r['hit_rate']:.1%}")
     lines.append(f"wrote {path}")
@@ -329,6 +291,9 @@ def add_tune_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weight-step", type=float, default=0.25, help="grid step over the Eq. 3 weight simplex "
                    "(default 0.25: 35 points)")
     p.add_argument("--save-trace", default=None, help="keep the calibration trace here (for `hobbit simulate`)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="time", help="what the search minimizes: time, the "
+                   "modeled decode time per token (reads on one disk queue, measured read and compute times; "
+                   "default), or penalty, HOBBIT's miss penalty (demand loads weighted by bytes)")
     add_json_arg(p, "the written tuning result")
     p.set_defaults(func=cmd_tune)
     return p
@@ -349,7 +314,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     doc = tune(args.store, args.budget, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
                prompt_len=args.prompt_len, high=cfg.high, low=cfg.low, max_low=args.max_low,
                max_skip=args.max_skip, weight_step=args.weight_step, save_trace=args.save_trace, progress=say,
-               prefetch_depth=args.prefetch_depth, **engine)
+               prefetch_depth=args.prefetch_depth, objective=args.objective, **engine)
     if not emit_json(args, doc):
         print(format_summary(doc, tuned_path(args.store)))
     return 0
