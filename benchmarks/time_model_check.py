@@ -17,7 +17,8 @@ import json
 import statistics
 from pathlib import Path
 
-from hobbit.lab.simulate import load_trace, read_time_model, simulate
+from hobbit.lab.simulate import load_trace, simulate
+from hobbit.lab.timeline import read_time_model
 from hobbit.runtime.options import Options
 
 def check(tune_json: Path, cases: dict) -> dict:

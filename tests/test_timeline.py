@@ -87,7 +87,7 @@ def test_modeled_timeline_of_one_token(tmp_path):
 
 
 def test_read_time_model_files(tmp_path):
-    from hobbit.lab.simulate import read_time_model
+    from hobbit.lab.timeline import read_time_model
     (tmp_path / "m.json").write_text(json.dumps(MODEL.as_dict()))
     (tmp_path / "tuned.json").write_text(json.dumps({"options": {}, "calibration": {"time_model": MODEL.as_dict()}}))
     (tmp_path / "old.json").write_text(json.dumps({"options": {}, "calibration": {}}))
@@ -99,3 +99,27 @@ def test_read_time_model_files(tmp_path):
         read_time_model(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="cannot read the time model"):
         read_time_model(tmp_path / "missing.json")
+
+
+def test_simulate_names_what_the_time_model_lacks(tmp_path):
+    header, calls = _trace(tmp_path)
+    bf16_only = TimeModel({"bf16": 2.0}, 1.0, {"bf16": 0.5})
+    with pytest.raises(ValueError, match="no read or expert time for int4"):
+        simulate(header, calls, Options(policy="hobbit", high="bf16", low="int4"), 8 << 20, time_model=bf16_only)
+
+
+def test_cli_time_model_over_another_link(tmp_path, capsys):
+    """--time-model with --link: the measured compute, reads of the trace's disk bytes over that link."""
+    import argparse
+    from hobbit.lab.simulate import add_simulate_args, cmd_simulate
+    _trace(tmp_path)
+    (tmp_path / "m.json").write_text(json.dumps(MODEL.as_dict()))
+    ap = argparse.ArgumentParser()
+    add_simulate_args(ap.add_subparsers())
+    base = ["simulate", str(tmp_path / "one.trace.gz"), "--policy", "lru", "--high", "bf16", "--budget", str(8 << 20),
+            "--time-model", str(tmp_path / "m.json"), "--json"]
+    assert cmd_simulate(ap.parse_args(base)) == 0
+    assert json.loads(capsys.readouterr().out)["modeled"]["decode_ms_per_token"] == pytest.approx(14.0)
+    # 1 MiB over 1.048576 GB/s: 1 ms a read instead of the measured 2: per layer 1 + 1 + 1 + 0.5, + 3 ms LM head
+    assert cmd_simulate(ap.parse_args([*base, "--link", str((1 << 20) / 1e6)])) == 0
+    assert json.loads(capsys.readouterr().out)["modeled"]["decode_ms_per_token"] == pytest.approx(10.0)

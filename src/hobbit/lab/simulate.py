@@ -9,14 +9,15 @@ cannot: bytes moved in *disk* bytes (the header's `expert_disk_bytes`; the Sched
 counters are RAM bytes, which differ, e.g. for int2), the share of selections computed at each
 precision, the mixed-precision miss penalty (HOBBIT §3.4, in units of one high-precision load) and
 modeled load time over a link of a given bandwidth: demand time stalls compute, prefetch time is
-reported separately because it overlaps compute.
+reported separately because it overlaps compute. With a time model (`hobbit.lab.timeline`, as
+`hobbit tune` measures one) the fetcher keeps a clock instead: reads queue on one disk, the
+compute waits for them, and the report adds the modeled decode time per token.
 
 Torch-free: it imports only the torch-free schedule/trace/policies/cache modules.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from dataclasses import asdict, replace
@@ -29,7 +30,7 @@ from hobbit.runtime.options import Options, parse_budget
 from hobbit.runtime.loader import DEMAND
 from hobbit.runtime.schedule import Scheduler
 from hobbit.runtime.trace import LayerCall, belady_accesses, iter_steps, read_trace
-from hobbit.lab.timeline import TimedFetcher, TimeModel
+from hobbit.lab.timeline import TimedFetcher, TimeModel, read_time_model
 
 HEADER_KEYS = ("num_layers", "sparse_layers", "num_experts", "top_k", "precisions", "expert_ram_bytes",
                "expert_disk_bytes")
@@ -129,6 +130,12 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
                              f"(it has {', '.join(header['precisions'])})")
     if link_gbps is not None and link_gbps <= 0:
         raise ValueError(f"link bandwidth must be positive, got {link_gbps} GB/s")
+    if time_model is not None:
+        lacking = [p for p in (options.high, options.low) if p is not None
+                   and (p not in time_model.read_ms or p not in time_model.expert_ms)]
+        if lacking:
+            raise ValueError(f"the time model has no read or expert time for {', '.join(lacking)} (it has "
+                             f"{', '.join(time_model.read_ms)}): measure one on this store with `hobbit tune`")
     opt = options
     if opt.policy == "belady":
         opt = replace(opt, eviction_options={"trace": belady_accesses(calls)})
@@ -272,7 +279,8 @@ def add_simulate_args(subparsers) -> argparse.ArgumentParser:
                    help="storage bandwidth in GB/s for modeled load times (e.g. 3 for an NVMe SSD)")
     p.add_argument("--time-model", default=None, metavar="JSON",
                    help="model decode time (`hobbit.lab.timeline`): a JSON file holding a time model or the "
-                        "`hobbit tune --json` output that measured one; queued reads then cancel as modeled")
+                        "`hobbit tune --json` output that measured one; queued reads then cancel as modeled. "
+                        "With --link, its reads take their disk bytes over that link instead (compute as measured)")
     add_json_arg(p, "the report")
     p.set_defaults(func=cmd_simulate)
     return p
@@ -288,20 +296,6 @@ def resolve_for(header: dict, config: RunConfig):
 
 def options_from_args(args: argparse.Namespace, header: dict) -> Options:
     return resolve_for(header, RunConfig.from_args(args)).options
-
-
-def read_time_model(path: str | Path) -> TimeModel:
-    """A time model from a JSON file: the model itself, or a `hobbit tune --json` result holding one."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the time model {path}: {e}") from None
-    if isinstance(d, dict) and "calibration" in d:
-        d = d["calibration"].get("time_model")
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} holds no time model: pass the JSON `hobbit tune --json` wrote, or "
-                         f"{{\"read_ms\": {{precision: ms}}, \"layer_ms\": .., \"expert_ms\": {{..}}, \"step_ms\": ..}}")
-    return TimeModel.from_dict(d)
 
 
 def _secs(x: float) -> str:
@@ -365,6 +359,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if run.note:
         print(f"warning: {header['store']}/{run.note}", file=sys.stderr)
     model = read_time_model(args.time_model) if args.time_model else None
+    if model and args.link:
+        model = TimeModel.over_link(args.link, header["expert_disk_bytes"], model.layer_ms, model.expert_ms,
+                                    model.step_ms)
     report = simulate(header, calls, run.options, run.budget_bytes, args.link, time_model=model)
     tuned = str(tuned_path(header["store"])) if run.tuned else None
     report["tuned_from"] = tuned

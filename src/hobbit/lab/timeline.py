@@ -19,9 +19,11 @@ Torch-free.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hobbit.policies.eviction import Key
 from hobbit.runtime.loader import DEMAND
@@ -64,6 +66,20 @@ class TimeModel:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"a time model needs read_ms {{precision: ms}}, layer_ms, expert_ms {{precision: ms}} "
                              f"and step_ms; got {dict(d)!r} ({e!r})") from None
+
+
+def read_time_model(path: str | Path) -> TimeModel:
+    """A time model from a JSON file: the model itself, or a `hobbit tune --json` result holding one."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the time model {path}: {e}") from None
+    if isinstance(d, dict) and "calibration" in d:
+        d = d["calibration"].get("time_model")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds no time model: pass the JSON `hobbit tune --json` wrote, or "
+                         f"{{\"read_ms\": {{precision: ms}}, \"layer_ms\": .., \"expert_ms\": {{..}}, \"step_ms\": ..}}")
+    return TimeModel.from_dict(d)
 
 
 @dataclass
