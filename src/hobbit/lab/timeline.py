@@ -2,16 +2,17 @@
 
 The miss penalty counts demand loads only, so it cannot see that prefetches share the disk with
 them: with 5 MB bf16 experts the reads ahead fill the disk and the demand loads queue behind them
-(`results/tuned_options_bf16.json`). This model can. The disk serves one read at a time at
-`link_gbps`, the most urgent first (demand before prefetch, then in the order queued), as the
-live loader does; a read still queued can be cancelled or promoted to demand, a started one runs
-to its end. The compute thread spends `layer_ms` per MoE layer call before its experts
+(`results/tuned_options_bf16.json`). This model can. The disk serves one read at a time, each
+taking its precision's `read_ms` (what `hobbit tune` measured and fitted, `hobbit.lab.calibration`;
+or its disk bytes over a given link, `TimeModel.over_link`), the most urgent first (demand before
+prefetch, then in the order queued), as the live loader does; a read still queued can be cancelled
+or promoted to demand, a started one runs to its end. The compute thread spends `layer_ms` per MoE layer call before its experts
 (attention, router, norms, the scheduler's own Python), `expert_ms[precision]` per expert it
 computes, and `step_ms` per forward step (LM head, sampling, embedding); `wait` blocks it until
 the read lands. Modeled decode time per token is then the clock over decode steps.
 
-One server for the disk: several reads in flight share its bandwidth, so a single queue at the
-measured bandwidth is the model (small random reads that are latency-bound are not modeled).
+One server for the disk: several reads in flight share its bandwidth, so a single queue is the
+model; the engine's parallel reads are in the fitted read times, not modeled apart.
 Compute times are per decode token; a prefill step's expert and layer work is charged once per
 call like a decode step's (the model is for decode).
 
@@ -31,7 +32,7 @@ from hobbit.runtime.loader import DEMAND
 
 @dataclass(frozen=True)
 class TimeModel:
-    """Where a decode token's time goes, in the model's terms (ms; `link_gbps` in 1e9 bytes/s)."""
+    """Where a decode token's time goes, in the model's terms (all ms)."""
 
     read_ms: Mapping[str, float]  # per precision: one blob read into its slot, ready to compute
     layer_ms: float
