@@ -188,6 +188,7 @@ def test_cli(tuned, tmp_path, capsys):
                           "--weight-step", 0.5, "--low", "int2", "--max-skip", 0.1)) == 0
     out = capsys.readouterr().out
     assert "chosen: t1" in out and "wrote" in out and "hobbit_tuned.json" in out
+    assert "ms/token" in out and "time model: reads bf16" in out and "replays as" in out
     results = {r["calibration"]["low"]: r for r in read_tuned(store)}  # the copied store's bf16+int4 result stays
     assert set(results) == {"int4", "int2"}
     assert results["int2"]["calibration"]["limits"]["max_skip"] == 0.1

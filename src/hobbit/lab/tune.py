@@ -270,6 +270,12 @@ def format_summary(doc: dict, path: Path) -> str:
                  + (f", paper's t1 0.6 t2 0.9 {score(d)}" + ("" if d["feasible"] else " but over the limits")
                     if d and d["penalty"] is not None else "")
                  + f"); hit rate {r['hit_rate']:.1%}")
+    if "read_fit" in c:  # results written before the time model have none
+        m, fit = c["time_model"], c["read_fit"]
+        lines.append("time model: reads " + ", ".join(f"{p} {t:.2f}" for p, t in m["read_ms"].items())
+                     + f" ms (measured x {fit['scale']:.2f}: the calibration run's {fit['observed_ms']:.1f} ms/token "
+                     f"replays as {fit['modeled_ms']:.1f}); experts " + ", ".join(f"{p} {t:.3f}" for p, t in m["expert_ms"].items())
+                     + f" ms; {m['layer_ms']:.2f} ms per MoE layer besides; LM head {m['step_ms']:.1f} ms")
     lines.append(f"wrote {path}")
     return "\n".join(lines)
 
