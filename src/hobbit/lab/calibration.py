@@ -6,16 +6,15 @@ following token. The default text is the train split of Austen's *Emma* (`hobbit
 kept apart from evaluation text; `--text FILE` uses a file.
 
 The time model (`hobbit.lab.timeline.TimeModel`), measured on the same engine and machine: per
-stored precision, one blob read into a slot ready to compute (page cache dropped first: a
-cold read, the expansion a non-zero-copy format needs included) and one expert's compute for
-one token; the LM head for one token; and per MoE layer call what is left of the calibration
-run's own decode compute (wall time less the waits for reads) once the LM head and the experts
-are taken out: attention, router, norms and the scheduler's Python, as the engine runs them
-under load.
+stored precision, one blob read into a slot ready to compute (the expansion a non-zero-copy format
+needs included) and one expert's compute for one token, as `hobbit study` times them
+(`study_measure.kernel_times`); the LM head for one token; and per MoE layer call what is left of
+the calibration run's own decode compute (wall time less the waits for reads) once the LM head and
+the experts are taken out: attention, router, norms and the scheduler's Python, as the engine runs
+them under load. `fit_reads` then scales the reads to the run itself.
 """
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -104,43 +103,25 @@ def record_calibration(store: str | Path, budget, trace_path: str | Path, text=N
         engine.close()
 
 
-def measure_time_model(engine, compute_ms: float, reads: int = 24, calls: int = 50, seed: int = 0) -> TimeModel:
+def measure_time_model(engine, compute_ms: float) -> TimeModel:
     """The time model of `engine`'s store on this machine (module docstring); `compute_ms`: the
     engine's own decode compute per token (wall less read waits)."""
     import torch
 
-    from hobbit.runtime.offload import SlotPool
-
-    def ms(fn, n: int) -> float:
-        fn()  # warm
+    from hobbit.lab.study_measure import kernel_times
+    kern = kernel_times(engine.store.path, list(engine.store.precisions), dtype=engine.dtype)
+    cfg, model = engine.config, engine.model
+    x = torch.randn(1, cfg.hidden_size, dtype=engine.dtype)  # one token's last hidden state
+    with torch.inference_mode():
+        model.lm_head(model.norm(x))  # warm
         t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / n
-
-    store, cfg, rng = engine.store, engine.config, random.Random(seed)
-    x = torch.randn(1, cfg.hidden_size, dtype=engine.dtype)  # one token's activations
-    pools = {p: SlotPool(store, p, 1, engine.dtype) for p in store.precisions}
-    blobs = {p: [b for b in store.blobs.values() if b.precision == p] for p in pools}
-    read_s = dict.fromkeys(pools, 0.0)
-    verify, store.verify = store.verify, "never"  # the live engine checks a blob once; these are repeats
-    try:
-        with torch.inference_mode():
-            store.drop_page_cache()
-            for _ in range(reads):  # precisions interleaved, so a busy moment of the disk hits them all
-                for p, pool in pools.items():
-                    b = rng.choice(blobs[p])
-                    t0 = time.perf_counter()
-                    pool.load(0, b.layer, b.expert)
-                    read_s[p] += time.perf_counter() - t0
-            expert_ms = {p: ms(lambda: pool.experts[0](x), calls) for p, pool in pools.items()}
-            model = engine.model
-            step_ms = ms(lambda: model.lm_head(model.norm(x)), 5)
-    finally:
-        store.verify = verify
-    read_ms = {p: t * 1e3 / reads for p, t in read_s.items()}
-    high = engine.provider.opt.high
+        for _ in range(5):
+            model.lm_head(model.norm(x))
+        step_ms = (time.perf_counter() - t0) * 1e3 / 5
+    read_ms = {p: k["load_ms"] for p, k in kern.items()}
+    expert_ms = {p: k["expert_ms"] for p, k in kern.items()}
     per_token = len(cfg.sparse_layers)
+    high = engine.provider.opt.high
     layer_ms = max(0.0, compute_ms - step_ms - per_token * cfg.top_k * expert_ms[high]) / per_token
     return TimeModel(read_ms, layer_ms, expert_ms, step_ms)
 
@@ -148,7 +129,7 @@ def measure_time_model(engine, compute_ms: float, reads: int = 24, calls: int = 
 def fit_reads(model: TimeModel, header: dict, calls: list[LayerCall], budget_bytes: int, high: str,
               observed_ms: float, tries: int = 6) -> tuple[TimeModel, dict]:
     """Scale every read time by one factor so that the calibration run, replayed under the model (policy lru
-    at `high`), decodes in the `observed_ms` per token it took live. A few cold reads in a row say little of
+    at `high`), decodes in the `observed_ms` per token it took live. Reads timed one by one say little of
     what the engine's own reads cost (its loader threads, its overlap, a disk shared with other work); the
     run itself does. The measured reads keep their ratios (int2 against int4, ...). Returns the fitted
     model and {scale, observed_ms, modeled_ms} (modeled: the fitted model's replay)."""

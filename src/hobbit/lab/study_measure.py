@@ -182,16 +182,18 @@ def calibrate(store: Path, ids: list[int], window: int, trace: Path) -> dict:
     return dict(stats=stats, tokens=len(ids), eq2_scores=scores, selections=total)
 
 
-def kernel_times(store: Path, precisions: list[str], reps: int = 10, rounds: int = 30) -> dict:
+def kernel_times(store: Path, precisions: list[str], reps: int = 10, rounds: int = 30,
+                 dtype: torch.dtype = torch.bfloat16) -> dict:
     """ms per expert FFN (w13, act, w2) at one token, per precision, and ms to read + prepare one blob into a
     slot: the fastest of `rounds` batches, the precisions interleaved within each round so that all see
-    the same disturbance from other jobs on a shared machine (the first read verifies the checksum)."""
+    the same disturbance from other jobs on a shared machine (the first read verifies the checksum).
+    `dtype`: the activations' (the engine's)."""
     from hobbit.runtime.offload import SlotPool
     from hobbit.store.format import ExpertStore
     st = ExpertStore(store)
     b = next(iter(st.blobs.values()))
-    x = torch.randn(1, st.shapes()["w13"][1], dtype=torch.bfloat16)
-    pools = {p: SlotPool(st, p, 1, torch.bfloat16) for p in precisions}
+    x = torch.randn(1, st.shapes()["w13"][1], dtype=dtype)
+    pools = {p: SlotPool(st, p, 1, dtype) for p in precisions}
     best = {p: dict(expert=math.inf, load=math.inf) for p in precisions}
     with torch.inference_mode():
         for p, pool in pools.items():
