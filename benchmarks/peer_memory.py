@@ -1,6 +1,6 @@
 """hobbit vs llama.cpp on the same model under the same RAM limit (issue #9's headline benchmark).
 
-    python benchmarks/peer_memory.py --store STORE --gguf codermoe-q4_0.gguf --high int4 --low int2 --tokens 16 \
+    python benchmarks/peer_memory.py --store STORE --gguf codermoe-q4_0.gguf --high int4 --low int2 --tokens 48 \
         --repeats 2 --json results/peer_memory.json --plot results/peer_memory.png
     python benchmarks/peer_memory.py --replot results/peer_memory.json --plot results/peer_memory.png
 
@@ -30,6 +30,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -226,7 +227,7 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], limits: list[dict], path: Path, title: str) -> None:
+def plot(summary: list[dict], limits: list[dict], path: Path, config: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -242,7 +243,8 @@ def plot(summary: list[dict], limits: list[dict], path: Path, title: str) -> Non
             ax.axhline(unl[0], ls="--", lw=1, color=line.get_color() if pts else "gray", label=f"{name}, unlimited")
     ax.set_xlabel("memory limit (cgroup, MiB; page cache included)")
     ax.set_ylabel("decode tok/s (best run)")
-    ax.set_title(title, fontsize=9)
+    c = config  # the run's --gguf, --high, --threads
+    ax.set_title(f"CoderMoE, llama.cpp {Path(c['gguf']).name} vs hobbit --high {c['high']}, {c['threads']} thread", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -279,8 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--gguf", type=Path, required=True, help="`hobbit export STORE X.gguf --type q4_0|bf16`")
-    ap.add_argument("--tiny-gguf", type=Path, default=None, help="small GGUF for llama.cpp's baseline "
-                    "(default: `hobbit assets smollm2-gguf`)")
+    ap.add_argument("--tiny-gguf", type=Path, default=None, help="llama.cpp's baseline GGUF (default: hobbit assets smollm2-gguf)")
     ap.add_argument("--high", default="int4", help="hobbit's high tier, the GGUF's precision (default int4)")
     ap.add_argument("--low", default=None, help="hobbit policy's low tier (default: hobbit's choice)")
     ap.add_argument("--fractions", default="0.10,0.25,0.50")
@@ -322,9 +323,7 @@ def replot(path: Path, png: Path) -> None:
     """Table and plot again from a written JSON (`--replot results/peer_memory.json --plot X.png`)."""
     d = json.loads(path.read_text())
     print(markdown_table(d["summary"]))
-    c = d["config"]
-    plot(d["summary"], d["limits"] + d.get("own_limits", []), png,
-         f"CoderMoE, llama.cpp {Path(c['gguf']).name} vs hobbit --high {c['high']}, {c['threads']} thread")
+    plot(d["summary"], d["limits"] + d.get("own_limits", []), png, d["config"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,7 +364,6 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{x['hobbit_budget_bytes'] / MIB:.0f} MiB)" for x in limits))
     by_label = {x["label"]: x for x in limits + own}
     mid = by_label.get("25%", limits[len(limits) // 2])
-    import tempfile
     with tempfile.TemporaryDirectory(prefix="peer-memory-") as tmp:
         try:
             sim = belady_check(a.store, ids, a, mid["hobbit_budget_bytes"], env, Path(tmp))
@@ -393,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown_table(summary))
     if a.plot:
-        plot(summary, limits + own, a.plot, f"CoderMoE, llama.cpp {a.gguf.name} vs hobbit --high {a.high}, {a.threads} thread")
+        plot(summary, limits + own, a.plot, config)
     _step(f"wrote {a.json}")
     return 0
 
