@@ -12,11 +12,13 @@ PACKAGE = SRC / "hobbit"
 
 # what each part of hobbit may import (besides itself); cli may import anything
 ALLOWED = {
+    "paths": set(),                                         # where hobbit keeps what it builds
     "policies": set(),                                      # torch-free decisions
-    "store": set(),                                         # the on-disk formats and readers
+    "kernels": {"paths"},                                   # native CPU kernels, built on first use
+    "store": {"kernels"},                                   # the on-disk formats and readers
     "runtime": {"store", "policies"},                       # the engine
     "serve": {"runtime", "store", "policies"},              # on top of the engine
-    "models": {"runtime", "store", "policies"},             # making models to run
+    "models": {"runtime", "store", "policies", "paths"},    # making models to run
     "lab": {"runtime", "store", "policies", "models"},      # measuring the engine
     "hobbit": {"runtime"},                                  # hobbit/__init__.py: hobbit.load
 }

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hobbit.paths import cache_dir
 from hobbit.models.textformats import deb_member, parse_r_lazyload, strip_wiki_markup, wiki_articles  # noqa: F401
 
-CACHE_ENV = "HOBBIT_CACHE"
 SPLITS = {"all": (0.0, 1.0), "train": (0.0, 0.9), "test": (0.9, 1.0)}  # fractions of the text, cut at lines
 AUSTEN_NOVELS = ("emma", "mansfield_park", "northanger_abbey", "persuasion", "pride_and_prejudice",
                  "sense_and_sensibility")
@@ -58,12 +58,6 @@ ASSETS: dict[str, Asset] = {}
 def register(asset: Asset) -> None:
     """Add an asset, or replace the one of that name (how a later builder takes over a placeholder)."""
     ASSETS[asset.name] = asset
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "hobbit"
 
 
 def digest(path: Path) -> str:

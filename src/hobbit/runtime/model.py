@@ -45,6 +45,15 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(x))
 
+    def weighted(self, x: Tensor, weight: Tensor) -> Tensor:
+        """weight [T,1] * self(x); one native call for one token when both projections are native int4."""
+        gu, down = self.gate_up, self.down_proj
+        if (x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.is_contiguous() and isinstance(gu, QuantLinear)
+                and isinstance(down, QuantLinear) and gu.bias is None and down.bias is None
+                and quant.fusable_swiglu(gu.w, down.w)):
+            return quant.swiglu_weighted(x, gu.w, down.w, float(weight))
+        return weight * self(x)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
@@ -142,7 +151,7 @@ class MoE(nn.Module):
         logits, ids, weights = self.route(x)
         out = provider.experts(self.layer, x, logits, ids, weights)  # [T,H]
         if self.has_shared:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out = out + self.shared_expert.weighted(x, torch.sigmoid(self.shared_expert_gate(x)))  # [T,1] gate
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(x)
         return out

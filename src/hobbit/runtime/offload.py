@@ -43,6 +43,14 @@ class Expert:
     b2: Tensor | None = None
     act: Act = SILU
 
+    def __post_init__(self) -> None:  # one native call per expert at decode: int4 SwiGLU without biases
+        self.fused = quant.fusable_swiglu(self.w13, self.w2) and self.b13 is None and self.b2 is None and self.act.kind == "silu"
+
+    def weighted(self, x: Tensor, weight: float) -> Tensor:  # x [1,H] -> weight * FFN(x) [1,H]
+        if self.fused and x.dtype == torch.bfloat16 and x.is_contiguous():
+            return quant.swiglu_weighted(x, self.w13, self.w2, weight)
+        return self(x).mul_(weight)
+
     def __call__(self, x: Tensor) -> Tensor:  # x [n,H] -> [n,H]
         h = quant.linear(x, self.w13)  # [n,2I]
         if self.b13 is not None:
@@ -319,7 +327,7 @@ def _weighted(expert: Expert, e: int, x: Tensor, ids: Tensor, row: tuple, weight
               ) -> tuple[Tensor | None, Tensor]:
     """(tokens routed to e or None at decode, their weighted outputs w * FFN_e(x) [n,H])."""
     if x.shape[0] == 1:  # decode: every selected expert sees the one token, no gather/scatter
-        return None, expert(x).mul_(float(row[1][row[0].index(e)]))
+        return None, expert.weighted(x, float(row[1][row[0].index(e)]))
     tok, rank = (ids == e).nonzero(as_tuple=True)  # tokens routed to e, and at which rank
     return tok, (expert(x[tok]) * weights[tok, rank, None]).to(x.dtype)
 

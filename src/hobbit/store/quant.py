@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hobbit import kernels
 from hobbit.store import mxfp4
 
 FORMATS = ("fp32", "bf16", "int8", "mxfp4", "int4", "int3", "int2")  # highest precision first
@@ -65,6 +66,7 @@ class Prepared:
     w: Tensor
     scales: Tensor | None = None
     group_size: int = 0
+    native: bool = False  # kernels.int4_linear / int8_linear take it (used up to kernels.MAX_TOKENS rows of x)
 
     @property
     def nbytes(self) -> int:
@@ -273,15 +275,19 @@ def prepare(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: 
     if fmt == "mxfp4":  # views of the stored codes: the slot holds 4.25 bits per weight
         return Prepared(fmt, (N, K), dtype, "mxfp4", q["blocks"], q["scales"])
     if fmt == "int8" and dtype == torch.bfloat16 and _HAS_INT8 and K % _INT8_K == 0:
-        return Prepared(fmt, (N, K), dtype, "int8", q["q"], q["scale"])
+        return Prepared(fmt, (N, K), dtype, "int8", q["q"], q["scale"],
+                        native=kernels.available() and kernels.int8_fits((N, K)) and q["q"].is_contiguous()
+                        and q["scale"].is_contiguous())
     if fmt == "int8" or dtype != torch.bfloat16 or not _HAS_INT4 or N % 16 or group_size not in _KERNEL_GROUPS:
         return Prepared(fmt, (N, K), dtype, "dense", dequantize(q, fmt, shape, group_size).to(dtype))
     bits = _BITS[fmt]
     if N % _BLOCK == 0 and _fast_layout():
         packed = _to_int4(q["q"], bits).view(N, K // 2)
+        native = kernels.available() and kernels.int4_fits((N, K), group_size)
     else:  # trust the op: decode the codes and let it pack them
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes4(_to_int4(q["q"], bits), N).int(), 1)
-    return Prepared(fmt, (N, K), dtype, "int4", packed, q["sz"].contiguous(), group_size)
+        native = False
+    return Prepared(fmt, (N, K), dtype, "int4", packed, q["sz"].contiguous(), group_size, native)
 
 
 def linear(x: Tensor, w: Prepared) -> Tensor:
@@ -291,11 +297,32 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
         y = F.linear(xc, w.w)
     elif w.kind == "mxfp4":
         y = mxfp4.linear(xc, w.w, w.scales, w.shape)
-    elif w.kind == "int8":
-        y = torch.ops.aten._weight_int8pack_mm(xc, w.w, w.scales)
     else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, w.w, w.group_size, w.scales)
+        y = _quant_mm(xc, w)
     return y.to(x.dtype)
+
+
+def _quant_mm(x: Tensor, w: Prepared) -> Tensor:
+    """x [T, K] bf16 contiguous, w int4/int8 -> [T, N] bf16: the native VNNI kernels at decode sizes, else torch's."""
+    native = w.native and x.shape[0] <= kernels.MAX_TOKENS
+    if w.kind == "int8":
+        return kernels.int8_linear(x, w.w, w.scales) if native else torch.ops.aten._weight_int8pack_mm(x, w.w, w.scales)
+    if native:
+        return kernels.int4_linear(x, w.w, w.scales, w.shape, w.group_size)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.w, w.group_size, w.scales)
+
+
+def fusable_swiglu(w13: Prepared, w2: Prepared) -> bool:
+    """Whether swiglu_weighted can run the SwiGLU FFN over w13 = [gate; up] [2I, H] and w2 [H, I] in one native call."""
+    return (w13.kind == w2.kind == "int4" and w13.native and w2.native and w13.group_size == w2.group_size
+            and w13.dtype == torch.bfloat16)
+
+
+def swiglu_weighted(x: Tensor, w13: Prepared, w2: Prepared, weight: float) -> Tensor:
+    """weight * w2 (silu(gate x) * (up x)) for one token x [1, H] bf16 contiguous -> [1, H] bf16, in one call
+    of kernels.int4_expert. Requires fusable_swiglu(w13, w2)."""
+    H, inter = w2.shape
+    return kernels.int4_expert(x, w13.w, w13.scales, w2.w, w2.scales, H, inter, w13.group_size, weight)
 
 
 def cat0(ts: list[Tensor]) -> Tensor:
@@ -346,10 +373,8 @@ class QuantLinear(torch.nn.Module):
         w = self.w
         if x.dtype != w.dtype or not x.is_contiguous() or w.kind == "mxfp4":
             y = linear(x, w)
-        elif w.kind == "int4":  # the kernel straight away: linear's no-op casts cost 1.7 us a call at batch 1
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.w, w.group_size, w.scales)
-        elif w.kind == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x, w.w, w.scales)
+        elif w.kind in ("int4", "int8"):  # the kernel straight away: linear's no-op casts cost 1.7 us a call at batch 1
+            y = _quant_mm(x, w)
         else:
             y = F.linear(x, w.w)
         return y if self.bias is None else y + self.bias

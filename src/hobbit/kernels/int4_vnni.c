@@ -1,0 +1,188 @@
+// y[M,N] = x[M,K] @ W[N,K].T for decode: W int4 in quant.py's B64 layout, x quantized to int8 per 32 inputs.
+//
+// W: codes q [N/64, K, 32] bytes (block of 64 rows; per input k, byte j = row j | row j+32 << 4) and
+// sz [K/gs, N, 2] bf16 (scale s, zero z per group of gs inputs): w = (q - 8) * s + z, the layout
+// torch's _weight_int4pack_mm_for_cpu takes on AVX-512, so a slot's bytes are used as they are.
+// x: each block of 32 inputs is quantized to int8 (xq = round(x / d), d = max|x| / 127, as llama.cpp's
+// Q8_0), so one VPDPBUSD multiplies 16 rows x 4 inputs of u8 codes by s8 activations. Per block b:
+//   sum_k w[r,k] x[k] ~= s_r * (d_b * sum_k q[r,k] xq[k] - 8 g_b) + z_r * g_b,   g_b = d_b * sum_k xq[k].
+// VPERMT2B gathers each row's 4 codes (4 consecutive inputs, 32 bytes apart in B64) into one int32 lane.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QBLOCK 32  // activation block (inputs per int8 scale)
+
+static inline float bf16_to_f32(uint16_t h) {  // exact
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// 32 values (v0, v1) -> int8 codes at xq, round half to even; returns d = max|v| / 127, *g = d * sum of codes.
+static inline float quantize_block(__m512 v0, __m512 v1, int8_t *xq, float *g) {
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    _mm_storeu_si128((__m128i *)xq, _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(xq + 16), _mm512_cvtsepi32_epi8(q1));
+    float d = amax / 127.f;
+    *g = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    return d;
+}
+
+static inline __m512 bf16x16(const uint16_t *p) {  // 16 bf16 -> fp32, exact
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+// x [K] bf16 (or fp32) -> xq [K] int8, d [K/32] and g [K/32] (d * sum of the block's codes).
+static void quantize_row(const uint16_t *x, int64_t K, int8_t *xq, float *d, float *g) {
+    for (int64_t b = 0; b < K / QBLOCK; b++)
+        d[b] = quantize_block(bf16x16(x + b * QBLOCK), bf16x16(x + b * QBLOCK + 16), xq + b * QBLOCK, g + b);
+}
+
+static void quantize_f32(const float *x, int64_t K, int8_t *xq, float *d, float *g) {
+    for (int64_t b = 0; b < K / QBLOCK; b++)
+        d[b] = quantize_block(_mm512_loadu_ps(x + b * QBLOCK), _mm512_loadu_ps(x + b * QBLOCK + 16), xq + b * QBLOCK, g + b);
+}
+
+// fp32 [16] -> bf16 [16], round to nearest even (NaN-free inputs).
+static inline __m256i to_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+// One 64-row block (rows row0 .. row0+63, codes at q) of one token over all K -> y [64] fp32.
+static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
+                      const int8_t *xq, const float *d, const float *g, float *y) {
+    // byte 4r+t of a 16-row lane group: code of row r at input k+t (t < 2 from a = [k | k+1], else b = [k+2 | k+3])
+    uint8_t i0[64], i1[64];
+    for (int r = 0; r < 16; r++)
+        for (int t = 0; t < 4; t++) {
+            i0[4 * r + t] = (uint8_t)(32 * t + r);
+            i1[4 * r + t] = (uint8_t)(32 * t + r + 16);
+        }
+    const __m512i idx0 = _mm512_loadu_si512(i0), idx1 = _mm512_loadu_si512(i1), lo4 = _mm512_set1_epi8(0x0F);
+    const __m512i zmask = _mm512_set1_epi32((int)0xFFFF0000);
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;  // rows 0-15, 16-31, 32-47, 48-63
+    for (int64_t b = 0; b < K / QBLOCK; b++) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        const uint8_t *p = q + b * QBLOCK * 32;
+        const int32_t *xb = (const int32_t *)(xq + b * QBLOCK);
+        for (int i = 0; i < QBLOCK / 4; i++, p += 128) {
+            __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);  // inputs k, k+1 | k+2, k+3
+            __m512i Al = _mm512_and_si512(A, lo4), Bl = _mm512_and_si512(B, lo4);  // rows 0-31
+            __m512i Ah = _mm512_and_si512(_mm512_srli_epi16(A, 4), lo4), Bh = _mm512_and_si512(_mm512_srli_epi16(B, 4), lo4);
+            __m512i xv = _mm512_set1_epi32(xb[i]);  // xq[k..k+3] in every lane
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_permutex2var_epi8(Al, idx0, Bl), xv);
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_permutex2var_epi8(Al, idx1, Bl), xv);
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_permutex2var_epi8(Ah, idx0, Bh), xv);
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_permutex2var_epi8(Ah, idx1, Bh), xv);
+        }
+        const uint16_t *s = sz + ((b * QBLOCK / gs) * N + row0) * 2;  // (s, z) pairs of these 64 rows
+        const __m512 db = _mm512_set1_ps(d[b]), gb = _mm512_set1_ps(g[b]), g8 = _mm512_set1_ps(8.f * g[b]);
+#define EPILOGUE(acc, f, off)                                                                      \
+        {                                                                                          \
+            __m512i v = _mm512_loadu_si512(s + 2 * (off));                                         \
+            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                             \
+            __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(v, zmask));                           \
+            f = _mm512_fmadd_ps(sc, _mm512_fmsub_ps(_mm512_cvtepi32_ps(acc), db, g8), f);          \
+            f = _mm512_fmadd_ps(zr, gb, f);                                                        \
+        }
+        EPILOGUE(a0, f0, 0) EPILOGUE(a1, f1, 16) EPILOGUE(a2, f2, 32) EPILOGUE(a3, f3, 48)
+#undef EPILOGUE
+    }
+    _mm512_storeu_ps(y, f0);
+    _mm512_storeu_ps(y + 16, f1);
+    _mm512_storeu_ps(y + 32, f2);
+    _mm512_storeu_ps(y + 48, f3);
+}
+
+// y [M,N] bf16 from the blocks of an int4 matrix (quantized x in xq, d, g); fp32 [64] scratch per block.
+static void int4_rows(const uint8_t *q, const uint16_t *sz, int64_t M, int64_t N, int64_t K, int64_t gs,
+                      const int8_t *xq, const float *d, const float *g, uint16_t *y, int threads) {
+    const int64_t nb = K / QBLOCK;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t b = 0; b < N / 64; b++)
+        for (int64_t m = 0; m < M; m++) {  // a block's 64 rows x K codes stay in L2 across the M tokens
+            float f[64];
+            block_row(q + b * K * 32, sz, N, K, gs, b * 64, xq + m * K, d + m * nb, g + m * nb, f);
+            for (int c = 0; c < 64; c += 16)
+                _mm256_storeu_si256((__m256i *)(y + m * N + b * 64 + c), to_bf16(_mm512_loadu_ps(f + c)));
+        }
+}
+
+// x [M,K] bf16, q [N/64,K,32], sz [K/gs,N,2] bf16 -> y [M,N] bf16. N % 64 == 0, K % 32 == 0, gs % 32 == 0.
+// scratch: M*K int8 + 2*M*K/32 floats.
+void int4_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
+                 int64_t K, int64_t gs, int8_t *xq, float *dg, int threads) {
+    float *d = dg, *g = dg + M * (K / QBLOCK);
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, K, xq + m * K, d + m * (K / QBLOCK), g + m * (K / QBLOCK));
+    int4_rows(q, sz, M, N, K, gs, xq, d, g, y, threads);
+}
+
+// One SwiGLU expert at one token, weighted: y [H] bf16 = weight * W2 (silu(G x) * (U x)), W13 = [G; U] [2I,H]
+// and W2 [H,I] int4 as in int4_linear (H % 64 == 0, I % 32 == 0, 2I % 64 == 0). The activation stays fp32
+// between the two matrices and is quantized like x. scratch: xq H + I int8; f 2I + 4 (H + I) / 32 floats.
+void int4_expert(const uint16_t *x, const uint8_t *q13, const uint16_t *sz13, const uint8_t *q2, const uint16_t *sz2,
+                 uint16_t *y, int64_t H, int64_t I, int64_t gs, float weight, int8_t *xq, float *f, int threads) {
+    float *h = f, *d = h + 2 * I, *g = d + H / QBLOCK, *d2 = g + H / QBLOCK, *g2 = d2 + I / QBLOCK;  // h [2I] = [gate; up]
+    quantize_row(x, H, xq, d, g);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t b = 0; b < 2 * I / 64; b++)
+        block_row(q13 + b * H * 32, sz13, 2 * I, H, gs, b * 64, xq, d, g, h + b * 64);
+    for (int64_t i = 0; i < I; i++)
+        h[i] = h[i] / (1.f + expf(-h[i])) * h[I + i];  // silu(gate) * up
+    quantize_f32(h, I, xq + H, d2, g2);
+    const __m512 w = _mm512_set1_ps(weight);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t b = 0; b < H / 64; b++) {
+        float out[64];
+        block_row(q2 + b * I * 32, sz2, H, I, gs, b * 64, xq + H, d2, g2, out);
+        for (int c = 0; c < 64; c += 16)
+            _mm256_storeu_si256((__m256i *)(y + b * 64 + c), to_bf16(_mm512_mul_ps(w, _mm512_loadu_ps(out + c))));
+    }
+}
+
+// x [M,K] bf16, w [N,K] int8 (row-major), scale [N] bf16 -> y [M,N] bf16 (w = q * scale per row). K % 64 == 0.
+// 64 inputs a step: VPDPBUSD multiplies |w| (u8) by xq with w's sign; lanes 0-7 hold block b, 8-15 block b+1,
+// scaled by dd = each block's d repeated 8 times. Four rows share each activation load.
+void int8_linear(const uint16_t *x, const int8_t *w, const uint16_t *scale, uint16_t *y, int64_t M, int64_t N,
+                 int64_t K, int8_t *xq, float *dg, int threads) {
+    const int64_t nb = K / QBLOCK;
+    float *d = dg, *g = dg + M * nb, *dd = dg + 2 * M * nb;  // dd [M, nb, 8]
+    for (int64_t m = 0; m < M; m++) {
+        quantize_row(x + m * K, K, xq + m * K, d + m * nb, g + m * nb);
+        for (int64_t b = 0; b < nb; b++)
+            for (int i = 0; i < 8; i++) dd[(m * nb + b) * 8 + i] = d[m * nb + b];
+    }
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 4)
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            const float *ddm = dd + m * nb * 8;
+            int rows = N - n0 < 4 ? (int)(N - n0) : 4;
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t k = 0; k < K; k += 64) {
+                __m512i xv = _mm512_loadu_si512(xm + k);
+                __m512 sc = _mm512_loadu_ps(ddm + (k / QBLOCK) * 8);
+                for (int r = 0; r < rows; r++) {
+                    __m512i wv = _mm512_loadu_si512(w + (n0 + r) * K + k);
+                    __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+                    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xs);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                float v = _mm512_reduce_add_ps(acc[r]) * bf16_to_f32(scale[n0 + r]);
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                y[m * N + n0 + r] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+            }
+        }
+}

@@ -1,0 +1,110 @@
+"""The native VNNI kernels against plain-torch references, and their fallbacks."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hobbit import kernels
+from hobbit.runtime.offload import Expert
+from hobbit.store import quant
+
+native = pytest.mark.skipif(not kernels.available(), reason="needs x86-64 AVX-512 VNNI/VBMI and a C compiler")
+ACT_ERR = 0.012  # int8 activations per 32 inputs (Q8_0-like): ~0.6% relative error per matmul measured
+
+
+def _relerr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref).norm() / ref.norm()).item()
+
+
+def _int4(N: int, K: int, gs: int, seed: int = 0) -> tuple[dict, quant.Prepared, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = quant.quantize(torch.randn(N, K, generator=g) * 0.05, "int4", gs)
+    return q, quant.prepare(q, "int4", (N, K), gs, torch.bfloat16), quant.dequantize(q, "int4", (N, K), gs)
+
+
+@native
+@pytest.mark.parametrize("N,K,gs", [(64, 64, 32), (1088, 1536, 32), (1536, 544, 32), (512, 1536, 128), (192, 256, 64)])
+@pytest.mark.parametrize("M", [1, 3])
+def test_int4_linear_matches_dequantized_weight(N, K, gs, M):
+    q, p, W = _int4(N, K, gs)
+    assert p.native
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y = kernels.int4_linear(x, p.w, p.scales, (N, K), gs)
+    assert y.shape == (M, N) and y.dtype == torch.bfloat16
+    assert _relerr(y, x.float() @ W.T) < ACT_ERR
+    assert torch.equal(quant.linear(x, p), y)  # linear dispatches to it at decode sizes
+
+
+@native
+def test_int2_codes_run_through_the_int4_kernel():
+    N, K = 128, 256
+    q = quant.quantize(torch.randn(N, K) * 0.05, "int2", 32)
+    p = quant.prepare(q, "int2", (N, K), 32, torch.bfloat16)
+    x = torch.randn(1, K).bfloat16()
+    assert p.native and _relerr(quant.linear(x, p), x.float() @ quant.dequantize(q, "int2", (N, K), 32).T) < ACT_ERR
+
+
+@native
+@pytest.mark.parametrize("N,K", [(5, 64), (2048, 1536), (301, 128)])
+@pytest.mark.parametrize("M", [1, 2])
+def test_int8_linear_matches_dequantized_weight(N, K, M):
+    q = quant.quantize(torch.randn(N, K) * 0.05, "int8")
+    p = quant.prepare(q, "int8", (N, K), 32, torch.bfloat16)
+    x = torch.randn(M, K).bfloat16()
+    assert p.native
+    y = quant.linear(x, p)
+    assert y.shape == (M, N) and _relerr(y, x.float() @ quant.dequantize(q, "int8", (N, K), 32).T) < ACT_ERR
+
+
+@native
+def test_zero_and_large_activations():
+    _, p, W = _int4(128, 256, 32)
+    assert not kernels.int4_linear(torch.zeros(1, 256, dtype=torch.bfloat16), p.w, p.scales, (128, 256), 32).any()
+    x = torch.randn(1, 256).bfloat16() * 1e4  # a scale per 32 inputs: no overflow of the int8 codes
+    x[0, :32] = 0  # one all-zero block among others
+    assert _relerr(kernels.int4_linear(x, p.w, p.scales, (128, 256), 32), x.float() @ W.T) < ACT_ERR
+
+
+@native
+def test_fused_expert_is_the_weighted_swiglu():
+    H, inter = 256, 96  # 2I = 192: three 64-row blocks; I = 96: three 32-input blocks
+    _, w13, W13 = _int4(2 * inter, H, 32, seed=2)
+    _, w2, W2 = _int4(H, inter, 32, seed=3)
+    expert = Expert(w13, w2)
+    assert expert.fused
+    x = torch.randn(1, H).bfloat16()
+    gate, up = (x.float() @ W13.T).chunk(2, -1)
+    ref = 0.3 * (F.silu(gate) * up) @ W2.T
+    y = expert.weighted(x, 0.3)
+    assert y.shape == (1, H) and y.dtype == torch.bfloat16
+    assert _relerr(y, ref) < 2 * ACT_ERR  # two matmuls' activation rounding
+    assert _relerr(expert(x) * 0.3, ref) < 2 * ACT_ERR  # the unfused path agrees
+
+
+def test_shapes_the_kernels_refuse_keep_torch():
+    assert not kernels.int4_fits((96, 64), 32)  # not whole 64-row blocks
+    assert not kernels.int4_fits((64, 48), 16)  # activation blocks of 32
+    assert not kernels.int8_fits((64, 96))
+    q = quant.quantize(torch.randn(80, 64), "int4", 32)  # N % 64 != 0: torch packs it its own way
+    assert not quant.prepare(q, "int4", (80, 64), 32, torch.bfloat16).native
+
+
+def _probe(env: dict, code: str = "from hobbit import kernels; print(kernels.available())") -> subprocess.CompletedProcess:
+    import os
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_hobbit_native_0_turns_the_kernels_off():
+    r = _probe({"HOBBIT_NATIVE": "0"})
+    assert r.returncode == 0 and r.stdout.strip() == "False"
+
+
+@native
+def test_a_failed_build_warns_and_falls_back(tmp_path):
+    r = _probe({"HOBBIT_CACHE": str(tmp_path), "CC": "false"})  # a compiler that always fails
+    assert r.returncode == 0 and r.stdout.strip() == "False"
+    assert "native int4 kernel unavailable" in r.stderr and "HOBBIT_NATIVE=0" in r.stderr
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left behind
