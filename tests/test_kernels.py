@@ -11,7 +11,8 @@ from hobbit.runtime.offload import Expert
 from hobbit.store import quant
 
 native = pytest.mark.skipif(not kernels.available(), reason="needs x86-64 AVX-512 VNNI/VBMI and a C compiler")
-ACT_ERR = 0.012  # int8 activations per 32 inputs (Q8_0-like): ~0.6% relative error per matmul measured
+# bf16 output rounding ~0.0017 (torch's kernels too); one int8 level of x alone would be ~0.006 per matmul
+ACT_ERR = 0.003
 
 
 def _relerr(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -64,6 +65,7 @@ def test_zero_and_large_activations():
     assert not kernels.int4_linear(torch.zeros(1, 256, dtype=torch.bfloat16), p.w, p.scales, (128, 256), 32).any()
     x = torch.randn(1, 256).bfloat16() * 1e4  # a scale per 32 inputs: no overflow of the int8 codes
     x[0, :32] = 0  # one all-zero block among others
+    x[0, 40] = 3e6  # an outlier: its block's other inputs live on in the second level
     assert _relerr(kernels.int4_linear(x, p.w, p.scales, (128, 256), 32), x.float() @ W.T) < ACT_ERR
 
 
@@ -79,8 +81,8 @@ def test_fused_expert_is_the_weighted_swiglu():
     ref = 0.3 * (F.silu(gate) * up) @ W2.T
     y = expert.weighted(x, 0.3)
     assert y.shape == (1, H) and y.dtype == torch.bfloat16
-    assert _relerr(y, ref) < 2 * ACT_ERR  # two matmuls' activation rounding
-    assert _relerr(expert(x) * 0.3, ref) < 2 * ACT_ERR  # the unfused path agrees
+    assert _relerr(y, ref) < ACT_ERR  # the activation stays fp32 between the matrices
+    assert _relerr(expert(x) * 0.3, ref) < 2 * ACT_ERR  # the unfused path rounds it to bf16 there
 
 
 def test_shapes_the_kernels_refuse_keep_torch():

@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached by source hash.
 
-`int4_linear` (``int4_vnni.c``): decode-time x @ W.T for int4 weights in quant.py's B64 layout,
-activations quantized to int8 per 32 inputs (as llama.cpp's Q8_0) and multiplied with AVX-512
-VNNI, where torch's int4 kernel converts every code to float (compute-bound at ~11 GB/s). Needs
+`int4_linear`, `int8_linear`, `int4_expert` (``int4_vnni.c``): decode-time x @ W.T for int4 weights in
+quant.py's B64 layout and int8 weights per row, x rounded per 32 inputs to int8 and its remainder to
+int8 again (finer than bf16), multiplied with AVX-512 VNNI, where torch's int4 kernel converts every
+code to float (compute-bound at ~18-22 GB/s here) and its int8 kernel runs at ~15 GB/s. Needs
 x86-64 with AVX-512 BW/VL/VNNI/VBMI, Linux, and `cc`; anywhere else, or with `HOBBIT_NATIVE=0`,
 `available()` is False and callers keep torch's kernels. A failed build warns once and is not retried.
 """
@@ -90,9 +91,9 @@ def int4_linear(x: Tensor, q: Tensor, sz: Tensor, shape: tuple[int, int], group_
     Requires available() and int4_fits(shape, group_size)."""
     M, (N, K) = x.shape[0], shape
     y = torch.empty(M, N, dtype=torch.bfloat16)
-    scratch = torch.empty(M * K + 8 * M * (K // QBLOCK), dtype=torch.uint8)  # int8 x, then fp32 scales and sums
+    scratch = torch.empty(2 * M * K + 8 * M * (K // QBLOCK), dtype=torch.uint8)  # x's two int8 levels, fp32 d and sums
     _library().int4_linear(x.data_ptr(), q.data_ptr(), sz.data_ptr(), y.data_ptr(), M, N, K, group_size,
-                           scratch.data_ptr(), scratch.data_ptr() + M * K, torch.get_num_threads())
+                           scratch.data_ptr(), scratch.data_ptr() + 2 * M * K, torch.get_num_threads())
     return y
 
 
@@ -103,9 +104,9 @@ def int4_expert(x: Tensor, q13: Tensor, sz13: Tensor, q2: Tensor, sz2: Tensor, h
     Requires available(), int4_fits for both matrices."""
     H, I = hidden, inter
     y = torch.empty(1, H, dtype=torch.bfloat16)
-    scratch = torch.empty(H + I + 4 * (2 * I + 4 * (H + I) // QBLOCK), dtype=torch.uint8)  # int8 x and h, then fp32
+    scratch = torch.empty(2 * (H + I) + 4 * (2 * I + 4 * (H + I) // QBLOCK), dtype=torch.uint8)  # x, h codes; fp32
     _library().int4_expert(x.data_ptr(), q13.data_ptr(), sz13.data_ptr(), q2.data_ptr(), sz2.data_ptr(), y.data_ptr(),
-                           H, I, group_size, weight, scratch.data_ptr(), scratch.data_ptr() + H + I,
+                           H, I, group_size, weight, scratch.data_ptr(), scratch.data_ptr() + 2 * (H + I),
                            torch.get_num_threads())
     return y
 
@@ -120,7 +121,7 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     Requires available() and int8_fits(q.shape)."""
     M, (N, K) = x.shape[0], q.shape
     y = torch.empty(M, N, dtype=torch.bfloat16)
-    scratch = torch.empty(M * K + 40 * M * (K // QBLOCK), dtype=torch.uint8)  # int8 x, fp32 d, sums, d x 8
+    scratch = torch.empty(2 * M * K + 40 * M * (K // QBLOCK), dtype=torch.uint8)  # x's codes, fp32 d, sums, d x 8
     _library().int8_linear(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K,
-                           scratch.data_ptr(), scratch.data_ptr() + M * K, torch.get_num_threads())
+                           scratch.data_ptr(), scratch.data_ptr() + 2 * M * K, torch.get_num_threads())
     return y

@@ -1,18 +1,22 @@
-// y[M,N] = x[M,K] @ W[N,K].T for decode: W int4 in quant.py's B64 layout, x quantized to int8 per 32 inputs.
+// y[M,N] = x[M,K] @ W[N,K].T for decode: W int4 in quant.py's B64 layout (or int8 per row), x as two int8 levels.
 //
 // W: codes q [N/64, K, 32] bytes (block of 64 rows; per input k, byte j = row j | row j+32 << 4) and
 // sz [K/gs, N, 2] bf16 (scale s, zero z per group of gs inputs): w = (q - 8) * s + z, the layout
 // torch's _weight_int4pack_mm_for_cpu takes on AVX-512, so a slot's bytes are used as they are.
-// x: each block of 32 inputs is quantized to int8 (xq = round(x / d), d = max|x| / 127, as llama.cpp's
-// Q8_0), so one VPDPBUSD multiplies 16 rows x 4 inputs of u8 codes by s8 activations. Per block b:
-//   sum_k w[r,k] x[k] ~= s_r * (d_b * sum_k q[r,k] xq[k] - 8 g_b) + z_r * g_b,   g_b = d_b * sum_k xq[k].
+// x: each block of 32 inputs is quantized to int8 as llama.cpp's Q8_0 (q1 = round(x / d), d = max|x| / 127),
+// and so is what that leaves (q2 = round((x - d q1) / (d / 254))): x = d (q1 + q2 / 254) to ~1/64000 of
+// max|x|, finer than bf16, so the result is torch's up to summation order (one level alone is ~0.6% off
+// per matmul, and that compounds over a model's layers). VPDPBUSD multiplies 16 rows x 4 inputs of u8
+// codes by each level's s8 activations; decode is memory-bound, the second product costs little. Per block b:
+//   sum_k w[r,k] x[k] = s_r * (d_b * sum_k q[r,k] (q1[k] + q2[k] / 254) - 8 g_b) + z_r * g_b,   g_b = sum_k x[k].
 // VPERMT2B gathers each row's 4 codes (4 consecutive inputs, 32 bytes apart in B64) into one int32 lane.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#define QBLOCK 32  // activation block (inputs per int8 scale)
+#define QBLOCK 32    // activation block (inputs per int8 scale)
+#define LEVEL2 254.f  // the residual's scale is d / LEVEL2: |x - d q1| <= d / 2 maps onto +-127
 
 static inline float bf16_to_f32(uint16_t h) {  // exact
     uint32_t u = (uint32_t)h << 16;
@@ -21,31 +25,43 @@ static inline float bf16_to_f32(uint16_t h) {  // exact
     return f;
 }
 
-// 32 values (v0, v1) -> int8 codes at xq, round half to even; returns d = max|v| / 127, *g = d * sum of codes.
-static inline float quantize_block(__m512 v0, __m512 v1, int8_t *xq, float *g) {
+// 16 values -> level-1 codes at x1, level-2 codes at x2 (round half to even); returns the sum of the codes
+// as d * (sum q1 + sum q2 / 254).
+static inline float quantize16(__m512 v, __m512 d, __m512 inv, __m512 inv2, int8_t *x1, int8_t *x2) {
+    __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+    __m512 r = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q1), d, v);  // x - d q1
+    __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(r, inv2));
+    _mm_storeu_si128((__m128i *)x1, _mm512_cvtsepi32_epi8(q1));
+    _mm_storeu_si128((__m128i *)x2, _mm512_cvtsepi32_epi8(q2));
+    return _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q2), _mm512_set1_ps(1.f / LEVEL2),
+                                                _mm512_cvtepi32_ps(q1)));
+}
+
+// 32 values (v0, v1) -> codes at x1[0..32) and x2[0..32); returns d = max|v| / 127, *g = d * (sum of codes).
+static inline float quantize_block(__m512 v0, __m512 v1, int8_t *x1, int8_t *x2, float *g) {
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-    _mm_storeu_si128((__m128i *)xq, _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128((__m128i *)(xq + 16), _mm512_cvtsepi32_epi8(q1));
-    float d = amax / 127.f;
-    *g = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    return d;
+    float dd = amax / 127.f;
+    __m512 d = _mm512_set1_ps(dd), inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m512 inv2 = _mm512_set1_ps(amax > 0.f ? LEVEL2 * 127.f / amax : 0.f);
+    *g = dd * (quantize16(v0, d, inv, inv2, x1, x2) + quantize16(v1, d, inv, inv2, x1 + 16, x2 + 16));
+    return dd;
 }
 
 static inline __m512 bf16x16(const uint16_t *p) {  // 16 bf16 -> fp32, exact
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-// x [K] bf16 (or fp32) -> xq [K] int8, d [K/32] and g [K/32] (d * sum of the block's codes).
+// x [K] bf16 (or fp32) -> xq [2K] int8 (level 1 | level 2), d [K/32] and g [K/32] (the blocks' sums).
 static void quantize_row(const uint16_t *x, int64_t K, int8_t *xq, float *d, float *g) {
     for (int64_t b = 0; b < K / QBLOCK; b++)
-        d[b] = quantize_block(bf16x16(x + b * QBLOCK), bf16x16(x + b * QBLOCK + 16), xq + b * QBLOCK, g + b);
+        d[b] = quantize_block(bf16x16(x + b * QBLOCK), bf16x16(x + b * QBLOCK + 16), xq + b * QBLOCK,
+                              xq + K + b * QBLOCK, g + b);
 }
 
 static void quantize_f32(const float *x, int64_t K, int8_t *xq, float *d, float *g) {
     for (int64_t b = 0; b < K / QBLOCK; b++)
-        d[b] = quantize_block(_mm512_loadu_ps(x + b * QBLOCK), _mm512_loadu_ps(x + b * QBLOCK + 16), xq + b * QBLOCK, g + b);
+        d[b] = quantize_block(_mm512_loadu_ps(x + b * QBLOCK), _mm512_loadu_ps(x + b * QBLOCK + 16), xq + b * QBLOCK,
+                              xq + K + b * QBLOCK, g + b);
 }
 
 // fp32 [16] -> bf16 [16], round to nearest even (NaN-free inputs).
@@ -69,31 +85,35 @@ static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K
     const __m512i idx0 = _mm512_loadu_si512(i0), idx1 = _mm512_loadu_si512(i1), lo4 = _mm512_set1_epi8(0x0F);
     const __m512i zmask = _mm512_set1_epi32((int)0xFFFF0000);
     __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;  // rows 0-15, 16-31, 32-47, 48-63
+    const __m512 l2 = _mm512_set1_ps(1.f / LEVEL2);
     for (int64_t b = 0; b < K / QBLOCK; b++) {
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
         const uint8_t *p = q + b * QBLOCK * 32;
-        const int32_t *xb = (const int32_t *)(xq + b * QBLOCK);
+        const int32_t *x1 = (const int32_t *)(xq + b * QBLOCK), *x2 = (const int32_t *)(xq + K + b * QBLOCK);
         for (int i = 0; i < QBLOCK / 4; i++, p += 128) {
             __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);  // inputs k, k+1 | k+2, k+3
             __m512i Al = _mm512_and_si512(A, lo4), Bl = _mm512_and_si512(B, lo4);  // rows 0-31
             __m512i Ah = _mm512_and_si512(_mm512_srli_epi16(A, 4), lo4), Bh = _mm512_and_si512(_mm512_srli_epi16(B, 4), lo4);
-            __m512i xv = _mm512_set1_epi32(xb[i]);  // xq[k..k+3] in every lane
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_permutex2var_epi8(Al, idx0, Bl), xv);
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_permutex2var_epi8(Al, idx1, Bl), xv);
-            a2 = _mm512_dpbusd_epi32(a2, _mm512_permutex2var_epi8(Ah, idx0, Bh), xv);
-            a3 = _mm512_dpbusd_epi32(a3, _mm512_permutex2var_epi8(Ah, idx1, Bh), xv);
+            __m512i r0 = _mm512_permutex2var_epi8(Al, idx0, Bl), r1 = _mm512_permutex2var_epi8(Al, idx1, Bl);
+            __m512i r2 = _mm512_permutex2var_epi8(Ah, idx0, Bh), r3 = _mm512_permutex2var_epi8(Ah, idx1, Bh);
+            __m512i u = _mm512_set1_epi32(x1[i]), v = _mm512_set1_epi32(x2[i]);  // x's codes k..k+3, each level
+            a0 = _mm512_dpbusd_epi32(a0, r0, u), c0 = _mm512_dpbusd_epi32(c0, r0, v);
+            a1 = _mm512_dpbusd_epi32(a1, r1, u), c1 = _mm512_dpbusd_epi32(c1, r1, v);
+            a2 = _mm512_dpbusd_epi32(a2, r2, u), c2 = _mm512_dpbusd_epi32(c2, r2, v);
+            a3 = _mm512_dpbusd_epi32(a3, r3, u), c3 = _mm512_dpbusd_epi32(c3, r3, v);
         }
         const uint16_t *s = sz + ((b * QBLOCK / gs) * N + row0) * 2;  // (s, z) pairs of these 64 rows
         const __m512 db = _mm512_set1_ps(d[b]), gb = _mm512_set1_ps(g[b]), g8 = _mm512_set1_ps(8.f * g[b]);
-#define EPILOGUE(acc, f, off)                                                                      \
+#define EPILOGUE(acc, acc2, f, off)                                                                \
         {                                                                                          \
             __m512i v = _mm512_loadu_si512(s + 2 * (off));                                         \
             __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                             \
             __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(v, zmask));                           \
-            f = _mm512_fmadd_ps(sc, _mm512_fmsub_ps(_mm512_cvtepi32_ps(acc), db, g8), f);          \
+            __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2), l2, _mm512_cvtepi32_ps(acc));     \
+            f = _mm512_fmadd_ps(sc, _mm512_fmsub_ps(t, db, g8), f);                                \
             f = _mm512_fmadd_ps(zr, gb, f);                                                        \
         }
-        EPILOGUE(a0, f0, 0) EPILOGUE(a1, f1, 16) EPILOGUE(a2, f2, 32) EPILOGUE(a3, f3, 48)
+        EPILOGUE(a0, c0, f0, 0) EPILOGUE(a1, c1, f1, 16) EPILOGUE(a2, c2, f2, 32) EPILOGUE(a3, c3, f3, 48)
 #undef EPILOGUE
     }
     _mm512_storeu_ps(y, f0);
@@ -110,25 +130,25 @@ static void int4_rows(const uint8_t *q, const uint16_t *sz, int64_t M, int64_t N
     for (int64_t b = 0; b < N / 64; b++)
         for (int64_t m = 0; m < M; m++) {  // a block's 64 rows x K codes stay in L2 across the M tokens
             float f[64];
-            block_row(q + b * K * 32, sz, N, K, gs, b * 64, xq + m * K, d + m * nb, g + m * nb, f);
+            block_row(q + b * K * 32, sz, N, K, gs, b * 64, xq + 2 * m * K, d + m * nb, g + m * nb, f);
             for (int c = 0; c < 64; c += 16)
                 _mm256_storeu_si256((__m256i *)(y + m * N + b * 64 + c), to_bf16(_mm512_loadu_ps(f + c)));
         }
 }
 
 // x [M,K] bf16, q [N/64,K,32], sz [K/gs,N,2] bf16 -> y [M,N] bf16. N % 64 == 0, K % 32 == 0, gs % 32 == 0.
-// scratch: M*K int8 + 2*M*K/32 floats.
+// scratch: 2*M*K int8 + 2*M*K/32 floats.
 void int4_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
                  int64_t K, int64_t gs, int8_t *xq, float *dg, int threads) {
     float *d = dg, *g = dg + M * (K / QBLOCK);
     for (int64_t m = 0; m < M; m++)
-        quantize_row(x + m * K, K, xq + m * K, d + m * (K / QBLOCK), g + m * (K / QBLOCK));
+        quantize_row(x + m * K, K, xq + 2 * m * K, d + m * (K / QBLOCK), g + m * (K / QBLOCK));
     int4_rows(q, sz, M, N, K, gs, xq, d, g, y, threads);
 }
 
 // One SwiGLU expert at one token, weighted: y [H] bf16 = weight * W2 (silu(G x) * (U x)), W13 = [G; U] [2I,H]
 // and W2 [H,I] int4 as in int4_linear (H % 64 == 0, I % 32 == 0, 2I % 64 == 0). The activation stays fp32
-// between the two matrices and is quantized like x. scratch: xq H + I int8; f 2I + 4 (H + I) / 32 floats.
+// between the two matrices and is quantized like x. scratch: xq 2 (H + I) int8; f 2I + 4 (H + I) / 32 floats.
 void int4_expert(const uint16_t *x, const uint8_t *q13, const uint16_t *sz13, const uint8_t *q2, const uint16_t *sz2,
                  uint16_t *y, int64_t H, int64_t I, int64_t gs, float weight, int8_t *xq, float *f, int threads) {
     float *h = f, *d = h + 2 * I, *g = d + H / QBLOCK, *d2 = g + H / QBLOCK, *g2 = d2 + I / QBLOCK;  // h [2I] = [gate; up]
@@ -138,44 +158,49 @@ void int4_expert(const uint16_t *x, const uint8_t *q13, const uint16_t *sz13, co
         block_row(q13 + b * H * 32, sz13, 2 * I, H, gs, b * 64, xq, d, g, h + b * 64);
     for (int64_t i = 0; i < I; i++)
         h[i] = h[i] / (1.f + expf(-h[i])) * h[I + i];  // silu(gate) * up
-    quantize_f32(h, I, xq + H, d2, g2);
+    quantize_f32(h, I, xq + 2 * H, d2, g2);
     const __m512 w = _mm512_set1_ps(weight);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t b = 0; b < H / 64; b++) {
         float out[64];
-        block_row(q2 + b * I * 32, sz2, H, I, gs, b * 64, xq + H, d2, g2, out);
+        block_row(q2 + b * I * 32, sz2, H, I, gs, b * 64, xq + 2 * H, d2, g2, out);
         for (int c = 0; c < 64; c += 16)
             _mm256_storeu_si256((__m256i *)(y + b * 64 + c), to_bf16(_mm512_mul_ps(w, _mm512_loadu_ps(out + c))));
     }
 }
 
 // x [M,K] bf16, w [N,K] int8 (row-major), scale [N] bf16 -> y [M,N] bf16 (w = q * scale per row). K % 64 == 0.
-// 64 inputs a step: VPDPBUSD multiplies |w| (u8) by xq with w's sign; lanes 0-7 hold block b, 8-15 block b+1,
-// scaled by dd = each block's d repeated 8 times. Four rows share each activation load.
+// 64 inputs a step: VPDPBUSD multiplies |w| (u8) by each level of x's codes with w's sign, 254 x level 1 +
+// level 2 summed exactly in int32; lanes 0-7 hold block b, 8-15 block b+1, scaled by dd = each block's
+// d / 254 repeated 8 times. Four rows share each activation load.
 void int8_linear(const uint16_t *x, const int8_t *w, const uint16_t *scale, uint16_t *y, int64_t M, int64_t N,
                  int64_t K, int8_t *xq, float *dg, int threads) {
     const int64_t nb = K / QBLOCK;
     float *d = dg, *g = dg + M * nb, *dd = dg + 2 * M * nb;  // dd [M, nb, 8]
     for (int64_t m = 0; m < M; m++) {
-        quantize_row(x + m * K, K, xq + m * K, d + m * nb, g + m * nb);
+        quantize_row(x + m * K, K, xq + 2 * m * K, d + m * nb, g + m * nb);
         for (int64_t b = 0; b < nb; b++)
-            for (int i = 0; i < 8; i++) dd[(m * nb + b) * 8 + i] = d[m * nb + b];
+            for (int i = 0; i < 8; i++) dd[(m * nb + b) * 8 + i] = d[m * nb + b] / LEVEL2;
     }
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 4)
         for (int64_t m = 0; m < M; m++) {
-            const int8_t *xm = xq + m * K;
+            const int8_t *xm = xq + 2 * m * K;
+            const __m512i k254 = _mm512_set1_epi32((int)LEVEL2);
             const float *ddm = dd + m * nb * 8;
             int rows = N - n0 < 4 ? (int)(N - n0) : 4;
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
             for (int64_t k = 0; k < K; k += 64) {
-                __m512i xv = _mm512_loadu_si512(xm + k);
+                __m512i u = _mm512_loadu_si512(xm + k), v = _mm512_loadu_si512(xm + K + k);
                 __m512 sc = _mm512_loadu_ps(ddm + (k / QBLOCK) * 8);
                 for (int r = 0; r < rows; r++) {
-                    __m512i wv = _mm512_loadu_si512(w + (n0 + r) * K + k);
-                    __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
-                    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xs);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r]);
+                    __m512i wv = _mm512_loadu_si512(w + (n0 + r) * K + k), aw = _mm512_abs_epi8(wv);
+                    __mmask64 neg = _mm512_movepi8_mask(wv);
+                    __m512i us = _mm512_mask_sub_epi8(u, neg, _mm512_setzero_si512(), u);
+                    __m512i vs = _mm512_mask_sub_epi8(v, neg, _mm512_setzero_si512(), v);
+                    __m512i t = _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, us), k254);
+                    t = _mm512_dpbusd_epi32(t, aw, vs);  // 254 * level 1 + level 2: exact in int32
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, acc[r]);
                 }
             }
             for (int r = 0; r < rows; r++) {

@@ -1,0 +1,178 @@
+"""The native VNNI kernels (`hobbit.kernels`) against torch's weight-only kernels: speed and what they cost.
+
+torch's int4 kernel converts every code to float (compute-bound) and its int8 kernel multiplies bf16 by
+int8; `hobbit.kernels` rounds the activations to int8 per 32 inputs, as llama.cpp does for its Q4_0/Q8_0
+dot products, and multiplies with AVX-512 VNNI. This measures, 1 thread:
+  - kernel time at one token (and a few) for CoderMoE's int4 and int8 shapes, weights rotated over >= 160 MiB
+    so they come from DRAM as in decode, and one int4 expert fused into one call against two native calls;
+  - quality: the store decoded token by token (`resident`) three ways: the kernels, torch's kernels
+    (HOBBIT_NATIVE=0) and exact fp32 products of the same quantized weights; each kernel's log-probabilities
+    against the exact ones (KL, greedy top-1 agreement, perplexity);
+  - decode tok/s of `hobbit run --policy resident`, on and off, interleaved, best of --rounds.
+
+    python benchmarks/native_kernels.py STORE --text FILE --json results/native_kernels.json [--run-args '...']
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+INT4 = {"expert w13": (1088, 1536), "expert w2": (1536, 544), "qkv": (2048, 1536), "o_proj": (1536, 1536),
+        "shared w13": (512, 1536), "shared w2": (1536, 256)}  # CoderMoE's int4 matrices, [N out, K in]
+INT8 = {"lm_head": (151936, 1536)}
+ROTATE_BYTES = 160 * 2**20
+PROMPT = '# Python 3\ndef fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+
+
+def _best(f, n: int, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for i in range(n):
+            f(i)
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+
+
+def kernel_times(reps: int) -> dict:
+    from hobbit import kernels
+    from hobbit.runtime.offload import Expert
+    from hobbit.store import quant as Q
+    g, out = torch.Generator().manual_seed(0), {}
+    shapes = [(name, "int4", s, m) for name, s in INT4.items() for m in (1,)] + \
+             [("expert w13", "int4", INT4["expert w13"], m) for m in (4, 16)] + [(n, "int8", s, 1) for n, s in INT8.items()]
+    for name, fmt, (N, K), M in shapes:
+        nbytes = Q.storage_nbytes(fmt, (N, K), 32)
+        n = max(2, ROTATE_BYTES // nbytes)
+        q = Q.quantize(torch.randn(N, K, generator=g) * 0.05, fmt, 32)
+        ws = [Q.prepare({k: v.clone() for k, v in q.items()}, fmt, (N, K), 32, torch.bfloat16) for _ in range(n)]
+        x = torch.randn(M, K, generator=g).bfloat16()
+        torch_mm = (lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, ws[i].w, 32, ws[i].scales)) if fmt == "int4" \
+            else (lambda i: torch.ops.aten._weight_int8pack_mm(x, ws[i].w, ws[i].scales))
+        t_torch, t_native = _best(torch_mm, n, reps), _best(lambda i: Q.linear(x, ws[i]), n, reps)
+        row = {"format": fmt, "shape": [N, K], "tokens": M, "bytes": nbytes,
+               "torch_us": t_torch * 1e6, "native_us": t_native * 1e6,
+               "torch_gb_s": nbytes / t_torch / 1e9, "native_gb_s": nbytes / t_native / 1e9}
+        out[f"{name} x{M}"] = row
+        print(f"{name:<11} {fmt} {N}x{K} x{M}: torch {row['torch_us']:.0f} us ({row['torch_gb_s']:.1f} GB/s), "
+              f"native {row['native_us']:.0f} us ({row['native_gb_s']:.1f} GB/s)", flush=True)
+    (I2, H), (_, I) = INT4["expert w13"], INT4["expert w2"]
+    q13 = Q.quantize(torch.randn(I2, H, generator=g) * 0.05, "int4", 32)
+    q2 = Q.quantize(torch.randn(H, I, generator=g) * 0.05, "int4", 32)
+    n = max(2, ROTATE_BYTES // (Q.storage_nbytes("int4", (I2, H), 32) + Q.storage_nbytes("int4", (H, I), 32)))
+    es = [Expert(Q.prepare({k: v.clone() for k, v in q13.items()}, "int4", (I2, H), 32, torch.bfloat16),
+                 Q.prepare({k: v.clone() for k, v in q2.items()}, "int4", (H, I), 32, torch.bfloat16)) for _ in range(n)]
+    x = torch.randn(1, H, generator=g).bfloat16()
+    out["expert fused"] = {"fused_us": _best(lambda i: es[i].weighted(x, 0.5), n, reps) * 1e6,
+                           "two_calls_us": _best(lambda i: es[i](x).mul_(0.5), n, reps) * 1e6}
+    print(f"one expert at one token: fused {out['expert fused']['fused_us']:.0f} us, two native calls and torch's "
+          f"SwiGLU {out['expert fused']['two_calls_us']:.0f} us; native kernels available: {kernels.available()}")
+    return out
+
+
+_EXACT = """
+from hobbit.store import quant as Q
+_w = {}
+def _dense(w):  # the fp32 weight a Prepared int4/int8 matrix stands for
+    if id(w) not in _w:
+        N, K = w.shape
+        if w.kind == "int8":
+            _w[id(w)] = (w, w.w.float() * w.scales.float()[:, None])
+        else:
+            codes = Q._codes4(w.w.view(-1, K, 32), N).float().view(N, K // w.group_size, w.group_size)
+            s, z = w.scales.float().permute(2, 1, 0)[..., None]
+            _w[id(w)] = (w, codes.sub_(8).mul_(s).add_(z).view(N, K))
+    return _w[id(w)][1]
+Q._quant_mm = lambda x, w: (x.float() @ _dense(w).T).to(x.dtype)
+"""
+
+
+def _logprobs(store: str, text: str, tokens: int, run_args: list[str], way: str, dest: str) -> None:
+    """Decode `text` one token at a time in a fresh process -> dest. way: 'native' (the kernels), 'torch'
+    (HOBBIT_NATIVE=0: torch's kernels) or 'exact' (every int4/int8 product in fp32 on the dequantized weight)."""
+    code = ("import argparse, sys, torch, hobbit; from hobbit.runtime.config import RunConfig, add_run_args\n"
+            + (_EXACT if way == "exact" else "") +
+            "store, text, n, dest, *args = sys.argv[1:]\n"
+            "ap = argparse.ArgumentParser(); add_run_args(ap)\n"
+            "eng = hobbit.load(store, config=RunConfig.from_args(ap.parse_args([store, '--policy', 'resident', *args])))\n"
+            "ids = torch.tensor(eng.tokenizer.encode(open(text).read())[:int(n)])\n"
+            "seq = eng.sequence()\n"
+            "with torch.inference_mode():\n"
+            "    lp = torch.cat([seq.step(ids[i:i + 1]).float().log_softmax(-1) for i in range(len(ids))])\n"
+            "torch.save({'ids': ids, 'logp': lp}, dest)\n")
+    env = {**os.environ, "HOBBIT_NATIVE": "1" if way == "native" else "0", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code, store, text, str(tokens), dest, *run_args], env=env, check=True)
+
+
+def quality(store: str, text: str, tokens: int, run_args: list[str]) -> dict:
+    """Both kernels against exact fp32 products of the same quantized weights: which is closer to the model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lp = {}
+        for way in ("exact", "torch", "native"):
+            t = time.perf_counter()
+            _logprobs(store, text, tokens, run_args, way, f"{tmp}/{way}.pt")
+            lp[way] = torch.load(f"{tmp}/{way}.pt")
+            print(f"  decoded {tokens} tokens one at a time, {way} products: {time.perf_counter() - t:.0f} s", flush=True)
+    ids, ref = lp["exact"]["ids"], lp["exact"]["logp"]
+    ppl = lambda p: float(torch.exp(-p[:-1].gather(1, ids[1:, None]).mean()))  # noqa: E731
+    out = {"store": store, "text": text, "tokens": int(ids.numel()), "run_args": run_args, "ppl_exact": ppl(ref)}
+    for way in ("torch", "native"):
+        p = lp[way]["logp"]
+        out[way] = {"kl_vs_exact": float((ref.exp() * (ref - p)).sum(-1).mean()),
+                    "top1_vs_exact": float((ref.argmax(-1) == p.argmax(-1)).float().mean()), "ppl": ppl(p)}
+        print(f"{way} kernels vs exact fp32 products: KL {out[way]['kl_vs_exact']:.4f}, top-1 "
+              f"{out[way]['top1_vs_exact']:.1%}, ppl {out[way]['ppl']:.3f} (exact {out['ppl_exact']:.3f})")
+    tn = lp["torch"]["logp"]
+    out["top1_native_vs_torch"] = float((tn.argmax(-1) == lp["native"]["logp"].argmax(-1)).float().mean())
+    return out
+
+
+def decode_speed(store: str, run_args: list[str], rounds: int, tokens: int) -> dict:
+    runs = {"torch": [], "native": []}
+    for _ in range(rounds):
+        for way in runs:
+            env = {**os.environ, "HOBBIT_NATIVE": "1" if way == "native" else "0", "OMP_NUM_THREADS": "1"}
+            r = subprocess.run([sys.executable, "-m", "hobbit.cli", "run", store, "--policy", "resident", *run_args,
+                                "--prompt", PROMPT, "--max-new-tokens", str(tokens + 1), "--json"],
+                               env=env, capture_output=True, text=True, check=True)
+            runs[way].append(json.loads(r.stdout)["stats"]["decode_tok_s"])
+            print(f"  resident decode, {way}: {runs[way][-1]:.2f} tok/s", flush=True)
+    best = {w: max(v) for w, v in runs.items()}
+    print(f"resident decode (best of {rounds}): torch kernels {best['torch']:.2f}, native {best['native']:.2f} tok/s "
+          f"({best['native'] / best['torch']:.2f}x)")
+    return {"runs_tok_s": runs, "best_tok_s": best, "speedup": best["native"] / best["torch"], "tokens": tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("store")
+    ap.add_argument("--text", required=True, help="text file for the quality comparison")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens decoded one at a time for the quality comparison")
+    ap.add_argument("--run-args", default="--high int4 --dense int4 --lm-head int8",
+                    help="engine options of the quality and decode runs (as `hobbit run` takes them)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=48)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    run_args = shlex.split(args.run_args)
+    result = {"command": "python benchmarks/native_kernels.py " + shlex.join(sys.argv[1:]),
+              "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1},
+              "kernels": kernel_times(args.reps),
+              "decode": decode_speed(args.store, run_args, args.rounds, args.decode_tokens),
+              "quality": quality(args.store, args.text, args.tokens, run_args)}
+    json.dump(result, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
