@@ -15,6 +15,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#define PF_DIST 4096  // bytes of int4 codes prefetched ahead: the hardware alone overlaps little of a 1 MB expert (-12%)
+#define PF_SCALES 2   // activation blocks ahead whose scales are prefetched (they lie N * 4 bytes apart)
+#define PF8 8192      // bytes ahead in each int8 row's stream (4 rows at a time): 15 -> 34 GB/s on a 151936x1536 LM head
 #define QBLOCK 32    // activation block (inputs per int8 scale)
 #define LEVEL2 254.f  // the residual's scale is d / LEVEL2: |x - d q1| <= d / 2 maps onto +-127
 
@@ -87,10 +90,16 @@ static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K
     __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;  // rows 0-15, 16-31, 32-47, 48-63
     const __m512 l2 = _mm512_set1_ps(1.f / LEVEL2);
     for (int64_t b = 0; b < K / QBLOCK; b++) {
+        if (b + PF_SCALES < K / QBLOCK) {
+            const char *next = (const char *)(sz + (((b + PF_SCALES) * QBLOCK / gs) * N + row0) * 2);
+            for (int c = 0; c < 256; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
+        }
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
         const uint8_t *p = q + b * QBLOCK * 32;
         const int32_t *x1 = (const int32_t *)(xq + b * QBLOCK), *x2 = (const int32_t *)(xq + K + b * QBLOCK);
         for (int i = 0; i < QBLOCK / 4; i++, p += 128) {
+            _mm_prefetch((const char *)p + PF_DIST, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + PF_DIST + 64, _MM_HINT_T0);
             __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);  // inputs k, k+1 | k+2, k+3
             __m512i Al = _mm512_and_si512(A, lo4), Bl = _mm512_and_si512(B, lo4);  // rows 0-31
             __m512i Ah = _mm512_and_si512(_mm512_srli_epi16(A, 4), lo4), Bh = _mm512_and_si512(_mm512_srli_epi16(B, 4), lo4);
@@ -194,6 +203,7 @@ void int8_linear(const uint16_t *x, const int8_t *w, const uint16_t *scale, uint
                 __m512i u = _mm512_loadu_si512(xm + k), v = _mm512_loadu_si512(xm + K + k);
                 __m512 sc = _mm512_loadu_ps(ddm + (k / QBLOCK) * 8);
                 for (int r = 0; r < rows; r++) {
+                    _mm_prefetch((const char *)(w + (n0 + r) * K + k) + PF8, _MM_HINT_T0);
                     __m512i wv = _mm512_loadu_si512(w + (n0 + r) * K + k), aw = _mm512_abs_epi8(wv);
                     __mmask64 neg = _mm512_movepi8_mask(wv);
                     __m512i us = _mm512_mask_sub_epi8(u, neg, _mm512_setzero_si512(), u);
