@@ -108,5 +108,22 @@ def test_hobbit_native_0_turns_the_kernels_off():
 def test_a_failed_build_warns_and_falls_back(tmp_path):
     r = _probe({"HOBBIT_CACHE": str(tmp_path), "CC": "false"})  # a compiler that always fails
     assert r.returncode == 0 and r.stdout.strip() == "False"
-    assert "native int4 kernel unavailable" in r.stderr and "HOBBIT_NATIVE=0" in r.stderr
+    assert "native kernels unavailable" in r.stderr and "HOBBIT_NATIVE=0" in r.stderr
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left behind
+
+
+@native
+def test_shared_expert_mlp_fuses_one_token_and_keeps_batches():
+    from hobbit.runtime.model import MLP
+    H, inter = 128, 64
+    mlp = MLP(H, inter)
+    for name, (N, K) in (("gate_up", (2 * inter, H)), ("down_proj", (H, inter))):
+        q = quant.quantize(torch.randn(N, K) * 0.05, "int4", 32)
+        setattr(mlp, name, quant.QuantLinear(q, "int4", (N, K), 32, torch.bfloat16))
+    x = torch.randn(1, H).bfloat16()
+    gate = torch.sigmoid(torch.randn(1, 1))
+    ref = gate * mlp(x).float()  # two native calls, torch's SwiGLU in between
+    assert _relerr(mlp.weighted(x, gate), ref) < 2 * ACT_ERR
+    xs = torch.randn(3, H).bfloat16()  # several tokens: a per-token gate [T,1], torch's path
+    gates = torch.rand(3, 1)
+    assert torch.equal(mlp.weighted(xs, gates), gates * mlp(xs))

@@ -1,11 +1,11 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached by source hash.
 
-`int4_linear`, `int8_linear`, `int4_expert` (``int4_vnni.c``): decode-time x @ W.T for int4 weights in
+`int4_linear`, `int8_linear`, `int4_expert` (``vnni.c``): decode-time x @ W.T for int4 weights in
 quant.py's B64 layout and int8 weights per row, x rounded per 32 inputs to int8 and its remainder to
 int8 again (finer than bf16), multiplied with AVX-512 VNNI, where torch's int4 kernel converts every
-code to float (compute-bound at ~18-22 GB/s here) and its int8 kernel runs at ~15 GB/s. Needs
-x86-64 with AVX-512 BW/VL/VNNI/VBMI, Linux, and `cc`; anywhere else, or with `HOBBIT_NATIVE=0`,
-`available()` is False and callers keep torch's kernels. A failed build warns once and is not retried.
+code to float (compute-bound at ~15-20 GB/s here) and its int8 kernel runs at ~15 GB/s. Needs
+x86-64 with AVX-512 BW/VL/VNNI/VBMI, Linux, and `cc` (or `$CC`); anywhere else, or with `HOBBIT_NATIVE=0`,
+`available()` is False and callers keep torch's kernels. A failed build warns once per process.
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ from torch import Tensor
 
 from hobbit.paths import cache_dir
 
-_SOURCE = Path(__file__).with_name("int4_vnni.c")
+_SOURCE = Path(__file__).with_name("vnni.c")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi")
 _CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl",
            "-mavx512vnni", "-mavx512vbmi"]
-QBLOCK = 32  # inputs per activation scale (int4_vnni.c)
-MAX_TOKENS = 16  # rows of x up to which int4_linear beats torch's kernel (measured: 1.5x at 16; prefill keeps torch's)
+QBLOCK = 32  # inputs per activation scale (vnni.c)
+MAX_TOKENS = 16  # rows of x up to which the kernels run (results/native_kernels.json: 1.03x torch's at 4, 1.34x at 16)
 
 
 def _cpu_ok() -> bool:
@@ -59,13 +59,13 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("HOBBIT_NATIVE", "1") == "0" or not _cpu_ok():
         return None
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"int4_vnni-{key}.so"
+    out = cache_dir() / "kernels" / f"vnni-{key}.so"
     try:
         if not out.exists():
             _build(out)
         lib = ctypes.CDLL(str(out))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"hobbit: native int4 kernel unavailable, using torch's ({e}); set HOBBIT_NATIVE=0 to "
+        warnings.warn(f"hobbit: native kernels unavailable, using torch's ({e}); set HOBBIT_NATIVE=0 to "
                       f"silence this", RuntimeWarning, stacklevel=3)
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p

@@ -17,7 +17,7 @@
 
 #define PF_DIST 4096  // bytes of int4 codes prefetched ahead: the hardware alone overlaps little of a 1 MB expert (-12%)
 #define PF_SCALES 2   // activation blocks ahead whose scales are prefetched (they lie N * 4 bytes apart)
-#define PF8 8192      // bytes ahead in each int8 row's stream (4 rows at a time): 15 -> 34 GB/s on a 151936x1536 LM head
+#define PF8 8192      // bytes ahead in each int8 row's stream (4 rows at a time): 17 -> 34 GB/s on a 151936x1536 LM head
 #define QBLOCK 32    // activation block (inputs per int8 scale)
 #define LEVEL2 254.f  // the residual's scale is d / LEVEL2: |x - d q1| <= d / 2 maps onto +-127
 
