@@ -19,7 +19,7 @@ ALLOWED = {
     "runtime": {"store", "policies"},                       # the engine
     "serve": {"runtime", "store", "policies"},              # on top of the engine
     "models": {"runtime", "store", "policies", "paths"},    # making models to run
-    "lab": {"runtime", "store", "policies", "models"},      # measuring the engine
+    "lab": {"runtime", "store", "policies", "models", "kernels"},  # measuring the engine
     "hobbit": {"runtime"},                                  # hobbit/__init__.py: hobbit.load
 }
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from hobbit import kernels
 from hobbit.runtime.engine import load
 from hobbit.lab.profile import PARTS, profile_decode
 from hobbit.lab.evaluate import add_text_args, agreement, evaluate_ppl, text_token_ids
@@ -106,7 +107,7 @@ def machine_info(threads: int) -> dict:
     except OSError:
         pass
     return dict(cpu=cpu, cores=os.cpu_count(), ram_bytes=ram, torch=torch.__version__, threads=threads,
-                platform=platform.platform(), python=platform.python_version())
+                native_kernels=kernels.available(), platform=platform.platform(), python=platform.python_version())
 
 
 def model_info(store: ExpertStore) -> dict:

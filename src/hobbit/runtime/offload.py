@@ -44,7 +44,8 @@ class Expert:
     act: Act = SILU
 
     def __post_init__(self) -> None:  # one native call per expert at decode: int4 SwiGLU without biases
-        self.fused = quant.fusable_swiglu(self.w13, self.w2) and self.b13 is None and self.b2 is None and self.act.kind == "silu"
+        self.fused = (quant.fusable_swiglu(self.w13, self.w2) and self.b13 is None and self.b2 is None
+                      and self.act.kind == "silu")
 
     def weighted(self, x: Tensor, weight: float) -> Tensor:  # x [1,H] -> weight * FFN(x) [1,H]
         if self.fused and x.dtype == torch.bfloat16 and x.is_contiguous():

@@ -19,7 +19,7 @@ Formats (``FORMATS``) and their storage form (what ``quantize`` returns and the 
     - int2, 16 bytes: byte j = row j | row j+16 << 2 | row j+32 << 4 | row j+48 << 6,
     - int3, 24 bytes: the low 2 bits as int2, then 8 bytes where bit t of byte i is bit 2 of row 8t+i.
   B64 int4 equals the AVX512 int4 kernel layout, so there ``prepare`` is free for int4 and a few
-  64-bit mask ops for int2/int3. Whether it equals the running kernel's layout is checked once
+  64-bit mask ops for int2/int3; ``hobbit.kernels`` reads the same bytes at decode (``linear`` picks it). Whether it equals the running kernel's layout is checked once
   against ``_convert_weight_to_int4pack_for_cpu``; on other CPUs (AVX2, Arm) prepare decodes the
   codes and lets the op pack them.
 
