@@ -33,7 +33,8 @@ ROTATE_BYTES = 160 * 2**20
 PROMPT = '# Python 3\ndef fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
-def _best(f, n: int, reps: int) -> float:
+def best_of(f, n: int, reps: int) -> float:
+    """Seconds per call of f(0..n-1) (n weights rotated through), the best of `reps` passes."""
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
@@ -58,7 +59,7 @@ def kernel_times(reps: int) -> dict:
         x = torch.randn(M, K, generator=g).bfloat16()
         torch_mm = (lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, ws[i].w, 32, ws[i].scales)) if fmt == "int4" \
             else (lambda i: torch.ops.aten._weight_int8pack_mm(x, ws[i].w, ws[i].scales))
-        t_torch, t_native = _best(torch_mm, n, reps), _best(lambda i: Q.linear(x, ws[i]), n, reps)
+        t_torch, t_native = best_of(torch_mm, n, reps), best_of(lambda i: Q.linear(x, ws[i]), n, reps)
         row = {"format": fmt, "shape": [N, K], "tokens": M, "bytes": nbytes,
                "torch_us": t_torch * 1e6, "native_us": t_native * 1e6,
                "torch_gb_s": nbytes / t_torch / 1e9, "native_gb_s": nbytes / t_native / 1e9}
@@ -72,8 +73,8 @@ def kernel_times(reps: int) -> dict:
     es = [Expert(Q.prepare({k: v.clone() for k, v in q13.items()}, "int4", (I2, H), 32, torch.bfloat16),
                  Q.prepare({k: v.clone() for k, v in q2.items()}, "int4", (H, I), 32, torch.bfloat16)) for _ in range(n)]
     x = torch.randn(1, H, generator=g).bfloat16()
-    out["expert fused"] = {"fused_us": _best(lambda i: es[i].weighted(x, 0.5), n, reps) * 1e6,
-                           "two_calls_us": _best(lambda i: es[i](x).mul_(0.5), n, reps) * 1e6}
+    out["expert fused"] = {"fused_us": best_of(lambda i: es[i].weighted(x, 0.5), n, reps) * 1e6,
+                           "two_calls_us": best_of(lambda i: es[i](x).mul_(0.5), n, reps) * 1e6}
     print(f"one expert at one token: fused {out['expert fused']['fused_us']:.0f} us, two native calls and torch's "
           f"SwiGLU {out['expert fused']['two_calls_us']:.0f} us; native kernels available: {kernels.available()}")
     return out
