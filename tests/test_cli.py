@@ -145,7 +145,10 @@ def test_json_prints_or_writes(tiny_store, tmp_path, capsys):
     assert main(["run", str(tiny_store), "--prompt-ids", "3,17,42", "--max-new-tokens", "4", *common, str(out)]) == 0
     summary = capsys.readouterr().out
     assert "[length] policy lru" in summary or "[stop] policy lru" in summary
-    assert json.loads(out.read_text())["prompt_ids"] == [3, 17, 42]
+    from hobbit import kernels
+    assert ("hobbit's AVX-512 VNNI kernels" if kernels.available() else "torch's (no AVX-512") in summary
+    written = json.loads(out.read_text())
+    assert written["prompt_ids"] == [3, 17, 42] and written["native_kernels"] == kernels.available()
 
 
 def test_tune_refuses_the_knobs_it_searches(tiny_store, capsys):
