@@ -127,3 +127,24 @@ def test_shared_expert_mlp_fuses_one_token_and_keeps_batches():
     xs = torch.randn(3, H).bfloat16()  # several tokens: a per-token gate [T,1], torch's path
     gates = torch.rand(3, 1)
     assert torch.equal(mlp.weighted(xs, gates), gates * mlp(xs))
+
+
+@native
+def test_threads_split_rows_and_change_no_bit():
+    """torch's thread count becomes the kernels' OpenMP threads: each 64-row block is one thread's, so the
+    result is the same to the bit."""
+    _, p, _ = _int4(1088, 1536, 32)
+    q8 = quant.quantize(torch.randn(300, 1536) * 0.05, "int8")
+    p8 = quant.prepare(q8, "int8", (300, 1536), 32, torch.bfloat16)
+    _, w13, _ = _int4(192, 256, 32, seed=2)
+    _, w2, _ = _int4(256, 96, 32, seed=3)
+    x, xe = torch.randn(2, 1536).bfloat16(), torch.randn(1, 256).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append((quant.linear(x, p), quant.linear(x, p8), quant.swiglu_weighted(xe, w13, w2, 0.7)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
