@@ -1,14 +1,15 @@
-"""The native VNNI kernels (`hobbit.kernels`) against torch's weight-only kernels: speed and what they cost.
+"""hobbit's decode kernels (`hobbit.kernels`) against torch's weight-only kernels: speed and what they cost.
 
 torch's int4 kernel converts every code to float (compute-bound) and its int8 kernel multiplies bf16 by
-int8; `hobbit.kernels` rounds the activations to int8 per 32 inputs, as llama.cpp does for its Q4_0/Q8_0
-dot products, and multiplies with AVX-512 VNNI. This measures, 1 thread:
+int8; `hobbit.kernels` rounds the activations to two int8 levels per 32 inputs and multiplies integers,
+in an AVX-512 VNNI build and an AVX2 one. This measures, 1 thread, for each build this CPU runs:
   - kernel time at one token (and a few) for CoderMoE's int4 and int8 shapes, weights rotated over >= 160 MiB
-    so they come from DRAM as in decode, and one int4 expert fused into one call against two native calls;
-  - quality: the store decoded token by token (`resident`) three ways: the kernels, torch's kernels
-    (HOBBIT_NATIVE=0) and exact fp32 products of the same quantized weights; each kernel's log-probabilities
-    against the exact ones (KL, greedy top-1 agreement, perplexity);
-  - decode tok/s of `hobbit run --policy resident`, on and off, interleaved, best of --rounds.
+    so they come from DRAM as in decode, and one int4 expert fused into one call against two native calls
+    (a fresh process per build);
+  - quality: the store decoded token by token (`resident`) with torch's kernels (HOBBIT_NATIVE=0), with each
+    build (HOBBIT_NATIVE=avx512, avx2) and with exact fp32 products of the same quantized weights; each
+    kernel's log-probabilities against the exact ones (KL, greedy top-1 agreement, perplexity);
+  - decode tok/s of `hobbit run --policy resident` with torch's kernels and each build, interleaved, best of --rounds.
 
     python benchmarks/native_kernels.py STORE --text FILE --json results/native_kernels.json [--run-args '...']
 """
@@ -26,11 +27,14 @@ import time
 
 import torch
 
+from hobbit import kernels
+
 INT4 = {"expert w13": (1088, 1536), "expert w2": (1536, 544), "qkv": (2048, 1536), "o_proj": (1536, 1536),
         "shared w13": (512, 1536), "shared w2": (1536, 256)}  # CoderMoE's int4 matrices, [N out, K in]
 INT8 = {"lm_head": (151936, 1536)}
 ROTATE_BYTES = 160 * 2**20
 PROMPT = '# Python 3\ndef fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+BUILDS = kernels.builds()  # the kernel builds this CPU runs, fastest first
 
 
 def best_of(f, n: int, reps: int) -> float:
@@ -45,7 +49,6 @@ def best_of(f, n: int, reps: int) -> float:
 
 
 def kernel_times(reps: int) -> dict:
-    from hobbit import kernels
     from hobbit.runtime.offload import Expert
     from hobbit.store import quant as Q
     g, out = torch.Generator().manual_seed(0), {}
@@ -76,7 +79,7 @@ def kernel_times(reps: int) -> dict:
     out["expert fused"] = {"fused_us": best_of(lambda i: es[i].weighted(x, 0.5), n, reps) * 1e6,
                            "two_calls_us": best_of(lambda i: es[i](x).mul_(0.5), n, reps) * 1e6}
     print(f"one expert at one token: fused {out['expert fused']['fused_us']:.0f} us, two native calls and torch's "
-          f"SwiGLU {out['expert fused']['two_calls_us']:.0f} us; native kernels available: {kernels.available()}")
+          f"SwiGLU {out['expert fused']['two_calls_us']:.0f} us; build {kernels.variant()}")
     return out
 
 
@@ -98,8 +101,9 @@ Q._quant_mm = lambda x, w: (x.float() @ _dense(w).T).to(x.dtype)
 
 
 def _logprobs(store: str, text: str, tokens: int, run_args: list[str], way: str, dest: str) -> None:
-    """Decode `text` one token at a time in a fresh process -> dest. way: 'native' (the kernels), 'torch'
-    (HOBBIT_NATIVE=0: torch's kernels) or 'exact' (every int4/int8 product in fp32 on the dequantized weight)."""
+    """Decode `text` one token at a time in a fresh process -> dest. way: a build of the kernels ('avx512',
+    'avx2'), 'torch' (HOBBIT_NATIVE=0: torch's kernels) or 'exact' (every int4/int8 product in fp32 on the
+    dequantized weight)."""
     code = ("import argparse, sys, torch, hobbit; from hobbit.runtime.config import RunConfig, add_run_args\n"
             + (_EXACT if way == "exact" else "") +
             "store, text, n, dest, *args = sys.argv[1:]\n"
@@ -110,66 +114,88 @@ def _logprobs(store: str, text: str, tokens: int, run_args: list[str], way: str,
             "with torch.inference_mode():\n"
             "    lp = torch.cat([seq.step(ids[i:i + 1]).float().log_softmax(-1) for i in range(len(ids))])\n"
             "torch.save({'ids': ids, 'logp': lp}, dest)\n")
-    env = {**os.environ, "HOBBIT_NATIVE": "1" if way == "native" else "0", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", code, store, text, str(tokens), dest, *run_args], env=env, check=True)
+    subprocess.run([sys.executable, "-c", code, store, text, str(tokens), dest, *run_args], env=_env(way), check=True)
+
+
+def _env(way: str) -> dict:
+    return {**os.environ, "HOBBIT_NATIVE": way if way in BUILDS else "0", "OMP_NUM_THREADS": "1"}
 
 
 def quality(store: str, text: str, tokens: int, run_args: list[str]) -> dict:
-    """Both kernels against exact fp32 products of the same quantized weights: which is closer to the model."""
+    """Torch's kernels and each build against exact fp32 products of the same quantized weights."""
+    ways = ["exact", "torch", *BUILDS]
     with tempfile.TemporaryDirectory() as tmp:
         lp = {}
-        for way in ("exact", "torch", "native"):
+        for way in ways:
             t = time.perf_counter()
             _logprobs(store, text, tokens, run_args, way, f"{tmp}/{way}.pt")
             lp[way] = torch.load(f"{tmp}/{way}.pt")
             print(f"  decoded {tokens} tokens one at a time, {way} products: {time.perf_counter() - t:.0f} s", flush=True)
-    ids, ref = lp["exact"]["ids"], lp["exact"]["logp"]
+    ids, ref, tn = lp["exact"]["ids"], lp["exact"]["logp"], lp["torch"]["logp"]
     ppl = lambda p: float(torch.exp(-p[:-1].gather(1, ids[1:, None]).mean()))  # noqa: E731
     out = {"store": store, "text": text, "tokens": int(ids.numel()), "run_args": run_args, "ppl_exact": ppl(ref)}
-    for way in ("torch", "native"):
+    for way in ways[1:]:
         p = lp[way]["logp"]
         out[way] = {"kl_vs_exact": float((ref.exp() * (ref - p)).sum(-1).mean()),
-                    "top1_vs_exact": float((ref.argmax(-1) == p.argmax(-1)).float().mean()), "ppl": ppl(p)}
+                    "top1_vs_exact": float((ref.argmax(-1) == p.argmax(-1)).float().mean()), "ppl": ppl(p),
+                    "top1_vs_torch": float((tn.argmax(-1) == p.argmax(-1)).float().mean())}
         print(f"{way} kernels vs exact fp32 products: KL {out[way]['kl_vs_exact']:.4f}, top-1 "
               f"{out[way]['top1_vs_exact']:.1%}, ppl {out[way]['ppl']:.3f} (exact {out['ppl_exact']:.3f})")
-    tn = lp["torch"]["logp"]
-    out["top1_native_vs_torch"] = float((tn.argmax(-1) == lp["native"]["logp"].argmax(-1)).float().mean())
     return out
 
 
 def decode_speed(store: str, run_args: list[str], rounds: int, tokens: int) -> dict:
-    runs = {"torch": [], "native": []}
+    runs = {way: [] for way in ("torch", *BUILDS)}
     for _ in range(rounds):
         for way in runs:
-            env = {**os.environ, "HOBBIT_NATIVE": "1" if way == "native" else "0", "OMP_NUM_THREADS": "1"}
             r = subprocess.run([sys.executable, "-m", "hobbit.cli", "run", store, "--policy", "resident", *run_args,
                                 "--prompt", PROMPT, "--max-new-tokens", str(tokens + 1), "--json"],
-                               env=env, capture_output=True, text=True, check=True)
+                               env=_env(way), capture_output=True, text=True, check=True)
             runs[way].append(json.loads(r.stdout)["stats"]["decode_tok_s"])
             print(f"  resident decode, {way}: {runs[way][-1]:.2f} tok/s", flush=True)
     best = {w: max(v) for w, v in runs.items()}
-    print(f"resident decode (best of {rounds}): torch kernels {best['torch']:.2f}, native {best['native']:.2f} tok/s "
-          f"({best['native'] / best['torch']:.2f}x)")
-    return {"runs_tok_s": runs, "best_tok_s": best, "speedup": best["native"] / best["torch"], "tokens": tokens}
+    print(f"resident decode (best of {rounds}): " + ", ".join(f"{w} {b:.2f}" for w, b in best.items()) + " tok/s")
+    return {"runs_tok_s": runs, "best_tok_s": best, "speedup": {w: best[w] / best["torch"] for w in BUILDS},
+            "tokens": tokens}
+
+
+def kernel_times_per_build(reps: int) -> dict:
+    """kernel_times in a fresh process per build (HOBBIT_NATIVE decides which one loads)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for build in BUILDS:
+            subprocess.run([sys.executable, __file__, "--kernels-only", f"{tmp}/{build}.json", "--reps", str(reps)],
+                           env=_env(build), check=True)
+            out[build] = json.load(open(f"{tmp}/{build}.json"))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("store")
-    ap.add_argument("--text", required=True, help="text file for the quality comparison")
+    ap.add_argument("store", nargs="?")
+    ap.add_argument("--text", help="text file for the quality comparison")
     ap.add_argument("--tokens", type=int, default=256, help="tokens decoded one at a time for the quality comparison")
     ap.add_argument("--run-args", default="--high int4 --dense int4 --lm-head int8",
                     help="engine options of the quality and decode runs (as `hobbit run` takes them)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json")
+    ap.add_argument("--kernels-only", metavar="FILE", help="(internal) kernel times of the build HOBBIT_NATIVE loads")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.kernels_only:
+        json.dump(kernel_times(args.reps), open(args.kernels_only, "w"))
+        return
+    if not (args.store and args.text and args.json):
+        ap.error("STORE, --text and --json are required")
+    if not BUILDS:
+        ap.error("this CPU runs none of hobbit's kernel builds (AVX2 or AVX-512): nothing to compare")
     run_args = shlex.split(args.run_args)
     result = {"command": "python benchmarks/native_kernels.py " + shlex.join(sys.argv[1:]),
               "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1},
-              "kernels": kernel_times(args.reps),
+              "builds": BUILDS,
+              "kernels": kernel_times_per_build(args.reps),
               "decode": decode_speed(args.store, run_args, args.rounds, args.decode_tokens),
               "quality": quality(args.store, args.text, args.tokens, run_args)}
     json.dump(result, open(args.json, "w"), indent=1)

@@ -148,21 +148,30 @@ def int8_activations() -> str:
 def native_kernels() -> str:
     """hobbit.kernels against torch's weight-only kernels (benchmarks/native_kernels.py): time, decode, quality."""
     d = _load("native_kernels.json")
-    rows = [[f"{name.rsplit(' x', 1)[0]} {x['format']} {x['shape'][0]}×{x['shape'][1]}", str(x["tokens"]),
-             f"{x['torch_us']:.0f} ({x['torch_gb_s']:.1f})", f"{x['native_us']:.0f} ({x['native_gb_s']:.1f})",
-             f"{x['torch_us'] / x['native_us']:.2f}×"] for name, x in d["kernels"].items() if "shape" in x]
-    f, dec, q = d["kernels"]["expert fused"], d["decode"], d["quality"]
-    rows.append(["one int4 expert (w13, SwiGLU, w2): two native calls and torch's SwiGLU (left), one fused call", "1", f"{f['two_calls_us']:.0f}",
-                 f"{f['fused_us']:.0f}", f"{f['two_calls_us'] / f['fused_us']:.2f}×"])
-    rows.append([f"`hobbit run --policy resident` decode tok/s (best of {len(dec['runs_tok_s']['native'])})", "1",
-                 f"{dec['best_tok_s']['torch']:.2f}", f"{dec['best_tok_s']['native']:.2f}", f"{dec['speedup']:.2f}×"])
-    return _md(["µs at M tokens (GB/s)", "M", "torch's kernels", "`hobbit.kernels`", "speed-up"], rows) + (
+    builds, k, dec, q = d["builds"], d["kernels"], d["decode"], d["quality"]
+    first = k[builds[0]]
+    rows = []
+    for name, x in first.items():
+        if "shape" not in x:
+            continue
+        cells = [f"{x['torch_us']:.0f} ({x['torch_gb_s']:.1f})"]  # torch's, timed beside the first build
+        for b in builds:
+            y = k[b][name]
+            cells.append(f"{y['native_us']:.0f} ({y['native_gb_s']:.1f}), {y['torch_us'] / y['native_us']:.2f}×")
+        rows.append([f"{name.rsplit(' x', 1)[0]} {x['format']} {x['shape'][0]}×{x['shape'][1]}", str(x["tokens"]), *cells])
+    rows.append(["one int4 expert (w13, SwiGLU, w2): two native calls and torch's SwiGLU, or one fused call", "1",
+                 "-", *(f"{k[b]['expert fused']['two_calls_us']:.0f} → {k[b]['expert fused']['fused_us']:.0f}"
+                        for b in builds)])
+    rows.append([f"`hobbit run --policy resident` decode tok/s (best of {len(dec['runs_tok_s']['torch'])})", "1",
+                 f"{dec['best_tok_s']['torch']:.2f}",
+                 *(f"{dec['best_tok_s'][b]:.2f}, {dec['speedup'][b]:.2f}×" for b in builds)])
+    quality = "; ".join(f"{w} KL {q[w]['kl_vs_exact']:.4f}, top-1 {q[w]['top1_vs_exact']:.1%}, perplexity "
+                        f"{q[w]['ppl']:.3f}" for w in ("torch", *builds))
+    return _md(["µs at M tokens (GB/s)", "M", "torch's kernels", *(f"`{b}` build, × torch's" for b in builds)], rows) + (
         f"\n\nQuality, {q['tokens']} tokens of `{q['text'].rsplit('/', 1)[-1]}` decoded one at a time "
         f"(`{' '.join(q['run_args'])}`), against exact fp32 products of the same quantized weights (perplexity "
-        f"{q['ppl_exact']:.3f}): torch's kernels KL {q['torch']['kl_vs_exact']:.4f}, greedy top-1 "
-        f"{q['torch']['top1_vs_exact']:.1%}, perplexity {q['torch']['ppl']:.3f}; `hobbit.kernels` KL "
-        f"{q['native']['kl_vs_exact']:.4f}, top-1 {q['native']['top1_vs_exact']:.1%}, perplexity "
-        f"{q['native']['ppl']:.3f}; the two agree on {q['top1_native_vs_torch']:.1%} of greedy tokens.")
+        f"{q['ppl_exact']:.3f}): {quality}; greedy agreement with torch's kernels: "
+        + ", ".join(f"{b} {q[b]['top1_vs_torch']:.1%}" for b in builds) + ".")
 
 
 def peer_memory(name: str = "peer_memory.json", quality: str | None = "peer_memory_quality.json",

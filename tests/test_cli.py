@@ -146,9 +146,9 @@ def test_json_prints_or_writes(tiny_store, tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "[length] policy lru" in summary or "[stop] policy lru" in summary
     from hobbit import kernels
-    assert ("hobbit's AVX-512 VNNI kernels" if kernels.available() else "torch's (no AVX-512") in summary
+    assert (f"hobbit's {kernels.variant()} build" if kernels.available() else "torch's (no AVX2") in summary
     written = json.loads(out.read_text())
-    assert written["prompt_ids"] == [3, 17, 42] and written["native_kernels"] == kernels.available()
+    assert written["prompt_ids"] == [3, 17, 42] and written["native_kernels"] == kernels.variant()
 
 
 def test_tune_refuses_the_knobs_it_searches(tiny_store, capsys):

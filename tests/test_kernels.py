@@ -10,7 +10,21 @@ from hobbit import kernels
 from hobbit.runtime.offload import Expert
 from hobbit.store import quant
 
-native = pytest.mark.skipif(not kernels.available(), reason="needs x86-64 AVX-512 VNNI/VBMI and a C compiler")
+BUILDS = kernels.builds()
+
+
+@pytest.fixture(params=BUILDS or [pytest.param(None, marks=pytest.mark.skip(reason="no AVX2 or AVX-512 here"))])
+def build(request, monkeypatch):
+    """Each build this CPU runs (the AVX2 one too on an AVX-512 machine), chosen as HOBBIT_NATIVE chooses it."""
+    monkeypatch.setenv("HOBBIT_NATIVE", request.param)
+    kernels._library.cache_clear()
+    if kernels.variant() != request.param:
+        pytest.skip(f"the {request.param} build did not load (no C compiler?)")
+    yield request.param
+    kernels._library.cache_clear()  # the next caller chooses again, under the environment restored
+
+
+native = pytest.mark.usefixtures("build")
 # bf16 output rounding ~0.0017 (torch's kernels too); one int8 level of x alone would be ~0.006 per matmul
 ACT_ERR = 0.003
 
@@ -35,7 +49,8 @@ def test_int4_linear_matches_dequantized_weight(N, K, gs, M):
     y = kernels.int4_linear(x, p.w, p.scales, (N, K), gs)
     assert y.shape == (M, N) and y.dtype == torch.bfloat16
     assert _relerr(y, x.float() @ W.T) < ACT_ERR
-    assert torch.equal(quant.linear(x, p), y)  # linear dispatches to it at decode sizes
+    if M <= kernels.max_tokens():  # linear dispatches to it at decode sizes
+        assert torch.equal(quant.linear(x, p), y)
 
 
 @native
@@ -148,3 +163,12 @@ def test_threads_split_rows_and_change_no_bit():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_the_build_follows_the_cpu_and_hobbit_native(monkeypatch):
+    full = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"}
+    for flags, env, want in [(full, "1", "avx512"), ({"avx2", "fma"}, "1", "avx2"), (full, "avx2", "avx2"),
+                             ({"avx2", "fma"}, "avx512", None), (full, "0", None), (set(), "1", None)]:
+        monkeypatch.setattr(kernels, "_cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setenv("HOBBIT_NATIVE", env)
+        assert kernels._choose() == want, (sorted(flags), env)

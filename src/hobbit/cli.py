@@ -74,13 +74,13 @@ def generate_and_report(engine, args: argparse.Namespace) -> int:
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, callback=on_token)
     text = tok.decode(out.token_ids) if tok is not None else None
     from hobbit import kernels
-    native = kernels.available()  # which decode kernels ran: worth knowing when comparing speeds
+    native = kernels.variant()  # which decode kernels ran: worth knowing when comparing speeds
     if not emit_json(args, dict(text=text, token_ids=out.token_ids, prompt_ids=ids, finish_reason=out.finish_reason,
                                 policy=engine.policy, native_kernels=native, stats=out.stats)):
         print((stream.flush() if stream else "") + f"\n\n[{out.finish_reason}] policy {engine.policy}")
         print(_format_stats(out.stats))
-        print(f"  {'kernels':<18} " + ("hobbit's AVX-512 VNNI kernels at decode (HOBBIT_NATIVE=0: torch's)" if native
-                                       else "torch's (no AVX-512 VNNI/VBMI, no C compiler, or HOBBIT_NATIVE=0)"))
+        print(f"  {'kernels':<18} " + (f"hobbit's {native} build at decode (HOBBIT_NATIVE=0: torch's)" if native
+                                       else "torch's (no AVX2/AVX-512, no C compiler, or HOBBIT_NATIVE=0)"))
     engine.close()
     return 0
 

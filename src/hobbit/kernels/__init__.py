@@ -1,11 +1,12 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached by source hash.
 
-`int4_linear`, `int8_linear`, `int4_expert` (``vnni.c``): decode-time x @ W.T for int4 weights in
-quant.py's B64 layout and int8 weights per row, x rounded per 32 inputs to int8 and its remainder to
-int8 again (finer than bf16), multiplied with AVX-512 VNNI, where torch's int4 kernel converts every
-code to float (compute-bound at ~15-20 GB/s here) and its int8 kernel runs at ~15 GB/s. Needs
-x86-64 with AVX-512 BW/VL/VNNI/VBMI, Linux, and `cc` (or `$CC`); anywhere else, or with `HOBBIT_NATIVE=0`,
-`available()` is False and callers keep torch's kernels. A failed build warns once per process.
+`int4_linear`, `int8_linear`, `int4_expert`: decode-time x @ W.T for int4 weights in quant.py's B64
+layout and int8 weights per row, x rounded per 32 inputs to int8 and its remainder to int8 again
+(finer than bf16), where torch's int4 kernel converts every code to float (compute-bound at ~15-20
+GB/s here) and its int8 kernel runs at ~15 GB/s. Two builds: ``vnni.c`` (AVX-512 BW/VL/VNNI/VBMI)
+and ``avx2.c`` (AVX2 + FMA, the same results); `HOBBIT_NATIVE=avx512|avx2` picks one, `0` none.
+Needs x86-64 Linux and `cc` (or `$CC`); anywhere else `available()` is False and callers keep
+torch's kernels. A failed build warns once per process.
 """
 from __future__ import annotations
 
@@ -24,45 +25,64 @@ from torch import Tensor
 
 from hobbit.paths import cache_dir
 
-_SOURCE = Path(__file__).with_name("vnni.c")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi")
-_CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl",
-           "-mavx512vnni", "-mavx512vbmi"]
+_VARIANTS = {  # name: (source, CPU flags it needs, compiler flags, rows of x up to which it runs), fastest first
+    # avx512 up to 16 rows: results/native_kernels.json, 1.03x torch's at 4 rows, 1.34x at 16;
+    # avx2 at one row only: measured here 1.05-1.24x torch's at one, ~0.55x at 4 (its byte unpacks are the bound)
+    "avx512": ("vnni.c", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"),
+               ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"], 16),
+    "avx2": ("avx2.c", ("avx2", "fma"), ["-mavx2", "-mfma"], 1),
+}
+_CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 QBLOCK = 32  # inputs per activation scale (vnni.c)
-MAX_TOKENS = 16  # rows of x up to which the kernels run (results/native_kernels.json: 1.03x torch's at 4, 1.34x at 16)
 
 
-def _cpu_ok() -> bool:
+def _cpu_flags() -> set[str]:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return False
+        return set()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return all(f in flags for f in _CPU_FLAGS)
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
 
 
-def _build(out: Path) -> None:
+def _build(source: Path, flags: list[str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build beside the target, then rename: atomic
         so = Path(tmp) / out.name
-        cmd = [os.environ.get("CC", "cc"), *_CFLAGS, str(_SOURCE), "-o", str(so), "-lm"]
+        cmd = [os.environ.get("CC", "cc"), *_CFLAGS, *flags, str(source), "-o", str(so), "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
         os.replace(so, out)
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("HOBBIT_NATIVE", "1") == "0" or not _cpu_ok():
+def builds() -> list[str]:
+    """The builds this CPU can run, fastest first."""
+    have = _cpu_flags()
+    return [name for name, (_, needs, _, _) in _VARIANTS.items() if set(needs) <= have]
+
+
+def _choose() -> str | None:
+    """HOBBIT_NATIVE: 0 = off, avx512 / avx2 = that build (where the CPU has it), else the fastest it has."""
+    want, fits = os.environ.get("HOBBIT_NATIVE", "1"), builds()
+    if want == "0":
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"vnni-{key}.so"
+    return want if want in fits else (fits[0] if fits and want not in _VARIANTS else None)
+
+
+@functools.cache
+def _library() -> tuple[str, ctypes.CDLL] | None:
+    name = _choose()
+    if name is None:
+        return None
+    source, _, flags, _ = _VARIANTS[name]
+    path = Path(__file__).with_name(source)
+    key = hashlib.sha256(path.read_bytes() + " ".join(_CFLAGS + flags).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"{name}-{key}.so"
     try:
         if not out.exists():
-            _build(out)
+            _build(path, flags, out)
         lib = ctypes.CDLL(str(out))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"hobbit: native kernels unavailable, using torch's ({e}); set HOBBIT_NATIVE=0 to "
@@ -73,11 +93,23 @@ def _library() -> ctypes.CDLL | None:
     lib.int8_linear.argtypes = lib.int4_linear.argtypes[:7] + lib.int4_linear.argtypes[8:]
     lib.int4_expert.argtypes = [p, p, p, p, p, p, i64, i64, i64, ctypes.c_float, p, p, ctypes.c_int]
     lib.int4_linear.restype = lib.int8_linear.restype = lib.int4_expert.restype = None
-    return lib
+    return name, lib
+
+
+def variant() -> str | None:
+    """The build in use ('avx512' or 'avx2'), or None when torch's kernels run."""
+    lib = _library()
+    return None if lib is None else lib[0]
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def max_tokens() -> int:
+    """Rows of x up to which callers use these kernels (0 when there are none)."""
+    lib = _library()
+    return 0 if lib is None else _VARIANTS[lib[0]][3]
 
 
 def int4_fits(shape: tuple[int, int], group_size: int) -> bool:
@@ -92,7 +124,7 @@ def int4_linear(x: Tensor, q: Tensor, sz: Tensor, shape: tuple[int, int], group_
     M, (N, K) = x.shape[0], shape
     y = torch.empty(M, N, dtype=torch.bfloat16)
     scratch = torch.empty(2 * M * K + 8 * M * (K // QBLOCK), dtype=torch.uint8)  # x's two int8 levels, fp32 d and sums
-    _library().int4_linear(x.data_ptr(), q.data_ptr(), sz.data_ptr(), y.data_ptr(), M, N, K, group_size,
+    _library()[1].int4_linear(x.data_ptr(), q.data_ptr(), sz.data_ptr(), y.data_ptr(), M, N, K, group_size,
                            scratch.data_ptr(), scratch.data_ptr() + 2 * M * K, torch.get_num_threads())
     return y
 
@@ -105,7 +137,7 @@ def int4_expert(x: Tensor, q13: Tensor, sz13: Tensor, q2: Tensor, sz2: Tensor, h
     H, I = hidden, inter
     y = torch.empty(1, H, dtype=torch.bfloat16)
     scratch = torch.empty(2 * (H + I) + 4 * (2 * I + 4 * (H + I) // QBLOCK), dtype=torch.uint8)  # x, h codes; fp32
-    _library().int4_expert(x.data_ptr(), q13.data_ptr(), sz13.data_ptr(), q2.data_ptr(), sz2.data_ptr(), y.data_ptr(),
+    _library()[1].int4_expert(x.data_ptr(), q13.data_ptr(), sz13.data_ptr(), q2.data_ptr(), sz2.data_ptr(), y.data_ptr(),
                            H, I, group_size, weight, scratch.data_ptr(), scratch.data_ptr() + 2 * (H + I),
                            torch.get_num_threads())
     return y
@@ -122,6 +154,6 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     M, (N, K) = x.shape[0], q.shape
     y = torch.empty(M, N, dtype=torch.bfloat16)
     scratch = torch.empty(2 * M * K + 40 * M * (K // QBLOCK), dtype=torch.uint8)  # x's codes, fp32 d, sums, d x 8
-    _library().int8_linear(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K,
+    _library()[1].int8_linear(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K,
                            scratch.data_ptr(), scratch.data_ptr() + 2 * M * K, torch.get_num_threads())
     return y

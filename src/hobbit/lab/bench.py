@@ -107,7 +107,7 @@ def machine_info(threads: int) -> dict:
     except OSError:
         pass
     return dict(cpu=cpu, cores=os.cpu_count(), ram_bytes=ram, torch=torch.__version__, threads=threads,
-                native_kernels=kernels.available(), platform=platform.platform(), python=platform.python_version())
+                native_kernels=kernels.variant(), platform=platform.platform(), python=platform.python_version())
 
 
 def model_info(store: ExpertStore) -> dict:

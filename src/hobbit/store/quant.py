@@ -66,7 +66,7 @@ class Prepared:
     w: Tensor
     scales: Tensor | None = None
     group_size: int = 0
-    native: bool = False  # kernels.int4_linear / int8_linear take it (used up to kernels.MAX_TOKENS rows of x)
+    native: bool = False  # kernels.int4_linear / int8_linear take it (used up to kernels.max_tokens() rows of x)
 
     @property
     def nbytes(self) -> int:
@@ -304,7 +304,7 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
 
 def _quant_mm(x: Tensor, w: Prepared) -> Tensor:
     """x [T, K] bf16 contiguous, w int4/int8 -> [T, N] bf16: the native VNNI kernels at decode sizes, else torch's."""
-    native = w.native and x.shape[0] <= kernels.MAX_TOKENS
+    native = w.native and x.shape[0] <= kernels.max_tokens()
     if w.kind == "int8":
         return kernels.int8_linear(x, w.w, w.scales) if native else torch.ops.aten._weight_int8pack_mm(x, w.w, w.scales)
     if native:
