@@ -78,7 +78,8 @@ def _library() -> tuple[str, ctypes.CDLL] | None:
         return None
     source, _, flags, _ = _VARIANTS[name]
     path = Path(__file__).with_name(source)
-    key = hashlib.sha256(path.read_bytes() + " ".join(_CFLAGS + flags).encode()).hexdigest()[:16]
+    shared = path.with_name("expert.h").read_bytes()  # included by both sources
+    key = hashlib.sha256(path.read_bytes() + shared + " ".join(_CFLAGS + flags).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"{name}-{key}.so"
     try:
         if not out.exists():

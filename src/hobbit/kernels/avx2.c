@@ -153,25 +153,12 @@ void int4_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint16
     int4_rows(q, sz, M, N, K, gs, x16, d, g, y, threads);
 }
 
-// As vnni.c's int4_expert (same scratch sizes).
-void int4_expert(const uint16_t *x, const uint8_t *q13, const uint16_t *sz13, const uint8_t *q2, const uint16_t *sz2,
-                 uint16_t *y, int64_t H, int64_t I, int64_t gs, float weight, int8_t *xq, float *f, int threads) {
-    int16_t *x16 = (int16_t *)xq, *h16 = x16 + H;
-    float *h = f, *d = h + 2 * I, *g = d + H / QBLOCK, *d2 = g + H / QBLOCK, *g2 = d2 + I / QBLOCK;  // h [2I] = [gate; up]
-    quantize_row(x, H, x16, d, g);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t b = 0; b < 2 * I / 64; b++)
-        block_row(q13 + b * H * 32, sz13, 2 * I, H, gs, b * 64, x16, d, g, h + b * 64);
-    for (int64_t i = 0; i < I; i++)
-        h[i] = h[i] / (1.f + expf(-h[i])) * h[I + i];  // silu(gate) * up
-    quantize_f32(h, I, h16, d2, g2);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t b = 0; b < H / 64; b++) {
-        float out[64];
-        block_row(q2 + b * I * 32, sz2, H, I, gs, b * 64, h16, d2, g2, out);
-        for (int c = 0; c < 64; c++) y[b * 64 + c] = to_bf16(weight * out[c]);
-    }
+static inline void store_weighted(uint16_t *y, const float *out, float weight) {  // 64 fp32 x weight -> bf16
+    for (int c = 0; c < 64; c++) y[c] = to_bf16(weight * out[c]);
 }
+
+typedef int16_t XCODE;  // x's codes: one int16 per input
+#include "expert.h"
 
 // As vnni.c's int8_linear (K % 64 == 0); four rows share each activation load.
 void int8_linear(const uint16_t *x, const int8_t *w, const uint16_t *scale, uint16_t *y, int64_t M, int64_t N,

@@ -155,28 +155,13 @@ void int4_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint16
     int4_rows(q, sz, M, N, K, gs, xq, d, g, y, threads);
 }
 
-// One SwiGLU expert at one token, weighted: y [H] bf16 = weight * W2 (silu(G x) * (U x)), W13 = [G; U] [2I,H]
-// and W2 [H,I] int4 as in int4_linear (H % 64 == 0, I % 32 == 0, 2I % 64 == 0). The activation stays fp32
-// between the two matrices and is quantized like x. scratch: xq 2 (H + I) int8; f 2I + 4 (H + I) / 32 floats.
-void int4_expert(const uint16_t *x, const uint8_t *q13, const uint16_t *sz13, const uint8_t *q2, const uint16_t *sz2,
-                 uint16_t *y, int64_t H, int64_t I, int64_t gs, float weight, int8_t *xq, float *f, int threads) {
-    float *h = f, *d = h + 2 * I, *g = d + H / QBLOCK, *d2 = g + H / QBLOCK, *g2 = d2 + I / QBLOCK;  // h [2I] = [gate; up]
-    quantize_row(x, H, xq, d, g);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t b = 0; b < 2 * I / 64; b++)
-        block_row(q13 + b * H * 32, sz13, 2 * I, H, gs, b * 64, xq, d, g, h + b * 64);
-    for (int64_t i = 0; i < I; i++)
-        h[i] = h[i] / (1.f + expf(-h[i])) * h[I + i];  // silu(gate) * up
-    quantize_f32(h, I, xq + 2 * H, d2, g2);
+static inline void store_weighted(uint16_t *y, const float *out, float weight) {  // 64 fp32 x weight -> bf16
     const __m512 w = _mm512_set1_ps(weight);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t b = 0; b < H / 64; b++) {
-        float out[64];
-        block_row(q2 + b * I * 32, sz2, H, I, gs, b * 64, xq + 2 * H, d2, g2, out);
-        for (int c = 0; c < 64; c += 16)
-            _mm256_storeu_si256((__m256i *)(y + b * 64 + c), to_bf16(_mm512_mul_ps(w, _mm512_loadu_ps(out + c))));
-    }
+    for (int c = 0; c < 64; c += 16) _mm256_storeu_si256((__m256i *)(y + c), to_bf16(_mm512_mul_ps(w, _mm512_loadu_ps(out + c))));
 }
+
+typedef int8_t XCODE;  // x's codes: level 1 [K] then level 2 [K] (2 bytes per input)
+#include "expert.h"
 
 // x [M,K] bf16, w [N,K] int8 (row-major), scale [N] bf16 -> y [M,N] bf16 (w = q * scale per row). K % 64 == 0.
 // 64 inputs a step: VPDPBUSD multiplies |w| (u8) by each level of x's codes with w's sign, 254 x level 1 +
