@@ -86,15 +86,10 @@ def kernel_times(reps: int) -> dict:
 _EXACT = """
 from hobbit.store import quant as Q
 _w = {}
-def _dense(w):  # the fp32 weight a Prepared int4/int8 matrix stands for
+def _dense(w):  # the fp32 weight a Prepared int4/int8 matrix stands for (int2/int3 are int4 codes once prepared)
     if id(w) not in _w:
-        N, K = w.shape
-        if w.kind == "int8":
-            _w[id(w)] = (w, w.w.float() * w.scales.float()[:, None])
-        else:
-            codes = Q._codes4(w.w.view(-1, K, 32), N).float().view(N, K // w.group_size, w.group_size)
-            s, z = w.scales.float().permute(2, 1, 0)[..., None]
-            _w[id(w)] = (w, codes.sub_(8).mul_(s).add_(z).view(N, K))
+        q = {"q": w.w, "scale": w.scales} if w.kind == "int8" else {"q": w.w.view(-1, w.shape[1], 32), "sz": w.scales}
+        _w[id(w)] = (w, Q.dequantize(q, w.kind, w.shape, w.group_size))
     return _w[id(w)][1]
 Q._quant_mm = lambda x, w: (x.float() @ _dense(w).T).to(x.dtype)
 """

@@ -184,8 +184,8 @@ def calibrate(store: Path, ids: list[int], window: int, trace: Path) -> dict:
 
 def kernel_times(store: Path, precisions: list[str], reps: int = 10, rounds: int = 30,
                  dtype: torch.dtype = torch.bfloat16) -> dict:
-    """ms per expert FFN (w13, act, w2, its routing weight) at one token, per precision, and ms to read + prepare one blob into a
-    slot: the fastest of `rounds` batches, the precisions interleaved within each round so that all see
+    """ms per expert FFN (w13, act, w2, its routing weight) at one token, per precision, and ms to read +
+    prepare one blob into a slot: the fastest of `rounds` batches, the precisions interleaved within each round so that all see
     the same disturbance from other jobs on a shared machine (the first read verifies the checksum).
     `dtype`: the activations' (the engine's)."""
     from hobbit.runtime.offload import SlotPool
