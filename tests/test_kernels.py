@@ -54,6 +54,18 @@ def test_int4_linear_matches_dequantized_weight(N, K, gs, M):
 
 
 @native
+def test_where_torch_packs_int4_its_own_way_the_kernels_take_every_size(monkeypatch):
+    """On a CPU whose torch int4 layout is not B64 (AVX2) prepare keeps the B64 bytes for hobbit.kernels, which
+    then also take prefill-sized products: torch's kernel could not read those bytes."""
+    monkeypatch.setattr(quant, "_fast_layout", lambda: False)
+    q, p, W = _int4(128, 256, 32)
+    assert p.native and torch.equal(p.w, q["q"].view(128, 128))  # the stored bytes, not the op's packing
+    x = torch.randn(kernels.max_tokens() + 3, 256).bfloat16()
+    assert torch.equal(quant.linear(x, p), kernels.int4_linear(x, p.w, p.scales, (128, 256), 32))
+    assert _relerr(quant.linear(x, p), x.float() @ W.T) < ACT_ERR
+
+
+@native
 def test_int2_codes_run_through_the_int4_kernel():
     N, K = 128, 256
     q = quant.quantize(torch.randn(N, K) * 0.05, "int2", 32)

@@ -98,8 +98,9 @@ def test_kernel_other_group_sizes(fmt, gs):
 
 @pytest.mark.parametrize("fmt", ("int4", "int3", "int2"))
 def test_op_packing_path(fmt, monkeypatch):
-    """The path taken on CPUs whose kernel layout is not B64 (AVX2, Arm): decode + convert op."""
+    """The path taken on CPUs whose kernel layout is not B64 (Arm, or AVX2 without hobbit.kernels): decode + convert op."""
     monkeypatch.setattr(Q, "_fast_layout", lambda: False)
+    monkeypatch.setattr(Q.kernels, "available", lambda: False)
     w = _gauss(128, 256)
     _check_kernel(Q.quantize(w, fmt, 64), fmt, (128, 256), 64, "int4")
 

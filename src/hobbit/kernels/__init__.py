@@ -27,7 +27,8 @@ from hobbit.paths import cache_dir
 
 _VARIANTS = {  # name: (source, CPU flags it needs, compiler flags, rows of x up to which it runs), fastest first
     # avx512 up to 16 rows: results/native_kernels.json, 1.03x torch's at 4 rows, 1.34x at 16;
-    # avx2 at one row only: 0.94-1.14x torch's int4 at one row there, ~0.55x at 4 (its byte unpacks are the bound)
+    # avx2 at one row only: 0.94-1.14x torch's int4 at one row there, ~0.55x at 4 (its byte unpacks are the bound);
+    # where torch packs int4 its own way (AVX2 CPUs) quant keeps the stored bytes and this build takes every size
     "avx512": ("vnni.c", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"),
                ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"], 16),
     "avx2": ("avx2.c", ("avx2", "fma"), ["-mavx2", "-mfma"], 1),

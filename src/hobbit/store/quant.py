@@ -19,9 +19,11 @@ Formats (``FORMATS``) and their storage form (what ``quantize`` returns and the 
     - int2, 16 bytes: byte j = row j | row j+16 << 2 | row j+32 << 4 | row j+48 << 6,
     - int3, 24 bytes: the low 2 bits as int2, then 8 bytes where bit t of byte i is bit 2 of row 8t+i.
   B64 int4 equals the AVX512 int4 kernel layout, so there ``prepare`` is free for int4 and a few
-  64-bit mask ops for int2/int3; ``hobbit.kernels`` reads the same bytes at decode (``linear`` picks it). Whether it equals the running kernel's layout is checked once
+  64-bit mask ops for int2/int3; ``hobbit.kernels`` reads the same bytes at decode (``linear`` picks
+  it). Whether it equals the running kernel's layout is checked once
   against ``_convert_weight_to_int4pack_for_cpu``; on other CPUs (AVX2, Arm) prepare decodes the
-  codes and lets the op pack them.
+  codes and lets the op pack them, unless ``hobbit.kernels`` runs there (its AVX2 build): then the
+  B64 bytes stay and its kernel takes every int4 product, prefill included.
 
 int4/int3/int2 scale and offset are fitted by least squares (``_fit``: HQQ-style alternation
 between codes and parameters; 20-40% lower error than min/max at 2-3 bits, ~6% at 4 bits, for
@@ -281,12 +283,11 @@ def prepare(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: 
     if fmt == "int8" or dtype != torch.bfloat16 or not _HAS_INT4 or N % 16 or group_size not in _KERNEL_GROUPS:
         return Prepared(fmt, (N, K), dtype, "dense", dequantize(q, fmt, shape, group_size).to(dtype))
     bits = _BITS[fmt]
-    if N % _BLOCK == 0 and _fast_layout():
+    native = kernels.available() and kernels.int4_fits((N, K), group_size)  # hobbit.kernels read B64 as stored
+    if native or (N % _BLOCK == 0 and _fast_layout()):
         packed = _to_int4(q["q"], bits).view(N, K // 2)
-        native = kernels.available() and kernels.int4_fits((N, K), group_size)
     else:  # trust the op: decode the codes and let it pack them
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes4(_to_int4(q["q"], bits), N).int(), 1)
-        native = False
     return Prepared(fmt, (N, K), dtype, "int4", packed, q["sz"].contiguous(), group_size, native)
 
 
@@ -303,8 +304,9 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
 
 
 def _quant_mm(x: Tensor, w: Prepared) -> Tensor:
-    """x [T, K] bf16 contiguous, w int4/int8 -> [T, N] bf16: the native VNNI kernels at decode sizes, else torch's."""
-    native = w.native and x.shape[0] <= kernels.max_tokens()
+    """x [T, K] bf16 contiguous, w int4/int8 -> [T, N] bf16: hobbit.kernels at decode sizes, else torch's; and
+    at every size for int4 where torch's kernel wants another layout than B64 (AVX2, say: prepare kept B64)."""
+    native = w.native and (x.shape[0] <= kernels.max_tokens() or (w.kind == "int4" and not _fast_layout()))
     if w.kind == "int8":
         return kernels.int8_linear(x, w.w, w.scales) if native else torch.ops.aten._weight_int8pack_mm(x, w.w, w.scales)
     if native:
