@@ -86,10 +86,13 @@ def kernel_times(reps: int) -> dict:
 _EXACT = """
 from hobbit.store import quant as Q
 _w = {}
-def _dense(w):  # the fp32 weight a Prepared int4/int8 matrix stands for (int2/int3 are int4 codes once prepared)
+def _dense(w):  # the fp32 weight a Prepared lowbit/int8 matrix stands for (int3 is int4 codes once prepared)
     if id(w) not in _w:
-        q = {"q": w.w, "scale": w.scales} if w.kind == "int8" else {"q": w.w.view(-1, w.shape[1], 32), "sz": w.scales}
-        _w[id(w)] = (w, Q.dequantize(q, w.kind, w.shape, w.group_size))
+        if w.kind == "int8":
+            q, fmt = {"q": w.w, "scale": w.scales}, "int8"
+        else:
+            q, fmt = {"q": w.w.view(-1, w.shape[1], 8 * w.bits), "sz": w.scales}, f"int{w.bits}"
+        _w[id(w)] = (w, Q.dequantize(q, fmt, w.shape, w.group_size))
     return _w[id(w)][1]
 Q._quant_mm = lambda x, w: (x.float() @ _dense(w).T).to(x.dtype)
 """

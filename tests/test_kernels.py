@@ -33,20 +33,22 @@ def _relerr(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.float() - ref).norm() / ref.norm()).item()
 
 
-def _int4(N: int, K: int, gs: int, seed: int = 0) -> tuple[dict, quant.Prepared, torch.Tensor]:
+def _int4(N: int, K: int, gs: int, seed: int = 0, fmt: str = "int4") -> tuple[dict, quant.Prepared, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    q = quant.quantize(torch.randn(N, K, generator=g) * 0.05, "int4", gs)
-    return q, quant.prepare(q, "int4", (N, K), gs, torch.bfloat16), quant.dequantize(q, "int4", (N, K), gs)
+    q = quant.quantize(torch.randn(N, K, generator=g) * 0.05, fmt, gs)
+    return q, quant.prepare(q, fmt, (N, K), gs, torch.bfloat16), quant.dequantize(q, fmt, (N, K), gs)
 
 
 @native
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
 @pytest.mark.parametrize("N,K,gs", [(64, 64, 32), (1088, 1536, 32), (1536, 544, 32), (512, 1536, 128), (192, 256, 64)])
 @pytest.mark.parametrize("M", [1, 3])
-def test_int4_linear_matches_dequantized_weight(N, K, gs, M):
-    q, p, W = _int4(N, K, gs)
-    assert p.native
+def test_lowbit_linear_matches_dequantized_weight(fmt, N, K, gs, M):
+    q, p, W = _int4(N, K, gs, fmt=fmt)
+    assert p.native and p.bits == quant._BITS[fmt]
+    assert p.w.data_ptr() == q["q"].data_ptr()  # the stored codes themselves, int2 too: nothing expanded
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).bfloat16()
-    y = kernels.int4_linear(x, p.w, p.scales, (N, K), gs)
+    y = kernels.lowbit_linear(x, p.w, p.scales, (N, K), gs, p.bits)
     assert y.shape == (M, N) and y.dtype == torch.bfloat16
     assert _relerr(y, x.float() @ W.T) < ACT_ERR
     if M <= kernels.max_tokens():  # linear dispatches to it at decode sizes
@@ -54,24 +56,30 @@ def test_int4_linear_matches_dequantized_weight(N, K, gs, M):
 
 
 @native
-def test_where_torch_packs_int4_its_own_way_the_kernels_take_every_size(monkeypatch):
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_where_torch_packs_int4_its_own_way_the_kernels_take_every_size(monkeypatch, fmt):
     """On a CPU whose torch int4 layout is not B64 (AVX2) prepare keeps the B64 bytes for hobbit.kernels, which
     then also take prefill-sized products: torch's kernel could not read those bytes."""
     monkeypatch.setattr(quant, "_fast_layout", lambda: False)
-    q, p, W = _int4(128, 256, 32)
-    assert p.native and torch.equal(p.w, q["q"].view(128, 128))  # the stored bytes, not the op's packing
+    q, p, W = _int4(128, 256, 32, fmt=fmt)
+    assert p.native and torch.equal(p.w.flatten(), q["q"].flatten())  # the stored bytes, not the op's packing
     x = torch.randn(kernels.max_tokens() + 3, 256).bfloat16()
-    assert torch.equal(quant.linear(x, p), kernels.int4_linear(x, p.w, p.scales, (128, 256), 32))
+    assert torch.equal(quant.linear(x, p), kernels.lowbit_linear(x, p.w, p.scales, (128, 256), 32, p.bits))
     assert _relerr(quant.linear(x, p), x.float() @ W.T) < ACT_ERR
 
 
 @native
-def test_int2_codes_run_through_the_int4_kernel():
-    N, K = 128, 256
-    q = quant.quantize(torch.randn(N, K) * 0.05, "int2", 32)
-    p = quant.prepare(q, "int2", (N, K), 32, torch.bfloat16)
-    x = torch.randn(1, K).bfloat16()
-    assert p.native and _relerr(quant.linear(x, p), x.float() @ quant.dequantize(q, "int2", (N, K), 32).T) < ACT_ERR
+def test_int2_prefill_expands_for_torch_and_int3_runs_as_int4():
+    """Above the kernels' rows an int2 matrix (2-bit codes in RAM) goes to torch's int4 kernel, its codes expanded
+    per call; int3 has no kernel of its own: prepare expands it once and the int4 kernel reads it."""
+    q, p, W = _int4(128, 256, 32, fmt="int2")
+    x = torch.randn(kernels.max_tokens() + 5, 256).bfloat16()
+    y = quant.linear(x, p)
+    assert p.bits == 2 and _relerr(y, x.float() @ W.T) < ACT_ERR
+    q3, p3, W3 = _int4(128, 256, 32, fmt="int3")
+    assert p3.native and p3.bits == 4 and p3.w.data_ptr() != q3["q"].data_ptr()
+    x1 = torch.randn(1, 256).bfloat16()
+    assert _relerr(quant.linear(x1, p3), x1.float() @ W3.T) < ACT_ERR
 
 
 @native
@@ -89,21 +97,22 @@ def test_int8_linear_matches_dequantized_weight(N, K, M):
 @native
 def test_zero_and_large_activations():
     _, p, W = _int4(128, 256, 32)
-    assert not kernels.int4_linear(torch.zeros(1, 256, dtype=torch.bfloat16), p.w, p.scales, (128, 256), 32).any()
+    assert not kernels.lowbit_linear(torch.zeros(1, 256, dtype=torch.bfloat16), p.w, p.scales, (128, 256), 32, 4).any()
     x = torch.randn(1, 256).bfloat16() * 1e4  # a scale per 32 inputs: no overflow of the int8 codes
     x[0, :32] = 0  # one all-zero block among others
     x[0, 40] = 3e6  # an outlier: its block's other inputs live on in the second level
-    assert _relerr(kernels.int4_linear(x, p.w, p.scales, (128, 256), 32), x.float() @ W.T) < ACT_ERR
+    assert _relerr(kernels.lowbit_linear(x, p.w, p.scales, (128, 256), 32, 4), x.float() @ W.T) < ACT_ERR
 
 
 @native
-def test_fused_expert_is_the_weighted_swiglu():
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_fused_expert_is_the_weighted_swiglu(fmt):
     H, inter = 256, 96  # 2I = 192: three 64-row blocks; I = 96: three 32-input blocks
-    _, w13, W13 = _int4(2 * inter, H, 32, seed=2)
-    _, w2, W2 = _int4(H, inter, 32, seed=3)
+    _, w13, W13 = _int4(2 * inter, H, 32, seed=2, fmt=fmt)
+    _, w2, W2 = _int4(H, inter, 32, seed=3, fmt=fmt)
     expert = Expert(w13, w2)
     assert expert.fused
-    x = torch.randn(1, H).bfloat16()
+    x = torch.randn(1, H, generator=torch.Generator().manual_seed(4)).bfloat16()
     gate, up = (x.float() @ W13.T).chunk(2, -1)
     ref = 0.3 * (F.silu(gate) * up) @ W2.T
     y = expert.weighted(x, 0.3)
@@ -113,8 +122,8 @@ def test_fused_expert_is_the_weighted_swiglu():
 
 
 def test_shapes_the_kernels_refuse_keep_torch():
-    assert not kernels.int4_fits((96, 64), 32)  # not whole 64-row blocks
-    assert not kernels.int4_fits((64, 48), 16)  # activation blocks of 32
+    assert not kernels.lowbit_fits((96, 64), 32)  # not whole 64-row blocks
+    assert not kernels.lowbit_fits((64, 48), 16)  # activation blocks of 32
     assert not kernels.int8_fits((64, 96))
     q = quant.quantize(torch.randn(80, 64), "int4", 32)  # N % 64 != 0: torch packs it its own way
     assert not quant.prepare(q, "int4", (80, 64), 32, torch.bfloat16).native

@@ -36,7 +36,8 @@ def test_pool_slots_are_views_and_load_in_place(tiny_store, prec):
     pool.load(1, 0, 5)
     assert torch.equal(slot_bytes(pool, 1), blob_bytes(store, 0, 5, prec))
     assert [(e.w13.w.data_ptr(), e.w2.w.data_ptr()) for e in pool.experts] == ptrs  # nothing reallocated
-    assert pool.zero_copy == (prec != "int2")  # int2 is expanded for the int4 kernel into a per-slot buffer
+    # int2 is read as stored by the native kernels, else expanded for torch's int4 kernel into a per-slot buffer
+    assert pool.zero_copy == (prec != "int2" or pool.experts[0].w13.bits == 2)
     x = torch.randn(2, store.shapes()["w13"][1], dtype=torch.bfloat16)
     ref = SlotPool(store, prec, 1, torch.bfloat16)
     ref.load(0, 0, 5)

@@ -1,7 +1,7 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached by source hash.
 
-`int4_linear`, `int8_linear`, `int4_expert`: decode-time x @ W.T for int4 weights in quant.py's B64
-layout and int8 weights per row, x rounded per 32 inputs to int8 and its remainder to int8 again
+`lowbit_linear`, `int8_linear`, `lowbit_expert`: decode-time x @ W.T for int4 and int2 weights in quant.py's
+B64 layout (read as stored: an int2 slot is 2 bits a weight in RAM too) and int8 weights per row, x rounded per 32 inputs to int8 and its remainder to int8 again
 (finer than bf16), where torch's int4 kernel converts every code to float (compute-bound at ~15-20
 GB/s here) and its int8 kernel runs at ~15 GB/s. Two builds: ``vnni.c`` (AVX-512 BW/VL/VNNI/VBMI)
 and ``avx2.c`` (AVX2 + FMA, the same results); `HOBBIT_NATIVE=avx512|avx2` picks one, `0` none.
@@ -91,10 +91,10 @@ def _library() -> tuple[str, ctypes.CDLL] | None:
                       f"silence this", RuntimeWarning, stacklevel=3)
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.int4_linear.argtypes = [p, p, p, p, i64, i64, i64, i64, p, p, ctypes.c_int]
-    lib.int8_linear.argtypes = lib.int4_linear.argtypes[:7] + lib.int4_linear.argtypes[8:]
-    lib.int4_expert.argtypes = [p, p, p, p, p, p, i64, i64, i64, ctypes.c_float, p, p, ctypes.c_int]
-    lib.int4_linear.restype = lib.int8_linear.restype = lib.int4_expert.restype = None
+    lib.lowbit_linear.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, ctypes.c_int]
+    lib.int8_linear.argtypes = [p, p, p, p, i64, i64, i64, p, p, ctypes.c_int]
+    lib.lowbit_expert.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, p, p, ctypes.c_int]
+    lib.lowbit_linear.restype = lib.int8_linear.restype = lib.lowbit_expert.restype = None
     return name, lib
 
 
@@ -114,34 +114,37 @@ def max_tokens() -> int:
     return 0 if lib is None else _VARIANTS[lib[0]][3]
 
 
-def int4_fits(shape: tuple[int, int], group_size: int) -> bool:
-    """Whether int4_linear takes an [N, K] weight with this group size (whole 64-row blocks, 32-input blocks)."""
+BITS = (4, 2)  # code widths the kernels read as stored (int3 is expanded to int4 by quant.prepare)
+
+
+def lowbit_fits(shape: tuple[int, int], group_size: int) -> bool:
+    """Whether lowbit_linear takes an [N, K] weight with this group size (whole 64-row blocks, 32-input blocks)."""
     N, K = shape
     return N % 64 == 0 and K % QBLOCK == 0 and group_size % QBLOCK == 0 and K % group_size == 0
 
 
-def int4_linear(x: Tensor, q: Tensor, sz: Tensor, shape: tuple[int, int], group_size: int) -> Tensor:
-    """x [M, K] bf16 contiguous, q the B64 codes (N*K/2 bytes), sz [K/gs, N, 2] bf16 -> x @ W.T [M, N] bf16.
-    Requires available() and int4_fits(shape, group_size)."""
+def lowbit_linear(x: Tensor, q: Tensor, sz: Tensor, shape: tuple[int, int], group_size: int, bits: int) -> Tensor:
+    """x [M, K] bf16 contiguous, q the B64 codes of ``bits`` (4 or 2) bits (N*K*bits/8 bytes), sz [K/gs, N, 2]
+    bf16 -> x @ W.T [M, N] bf16. Requires available() and lowbit_fits(shape, group_size)."""
     M, (N, K) = x.shape[0], shape
     y = torch.empty(M, N, dtype=torch.bfloat16)
     scratch = torch.empty(2 * M * K + 8 * M * (K // QBLOCK), dtype=torch.uint8)  # x's two int8 levels, fp32 d and sums
-    _library()[1].int4_linear(x.data_ptr(), q.data_ptr(), sz.data_ptr(), y.data_ptr(), M, N, K, group_size,
-                           scratch.data_ptr(), scratch.data_ptr() + 2 * M * K, torch.get_num_threads())
+    _library()[1].lowbit_linear(x.data_ptr(), q.data_ptr(), sz.data_ptr(), y.data_ptr(), M, N, K, group_size, bits,
+                                scratch.data_ptr(), scratch.data_ptr() + 2 * M * K, torch.get_num_threads())
     return y
 
 
-def int4_expert(x: Tensor, q13: Tensor, sz13: Tensor, q2: Tensor, sz2: Tensor, hidden: int, inter: int,
-                group_size: int, weight: float) -> Tensor:
+def lowbit_expert(x: Tensor, q13: Tensor, sz13: Tensor, q2: Tensor, sz2: Tensor, hidden: int, inter: int,
+                  group_size: int, bits: int, weight: float) -> Tensor:
     """One SwiGLU expert at one token in one call: x [1, H] bf16 contiguous, W13 = [gate; up] [2I, H] and
-    W2 [H, I] int4 (B64 codes, scales as int4_linear) -> weight * W2 (silu(gate x) * (up x)) [1, H] bf16.
-    Requires available(), int4_fits for both matrices."""
+    W2 [H, I] with ``bits``-bit codes (B64, scales as lowbit_linear) -> weight * W2 (silu(gate x) * (up x))
+    [1, H] bf16. Requires available(), lowbit_fits for both matrices."""
     H, I = hidden, inter
     y = torch.empty(1, H, dtype=torch.bfloat16)
     scratch = torch.empty(2 * (H + I) + 4 * (2 * I + 4 * (H + I) // QBLOCK), dtype=torch.uint8)  # x, h codes; fp32
-    _library()[1].int4_expert(x.data_ptr(), q13.data_ptr(), sz13.data_ptr(), q2.data_ptr(), sz2.data_ptr(), y.data_ptr(),
-                           H, I, group_size, weight, scratch.data_ptr(), scratch.data_ptr() + 2 * (H + I),
-                           torch.get_num_threads())
+    _library()[1].lowbit_expert(x.data_ptr(), q13.data_ptr(), sz13.data_ptr(), q2.data_ptr(), sz2.data_ptr(),
+                                y.data_ptr(), H, I, group_size, bits, weight, scratch.data_ptr(),
+                                scratch.data_ptr() + 2 * (H + I), torch.get_num_threads())
     return y
 
 

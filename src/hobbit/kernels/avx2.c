@@ -2,9 +2,10 @@
 //
 // Same functions, layouts and results (see vnni.c). x's two int8 levels per 32 inputs are folded into one
 // int16 code, x16 = 254 q1 + q2 (|x16| <= 32385), so x = (d / 254) x16 and VPMADDWD (int16 x int16 -> int32,
-// pairs summed) multiplies 8 rows x 2 inputs of int4 codes by it exactly. Each row's codes for inputs k and
-// k+1 are brought into one int32 lane by byte unpacks, which work within 128-bit lanes: a register holds
-// rows {4i..4i+3} and {4i+16..4i+19}, and the scales are loaded in the same order.
+// pairs summed) multiplies 8 rows x 2 inputs of int4 (or int2) codes by it exactly. Each row's codes for inputs
+// k and k+1 are brought into one int32 lane by byte unpacks, which work within 128-bit lanes: a register holds
+// rows {4i..4i+3} and {4i+16..4i+19}, and the scales are loaded in the same order. int2 codes are first
+// spread into int4's arrangement (an input's 16 bytes in both lanes, each lane shifted to its own 2-bit field).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -89,23 +90,35 @@ static inline uint16_t to_bf16(float v) {  // round to nearest even (NaN-free in
 // Register i of a 64-row block holds rows ROW(i, 0..3) in its low lane and ROW(i, 0..3) + 16 in its high lane.
 #define ROW(i, j) (((i) / 4) * 32 + ((i) % 4) * 4 + (j))
 
-// One 64-row block (rows row0 .. row0+63, codes at q) of one token over all K -> y [64] fp32.
-static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
-                      const int16_t *x16, const float *d, const float *g, float *y) {
+// One 64-row block (rows row0 .. row0+63, codes at q, 8 bits bytes per input) of one token over all K -> y [64]
+// fp32. Inlined once per bits, so each inner loop is straight-line code.
+static inline __attribute__((always_inline)) void block_row_bits(
+        const int bits, const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
+        const int16_t *x16, const float *d, const float *g, float *y) {
+    const __m256i lo2 = _mm256_set1_epi8(0x03);
+    const __m256i sh0 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), sh1 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
     const __m256i lo4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
     const __m256i zmask = _mm256_set1_epi32((int)0xFFFF0000);
     float f[64] = {0};  // by register order: f[8 i .. 8 i + 7] are register i's rows
     for (int64_t b = 0; b < K / QBLOCK; b++) {
         __m256i acc[8];
         for (int i = 0; i < 8; i++) acc[i] = zero;
-        const uint8_t *p = q + b * QBLOCK * 32;
+        const uint8_t *p = q + b * QBLOCK * 8 * bits;
         const int32_t *xb = (const int32_t *)(x16 + b * QBLOCK);  // x16 pairs (k, k+1)
-        for (int t = 0; t < QBLOCK / 2; t++, p += 64) {
+        for (int t = 0; t < QBLOCK / 2; t++, p += 16 * bits) {
             _mm_prefetch((const char *)p + PF_DIST, _MM_HINT_T0);
-            __m256i Y0 = _mm256_loadu_si256((const __m256i *)p), Y1 = _mm256_loadu_si256((const __m256i *)(p + 32));
             __m256i xv = _mm256_set1_epi32(xb[t]);
-            __m256i L[2] = {_mm256_and_si256(Y0, lo4), _mm256_and_si256(_mm256_srli_epi16(Y0, 4), lo4)};
-            __m256i M[2] = {_mm256_and_si256(Y1, lo4), _mm256_and_si256(_mm256_srli_epi16(Y1, 4), lo4)};
+            __m256i L[2], M[2];  // inputs k, k+1: [0] rows 0-15 | 16-31 (by lane), [1] rows 32-47 | 48-63
+            if (bits == 4) {
+                __m256i Y0 = _mm256_loadu_si256((const __m256i *)p), Y1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+                L[0] = _mm256_and_si256(Y0, lo4), L[1] = _mm256_and_si256(_mm256_srli_epi16(Y0, 4), lo4);
+                M[0] = _mm256_and_si256(Y1, lo4), M[1] = _mm256_and_si256(_mm256_srli_epi16(Y1, 4), lo4);
+            } else {
+                __m256i Y0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+                __m256i Y1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 16)));
+                L[0] = _mm256_and_si256(_mm256_srlv_epi32(Y0, sh0), lo2), L[1] = _mm256_and_si256(_mm256_srlv_epi32(Y0, sh1), lo2);
+                M[0] = _mm256_and_si256(_mm256_srlv_epi32(Y1, sh0), lo2), M[1] = _mm256_and_si256(_mm256_srlv_epi32(Y1, sh1), lo2);
+            }
             for (int h = 0; h < 2; h++) {  // low nibbles: rows 0-31, high: rows 32-63
                 __m256i a = _mm256_unpacklo_epi8(L[h], M[h]), c = _mm256_unpackhi_epi8(L[h], M[h]);  // (k, k+1) per row
                 acc[4 * h + 0] = _mm256_add_epi32(acc[4 * h + 0], _mm256_madd_epi16(_mm256_unpacklo_epi8(a, zero), xv));
@@ -115,12 +128,12 @@ static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K
             }
         }
         const uint16_t *s = sz + ((b * QBLOCK / gs) * N + row0) * 2;  // (s, z) pairs of these 64 rows
-        const __m256 db = _mm256_set1_ps(d[b] / LEVEL2), gb = _mm256_set1_ps(g[b]), g8 = _mm256_set1_ps(8.f * g[b]);
+        const __m256 db = _mm256_set1_ps(d[b] / LEVEL2), gb = _mm256_set1_ps(g[b]), gc = _mm256_set1_ps((1 << (bits - 1)) * g[b]);
         for (int i = 0; i < 8; i++) {
             __m256i v = _mm256_loadu2_m128i((const __m128i *)(s + 2 * (ROW(i, 0) + 16)), (const __m128i *)(s + 2 * ROW(i, 0)));
             __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), zr = _mm256_castsi256_ps(_mm256_and_si256(v, zmask));
             __m256 fi = _mm256_loadu_ps(f + 8 * i);
-            fi = _mm256_fmadd_ps(sc, _mm256_fmsub_ps(_mm256_cvtepi32_ps(acc[i]), db, g8), fi);
+            fi = _mm256_fmadd_ps(sc, _mm256_fmsub_ps(_mm256_cvtepi32_ps(acc[i]), db, gc), fi);
             _mm256_storeu_ps(f + 8 * i, _mm256_fmadd_ps(zr, gb, fi));
         }
     }
@@ -131,26 +144,34 @@ static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K
         }
 }
 
-static void int4_rows(const uint8_t *q, const uint16_t *sz, int64_t M, int64_t N, int64_t K, int64_t gs,
+static void block_row(int bits, const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
+                      const int16_t *x16, const float *d, const float *g, float *y) {
+    if (bits == 2)
+        block_row_bits(2, q, sz, N, K, gs, row0, x16, d, g, y);
+    else
+        block_row_bits(4, q, sz, N, K, gs, row0, x16, d, g, y);
+}
+
+static void lowbit_rows(int bits, const uint8_t *q, const uint16_t *sz, int64_t M, int64_t N, int64_t K, int64_t gs,
                       const int16_t *x16, const float *d, const float *g, uint16_t *y, int threads) {
     const int64_t nb = K / QBLOCK;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t b = 0; b < N / 64; b++)
         for (int64_t m = 0; m < M; m++) {
             float f[64];
-            block_row(q + b * K * 32, sz, N, K, gs, b * 64, x16 + m * K, d + m * nb, g + m * nb, f);
+            block_row(bits, q + b * K * 8 * bits, sz, N, K, gs, b * 64, x16 + m * K, d + m * nb, g + m * nb, f);
             for (int c = 0; c < 64; c++) y[m * N + b * 64 + c] = to_bf16(f[c]);
         }
 }
 
-// As vnni.c's int4_linear; xq: 2*M*K bytes (M*K int16 codes), dg: 2*M*K/32 floats.
-void int4_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
-                 int64_t K, int64_t gs, int8_t *xq, float *dg, int threads) {
+// As vnni.c's lowbit_linear; xq: 2*M*K bytes (M*K int16 codes), dg: 2*M*K/32 floats.
+void lowbit_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
+                   int64_t K, int64_t gs, int64_t bits, int8_t *xq, float *dg, int threads) {
     int16_t *x16 = (int16_t *)xq;
     float *d = dg, *g = dg + M * (K / QBLOCK);
     for (int64_t m = 0; m < M; m++)
         quantize_row(x + m * K, K, x16 + m * K, d + m * (K / QBLOCK), g + m * (K / QBLOCK));
-    int4_rows(q, sz, M, N, K, gs, x16, d, g, y, threads);
+    lowbit_rows((int)bits, q, sz, M, N, K, gs, x16, d, g, y, threads);
 }
 
 static inline void store_weighted(uint16_t *y, const float *out, float weight) {  // 64 fp32 x weight -> bf16

@@ -1,15 +1,18 @@
-// y[M,N] = x[M,K] @ W[N,K].T for decode: W int4 in quant.py's B64 layout (or int8 per row), x as two int8 levels.
+// y[M,N] = x[M,K] @ W[N,K].T for decode: W int4 or int2 in quant.py's B64 layout (or int8 per row), x as two
+// int8 levels.
 //
-// W: codes q [N/64, K, 32] bytes (block of 64 rows; per input k, byte j = row j | row j+32 << 4) and
-// sz [K/gs, N, 2] bf16 (scale s, zero z per group of gs inputs): w = (q - 8) * s + z, the layout
-// torch's _weight_int4pack_mm_for_cpu takes on AVX-512, so a slot's bytes are used as they are.
+// W: codes q [N/64, K, 8 bits] bytes (block of 64 rows; per input k, int4: byte j = row j | row j+32 << 4;
+// int2: byte j = row j | row j+16 << 2 | row j+32 << 4 | row j+48 << 6) and sz [K/gs, N, 2] bf16 (scale s,
+// zero z per group of gs inputs): w = (q - c) * s + z with c = 2^(bits-1); for int4 the layout torch's
+// _weight_int4pack_mm_for_cpu takes on AVX-512, so a slot's bytes are used as they are (int2 too: 2 bits read).
 // x: each block of 32 inputs is quantized to int8 as llama.cpp's Q8_0 (q1 = round(x / d), d = max|x| / 127),
 // and so is what that leaves (q2 = round((x - d q1) / (d / 254))): x = d (q1 + q2 / 254) to ~1/64000 of
 // max|x|, finer than bf16, so the result is torch's up to summation order (one level alone is ~0.6% off
 // per matmul, and that compounds over a model's layers). VPDPBUSD multiplies 16 rows x 4 inputs of u8
 // codes by each level's s8 activations; decode is memory-bound, the second product costs little. Per block b:
-//   sum_k w[r,k] x[k] = s_r * (d_b * sum_k q[r,k] (q1[k] + q2[k] / 254) - 8 g_b) + z_r * g_b,   g_b = sum_k x[k].
-// VPERMT2B gathers each row's 4 codes (4 consecutive inputs, 32 bytes apart in B64) into one int32 lane.
+//   sum_k w[r,k] x[k] = s_r * (d_b * sum_k q[r,k] (q1[k] + q2[k] / 254) - c g_b) + z_r * g_b,   g_b = sum_k x[k].
+// A byte permute (VPERMT2B for int4, VPERMB for int2) gathers each row's 4 codes (4 consecutive inputs)
+// into one int32 lane.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -75,17 +78,22 @@ static inline __m256i to_bf16(__m512 v) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
 }
 
-// One 64-row block (rows row0 .. row0+63, codes at q) of one token over all K -> y [64] fp32.
-static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
-                      const int8_t *xq, const float *d, const float *g, float *y) {
-    // byte 4r+t of a 16-row lane group: code of row r at input k+t (t < 2 from a = [k | k+1], else b = [k+2 | k+3])
-    uint8_t i0[64], i1[64];
+// One 64-row block (rows row0 .. row0+63, codes at q, 8 bits bytes per input) of one token over all K -> y [64]
+// fp32. Inlined once per bits, so each inner loop is straight-line code.
+static inline __attribute__((always_inline)) void block_row_bits(
+        const int bits, const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
+        const int8_t *xq, const float *d, const float *g, float *y) {
+    // int4, byte 4r+t of a 16-row lane group: code of row r at input k+t (t < 2 from a = [k | k+1], else b = [k+2 | k+3]);
+    // int2, byte 4r+t: byte 16t+r of a plane (one 2-bit field of all four inputs' bytes)
+    uint8_t i0[64], i1[64], i2[64];
     for (int r = 0; r < 16; r++)
         for (int t = 0; t < 4; t++) {
             i0[4 * r + t] = (uint8_t)(32 * t + r);
             i1[4 * r + t] = (uint8_t)(32 * t + r + 16);
+            i2[4 * r + t] = (uint8_t)(16 * t + r);
         }
-    const __m512i idx0 = _mm512_loadu_si512(i0), idx1 = _mm512_loadu_si512(i1), lo4 = _mm512_set1_epi8(0x0F);
+    const __m512i idx0 = _mm512_loadu_si512(i0), idx1 = _mm512_loadu_si512(i1), idx2 = _mm512_loadu_si512(i2);
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), lo2 = _mm512_set1_epi8(0x03);
     const __m512i zmask = _mm512_set1_epi32((int)0xFFFF0000);
     __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;  // rows 0-15, 16-31, 32-47, 48-63
     const __m512 l2 = _mm512_set1_ps(1.f / LEVEL2);
@@ -95,16 +103,26 @@ static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K
             for (int c = 0; c < 256; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
         }
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-        const uint8_t *p = q + b * QBLOCK * 32;
+        const uint8_t *p = q + b * QBLOCK * 8 * bits;
         const int32_t *x1 = (const int32_t *)(xq + b * QBLOCK), *x2 = (const int32_t *)(xq + K + b * QBLOCK);
-        for (int i = 0; i < QBLOCK / 4; i++, p += 128) {
-            _mm_prefetch((const char *)p + PF_DIST, _MM_HINT_T0);
-            _mm_prefetch((const char *)p + PF_DIST + 64, _MM_HINT_T0);
-            __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);  // inputs k, k+1 | k+2, k+3
-            __m512i Al = _mm512_and_si512(A, lo4), Bl = _mm512_and_si512(B, lo4);  // rows 0-31
-            __m512i Ah = _mm512_and_si512(_mm512_srli_epi16(A, 4), lo4), Bh = _mm512_and_si512(_mm512_srli_epi16(B, 4), lo4);
-            __m512i r0 = _mm512_permutex2var_epi8(Al, idx0, Bl), r1 = _mm512_permutex2var_epi8(Al, idx1, Bl);
-            __m512i r2 = _mm512_permutex2var_epi8(Ah, idx0, Bh), r3 = _mm512_permutex2var_epi8(Ah, idx1, Bh);
+        for (int i = 0; i < QBLOCK / 4; i++, p += 32 * bits) {
+            __m512i r0, r1, r2, r3;  // rows 0-15, 16-31, 32-47, 48-63: each lane a row's codes at inputs k..k+3
+            if (bits == 4) {
+                _mm_prefetch((const char *)p + PF_DIST, _MM_HINT_T0);
+                _mm_prefetch((const char *)p + PF_DIST + 64, _MM_HINT_T0);
+                __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);  // inputs k, k+1 | k+2, k+3
+                __m512i Al = _mm512_and_si512(A, lo4), Bl = _mm512_and_si512(B, lo4);  // rows 0-31
+                __m512i Ah = _mm512_and_si512(_mm512_srli_epi16(A, 4), lo4), Bh = _mm512_and_si512(_mm512_srli_epi16(B, 4), lo4);
+                r0 = _mm512_permutex2var_epi8(Al, idx0, Bl), r1 = _mm512_permutex2var_epi8(Al, idx1, Bl);
+                r2 = _mm512_permutex2var_epi8(Ah, idx0, Bh), r3 = _mm512_permutex2var_epi8(Ah, idx1, Bh);
+            } else {
+                _mm_prefetch((const char *)p + PF_DIST, _MM_HINT_T0);
+                __m512i A = _mm512_loadu_si512(p);  // inputs k .. k+3, 16 bytes each
+                r0 = _mm512_permutexvar_epi8(idx2, _mm512_and_si512(A, lo2));
+                r1 = _mm512_permutexvar_epi8(idx2, _mm512_and_si512(_mm512_srli_epi16(A, 2), lo2));
+                r2 = _mm512_permutexvar_epi8(idx2, _mm512_and_si512(_mm512_srli_epi16(A, 4), lo2));
+                r3 = _mm512_permutexvar_epi8(idx2, _mm512_and_si512(_mm512_srli_epi16(A, 6), lo2));
+            }
             __m512i u = _mm512_set1_epi32(x1[i]), v = _mm512_set1_epi32(x2[i]);  // x's codes k..k+3, each level
             a0 = _mm512_dpbusd_epi32(a0, r0, u), c0 = _mm512_dpbusd_epi32(c0, r0, v);
             a1 = _mm512_dpbusd_epi32(a1, r1, u), c1 = _mm512_dpbusd_epi32(c1, r1, v);
@@ -112,14 +130,14 @@ static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K
             a3 = _mm512_dpbusd_epi32(a3, r3, u), c3 = _mm512_dpbusd_epi32(c3, r3, v);
         }
         const uint16_t *s = sz + ((b * QBLOCK / gs) * N + row0) * 2;  // (s, z) pairs of these 64 rows
-        const __m512 db = _mm512_set1_ps(d[b]), gb = _mm512_set1_ps(g[b]), g8 = _mm512_set1_ps(8.f * g[b]);
+        const __m512 db = _mm512_set1_ps(d[b]), gb = _mm512_set1_ps(g[b]), gc = _mm512_set1_ps((1 << (bits - 1)) * g[b]);
 #define EPILOGUE(acc, acc2, f, off)                                                                \
         {                                                                                          \
             __m512i v = _mm512_loadu_si512(s + 2 * (off));                                         \
             __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                             \
             __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(v, zmask));                           \
             __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc2), l2, _mm512_cvtepi32_ps(acc));     \
-            f = _mm512_fmadd_ps(sc, _mm512_fmsub_ps(t, db, g8), f);                                \
+            f = _mm512_fmadd_ps(sc, _mm512_fmsub_ps(t, db, gc), f);                                \
             f = _mm512_fmadd_ps(zr, gb, f);                                                        \
         }
         EPILOGUE(a0, c0, f0, 0) EPILOGUE(a1, c1, f1, 16) EPILOGUE(a2, c2, f2, 32) EPILOGUE(a3, c3, f3, 48)
@@ -131,28 +149,36 @@ static void block_row(const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K
     _mm512_storeu_ps(y + 48, f3);
 }
 
-// y [M,N] bf16 from the blocks of an int4 matrix (quantized x in xq, d, g); fp32 [64] scratch per block.
-static void int4_rows(const uint8_t *q, const uint16_t *sz, int64_t M, int64_t N, int64_t K, int64_t gs,
+static void block_row(int bits, const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
+                      const int8_t *xq, const float *d, const float *g, float *y) {
+    if (bits == 2)
+        block_row_bits(2, q, sz, N, K, gs, row0, xq, d, g, y);
+    else
+        block_row_bits(4, q, sz, N, K, gs, row0, xq, d, g, y);
+}
+
+// y [M,N] bf16 from the blocks of an int4/int2 matrix (quantized x in xq, d, g); fp32 [64] scratch per block.
+static void lowbit_rows(int bits, const uint8_t *q, const uint16_t *sz, int64_t M, int64_t N, int64_t K, int64_t gs,
                       const int8_t *xq, const float *d, const float *g, uint16_t *y, int threads) {
     const int64_t nb = K / QBLOCK;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t b = 0; b < N / 64; b++)
         for (int64_t m = 0; m < M; m++) {  // a block's 64 rows x K codes stay in L2 across the M tokens
             float f[64];
-            block_row(q + b * K * 32, sz, N, K, gs, b * 64, xq + 2 * m * K, d + m * nb, g + m * nb, f);
+            block_row(bits, q + b * K * 8 * bits, sz, N, K, gs, b * 64, xq + 2 * m * K, d + m * nb, g + m * nb, f);
             for (int c = 0; c < 64; c += 16)
                 _mm256_storeu_si256((__m256i *)(y + m * N + b * 64 + c), to_bf16(_mm512_loadu_ps(f + c)));
         }
 }
 
-// x [M,K] bf16, q [N/64,K,32], sz [K/gs,N,2] bf16 -> y [M,N] bf16. N % 64 == 0, K % 32 == 0, gs % 32 == 0.
-// scratch: 2*M*K int8 + 2*M*K/32 floats.
-void int4_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
-                 int64_t K, int64_t gs, int8_t *xq, float *dg, int threads) {
+// x [M,K] bf16, q [N/64,K,8 bits], sz [K/gs,N,2] bf16 -> y [M,N] bf16. bits 4 or 2, N % 64 == 0, K % 32 == 0,
+// gs % 32 == 0. scratch: 2*M*K int8 + 2*M*K/32 floats.
+void lowbit_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
+                   int64_t K, int64_t gs, int64_t bits, int8_t *xq, float *dg, int threads) {
     float *d = dg, *g = dg + M * (K / QBLOCK);
     for (int64_t m = 0; m < M; m++)
         quantize_row(x + m * K, K, xq + 2 * m * K, d + m * (K / QBLOCK), g + m * (K / QBLOCK));
-    int4_rows(q, sz, M, N, K, gs, xq, d, g, y, threads);
+    lowbit_rows((int)bits, q, sz, M, N, K, gs, xq, d, g, y, threads);
 }
 
 static inline void store_weighted(uint16_t *y, const float *out, float weight) {  // 64 fp32 x weight -> bf16

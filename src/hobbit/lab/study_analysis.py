@@ -113,10 +113,10 @@ def findings_md(s: dict) -> list[str]:
                  f"{fmt(p['dppl'], 'f2')}%, top-1 {fmt(p['top1'], 'pct')}, {fmt(p['bytes_share'], 'pct')} of the "
                  f"top-tier bytes; vs the uniform stores at those bytes {fmt(p['vs_uniform'], 'f2')} points.")
     if f["int2_vs_int4_ms"] is not None:
-        L.append(f"- The 2-bit path: an int2 expert computes in {fmt(f['int2_vs_int4_ms'], 'sx')} the int4 time (the "
-                 f"int4 kernel after expansion) and its blob is {fmt(f['int2_vs_int4_disk'], 'sx')} int4's on disk, but "
-                 f"its RAM slot is {fmt(f['int2_vs_int4_ram'], 'sx')} int4's (it holds the stored and the expanded form), "
-                 f"and a load (read, expansion) takes {fmt(f['int2_load_ms'], 'f3')} ms against int4's "
+        L.append(f"- The 2-bit path: an int2 expert computes in {fmt(f['int2_vs_int4_ms'], 'sx')} the int4 time, its "
+                 f"blob is {fmt(f['int2_vs_int4_disk'], 'sx')} int4's on disk and its RAM slot "
+                 f"{fmt(f['int2_vs_int4_ram'], 'sx')} int4's (above 1: the slot holds an expanded form as well), "
+                 f"and a load (read, any expansion) takes {fmt(f['int2_load_ms'], 'f3')} ms against int4's "
                  f"{fmt(f['int4_load_ms'], 'f3')} ms from the page cache.")
     return L + [""]
 

@@ -9,8 +9,8 @@
      penalty on a calibration dataset") `C·misses_high + C·(B_low/B_high)·misses_low` (B = bytes
      one expert load reads from disk). It counts demand loads only, by their bytes: it cannot see
      prefetches that fill the disk (bf16 experts on CoderMoE: the paper's thresholds decoded 14%
-     faster live than its choice), nor what a read costs beyond its bytes (an int2 read, expanded
-     for the int4 kernel, took 0.8-1.7x an int4 read on the dev box, not the 0.6x its bytes say).
+     faster live than its choice), nor what a read costs beyond its bytes (an int2 read took 0.8-1.7x an int4 read on the dev box
+     while int2 was expanded for torch's int4 kernel at load, not the 0.6x its bytes say).
    Stages:
    a. T1/T2 of Eq. 2. Quality limits (defaults in the spirit of the paper's 67/30/3 split): at
       most `max_low` of the token-expert selections computed at low precision and `max_skip`

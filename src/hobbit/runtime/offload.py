@@ -3,7 +3,7 @@
 Memory: per precision, one page-aligned buffer cut into equal slots, allocated once; a blob is
 read (O_DIRECT) straight into its slot, and each slot's `Expert` is a set of tensor views made
 once, so a load allocates nothing and copies nothing (formats whose runtime form differs from the
-stored one, e.g. int2 expanded for the int4 kernel, keep a prepared buffer per slot as well).
+stored one, e.g. int3 expanded for the int4 kernel, keep a prepared buffer per slot as well).
 
 Per MoE layer call the torch-free `Scheduler.run_layer` plans, admits loads into slots, fetches
 through `SlotFetcher` and calls back `compute` for each expert as its copy lands; results are

@@ -19,11 +19,12 @@ Formats (``FORMATS``) and their storage form (what ``quantize`` returns and the 
     - int2, 16 bytes: byte j = row j | row j+16 << 2 | row j+32 << 4 | row j+48 << 6,
     - int3, 24 bytes: the low 2 bits as int2, then 8 bytes where bit t of byte i is bit 2 of row 8t+i.
   B64 int4 equals the AVX512 int4 kernel layout, so there ``prepare`` is free for int4 and a few
-  64-bit mask ops for int2/int3; ``hobbit.kernels`` reads the same bytes at decode (``linear`` picks
-  it). Whether it equals the running kernel's layout is checked once
-  against ``_convert_weight_to_int4pack_for_cpu``; on other CPUs (AVX2, Arm) prepare decodes the
-  codes and lets the op pack them, unless ``hobbit.kernels`` runs there (its AVX2 build): then the
-  B64 bytes stay and its kernel takes every int4 product, prefill included.
+  64-bit mask ops for int3 (and int2 without ``hobbit.kernels``). ``hobbit.kernels`` read int4 and int2
+  bytes as stored at decode (``linear`` picks them): an int2 slot stays 2 bits a weight in RAM, and a
+  prefill-sized product on it expands its codes to int4 for torch's kernel per call. Whether B64 equals
+  the running kernel's layout is checked once against ``_convert_weight_to_int4pack_for_cpu``; on other
+  CPUs (AVX2, Arm) prepare decodes the codes and lets the op pack them, unless ``hobbit.kernels`` runs
+  there (its AVX2 build): then the B64 bytes stay and its kernel takes every product, prefill included.
 
 int4/int3/int2 scale and offset are fitted by least squares (``_fit``: HQQ-style alternation
 between codes and parameters; 20-40% lower error than min/max at 2-3 bits, ~6% at 4 bits, for
@@ -59,8 +60,9 @@ _INT8_K = 16  # _weight_int8pack_mm is only right for K a multiple of this (meas
 @dataclass(eq=False)
 class Prepared:
     """Runtime form of one matrix. kind: 'dense' (F.linear on ``w``), 'int8' (``w`` int8 [N, K],
-    ``scales`` [N]), 'int4' (``w`` int4-packed, ``scales`` = qScaleAndZeros [K/gs, N, 2]) or 'mxfp4'
-    (``w`` the FP4 codes [N, K/2], ``scales`` e8m0 [N, K/32]; dequantized per call into a scratch buffer)."""
+    ``scales`` [N]), 'lowbit' (``w`` int4-packed, or B64 codes of ``bits`` bits for ``hobbit.kernels``,
+    ``scales`` = qScaleAndZeros [K/gs, N, 2]) or 'mxfp4' (``w`` the FP4 codes [N, K/2], ``scales`` e8m0
+    [N, K/32]; dequantized per call into a scratch buffer)."""
     fmt: str
     shape: tuple[int, int]
     dtype: torch.dtype
@@ -68,7 +70,8 @@ class Prepared:
     w: Tensor
     scales: Tensor | None = None
     group_size: int = 0
-    native: bool = False  # kernels.int4_linear / int8_linear take it (used up to kernels.max_tokens() rows of x)
+    native: bool = False  # kernels.lowbit_linear / int8_linear take it (used up to kernels.max_tokens() rows of x)
+    bits: int = 4  # lowbit: code width of ``w`` (2 only where native)
 
     @property
     def nbytes(self) -> int:
@@ -283,12 +286,14 @@ def prepare(q: dict[str, Tensor], fmt: str, shape: tuple[int, int], group_size: 
     if fmt == "int8" or dtype != torch.bfloat16 or not _HAS_INT4 or N % 16 or group_size not in _KERNEL_GROUPS:
         return Prepared(fmt, (N, K), dtype, "dense", dequantize(q, fmt, shape, group_size).to(dtype))
     bits = _BITS[fmt]
-    native = kernels.available() and kernels.int4_fits((N, K), group_size)  # hobbit.kernels read B64 as stored
-    if native or (N % _BLOCK == 0 and _fast_layout()):
-        packed = _to_int4(q["q"], bits).view(N, K // 2)
+    native = kernels.available() and kernels.lowbit_fits((N, K), group_size)  # hobbit.kernels read B64 as stored
+    if native and bits in kernels.BITS:  # the stored bytes themselves: a view, nothing expanded
+        packed = q["q"].view(N, K * bits // 8)
+    elif native or (N % _BLOCK == 0 and _fast_layout()):
+        packed, bits = _to_int4(q["q"], bits).view(N, K // 2), 4
     else:  # trust the op: decode the codes and let it pack them
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes4(_to_int4(q["q"], bits), N).int(), 1)
-    return Prepared(fmt, (N, K), dtype, "int4", packed, q["sz"].contiguous(), group_size, native)
+        packed, bits = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes4(_to_int4(q["q"], bits), N).int(), 1), 4
+    return Prepared(fmt, (N, K), dtype, "lowbit", packed, q["sz"].contiguous(), group_size, native, bits)
 
 
 def linear(x: Tensor, w: Prepared) -> Tensor:
@@ -304,27 +309,29 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
 
 
 def _quant_mm(x: Tensor, w: Prepared) -> Tensor:
-    """x [T, K] bf16 contiguous, w int4/int8 -> [T, N] bf16: hobbit.kernels at decode sizes, else torch's; and
-    at every size for int4 where torch's kernel wants another layout than B64 (AVX2, say: prepare kept B64)."""
-    native = w.native and (x.shape[0] <= kernels.max_tokens() or (w.kind == "int4" and not _fast_layout()))
+    """x [T, K] bf16 contiguous, w lowbit/int8 -> [T, N] bf16: hobbit.kernels at decode sizes, else torch's; and
+    at every size for lowbit where torch's kernel wants another layout than B64 (AVX2, say: prepare kept B64)."""
+    native = w.native and (x.shape[0] <= kernels.max_tokens() or (w.kind == "lowbit" and not _fast_layout()))
     if w.kind == "int8":
         return kernels.int8_linear(x, w.w, w.scales) if native else torch.ops.aten._weight_int8pack_mm(x, w.w, w.scales)
     if native:
-        return kernels.int4_linear(x, w.w, w.scales, w.shape, w.group_size)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.w, w.group_size, w.scales)
+        return kernels.lowbit_linear(x, w.w, w.scales, w.shape, w.group_size, w.bits)
+    N, K = w.shape
+    packed = w.w if w.bits == 4 else _to_int4(w.w.view(-1, K, 8 * w.bits), w.bits).view(N, K // 2)  # prefill: per call
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, w.group_size, w.scales)
 
 
 def fusable_swiglu(w13: Prepared, w2: Prepared) -> bool:
     """Whether swiglu_weighted can run the SwiGLU FFN over w13 = [gate; up] [2I, H] and w2 [H, I] in one native call."""
-    return (w13.kind == w2.kind == "int4" and w13.native and w2.native and w13.group_size == w2.group_size
-            and w13.dtype == torch.bfloat16)
+    return (w13.kind == w2.kind == "lowbit" and w13.native and w2.native and w13.group_size == w2.group_size
+            and w13.bits == w2.bits and w13.dtype == torch.bfloat16)
 
 
 def swiglu_weighted(x: Tensor, w13: Prepared, w2: Prepared, weight: float) -> Tensor:
     """weight * w2 (silu(gate x) * (up x)) for one token x [1, H] bf16 contiguous -> [1, H] bf16, in one call
-    of kernels.int4_expert. Requires fusable_swiglu(w13, w2)."""
+    of kernels.lowbit_expert. Requires fusable_swiglu(w13, w2)."""
     H, inter = w2.shape
-    return kernels.int4_expert(x, w13.w, w13.scales, w2.w, w2.scales, H, inter, w13.group_size, weight)
+    return kernels.lowbit_expert(x, w13.w, w13.scales, w2.w, w2.scales, H, inter, w13.group_size, w13.bits, weight)
 
 
 def cat0(ts: list[Tensor]) -> Tensor:
@@ -375,7 +382,7 @@ class QuantLinear(torch.nn.Module):
         w = self.w
         if x.dtype != w.dtype or not x.is_contiguous() or w.kind == "mxfp4":
             y = linear(x, w)
-        elif w.kind in ("int4", "int8"):  # the kernel straight away: linear's no-op casts cost 1.7 us a call at batch 1
+        elif w.kind in ("lowbit", "int8"):  # the kernel straight away: linear's no-op casts cost 1.7 us a call at batch 1
             y = _quant_mm(x, w)
         else:
             y = F.linear(x, w.w)
