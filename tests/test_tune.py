@@ -44,6 +44,11 @@ def test_tuned_file_is_valid_and_loads(tuned):
     assert 0 <= opts["t1"] <= opts["t2"] <= 1 and 0 < opts["low_pool_fraction"] < 1
     c = doc["calibration"]
     assert c["tokens"] == 96 and c["sequences"] == 2 and (c["high"], c["low"]) == ("bf16", "int4")
+    q = c["quality"]  # the perplexity limit, measured on the tokens after the trace's
+    assert q["max_dppl"] == c["limits"]["max_dppl"] == 1.0 and q["tokens"] > 0 and q["base_ppl"] > 0
+    chosen = doc["calibration"]["result"]
+    kept = [m for m in q["measured"] if (m["t1"], m["t2"]) == (chosen["t1"], chosen["t2"])]
+    assert all(m["dppl_pct"] <= 1.0 for m in kept) and (kept or chosen["requested_low_share"] == 0)
     assert doc["search"] and all("penalty" in r and "stage" in r for r in doc["search"])
     eng = hobbit.load(store, policy="hobbit", budget=doc["budget_bytes"], low=c["low"], **opts)
     assert eng.provider.opt.t1 == opts["t1"] and eng.provider.opt.eviction_options == opts["eviction_options"]
@@ -124,6 +129,50 @@ def test_time_objective_weighs_what_a_read_costs(tuned):
     assert all(r["ms_per_token"] is None for r in penalty["search"])
 
 
+def test_perplexity_limit_walks_to_the_next_fastest_pair(tuned):
+    """With a quality measure the search keeps the fastest pair whose measured cost is within max_dppl;
+    pairs over it become infeasible with a note, and all-high is never measured (it costs nothing)."""
+    store, doc, trace = tuned
+    header, calls = load_trace(trace)
+    model = TimeModel({"bf16": 1.0, "int4": 0.01}, 0.1, {"bf16": 0.05, "int4": 0.05})  # low reads nearly free
+    asked = []
+
+    def cost(t1, t2):  # a stand-in measure: 10 points per 10% of selections asked low or skipped
+        asked.append((t1, t2))
+        return 100 * sum(RequestedShares(calls)(t1, t2))
+
+    def found(max_dppl):
+        asked.clear()
+        return search(header, calls, doc["budget_bytes"], "bf16", "int4", max_low=1.0, max_skip=0.1,
+                      weight_step=0.5, time_model=model, quality=cost, max_dppl=max_dppl)
+    free = search(header, calls, doc["budget_bytes"], "bf16", "int4", max_low=1.0, max_skip=0.1, weight_step=0.5,
+                  time_model=model)
+    assert free["options"]["t1"] < 1.0
+    loose = found(1000.0)
+    assert loose["options"] == free["options"] and len(asked) == 1  # one measurement, within the limit
+    limit = 0.5 * cost(free["options"]["t1"], free["options"]["t2"])
+    tight = found(limit)
+    assert (1.0, 1.0) not in asked and len(asked) >= 2
+    assert cost(tight["options"]["t1"], tight["options"]["t2"]) <= limit
+    over = [r for r in tight["search"] if r.get("dppl_pct") is not None and r["dppl_pct"] > limit]
+    assert over and all(not r["feasible"] and "over the" in r["note"] for r in over)
+    none = found(0.0)
+    assert (none["options"]["t1"], none["options"]["t2"]) == (1.0, 1.0)
+
+
+def test_rule_quality_on_the_tiny_store(tiny_store):
+    from hobbit.lab.study_measure import RuleQuality
+    ids = [3, 17, 42, 99, 7, 128, 64, 5] * 6
+    q = RuleQuality(tiny_store, ids, 16, "bf16", "int2")
+    try:
+        assert q(1.0, 1.0) == 0.0  # nothing low, nothing skipped: the all-high model to the bit
+        low, skip = q(0.0, 1.0), q(0.0, 0.0)  # every non-top-1 selection low; then skipped too
+        assert low != 0.0 and skip != low
+        assert q.measured == {(1.0, 1.0): 0.0, (0.0, 1.0): low, (0.0, 0.0): skip}
+    finally:
+        q.close()
+
+
 def test_tight_limits_mean_full_precision(tuned):
     store, doc, trace = tuned
     header, calls = load_trace(trace)
@@ -192,6 +241,10 @@ def test_cli(tuned, tmp_path, capsys):
     results = {r["calibration"]["low"]: r for r in read_tuned(store)}  # the copied store's bf16+int4 result stays
     assert set(results) == {"int4", "int2"}
     assert results["int2"]["calibration"]["limits"]["max_skip"] == 0.1
+    assert cmd_tune(_args(store, "--budget", "60%", "--text", text, "--tokens", 40, "--seq-len", 40,
+                          "--weight-step", 0.5, "--low", "int2", "--max-dppl", "inf")) == 0
+    int2 = {r["calibration"]["low"]: r for r in read_tuned(store)}["int2"]["calibration"]
+    assert "no perplexity limit" in int2["quality"]["note"] and "perplexity" not in capsys.readouterr().err
 
 
 def test_results_per_precisions_and_budget(tuned, tmp_path):

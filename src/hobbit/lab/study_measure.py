@@ -119,25 +119,62 @@ def low_share(calls, t1: float) -> float:
 # -- the per-token rule as a provider (quality of HOBBIT's Eq. 2 with no cache in the way) ---------------
 
 class PerTokenPrecision:
-    """ExpertProvider: every selection whose Eq. 2 score exceeds t1 runs at the low copy, the rest at
-    high (T2 = 1: nothing skipped). What live HOBBIT computes when no cached high copy serves a low
-    request, so its quality loss bounds the live engine's from above."""
+    """ExpertProvider: every selection whose Eq. 2 score exceeds t1 runs at the low copy, above t2 it is
+    skipped, the rest run at high (the top-1 expert always). What live HOBBIT computes when no cached
+    high copy serves a low request, so its quality loss bounds the live engine's from above."""
 
-    def __init__(self, high: dict, low: dict, t1: float):
-        self.high, self.low, self.t1 = high, low, t1
+    def __init__(self, high: dict, low: dict, t1: float, t2: float = 1.0):
+        self.high, self.low, self.t1, self.t2 = high, low, t1, t2
 
     def experts(self, layer, x, logits, ids, weights):
         norm = weights / weights.sum(-1, keepdim=True)
-        score = norm.cumsum(-1) - norm  # mass ranked above each slot
+        score = norm.cumsum(-1) - norm  # [T,k] mass ranked above each slot
         is_low = score > self.t1 + TOLERANCE
         is_low[:, 0] = False
+        run = score <= self.t2 + TOLERANCE  # the rest are skipped
+        run[:, 0] = True
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             for low, table in ((False, self.high), (True, self.low)):
-                tok, rank = ((ids == e) & (is_low == low)).nonzero(as_tuple=True)
+                tok, rank = ((ids == e) & (is_low == low) & run).nonzero(as_tuple=True)
                 if tok.numel():
                     out.index_add_(0, tok, (table[(layer, e)](x[tok]) * weights[tok, rank, None]).to(x.dtype))
         return out
+
+
+class RuleQuality:
+    """Perplexity cost (%) of Eq. 2's per-token rule at (t1, t2) against all-high, on teacher-forced windows
+    of `ids` (`hobbit tune`'s quality limit): both tiers resident (they must fit in RAM together), no
+    cache in the way, so it bounds what live HOBBIT loses from above. Results are kept per (t1, t2)."""
+
+    def __init__(self, store: Path, ids: list[int], window: int, high: str, low: str, **engine_knobs):
+        from hobbit.runtime.engine import load
+        self.ids, self.window = ids, window
+        self.engine = load(store, policy="resident", high=high, **engine_knobs)
+        try:
+            low_engine = load(store, policy="resident", high=low, **engine_knobs)
+        except BaseException:
+            self.engine.close()
+            raise
+        self.tables = (self.engine.provider.resident, low_engine.provider.resident)
+        self.closers = [low_engine.close, self.engine.close]
+        self.base_ppl = self._ppl(1.0, 1.0)
+        self.measured: dict[tuple[float, float], float] = {}
+
+    def _ppl(self, t1: float, t2: float) -> float:
+        from hobbit.lab.evaluate import evaluate_ppl
+        self.engine.model.provider = PerTokenPrecision(*self.tables, t1, t2)
+        with torch.inference_mode():
+            return evaluate_ppl(self.engine, self.ids, self.window)["ppl"]
+
+    def __call__(self, t1: float, t2: float) -> float:
+        if (t1, t2) not in self.measured:
+            self.measured[(t1, t2)] = 100 * (self._ppl(t1, t2) / self.base_ppl - 1)
+        return self.measured[(t1, t2)]
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
 
 
 # -- measurements (torch) ----------------------------------------------------------------------------

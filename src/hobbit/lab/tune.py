@@ -18,7 +18,12 @@
       it does not depend on the budget) and as the simulation *serves* them. Requested shares
       are exact and cheap, so only the pairs on the feasible frontier (per T2 the lowest
       feasible T1: lower thresholds load less) are simulated, plus the paper's (0.6, 0.9) and
-      all-high (1, 1).
+      all-high (1, 1). Then the quality limit `max_dppl` (default 1%): in the objective's order, a pair
+      is kept only if Eq. 2's per-token rule at its thresholds raises the perplexity of held-aside
+      calibration windows by at most that much (`study_measure.RuleQuality`: both tiers resident, no
+      cache, so an upper bound of the live loss). The shares alone do not say it: an int2 tier at 25%
+      of selections cost CoderMoE (int4 high) +5% perplexity live, SmolMoE's a tenth of that. Skipped,
+      with a note, where the two tiers do not fit in RAM together.
    b. the share of the budget for low-precision copies, with (a)'s thresholds (skipped when (a) chose
       t1 = 1: nothing is then loaded low, and the whole budget holds high copies);
    c. the Eq. 3 eviction weights, a grid over the simplex, with (a) and (b).
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import itertools
+import math
 import sys
 import tempfile
 import time
@@ -47,6 +53,7 @@ from hobbit.lab.simulate import default_precisions, simulate
 from hobbit.lab.timeline import TimeModel
 from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json, read_tuned, tuned_path, write_tuned
 from hobbit.runtime.trace import LayerCall, read_trace
+from hobbit.store.format import ExpertStore
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 POOL_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -96,9 +103,10 @@ def simplex(step: float) -> list[dict[str, float]]:
 def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, low: str,
            max_low: float = 0.30, max_skip: float = 0.03, thresholds=THRESHOLDS, pool_fractions=POOL_FRACTIONS,
            weight_step: float = 0.25, prefetch_depth: int | None = None, progress=None,
-           time_model: TimeModel | None = None) -> dict:
+           time_model: TimeModel | None = None, quality=None, max_dppl: float = 1.0) -> dict:
     """The three-stage search (module docstring), minimizing the modeled decode ms per token under
-    `time_model`, or the miss penalty when it is None. Returns {"options", "result", "baseline", "search"}."""
+    `time_model`, or the miss penalty when it is None. quality: (t1, t2) -> perplexity cost in % (None:
+    the share limits alone), at most `max_dppl`. Returns {"options", "result", "baseline", "search"}."""
     if not (0 <= max_low <= 1 and 0 <= max_skip <= 1):
         raise ValueError(f"quality limits are shares in [0, 1], got max_low={max_low}, max_skip={max_skip}")
     cost = "ms_per_token" if time_model else "penalty"
@@ -161,6 +169,8 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
         progress(f"stage 1: thresholds ({len(pairs)} of {len(ts) * (len(ts) + 1) // 2} pairs on the feasible frontier)")
     stage1 = [run("thresholds", t1, t2, f0, w0) for t1, t2 in pairs]
     chosen = best(stage1, None)
+    while quality is not None and chosen is not None and not _keeps_quality(chosen, quality, max_dppl, progress):
+        chosen = best(stage1, None)  # the next fastest; all-high (1, 1) always passes
     if chosen is None:
         notes = "; ".join(sorted({r.get("note", "") for r in stage1}))
         raise ValueError(f"no HOBBIT setting fits budget {budget_bytes} bytes within the quality limits: {notes}")
@@ -190,6 +200,21 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
     return dict(options=options, result=chosen, baseline=baseline, paper_default=default, search=rows)
 
 
+def _keeps_quality(row: dict, quality, max_dppl: float, progress) -> bool:
+    """Measure row's thresholds (nothing to measure where Eq. 2 asks for neither low nor skip); a row over
+    the limit becomes infeasible, with a note."""
+    if row["requested_low_share"] + row["requested_skip_share"] == 0:
+        return True
+    row["dppl_pct"] = dppl = quality(row["t1"], row["t2"])
+    ok = dppl <= max_dppl + 1e-12
+    if progress:
+        progress(f"  quality at t1 {row['t1']:g} t2 {row['t2']:g}: perplexity {dppl:+.2f}% "
+                 f"({'within' if ok else 'over'} the {max_dppl:g}% limit)")
+    if not ok:
+        row.update(feasible=False, note=f"perplexity {dppl:+.2f}% over the {max_dppl:g}% limit")
+    return ok
+
+
 def _within(shares: tuple[float, float], max_low: float, max_skip: float) -> bool:
     return shares[0] <= max_low + 1e-12 and shares[1] <= max_skip + 1e-12
 
@@ -203,10 +228,12 @@ def _w(weights: dict) -> str:
 def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int = 128, prompt_len: int = 16,
          high: str | None = None, low: str | None = None, max_low: float = 0.30, max_skip: float = 0.03,
          weight_step: float = 0.25, save_trace: str | Path | None = None, progress=None,
-         prefetch_depth: int | None = None, objective: str = "time", **engine_knobs) -> dict:
+         prefetch_depth: int | None = None, objective: str = "time", max_dppl: float = 1.0,
+         quality_tokens: int = 1024, **engine_knobs) -> dict:
     """Record a calibration trace and a time model, search for the lowest `objective` ("time": modeled
-    decode ms per token; "penalty": the miss penalty), add the result to STORE/hobbit_tuned.json;
-    returns the result."""
+    decode ms per token; "penalty": the miss penalty) within the share limits and, unless max_dppl is
+    inf, the perplexity limit measured on `quality_tokens` calibration tokens after the first `tokens`;
+    add the result to STORE/hobbit_tuned.json; returns the result."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
     store = Path(store)
@@ -230,15 +257,65 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
     fitted, fit = fit_reads(measured, header, calls, budget_bytes, high, calibration["decode_ms_per_token"])
     calibration.update(time_model=fitted.as_dict(), read_fit=dict(fit, measured_read_ms=dict(measured.read_ms)))
     time_model = fitted if objective == "time" else None
-    found = search(header, calls, budget_bytes, high, low, max_low=max_low, max_skip=max_skip,
-                   weight_step=weight_step, prefetch_depth=prefetch_depth, progress=progress, time_model=time_model)
-    calibration.update(high=high, low=low, limits=dict(max_low=max_low, max_skip=max_skip),
+    probe, quality = _quality_probe(store, text, tokens, quality_tokens, seq_len, high, low, max_dppl, progress,
+                                    engine_knobs)
+    try:
+        found = search(header, calls, budget_bytes, high, low, max_low=max_low, max_skip=max_skip,
+                       weight_step=weight_step, prefetch_depth=prefetch_depth, progress=progress,
+                       time_model=time_model, quality=probe, max_dppl=max_dppl)
+    finally:
+        if probe is not None:
+            probe.close()
+    if probe is not None:
+        quality.update(base_ppl=probe.base_ppl, measured=[dict(t1=t1, t2=t2, dppl_pct=d)
+                                                          for (t1, t2), d in probe.measured.items()])
+    calibration.update(high=high, low=low, limits=dict(max_low=max_low, max_skip=max_skip, max_dppl=max_dppl),
+                       quality=quality,
                        search_s=round(time.perf_counter() - t0, 3), result=found["result"],
                        baseline_lru=found["baseline"], paper_default=found["paper_default"], objective=objective,
                        trace=str(save_trace) if save_trace else None)
     doc = dict(options=found["options"], budget_bytes=budget_bytes, calibration=calibration, search=found["search"])
     write_tuned(store, doc)
     return doc
+
+
+def _quality_probe(store: Path, text, tokens: int, quality_tokens: int, window: int, high: str, low: str,
+                   max_dppl: float, progress, engine_knobs: dict):
+    """(RuleQuality or None, what to record of it). Its windows are the calibration text's tokens after the
+    first `tokens` (the trace's), so the limit is not judged on what the trace was recorded on."""
+    if math.isinf(max_dppl):
+        return None, dict(note="no perplexity limit (max_dppl inf)")
+    from hobbit.lab.calibration import calibration_ids
+    from hobbit.lab.study_measure import RuleQuality
+    from hobbit.runtime.tokenizer import Tokenizer
+    with ExpertStore(store) as es:
+        need = es.total_nbytes(high) + es.total_nbytes(low) + 2 * es.manifest.get("dense_bytes", 0)
+    avail = _available_ram()
+    if avail is not None and need > 0.9 * avail:
+        note = (f"perplexity limit not checked: both tiers resident need {need / 2**30:.1f} GiB, "
+                f"{avail / 2**30:.1f} GiB available; the share limits alone apply (lower --max-low to be safe)")
+        if progress:
+            progress(note)
+        return None, dict(note=note)
+    ids, label = calibration_ids(Tokenizer.from_dir(store), text, tokens + quality_tokens)
+    ids = ids[tokens:]
+    if len(ids) < 2:
+        raise ValueError(f"the calibration text has no tokens after the first {tokens} to check quality on; "
+                         f"pass a longer --text, or --max-dppl inf")
+    if progress:
+        progress(f"quality limit: perplexity +{max_dppl:g}% on {len(ids)} held-aside tokens of {label}")
+    return RuleQuality(store, ids, window, high, low, **engine_knobs), dict(
+        text=label, tokens=len(ids), window=window, max_dppl=max_dppl)
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def format_summary(doc: dict, path: Path) -> str:
@@ -270,6 +347,13 @@ def format_summary(doc: dict, path: Path) -> str:
                  + (f", paper's t1 0.6 t2 0.9 {score(d)}" + ("" if d["feasible"] else " but over the limits")
                     if d and d["penalty"] is not None else "")
                  + f"); hit rate {r['hit_rate']:.1%}")
+    q = c.get("quality") or {}
+    if "measured" in q:
+        lines.append(f"quality: perplexity limit +{q['max_dppl']:g}% on {q['tokens']} held-aside tokens of {q['text']} "
+                     f"(all-high {q['base_ppl']:.2f}): " + (", ".join(
+                         f"t1 {m['t1']:g} t2 {m['t2']:g} {m['dppl_pct']:+.2f}%" for m in q["measured"]) or "nothing to measure"))
+    elif q.get("note"):
+        lines.append(f"quality: {q['note']}")
     if "read_fit" in c:  # results written before the time model have none
         m, fit = c["time_model"], c["read_fit"]
         lines.append("time model: reads " + ", ".join(f"{p} {t:.2f}" for p, t in m["read_ms"].items())
@@ -295,6 +379,10 @@ def add_tune_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=16, help="prefill tokens per sequence (default 16)")
     p.add_argument("--max-low", type=float, default=0.30, help="most selections at low precision (default 0.30)")
     p.add_argument("--max-skip", type=float, default=0.03, help="most selections skipped (default 0.03)")
+    p.add_argument("--max-dppl", type=float, default=1.0, help="most perplexity increase in %% of Eq. 2's rule over "
+                   "all-high on held-aside calibration tokens (default 1; inf: the share limits alone)")
+    p.add_argument("--quality-tokens", type=int, default=1024, help="calibration tokens after --tokens that "
+                   "the perplexity limit is measured on (default 1024)")
     p.add_argument("--weight-step", type=float, default=0.25, help="grid step over the Eq. 3 weight simplex "
                    "(default 0.25: 35 points)")
     p.add_argument("--save-trace", default=None, help="keep the calibration trace here (for `hobbit simulate`)")
@@ -321,7 +409,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     doc = tune(args.store, args.budget, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
                prompt_len=args.prompt_len, high=cfg.high, low=cfg.low, max_low=args.max_low,
                max_skip=args.max_skip, weight_step=args.weight_step, save_trace=args.save_trace, progress=say,
-               prefetch_depth=args.prefetch_depth, objective=args.objective, **engine)
+               prefetch_depth=args.prefetch_depth, objective=args.objective, max_dppl=args.max_dppl,
+               quality_tokens=args.quality_tokens, **engine)
     if not emit_json(args, doc):
         print(format_summary(doc, tuned_path(args.store)))
     return 0
