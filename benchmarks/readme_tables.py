@@ -158,7 +158,9 @@ def native_kernels() -> str:
         for b in builds:
             y = k[b][name]
             cells.append(f"{y['native_us']:.0f} ({y['native_gb_s']:.1f}), {y['torch_us'] / y['native_us']:.2f}×")
-        rows.append([f"{name.rsplit(' x', 1)[0]} {x['format']} {x['shape'][0]}×{x['shape'][1]}", str(x["tokens"]), *cells])
+        label = name.rsplit(' x', 1)[0]
+        label = label if x["format"] in label else f"{label} {x['format']}"
+        rows.append([f"{label} {x['shape'][0]}×{x['shape'][1]}", str(x["tokens"]), *cells])
     rows.append(["one int4 expert (w13, SwiGLU, w2): two native calls and torch's SwiGLU, or one fused call", "1",
                  "-", *(f"{k[b]['expert fused']['two_calls_us']:.0f} → {k[b]['expert fused']['fused_us']:.0f}"
                         for b in builds)])

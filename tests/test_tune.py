@@ -154,6 +154,8 @@ def test_perplexity_limit_walks_to_the_next_fastest_pair(tuned):
     tight = found(limit)
     assert (1.0, 1.0) not in asked and len(asked) >= 2
     assert cost(tight["options"]["t1"], tight["options"]["t2"]) <= limit
+    t1, t2 = free["options"]["t1"], free["options"]["t2"]
+    assert any(a[1] == t2 and a[0] > t1 for a in asked)  # walked T1 up at the fastest pair's T2
     over = [r for r in tight["search"] if r.get("dppl_pct") is not None and r["dppl_pct"] > limit]
     assert over and all(not r["feasible"] and "over the" in r["note"] for r in over)
     none = found(0.0)

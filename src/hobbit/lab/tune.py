@@ -21,7 +21,8 @@
       all-high (1, 1). Then the quality limit `max_dppl` (default 1%): in the objective's order, a pair
       is kept only if Eq. 2's per-token rule at its thresholds raises the perplexity of held-aside
       calibration windows by at most that much (`study_measure.RuleQuality`: both tiers resident, no
-      cache, so an upper bound of the live loss). The shares alone do not say it: an int2 tier at 25%
+      cache, so an upper bound of the live loss); a pair over it adds the next T1 up at its T2 to
+      the candidates (each measured pair costs a simulation and one pass over those windows). The shares alone do not say it: an int2 tier at 25%
       of selections cost CoderMoE (int4 high) +5% perplexity live, SmolMoE's a tenth of that. Skipped,
       with a note, where the two tiers do not fit in RAM together.
    b. the share of the budget for low-precision copies, with (a)'s thresholds (skipped when (a) chose
@@ -170,7 +171,12 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
     stage1 = [run("thresholds", t1, t2, f0, w0) for t1, t2 in pairs]
     chosen = best(stage1, None)
     while quality is not None and chosen is not None and not _keeps_quality(chosen, quality, max_dppl, progress):
-        chosen = best(stage1, None)  # the next fastest; all-high (1, 1) always passes
+        # over the limit: try the next T1 up at this T2 (fewer selections low), then the fastest again;
+        # all-high (1, 1) always passes
+        up = [t1 for t1 in ts if chosen["t1"] < t1 <= chosen["t2"]]
+        if up and not any((r["t1"], r["t2"]) == (up[0], chosen["t2"]) for r in stage1):
+            stage1.append(run("thresholds", up[0], chosen["t2"], f0, w0))
+        chosen = best(stage1, None)
     if chosen is None:
         notes = "; ".join(sorted({r.get("note", "") for r in stage1}))
         raise ValueError(f"no HOBBIT setting fits budget {budget_bytes} bytes within the quality limits: {notes}")
