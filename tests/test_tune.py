@@ -162,6 +162,19 @@ def test_perplexity_limit_walks_to_the_next_fastest_pair(tuned):
     assert (none["options"]["t1"], none["options"]["t2"]) == (1.0, 1.0)
 
 
+def test_perplexity_limit_needs_room_and_sane_values(tuned, tmp_path, monkeypatch):
+    import hobbit.lab.tune as T
+    src, _, _ = tuned
+    store = tmp_path / "store"
+    shutil.copytree(src, store)
+    monkeypatch.setattr(T, "_available_ram", lambda: 1024)  # both tiers resident would not fit
+    doc = tune(store, "60%", text=src.parent / "calib.txt", tokens=40, seq_len=40, weight_step=0.5, low="int2")
+    assert "not checked" in doc["calibration"]["quality"]["note"] and "measured" not in doc["calibration"]["quality"]
+    for bad in (dict(max_dppl=-1.0), dict(quality_tokens=1)):
+        with pytest.raises(ValueError, match="perplexity limit needs"):
+            tune(store, "60%", text=src.parent / "calib.txt", tokens=40, low="int2", **bad)
+
+
 def test_rule_quality_on_the_tiny_store(tiny_store):
     from hobbit.lab.study_measure import RuleQuality
     ids = [3, 17, 42, 99, 7, 128, 64, 5] * 6

@@ -9,8 +9,9 @@
      penalty on a calibration dataset") `C·misses_high + C·(B_low/B_high)·misses_low` (B = bytes
      one expert load reads from disk). It counts demand loads only, by their bytes: it cannot see
      prefetches that fill the disk (bf16 experts on CoderMoE: the paper's thresholds decoded 14%
-     faster live than its choice), nor what a read costs beyond its bytes (an int2 read took 0.8-1.7x an int4 read on the dev box
-     while int2 was expanded for torch's int4 kernel at load, not the 0.6x its bytes say).
+     faster live than its choice), nor what a read costs beyond its bytes (an int2 read took 0.8-1.7x
+     an int4 read on the dev box while int2 was expanded for torch's int4 kernel at load, not the
+     0.6x its bytes say).
    Stages:
    a. T1/T2 of Eq. 2. Quality limits (defaults in the spirit of the paper's 67/30/3 split): at
       most `max_low` of the token-expert selections computed at low precision and `max_skip`
@@ -22,9 +23,10 @@
       is kept only if Eq. 2's per-token rule at its thresholds raises the perplexity of held-aside
       calibration windows by at most that much (`study_measure.RuleQuality`: both tiers resident, no
       cache, so an upper bound of the live loss); a pair over it adds the next T1 up at its T2 to
-      the candidates (each measured pair costs a simulation and one pass over those windows). The shares alone do not say it: an int2 tier at 25%
-      of selections cost CoderMoE (int4 high) +5% perplexity live, SmolMoE's a tenth of that. Skipped,
-      with a note, where the two tiers do not fit in RAM together.
+      the candidates (each measured pair costs a simulation and one pass over those windows). The
+      shares alone do not bound quality: an int2 tier under int4 asked for 24.5% of CoderMoE's
+      selections cost +5.4 points of perplexity live. Skipped, with a note, where the two tiers do
+      not fit in RAM together.
    b. the share of the budget for low-precision copies, with (a)'s thresholds (skipped when (a) chose
       t1 = 1: nothing is then loaded low, and the whole budget holds high copies);
    c. the Eq. 3 eviction weights, a grid over the simplex, with (a) and (b).
@@ -242,6 +244,9 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
     add the result to STORE/hobbit_tuned.json; returns the result."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if not max_dppl >= 0 or quality_tokens < 2:
+        raise ValueError(f"the perplexity limit needs max_dppl >= 0 (a percentage, or inf for none) and at least "
+                         f"2 quality tokens; got max_dppl={max_dppl}, quality_tokens={quality_tokens}")
     store = Path(store)
     read_tuned(store)  # a broken file fails now, not after the calibration run
     with tempfile.TemporaryDirectory(prefix="hobbit-tune-") as tmp:
