@@ -3,10 +3,11 @@
 torch's int4 kernel converts every code to float (compute-bound) and its int8 kernel multiplies bf16 by
 int8; `hobbit.kernels` rounds the activations to two int8 levels per 32 inputs and multiplies integers,
 in an AVX-512 VNNI build and an AVX2 one. This measures, 1 thread, for each build this CPU runs:
-  - kernel time at one token (and a few) for CoderMoE's int4 and int8 shapes and its int2 experts (torch's
-    column: its int4 kernel on the codes expanded to int4 beforehand, as hobbit ran int2 before its kernels
-    read 2-bit codes), weights rotated over >= 160 MiB so they come from DRAM as in decode, and one int4
-    expert fused into one call against two native calls (a fresh process per build);
+  - kernel time (each kernel called directly) at one token, a few and prefill sizes for CoderMoE's int4 and
+    int8 shapes and its int2 experts (torch's column: its int4 kernel on the codes expanded to int4
+    beforehand, as hobbit ran int2 before its kernels read 2-bit codes): where each kind stops beating
+    torch's is what kernels._VARIANTS cites; weights rotated over >= 160 MiB so they come from DRAM as in
+    decode, and one int4 expert fused into one call against two native calls (a fresh process per build);
   - quality: the store decoded token by token (`resident`) with torch's kernels (HOBBIT_NATIVE=0), with each
     build (HOBBIT_NATIVE=avx512, avx2) and with exact fp32 products of the same quantized weights; each
     kernel's log-probabilities against the exact ones (KL, greedy top-1 agreement, perplexity);
@@ -33,7 +34,7 @@ from hobbit import kernels
 INT4 = {"expert w13": (1088, 1536), "expert w2": (1536, 544), "qkv": (2048, 1536), "o_proj": (1536, 1536),
         "shared w13": (512, 1536), "shared w2": (1536, 256)}  # CoderMoE's int4 matrices, [N out, K in]
 INT2 = {k: INT4[k] for k in ("expert w13", "expert w2")}  # the low tier's matrices
-INT8 = {"lm_head": (151936, 1536)}
+INT8 = {"lm_head": (151936, 1536), "qkv": (2048, 1536)}  # the LM head; int8 projections (--dense int8)
 ROTATE_BYTES = 160 * 2**20
 PROMPT = '# Python 3\ndef fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 BUILDS = kernels.builds()  # the kernel builds this CPU runs, fastest first
@@ -56,7 +57,9 @@ def kernel_times(reps: int) -> dict:
     g, out = torch.Generator().manual_seed(0), {}
     shapes = [(name, "int4", s, m) for name, s in INT4.items() for m in (1,)] + \
              [("expert w13", "int4", INT4["expert w13"], m) for m in (4, 16)] + \
-             [(name, "int2", s, 1) for name, s in INT2.items()] + [(n, "int8", s, 1) for n, s in INT8.items()]
+             [("qkv", "int4", INT4["qkv"], m) for m in (64, 512)] + \
+             [(name, "int2", s, 1) for name, s in INT2.items()] + [("lm_head", "int8", INT8["lm_head"], 1)] + \
+             [("qkv", "int8", INT8["qkv"], m) for m in (1, 3, 4, 64)]  # where each kind stops beating torch's
     for name, fmt, (N, K), M in shapes:
         nbytes = Q.storage_nbytes(fmt, (N, K), 32)
         n = max(2, ROTATE_BYTES // nbytes)
@@ -69,11 +72,13 @@ def kernel_times(reps: int) -> dict:
             packed = [w.w if w.bits == 4 else Q._to_int4(w.w.view(-1, K, 8 * w.bits), w.bits).view(N, K // 2) for w in ws]
             torch_mm = lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed[i], 32, ws[i].scales)
             torch_bytes = Q.storage_nbytes("int4", (N, K), 32)
-        t_torch, t_native = best_of(torch_mm, n, reps), best_of(lambda i: Q.linear(x, ws[i]), n, reps)
+        native_mm = (lambda i: kernels.int8_linear(x, ws[i].w, ws[i].scales)) if fmt == "int8" else \
+            (lambda i: kernels.lowbit_linear(x, ws[i].w, ws[i].scales, (N, K), 32, ws[i].bits))
+        t_torch, t_native = best_of(torch_mm, n, reps), best_of(native_mm, n, reps)
         row = {"format": fmt, "shape": [N, K], "tokens": M, "bytes": nbytes, "torch_bytes": torch_bytes,
                "torch_us": t_torch * 1e6, "native_us": t_native * 1e6,
                "torch_gb_s": torch_bytes / t_torch / 1e9, "native_gb_s": nbytes / t_native / 1e9}
-        out[f"{name} x{M}" if fmt != "int2" else f"{name} int2 x{M}"] = row
+        out[f"{name} {fmt} x{M}"] = row
         print(f"{name:<11} {fmt} {N}x{K} x{M}: torch {row['torch_us']:.0f} us ({row['torch_gb_s']:.1f} GB/s), "
               f"native {row['native_us']:.0f} us ({row['native_gb_s']:.1f} GB/s)", flush=True)
     (I2, H), (_, I) = INT4["expert w13"], INT4["expert w2"]

@@ -51,7 +51,7 @@ def test_lowbit_linear_matches_dequantized_weight(fmt, N, K, gs, M):
     y = kernels.lowbit_linear(x, p.w, p.scales, (N, K), gs, p.bits)
     assert y.shape == (M, N) and y.dtype == torch.bfloat16
     assert _relerr(y, x.float() @ W.T) < ACT_ERR
-    if M <= kernels.max_tokens():  # linear dispatches to it at decode sizes
+    if M <= kernels.max_tokens("lowbit") or fmt == "int2":  # linear dispatches to it
         assert torch.equal(quant.linear(x, p), y)
 
 
@@ -63,19 +63,34 @@ def test_where_torch_packs_int4_its_own_way_the_kernels_take_every_size(monkeypa
     monkeypatch.setattr(quant, "_fast_layout", lambda: False)
     q, p, W = _int4(128, 256, 32, fmt=fmt)
     assert p.native and torch.equal(p.w.flatten(), q["q"].flatten())  # the stored bytes, not the op's packing
-    x = torch.randn(kernels.max_tokens() + 3, 256).bfloat16()
+    x = torch.randn(40, 256).bfloat16()  # prefill-sized
     assert torch.equal(quant.linear(x, p), kernels.lowbit_linear(x, p.w, p.scales, (128, 256), 32, p.bits))
     assert _relerr(quant.linear(x, p), x.float() @ W.T) < ACT_ERR
 
 
 @native
-def test_int2_prefill_expands_for_torch_and_int3_runs_as_int4():
-    """Above the kernels' rows an int2 matrix (2-bit codes in RAM) goes to torch's int4 kernel, its codes expanded
-    per call; int3 has no kernel of its own: prepare expands it once and the int4 kernel reads it."""
+def test_each_kind_runs_where_it_beats_torch_and_int2_everywhere():
+    """linear takes hobbit.kernels up to max_tokens(kind) rows, torch's kernel above; an int2 matrix (2-bit codes
+    in RAM, which torch's kernel cannot read) runs native at every size; int3 has no kernel of its own: prepare
+    expands it once and the int4 kernel reads it."""
+    q, p, W = _int4(128, 256, 32)
+    q8 = quant.quantize(torch.randn(128, 256) * 0.05, "int8")
+    p8 = quant.prepare(q8, "int8", (128, 256), 32, torch.bfloat16)
+    for rows in (1, 3, 4, 40):
+        x = torch.randn(rows, 256).bfloat16()
+        ours = kernels.lowbit_linear(x, p.w, p.scales, (128, 256), 32, 4)
+        if rows <= kernels.max_tokens("lowbit") or not quant._fast_layout():  # torch's could not read B64 there
+            assert torch.equal(quant.linear(x, p), ours)
+        else:
+            assert torch.equal(quant.linear(x, p), torch.ops.aten._weight_int4pack_mm_for_cpu(x, p.w, 32, p.scales))
+        ours8, theirs8 = kernels.int8_linear(x, p8.w, p8.scales), torch.ops.aten._weight_int8pack_mm(x, p8.w, p8.scales)
+        assert torch.equal(quant.linear(x, p8), ours8 if rows <= kernels.max_tokens("int8") else theirs8)
+    assert kernels.max_tokens("int8") >= 1 and kernels.max_tokens("lowbit") >= 1
     q, p, W = _int4(128, 256, 32, fmt="int2")
-    x = torch.randn(kernels.max_tokens() + 5, 256).bfloat16()
+    x = torch.randn(40, 256).bfloat16()
     y = quant.linear(x, p)
-    assert p.bits == 2 and _relerr(y, x.float() @ W.T) < ACT_ERR
+    assert p.bits == 2 and torch.equal(y, kernels.lowbit_linear(x, p.w, p.scales, (128, 256), 32, 2))
+    assert _relerr(y, x.float() @ W.T) < ACT_ERR
     q3, p3, W3 = _int4(128, 256, 32, fmt="int3")
     assert p3.native and p3.bits == 4 and p3.w.data_ptr() != q3["q"].data_ptr()
     x1 = torch.randn(1, 256).bfloat16()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -25,13 +26,15 @@ from torch import Tensor
 
 from hobbit.paths import cache_dir
 
-_VARIANTS = {  # name: (source, CPU flags it needs, compiler flags, rows of x up to which it runs), fastest first
-    # avx512 up to 16 rows: results/native_kernels.json, 1.03x torch's at 4 rows, 1.34x at 16;
-    # avx2 at one row only: 0.94-1.14x torch's int4 at one row there, ~0.55x at 4 (its byte unpacks are the bound);
-    # where torch packs int4 its own way (AVX2 CPUs) quant keeps the stored bytes and this build takes every size
+_VARIANTS = {  # name: (source, CPU flags it needs, compiler flags, {kind: rows of x up to which it beats torch's}),
+    # fastest first; results/native_kernels.json. avx512: lowbit 1.14-1.5x torch's int4 kernel from 1 to 512 rows
+    # (every size), int8 2.2x at 1 row, 1.1x at 3, 0.7x at 4 (it re-reads the weight per row; torch's does not).
+    # avx2: lowbit 0.97-1.2x at one row, 0.78x at 2 (its byte unpacks bound it), int8 1.06x at 3, 0.95x at 4.
+    # Where torch cannot read the bytes (int2, or int4 where it packs its own way) quant uses these at every size.
     "avx512": ("vnni.c", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"),
-               ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"], 16),
-    "avx2": ("avx2.c", ("avx2", "fma"), ["-mavx2", "-mfma"], 1),
+               ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"],
+               {"lowbit": math.inf, "int8": 3}),
+    "avx2": ("avx2.c", ("avx2", "fma"), ["-mavx2", "-mfma"], {"lowbit": 1, "int8": 3}),
 }
 _CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 QBLOCK = 32  # inputs per activation scale (both builds)
@@ -108,10 +111,11 @@ def available() -> bool:
     return _library() is not None
 
 
-def max_tokens() -> int:
-    """Rows of x up to which callers use these kernels (0 when there are none)."""
+def max_tokens(kind: str) -> float:
+    """Rows of x up to which callers use these kernels for a 'lowbit' or 'int8' weight where torch's kernel could
+    take it too (math.inf: every size; 0 when there are no kernels)."""
     lib = _library()
-    return 0 if lib is None else _VARIANTS[lib[0]][3]
+    return 0 if lib is None else _VARIANTS[lib[0]][3][kind]
 
 
 BITS = (4, 2)  # code widths the kernels read as stored (int3 is expanded to int4 by quant.prepare)

@@ -20,11 +20,11 @@ Formats (``FORMATS``) and their storage form (what ``quantize`` returns and the 
     - int3, 24 bytes: the low 2 bits as int2, then 8 bytes where bit t of byte i is bit 2 of row 8t+i.
   B64 int4 equals the AVX512 int4 kernel layout, so there ``prepare`` is free for int4 and a few
   64-bit mask ops for int3 (and int2 without ``hobbit.kernels``). ``hobbit.kernels`` read int4 and int2
-  bytes as stored at decode (``linear`` picks them): an int2 slot stays 2 bits a weight in RAM, and a
-  prefill-sized product on it expands its codes to int4 for torch's kernel per call. Whether B64 equals
-  the running kernel's layout is checked once against ``_convert_weight_to_int4pack_for_cpu``; on other
-  CPUs (AVX2, Arm) prepare decodes the codes and lets the op pack them, unless ``hobbit.kernels`` runs
-  there (its AVX2 build): then the B64 bytes stay and its kernel takes every product, prefill included.
+  bytes as stored (``linear`` picks them where they beat torch's, and for int2 at every size): an int2
+  slot stays 2 bits a weight in RAM. Whether B64 equals the running kernel's layout is checked once
+  against ``_convert_weight_to_int4pack_for_cpu``; on other CPUs (AVX2, Arm) prepare decodes the codes
+  and lets the op pack them, unless ``hobbit.kernels`` runs there (its AVX2 build): then the B64 bytes
+  stay and its kernel takes every product, prefill included.
 
 int4/int3/int2 scale and offset are fitted by least squares (``_fit``: HQQ-style alternation
 between codes and parameters; 20-40% lower error than min/max at 2-3 bits, ~6% at 4 bits, for
@@ -70,7 +70,7 @@ class Prepared:
     w: Tensor
     scales: Tensor | None = None
     group_size: int = 0
-    native: bool = False  # kernels.lowbit_linear / int8_linear take it (used up to kernels.max_tokens() rows of x)
+    native: bool = False  # kernels.lowbit_linear / int8_linear take it (used up to kernels.max_tokens(kind) rows of x)
     bits: int = 4  # lowbit: code width of ``w`` (2 only where native)
 
     @property
@@ -309,16 +309,17 @@ def linear(x: Tensor, w: Prepared) -> Tensor:
 
 
 def _quant_mm(x: Tensor, w: Prepared) -> Tensor:
-    """x [T, K] bf16 contiguous, w lowbit/int8 -> [T, N] bf16: hobbit.kernels at decode sizes, else torch's; and
-    at every size for lowbit where torch's kernel wants another layout than B64 (AVX2, say: prepare kept B64)."""
-    native = w.native and (x.shape[0] <= kernels.max_tokens() or (w.kind == "lowbit" and not _fast_layout()))
+    """x [T, K] bf16 contiguous, w lowbit/int8 -> [T, N] bf16: hobbit.kernels up to the rows where they beat
+    torch's (kernels.max_tokens), else torch's; and at every size where torch's kernel cannot read the bytes
+    (2-bit codes, or B64 int4 where it packs int4 its own way: AVX2, say)."""
+    rows = x.shape[0]
     if w.kind == "int8":
-        return kernels.int8_linear(x, w.w, w.scales) if native else torch.ops.aten._weight_int8pack_mm(x, w.w, w.scales)
-    if native:
+        if w.native and rows <= kernels.max_tokens("int8"):
+            return kernels.int8_linear(x, w.w, w.scales)
+        return torch.ops.aten._weight_int8pack_mm(x, w.w, w.scales)
+    if w.native and (rows <= kernels.max_tokens("lowbit") or w.bits != 4 or not _fast_layout()):
         return kernels.lowbit_linear(x, w.w, w.scales, w.shape, w.group_size, w.bits)
-    N, K = w.shape
-    packed = w.w if w.bits == 4 else _to_int4(w.w.view(-1, K, 8 * w.bits), w.bits).view(N, K // 2)  # prefill: per call
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, w.group_size, w.scales)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.w, w.group_size, w.scales)
 
 
 def fusable_swiglu(w13: Prepared, w2: Prepared) -> bool:
