@@ -11,7 +11,8 @@ in an AVX-512 VNNI build and an AVX2 one. This measures, 1 thread, for each buil
   - quality: the store decoded token by token (`resident`) with torch's kernels (HOBBIT_NATIVE=0), with each
     build (HOBBIT_NATIVE=avx512, avx2) and with exact fp32 products of the same quantized weights; each
     kernel's log-probabilities against the exact ones (KL, greedy top-1 agreement, perplexity);
-  - decode tok/s of `hobbit run --policy resident` with torch's kernels and each build, interleaved, best of --rounds.
+  - decode tok/s and the prefill time of a --prefill-tokens prompt of `hobbit run --policy resident` with torch's
+    kernels and each build, interleaved, best of --rounds.
 
     python benchmarks/native_kernels.py STORE --text FILE --json results/native_kernels.json [--run-args '...']
 """
@@ -154,19 +155,32 @@ def quality(store: str, text: str, tokens: int, run_args: list[str]) -> dict:
     return out
 
 
-def decode_speed(store: str, run_args: list[str], rounds: int, tokens: int) -> dict:
+def _run(store: str, run_args: list[str], way: str, *prompt: str, new: int) -> dict:
+    r = subprocess.run([sys.executable, "-m", "hobbit.cli", "run", store, "--policy", "resident", *run_args, *prompt,
+                        "--max-new-tokens", str(new), "--json"], env=_env(way), capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)["stats"]
+
+
+def decode_speed(store: str, run_args: list[str], rounds: int, tokens: int, text: str, prefill: int) -> dict:
+    """Resident decode tok/s (the short prompt, `tokens` steps) and prefill seconds of a `prefill`-token prompt
+    from `text`, torch's kernels and each build, interleaved, best of `rounds`."""
+    from hobbit.runtime.tokenizer import Tokenizer
+    ids = Tokenizer.from_dir(store).encode(open(text).read(), add_special_tokens=False)[:prefill]
     runs = {way: [] for way in ("torch", *BUILDS)}
+    pre = {way: [] for way in runs}
     for _ in range(rounds):
         for way in runs:
-            r = subprocess.run([sys.executable, "-m", "hobbit.cli", "run", store, "--policy", "resident", *run_args,
-                                "--prompt", PROMPT, "--max-new-tokens", str(tokens + 1), "--json"],
-                               env=_env(way), capture_output=True, text=True, check=True)
-            runs[way].append(json.loads(r.stdout)["stats"]["decode_tok_s"])
-            print(f"  resident decode, {way}: {runs[way][-1]:.2f} tok/s", flush=True)
+            runs[way].append(_run(store, run_args, way, "--prompt", PROMPT, new=tokens + 1)["decode_tok_s"])
+            pre[way].append(_run(store, run_args, way, "--prompt-ids", ",".join(map(str, ids)), new=1)["prefill_s"])
+            print(f"  resident, {way}: decode {runs[way][-1]:.2f} tok/s, prefill of {len(ids)} tokens "
+                  f"{pre[way][-1]:.2f} s", flush=True)
     best = {w: max(v) for w, v in runs.items()}
-    print(f"resident decode (best of {rounds}): " + ", ".join(f"{w} {b:.2f}" for w, b in best.items()) + " tok/s")
+    best_pre = {w: min(v) for w, v in pre.items()}
+    print(f"resident (best of {rounds}): decode " + ", ".join(f"{w} {b:.2f}" for w, b in best.items())
+          + " tok/s; prefill " + ", ".join(f"{w} {b:.2f}" for w, b in best_pre.items()) + " s")
     return {"runs_tok_s": runs, "best_tok_s": best, "speedup": {w: best[w] / best["torch"] for w in BUILDS},
-            "tokens": tokens}
+            "tokens": tokens, "prefill_tokens": len(ids), "runs_prefill_s": pre, "best_prefill_s": best_pre,
+            "prefill_speedup": {w: best_pre["torch"] / best_pre[w] for w in BUILDS}}
 
 
 def kernel_times_per_build(reps: int) -> dict:
@@ -189,6 +203,7 @@ def main() -> None:
                     help="engine options of the quality and decode runs (as `hobbit run` takes them)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=48)
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens (from --text) of the prefill runs")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json")
     ap.add_argument("--kernels-only", metavar="FILE", help="(internal) kernel times of the build HOBBIT_NATIVE loads")
@@ -206,7 +221,8 @@ def main() -> None:
               "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1},
               "builds": BUILDS,
               "kernels": kernel_times_per_build(args.reps),
-              "decode": decode_speed(args.store, run_args, args.rounds, args.decode_tokens),
+              "decode": decode_speed(args.store, run_args, args.rounds, args.decode_tokens, args.text,
+                                     args.prefill_tokens),
               "quality": quality(args.store, args.text, args.tokens, run_args)}
     json.dump(result, open(args.json, "w"), indent=1)
 

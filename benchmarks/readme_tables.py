@@ -167,6 +167,11 @@ def native_kernels() -> str:
     rows.append([f"`hobbit run --policy resident` decode tok/s (best of {len(dec['runs_tok_s']['torch'])})", "1",
                  f"{dec['best_tok_s']['torch']:.2f}",
                  *(f"{dec['best_tok_s'][b]:.2f}, {dec['speedup'][b]:.2f}×" for b in builds)])
+    if "best_prefill_s" in dec:
+        rows.append([f"`hobbit run --policy resident` prefill of a {dec['prefill_tokens']}-token prompt, s (best of "
+                     f"{len(dec['runs_prefill_s']['torch'])})", str(dec["prefill_tokens"]),
+                     f"{dec['best_prefill_s']['torch']:.2f}",
+                     *(f"{dec['best_prefill_s'][b]:.2f}, {dec['prefill_speedup'][b]:.2f}×" for b in builds)])
     quality = "; ".join(f"{w} KL {q[w]['kl_vs_exact']:.4f}, top-1 {q[w]['top1_vs_exact']:.1%}, perplexity "
                         f"{q[w]['ppl']:.3f}" for w in ("torch", *builds))
     return _md(["µs at M tokens (GB/s)", "M", "torch's kernels", *(f"`{b}` build, × torch's" for b in builds)], rows) + (
