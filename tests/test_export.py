@@ -155,7 +155,10 @@ def test_dense_families_round_trip(tmp_path, family):
 @pytest.mark.skipif(not LLAMA_SIMPLE.is_file(), reason=f"no llama.cpp build at {LLAMA_SIMPLE} "
                     "(benchmarks/peer_llamacpp.py builds it)")
 def test_stock_llama_cpp_runs_smolmoe_as_hobbit_does(tmp_path):
-    """Real weights: SmolMoE routed without renormalization (llama.cpp's qwen2moe rule), bf16."""
+    """Real weights: SmolMoE routed without renormalization (llama.cpp's qwen2moe rule), bf16. Each token llama.cpp
+    chose greedily is hobbit's argmax on the same text (teacher-forced): comparing two free-running greedy texts
+    instead turns one near-tie rounded differently (one kernel for a prefill, another for a decode row) into two
+    different continuations."""
     try:
         src = asset_path("smolmoe", progress=False)
     except AssetError as e:
@@ -170,6 +173,11 @@ def test_stock_llama_cpp_runs_smolmoe_as_hobbit_does(tmp_path):
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     eng = hobbit.load(store, dtype="bf16", policy="resident")
     ids = eng.tokenizer.encode(prompt)
-    text = eng.tokenizer.decode(ids + eng.generate(ids, max_new_tokens=n, stop_token_ids=[]).token_ids)
+    theirs = eng.tokenizer.encode(done.stdout.decode(errors="replace").strip())
+    with torch.inference_mode():
+        logits = eng.logits(theirs).float()  # [T, V], teacher-forced on llama.cpp's text
     eng.close()
-    assert done.stdout.decode(errors="replace").strip() == text.strip()
+    assert theirs[:len(ids)] == ids and len(theirs) >= len(ids) + n - 2
+    steps = range(len(ids) - 1, len(theirs) - 1)
+    gaps = [float(logits[i].max() - logits[i, theirs[i + 1]]) for i in steps]  # 0 where hobbit agrees
+    assert max(gaps) < 0.25 and sum(g > 0 for g in gaps) <= 2  # at most a near-tie or two rounded the other way

@@ -27,9 +27,9 @@ from torch import Tensor
 from hobbit.paths import cache_dir
 
 _VARIANTS = {  # name: (source, CPU flags it needs, compiler flags, {kind: rows of x up to which it beats torch's}),
-    # fastest first; results/native_kernels.json. avx512: lowbit 1.14-1.5x torch's int4 kernel from 1 to 512 rows
-    # (every size), int8 2.2x at 1 row, 1.1x at 3, 0.7x at 4 (it re-reads the weight per row; torch's does not).
-    # avx2: lowbit 0.97-1.2x at one row, 0.78x at 2 (its byte unpacks bound it), int8 1.06x at 3, 0.95x at 4.
+    # fastest first; results/native_kernels.json. avx512: lowbit 1.18-1.58x torch's int4 kernel from 1 to 512 rows
+    # (every size), int8 2.25x at 1 row, 1.19x at 3, 0.97x at 4 (it re-reads the weight per row; torch's does not).
+    # avx2: lowbit 1.09-1.28x at one row, 0.55x from 4 (its byte unpacks bound it), int8 1.13x at 3, 0.94x at 4.
     # Where torch cannot read the bytes (int2, or int4 where it packs its own way) quant uses these at every size.
     "avx512": ("vnni.c", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"),
                ["-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"],

@@ -144,16 +144,15 @@ static inline __attribute__((always_inline)) void block_row_bits(
         }
 }
 
-static void block_row(int bits, const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
-                      const int16_t *x16, const float *d, const float *g, float *y) {
-    if (bits == 2)
-        block_row_bits(2, q, sz, N, K, gs, row0, x16, d, g, y);
-    else
-        block_row_bits(4, q, sz, N, K, gs, row0, x16, d, g, y);
+static inline void store_weighted(uint16_t *y, const float *out, float weight) {  // 64 fp32 x weight -> bf16
+    for (int c = 0; c < 64; c++) y[c] = to_bf16(weight * out[c]);
 }
 
+typedef int16_t XCODE;  // x's codes: one int16 per input
+#include "expert.h"
+
 static void lowbit_rows(int bits, const uint8_t *q, const uint16_t *sz, int64_t M, int64_t N, int64_t K, int64_t gs,
-                      const int16_t *x16, const float *d, const float *g, uint16_t *y, int threads) {
+                        const int16_t *x16, const float *d, const float *g, uint16_t *y, int threads) {
     const int64_t nb = K / QBLOCK;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t b = 0; b < N / 64; b++)
@@ -173,13 +172,6 @@ void lowbit_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint
         quantize_row(x + m * K, K, x16 + m * K, d + m * (K / QBLOCK), g + m * (K / QBLOCK));
     lowbit_rows((int)bits, q, sz, M, N, K, gs, x16, d, g, y, threads);
 }
-
-static inline void store_weighted(uint16_t *y, const float *out, float weight) {  // 64 fp32 x weight -> bf16
-    for (int c = 0; c < 64; c++) y[c] = to_bf16(weight * out[c]);
-}
-
-typedef int16_t XCODE;  // x's codes: one int16 per input
-#include "expert.h"
 
 // As vnni.c's int8_linear (K % 64 == 0); four rows share each activation load.
 void int8_linear(const uint16_t *x, const int8_t *w, const uint16_t *scale, uint16_t *y, int64_t M, int64_t N,

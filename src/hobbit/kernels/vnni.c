@@ -149,17 +149,17 @@ static inline __attribute__((always_inline)) void block_row_bits(
     _mm512_storeu_ps(y + 48, f3);
 }
 
-static void block_row(int bits, const uint8_t *q, const uint16_t *sz, int64_t N, int64_t K, int64_t gs, int64_t row0,
-                      const int8_t *xq, const float *d, const float *g, float *y) {
-    if (bits == 2)
-        block_row_bits(2, q, sz, N, K, gs, row0, xq, d, g, y);
-    else
-        block_row_bits(4, q, sz, N, K, gs, row0, xq, d, g, y);
+static inline void store_weighted(uint16_t *y, const float *out, float weight) {  // 64 fp32 x weight -> bf16
+    const __m512 w = _mm512_set1_ps(weight);
+    for (int c = 0; c < 64; c += 16) _mm256_storeu_si256((__m256i *)(y + c), to_bf16(_mm512_mul_ps(w, _mm512_loadu_ps(out + c))));
 }
+
+typedef int8_t XCODE;  // x's codes: level 1 [K] then level 2 [K] (2 bytes per input)
+#include "expert.h"
 
 // y [M,N] bf16 from the blocks of an int4/int2 matrix (quantized x in xq, d, g); fp32 [64] scratch per block.
 static void lowbit_rows(int bits, const uint8_t *q, const uint16_t *sz, int64_t M, int64_t N, int64_t K, int64_t gs,
-                      const int8_t *xq, const float *d, const float *g, uint16_t *y, int threads) {
+                        const int8_t *xq, const float *d, const float *g, uint16_t *y, int threads) {
     const int64_t nb = K / QBLOCK;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t b = 0; b < N / 64; b++)
@@ -180,14 +180,6 @@ void lowbit_linear(const uint16_t *x, const uint8_t *q, const uint16_t *sz, uint
         quantize_row(x + m * K, K, xq + 2 * m * K, d + m * (K / QBLOCK), g + m * (K / QBLOCK));
     lowbit_rows((int)bits, q, sz, M, N, K, gs, xq, d, g, y, threads);
 }
-
-static inline void store_weighted(uint16_t *y, const float *out, float weight) {  // 64 fp32 x weight -> bf16
-    const __m512 w = _mm512_set1_ps(weight);
-    for (int c = 0; c < 64; c += 16) _mm256_storeu_si256((__m256i *)(y + c), to_bf16(_mm512_mul_ps(w, _mm512_loadu_ps(out + c))));
-}
-
-typedef int8_t XCODE;  // x's codes: level 1 [K] then level 2 [K] (2 bytes per input)
-#include "expert.h"
 
 // x [M,K] bf16, w [N,K] int8 (row-major), scale [N] bf16 -> y [M,N] bf16 (w = q * scale per row). K % 64 == 0.
 // 64 inputs a step: VPDPBUSD multiplies |w| (u8) by each level of x's codes with w's sign, 254 x level 1 +
