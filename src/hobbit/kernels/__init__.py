@@ -1,9 +1,10 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached by source hash.
 
-`lowbit_linear`, `int8_linear`, `lowbit_expert`: decode-time x @ W.T for int4 and int2 weights in quant.py's
-B64 layout (read as stored: an int2 slot is 2 bits a weight in RAM too) and int8 weights per row, x rounded per 32 inputs to int8 and its remainder to int8 again
-(finer than bf16), where torch's int4 kernel converts every code to float (compute-bound at ~15-20
-GB/s here) and its int8 kernel runs at ~15 GB/s. Two builds: ``vnni.c`` (AVX-512 BW/VL/VNNI/VBMI)
+`lowbit_linear`, `int8_linear`, `lowbit_expert`: x @ W.T for int4 and int2 weights in quant.py's B64 layout
+(read as stored: an int2 slot is 2 bits a weight in RAM too) and int8 weights per row, x rounded per 32
+inputs to int8 and its remainder to int8 again (finer than bf16), where torch's int4 kernel converts every
+code to float (compute-bound at ~15-20 GB/s here) and its int8 kernel runs at ~15 GB/s. `max_tokens(kind)`
+says up to how many rows of x they beat torch's, as measured. Two builds: ``vnni.c`` (AVX-512 BW/VL/VNNI/VBMI)
 and ``avx2.c`` (AVX2 + FMA, the same results); `HOBBIT_NATIVE=avx512|avx2` picks one, `0` none.
 Needs x86-64 Linux and `cc` (or `$CC`); anywhere else `available()` is False and callers keep
 torch's kernels. A failed build warns once per process.
