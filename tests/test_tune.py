@@ -163,11 +163,11 @@ def test_perplexity_limit_walks_to_the_next_fastest_pair(tuned):
 
 
 def test_perplexity_limit_needs_room_and_sane_values(tuned, tmp_path, monkeypatch):
-    import hobbit.lab.tune as T
+    import hobbit.lab.calibration as C
     src, _, _ = tuned
     store = tmp_path / "store"
     shutil.copytree(src, store)
-    monkeypatch.setattr(T, "_available_ram", lambda: 1024)  # both tiers resident would not fit
+    monkeypatch.setattr(C, "available_ram", lambda: 1024)  # both tiers resident would not fit
     doc = tune(store, "60%", text=src.parent / "calib.txt", tokens=40, seq_len=40, weight_step=0.5, low="int2")
     assert "not checked" in doc["calibration"]["quality"]["note"] and "measured" not in doc["calibration"]["quality"]
     for bad in (dict(max_dppl=-1.0), dict(quality_tokens=1)):

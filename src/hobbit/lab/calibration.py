@@ -12,9 +12,13 @@ needs included) and one expert's compute for one token, as `hobbit study` times 
 the calibration run's own decode compute (wall time less the waits for reads) once the LM head and
 the experts are taken out: attention, router, norms and the scheduler's Python, as the engine runs
 them under load. `fit_reads` then scales the reads to the run itself.
+
+The quality probe (`quality_probe`): tune's perplexity limit, measured on the calibration text's tokens
+after the trace's with both tiers resident (`study_measure.RuleQuality`), where they fit in RAM.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +27,7 @@ from hobbit.lab.simulate import simulate
 from hobbit.lab.timeline import TimeModel
 from hobbit.runtime.options import Options
 from hobbit.runtime.trace import LayerCall
+from hobbit.store.format import ExpertStore
 
 DEFAULT_TEXT = "austen:emma"
 
@@ -148,3 +153,41 @@ def fit_reads(model: TimeModel, header: dict, calls: list[LayerCall], budget_byt
         lo, t_lo, hi, t_hi = hi, t_hi, scale, t
     fitted = replace(model, read_ms={p: v * scale for p, v in model.read_ms.items()})
     return fitted, dict(scale=scale, observed_ms=observed_ms, modeled_ms=t)
+
+
+def quality_probe(store: Path, text, tokens: int, quality_tokens: int, window: int, high: str, low: str,
+                  max_dppl: float, progress, engine_knobs: dict):
+    """(RuleQuality or None, what to record of it). Its windows are the calibration text's tokens after the
+    first `tokens` (the trace's), so the limit is not judged on what the trace was recorded on."""
+    if math.isinf(max_dppl):
+        return None, dict(note="no perplexity limit (max_dppl inf)")
+    from hobbit.lab.study_measure import RuleQuality
+    from hobbit.runtime.tokenizer import Tokenizer
+    with ExpertStore(store) as es:
+        need = es.total_nbytes(high) + es.total_nbytes(low) + 2 * es.manifest.get("dense_bytes", 0)
+    avail = available_ram()
+    if avail is not None and need > 0.9 * avail:
+        note = (f"perplexity limit not checked: both tiers resident need {need / 2**30:.1f} GiB, "
+                f"{avail / 2**30:.1f} GiB available; the share limits alone apply (lower --max-low to be safe)")
+        if progress:
+            progress(note)
+        return None, dict(note=note)
+    ids, label = calibration_ids(Tokenizer.from_dir(store), text, tokens + quality_tokens)
+    ids = ids[tokens:]
+    if len(ids) < 2:
+        raise ValueError(f"the calibration text has no tokens after the first {tokens} to check quality on; "
+                         f"pass a longer --text, or --max-dppl inf")
+    if progress:
+        progress(f"quality limit: perplexity +{max_dppl:g}% on {len(ids)} held-aside tokens of {label}")
+    return RuleQuality(store, ids, window, high, low, **engine_knobs), dict(
+        text=label, tokens=len(ids), window=window, max_dppl=max_dppl)
+
+
+def available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

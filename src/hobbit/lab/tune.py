@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import itertools
-import math
 import sys
 import tempfile
 import time
@@ -51,12 +50,11 @@ from pathlib import Path
 from hobbit.policies.eviction import DEFAULT_MULTIDIM_WEIGHTS
 from hobbit.policies.precision import TOLERANCE, scores
 from hobbit.runtime.options import Options
-from hobbit.lab.calibration import DEFAULT_TEXT, fit_reads, record_calibration
+from hobbit.lab.calibration import DEFAULT_TEXT, fit_reads, quality_probe, record_calibration
 from hobbit.lab.simulate import default_precisions, simulate
 from hobbit.lab.timeline import TimeModel
 from hobbit.runtime.config import RunConfig, add_json_arg, add_run_args, emit_json, read_tuned, tuned_path, write_tuned
 from hobbit.runtime.trace import LayerCall, read_trace
-from hobbit.store.format import ExpertStore
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 POOL_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
@@ -268,8 +266,8 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
     fitted, fit = fit_reads(measured, header, calls, budget_bytes, high, calibration["decode_ms_per_token"])
     calibration.update(time_model=fitted.as_dict(), read_fit=dict(fit, measured_read_ms=dict(measured.read_ms)))
     time_model = fitted if objective == "time" else None
-    probe, quality = _quality_probe(store, text, tokens, quality_tokens, seq_len, high, low, max_dppl, progress,
-                                    engine_knobs)
+    probe, quality = quality_probe(store, text, tokens, quality_tokens, seq_len, high, low, max_dppl, progress,
+                                   engine_knobs)
     try:
         found = search(header, calls, budget_bytes, high, low, max_low=max_low, max_skip=max_skip,
                        weight_step=weight_step, prefetch_depth=prefetch_depth, progress=progress,
@@ -288,45 +286,6 @@ def tune(store: str | Path, budget, text=None, tokens: int = 256, seq_len: int =
     doc = dict(options=found["options"], budget_bytes=budget_bytes, calibration=calibration, search=found["search"])
     write_tuned(store, doc)
     return doc
-
-
-def _quality_probe(store: Path, text, tokens: int, quality_tokens: int, window: int, high: str, low: str,
-                   max_dppl: float, progress, engine_knobs: dict):
-    """(RuleQuality or None, what to record of it). Its windows are the calibration text's tokens after the
-    first `tokens` (the trace's), so the limit is not judged on what the trace was recorded on."""
-    if math.isinf(max_dppl):
-        return None, dict(note="no perplexity limit (max_dppl inf)")
-    from hobbit.lab.calibration import calibration_ids
-    from hobbit.lab.study_measure import RuleQuality
-    from hobbit.runtime.tokenizer import Tokenizer
-    with ExpertStore(store) as es:
-        need = es.total_nbytes(high) + es.total_nbytes(low) + 2 * es.manifest.get("dense_bytes", 0)
-    avail = _available_ram()
-    if avail is not None and need > 0.9 * avail:
-        note = (f"perplexity limit not checked: both tiers resident need {need / 2**30:.1f} GiB, "
-                f"{avail / 2**30:.1f} GiB available; the share limits alone apply (lower --max-low to be safe)")
-        if progress:
-            progress(note)
-        return None, dict(note=note)
-    ids, label = calibration_ids(Tokenizer.from_dir(store), text, tokens + quality_tokens)
-    ids = ids[tokens:]
-    if len(ids) < 2:
-        raise ValueError(f"the calibration text has no tokens after the first {tokens} to check quality on; "
-                         f"pass a longer --text, or --max-dppl inf")
-    if progress:
-        progress(f"quality limit: perplexity +{max_dppl:g}% on {len(ids)} held-aside tokens of {label}")
-    return RuleQuality(store, ids, window, high, low, **engine_knobs), dict(
-        text=label, tokens=len(ids), window=window, max_dppl=max_dppl)
-
-
-def _available_ram() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def format_summary(doc: dict, path: Path) -> str:
