@@ -50,9 +50,10 @@ def test_every_command_takes_the_same_run_flags_with_the_same_defaults(command):
     got = flags(PARSERS[command])
     want = {s: v for s, v in RUN_FLAGS.items() if command != "simulate" or s not in ENGINE_FLAGS}
     if command == "bench":  # bench sweeps: --budget, --policy (alias --policies) and MoBiLE's knobs take comma lists
-        want = {s: v for s, v in want.items() if s not in ("--budget", "--policy", "--gamma", "--fallback-prefetch")}
+        lists = ("--gamma", "--fallback-prefetch", "--little-weights")
+        want = {s: v for s, v in want.items() if s not in ("--budget", "--policy", *lists)}
         assert got["--budget"][1] == "10%,25%,50%" and got["--policy"][0] == "policies"
-        assert got["--gamma"][:2] == ("gamma", None) and got["--fallback-prefetch"][:3] == ("fallback_prefetch", None, ())
+        assert all(got[s][1:3] == (None, ()) for s in lists)
     assert {s: got.get(s) for s in want} == want
     if command == "simulate":
         assert not ENGINE_FLAGS & set(got), "simulate has no model: no engine flags"
@@ -128,6 +129,18 @@ def test_resolve_settles_defaults_budget_and_tuned_options():
     assert dense.options.policy == "resident" and dense.budget_bytes is None
     with pytest.raises(ValueError, match="t1 must be a number in"):
         resolve(RunConfig(policy="hobbit"), FACTS, [{**TUNED, "options": {"t1": "high"}}])
+
+
+def test_resolve_little_weights_follow_the_family_router():
+    """A little set's weights are rescaled to the top-k's total where the family renormalizes its top-k
+    (or the user asks for it), else kept as the router gives them."""
+    plain = dataclasses.replace(FACTS, norm_topk_prob=False)
+    assert resolve(RunConfig(policy="mobile"), FACTS).options.little_renorm
+    assert not resolve(RunConfig(policy="mobile"), plain).options.little_renorm
+    assert resolve(RunConfig(policy="mobile", little_weights="rescaled"), plain).options.little_renorm
+    assert not resolve(RunConfig(policy="lru", little=0.8, little_weights="router"), plain).options.little_renorm
+    with pytest.raises(ValueError, match="unknown little weights 'scaled'; choose from router, rescaled"):
+        resolve(RunConfig(policy="mobile", little_weights="scaled"), plain)
 
 
 def test_json_prints_or_writes(tiny_store, tmp_path, capsys):

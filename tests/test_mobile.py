@@ -1,5 +1,6 @@
 """MoBiLE decoding (policies mobile, hobbit+mobile): a fallback redoes the token big at the same
-position, leaving exactly the state of a big-only decode; confident tokens stay little."""
+position, with the tokens accepted little before it, leaving the state of a big-only decode;
+confident tokens stay little."""
 from __future__ import annotations
 
 import pytest
@@ -53,19 +54,50 @@ def test_mixed_fallbacks_and_accepted_logits(tiny_store):
     assert 0 < stats["fallbacks"] < stats["little_steps"] == STEPS
 
 
-def test_redo_needs_the_last_pass_tokens(tiny_store):
-    eng = hobbit.load(tiny_store, budget=BUDGET, policy="lru")
-    seq = eng.sequence()
+def test_a_fallback_redoes_the_tokens_accepted_little_before_it(tiny_store):
+    """Three tokens accepted little, then one that falls back: the big pass recomputes all four at their
+    positions (one pass, as BiLD's big model catches up), so the KV cache and the last logits are a
+    big-only decode's (to bf16 rounding: four rows in one pass instead of one each); the position
+    advances once per token and the clock once per pass."""
+    toks = [5, 9, 11, 13]
+    ref = hobbit.load(tiny_store, budget=BUDGET, policy="lru")
+    eng = hobbit.load(tiny_store, budget=BUDGET, policy="mobile")
+    end = len(PROMPT) + len(toks)
     with torch.inference_mode():
-        seq.step(torch.tensor(PROMPT))
-        first = seq.forward(torch.tensor([5]), little=True)
-        assert seq.pos == len(PROMPT) + 1
-        again = seq.redo(torch.tensor([5]))
-        assert seq.pos == len(PROMPT) + 1 and eng.provider.scheduler.t == 3  # a pass more, no position more
-        assert not torch.equal(first, again)
-        with pytest.raises(ValueError, match="redo needs"):
-            seq.redo(torch.tensor([5, 6]))
-    eng.close()
+        rs, seq = ref.sequence(), eng.sequence()
+        rs.step(torch.tensor(PROMPT)), seq.step(torch.tensor(PROMPT))
+        for i, tok in enumerate(toks):
+            want = rs.step(torch.tensor([tok]))
+            seq.gamma = 0.0 if i < 3 else 1.01  # accept three little passes, then fall back
+            got = seq.step(torch.tensor([tok]))
+            assert got.shape == want.shape and seq.pos == rs.pos
+            assert len(seq.accepted_little) == (i + 1 if i < 3 else 0)
+            if i < 3:
+                assert not torch.allclose(got, want, atol=1e-2)  # a little pass
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        for mine, theirs in ((eng.model.k_cache, ref.model.k_cache), (eng.model.v_cache, ref.model.v_cache)):
+            torch.testing.assert_close(mine[:, :, :end].float(), theirs[:, :, :end].float(), atol=2e-2, rtol=2e-2)
+        assert eng.provider.scheduler.t == 1 + 3 + 2  # prefill, three little passes, the last token twice
+    s = eng.provider.stats.as_dict()
+    assert (s["little_steps"], s["fallbacks"], s["fallback_redone"]) == (4, 1, 3)
+    assert s["fallback_reused"] == 0  # the fallback has four rows: its little outputs are for one
+    ref.close(), eng.close()
+
+
+def test_little_weights_are_the_router_s_own_unless_rescaled(tiny_store, tmp_path):
+    """The tiny qwen2_moe never renormalizes its top-k: its little pass keeps the router's weights by
+    default, and `little_weights="rescaled"` scales them to the top-k's total, another result. On a copy
+    whose family renormalizes, both rules are the same weights."""
+    import json
+    import shutil
+    renorm = shutil.copytree(tiny_store, tmp_path / "renorm")
+    manifest = json.loads((renorm / "manifest.json").read_text())
+    manifest["config"]["norm_topk_prob"] = True
+    (renorm / "manifest.json").write_text(json.dumps(manifest))
+    for store, same in ((tiny_store, False), (renorm, True)):
+        runs = [_decode(store, "mobile", gamma=0.0, little_weights=w)[0] for w in ("router", "rescaled")]
+        assert torch.equal(runs[0][0], runs[1][0])  # the prefill is big
+        assert torch.equal(runs[0], runs[1]) == same
 
 
 def test_accepted_tokens_cancel_their_queued_fallback_reads(tiny_store):

@@ -329,8 +329,11 @@ def test_biglittle_little_set():
     assert little_weights(w) == pytest.approx([0.4 / 0.7, 0.3 / 0.7])
     assert layer_weights(w, 0.6) == pytest.approx([0.4 / 0.7, 0.3 / 0.7])  # little suffices
     assert layer_weights(w, 0.8) == w  # important token at this layer: big
-    # Unnormalized family weights (sum 0.5): the little set keeps the same total.
+    # Unnormalized family weights (sum 0.5): rescaled, the little set keeps the same total; as the
+    # router gives them (a family that never renormalizes), the kept weights are the router's own.
     assert little_weights([0.3, 0.1, 0.05, 0.05]) == pytest.approx([0.375, 0.125])
+    assert little_weights([0.3, 0.1, 0.05, 0.05], renorm=False) == [0.3, 0.1]
+    assert layer_weights([0.3, 0.1, 0.05, 0.05], 0.6, renorm=False) == [0.3, 0.1]
     with pytest.raises(ValueError):
         little_mass([0.1, 0.9])
 
@@ -340,6 +343,7 @@ def test_adapmoe_drops_small_normalized_weights():
     assert adapmoe_weights([0.7, 0.3], 0.35) == pytest.approx([1.0])  # AdapMoE's top-2 code: keep top-1, renormalized
     assert adapmoe_weights([0.7, 0.3], 0.3) == [0.7, 0.3]  # at the threshold: kept
     assert adapmoe_weights([0.3, 0.1, 0.1], 0.25) == pytest.approx([0.5])  # unnormalized: same total
+    assert adapmoe_weights([0.3, 0.1, 0.1], 0.25, renorm=False) == [0.3]  # or the router's own weight
     assert adapmoe_weights([0.5, 0.3, 0.2], 0.0) == [0.5, 0.3, 0.2]
     assert adapmoe_weights([0.2, 0.2], 1.0) == pytest.approx([0.4])  # the top-1 always stays
     with pytest.raises(ValueError, match="threshold"):

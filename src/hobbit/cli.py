@@ -42,7 +42,8 @@ def _format_stats(s: dict) -> str:
                    f"KV cache {s['kv_cache_bytes'] / 2**20:.1f} MiB, peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB"),
     ]
     if s.get("little_steps"):
-        rows.append(("MoBiLE", f"{s['fallbacks']} of {s['little_steps']} little passes redone big; "
+        rows.append(("MoBiLE", f"{s['fallbacks']} of {s['little_steps']} little passes redone big (with "
+                               f"{s['fallback_redone']} tokens accepted little before them); "
                                f"{s['fallback_prefetch_used']} of {s['fallback_prefetch_issued']} fallback prefetches used, "
                                f"{s['fallback_prefetch_withheld']} withheld (--fallback-prefetch)"))
     return "\n".join(f"  {k:<18} {v}" for k, v in rows)

@@ -39,12 +39,12 @@ from hobbit.store.format import ExpertStore, checksum
 from hobbit.runtime.trace import belady_accesses, read_trace
 
 _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "decode_s", "hits", "misses",
-         "bytes_read", "loader_wait_s", "skipped", "selections", "little_steps", "fallbacks",
+         "bytes_read", "loader_wait_s", "skipped", "selections", "little_steps", "fallbacks", "fallback_redone",
          "fallback_prefetch_issued", "fallback_prefetch_used", "fallback_prefetch_withheld",
          "fallback_prefetch_cancelled", "fallback_bytes_saved",
          "fallback_reused")
 WARMUP_TOKENS = 8  # warm-up prompt length; it generates 4 tokens
-MOBILE_KNOBS = ("gamma", "fallback_prefetch")  # comma lists in `hobbit bench`: one configuration per combination
+MOBILE_KNOBS = ("gamma", "fallback_prefetch", "little_weights")  # comma lists in `hobbit bench`: one configuration per combination
 
 
 @dataclass(frozen=True)
@@ -340,6 +340,8 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                    "configuration each (default 0.7)")
     p.add_argument("--fallback-prefetch", default=None, help="mobile, hobbit+mobile: comma list of fit, always, "
                    "never, one configuration each (default fit)")
+    p.add_argument("--little-weights", default=None, help="mobile, hobbit+mobile: comma list of router, rescaled, "
+                   "one configuration each (default router)")
     add_text_args(p, max_tokens=512)
     p.add_argument("--prompt-tokens", default="16,128", help="comma list of prompt lengths (default 16,128)")
     p.add_argument("--max-new-tokens", default="32,128", help="comma list of output lengths (default 32,128)")
@@ -361,7 +363,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, total = model_info(store), store.total_nbytes(store.precisions[0])
     store.close()
     # bench sweeps policies, budgets and MoBiLE variants itself
-    cfg = RunConfig.from_args(args, policy="hobbit", budget=None, gamma=None, fallback_prefetch=None)
+    cfg = RunConfig.from_args(args, policy="hobbit", budget=None, gamma=None, fallback_prefetch=None,
+                              little_weights=None)
     engine = dict(dtype=cfg.dtype, dense=cfg.dense, high=cfg.high, low=cfg.low, threads=cfg.threads,
                   direct_io=cfg.direct_io, io_threads=cfg.io_threads,
                   **{k: v for k, v in cfg.engine_kwargs().items()

@@ -164,10 +164,10 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
                 cancelled += sched.cancelled
             seq, sequences = s, sequences + 1
         sched.t = t
-        sched.begin_pass(group[0].little, fetcher)  # MoBiLE: the live run's little/fallback passes, as recorded
-        cancelled += sched.cancelled
         ntok = len(group[0].ids)
-        ph = phases["prefill" if ntok > 1 else "decode"]
+        sched.begin_pass(group[0].little, fetcher, ntok)  # MoBiLE: the live run's little/fallback passes, as recorded
+        cancelled += sched.cancelled
+        ph = phases["prefill" if ntok > 1 and not sched.fallback_pass else "decode"]
         before = (sum(loads["demand"].values()), sum(loads["prefetch"].values()), sum(stats.hits.values()))
         bd0 = sum(disk[p] * n for p, n in loads["demand"].items())
         bp0 = sum(disk[p] * n for p, n in loads["prefetch"].items())
@@ -195,7 +195,7 @@ def simulate(header: dict, calls: list[LayerCall], options: Options, budget_byte
         sched.end_step()
         if time_model:
             fetcher.compute(time_model.step_ms)
-            clock["prefill" if ntok > 1 else "decode"] += fetcher.now - t0
+            clock["prefill" if ntok > 1 and not sched.fallback_pass else "decode"] += fetcher.now - t0
         steps += 1
         tokens += ntok
         ph.c["steps"] += 1
@@ -245,7 +245,7 @@ def _report(header, opt, budget_bytes, link_gbps, stats, loads, served, phases, 
         share_by_precision={p: served[p] / max(1, selections) for p in precs},
         low_share=served[opt.low] / max(1, selections) if opt.low else 0.0,
         evictions=stats.evictions, prefetch_issued=stats.prefetch_issued, prefetch_used=stats.prefetch_used,
-        little_steps=stats.little_steps, fallbacks=stats.fallbacks,
+        little_steps=stats.little_steps, fallbacks=stats.fallbacks, fallback_redone=stats.fallback_redone,
         fallback_rate=stats.fallbacks / stats.little_steps if stats.little_steps else None,
         fallback_prefetch_issued=stats.fallback_prefetch_issued, fallback_prefetch_used=stats.fallback_prefetch_used,
         fallback_prefetch_withheld=stats.fallback_prefetch_withheld,
@@ -290,7 +290,8 @@ def resolve_for(header: dict, config: RunConfig):
     """`resolve` against the trace's store, as the engine resolved it (its tuning result when the store is here)."""
     store = header.get("store")
     here = bool(store) and Path(store).is_dir()
-    facts = StoreFacts(tuple(header["precisions"]), highest_total_bytes(header), int(header["num_experts"]))
+    facts = StoreFacts(tuple(header["precisions"]), highest_total_bytes(header), int(header["num_experts"]),
+                       bool(header.get("norm_topk_prob", True)))
     return resolve(config, facts, read_tuned(store) if here and config.reads_tuned else None)
 
 
@@ -341,7 +342,8 @@ def format_report(r: dict) -> str:
                            f"loads/token, {ph['bytes_demand_per_token'] / mib:.2f} MiB/token{t}"))
     if r["little_steps"]:
         rows.append(("MoBiLE", f"{r['fallbacks']} of {r['little_steps']} little passes redone big "
-                               f"({r['fallback_rate']:.1%}); {r['fallback_prefetch_used']} of "
+                               f"({r['fallback_rate']:.1%}, with {r['fallback_redone']} tokens accepted little before "
+                               f"them); {r['fallback_prefetch_used']} of "
                                f"{r['fallback_prefetch_issued']} fallback prefetches used by a fallback "
                                f"({r['fallback_prefetch_withheld']} withheld by --fallback-prefetch), "
                                f"{r['fallback_prefetch_cancelled']} cancelled unread "

@@ -4,8 +4,12 @@ weight rules. Torch-free.
 Only the abstract and second-hand descriptions of MoBiLE were available, not the full text:
 
 - The "big" model uses the router's own top-K; the "little" model uses the first ``ceil(K/2)``
-  of them, with their weights rescaled to the top-K's total so the output scale matches the big
-  model (``little_weights``).
+  of them with the weights the router would give a top-``ceil(K/2)``: renormalized to 1 where the
+  family renormalizes its top-K (``norm_topk_prob``: Mixtral, Qwen3-MoE, OLMoE, SmolMoE), left as
+  they are where it does not (Qwen2-MoE, CoderMoE: a dropped expert's term is dropped, the others
+  keep theirs). ``renorm=True`` rescales to the top-K's total on every family (the paper's
+  "renormalized" read literally; on CoderMoE it costs 3.5x the perplexity of the router's weights
+  when every token stays little: README).
 - MoBiLE's importance is per token, from the little pass's output confidence (top next-token
   probability below gamma -> recompute the token big); that decode loop lives in the engine
   (`Sequence.step`), the scheduler only runs a pass little or big (`Scheduler.begin_pass`).
@@ -15,7 +19,8 @@ Only the abstract and second-hand descriptions of MoBiLE were available, not the
   threshold, renormalize the rest).
 
 All weight arguments are the selected experts' routing weights, sorted descending, as the family
-defines them (renormalized or not).
+defines them (renormalized or not); ``renorm`` says whether the kept ones are rescaled to the
+top-K's total (the family renormalizes, or the user asks for it) or kept as the router gave them.
 """
 
 from __future__ import annotations
@@ -48,15 +53,20 @@ def little_mass(weights: Sequence[float]) -> float:
     return sum(w[: little_k(len(w))]) / sum(w)
 
 
-def little_weights(weights: Sequence[float]) -> list[float]:
-    """The little set's weights, rescaled to sum to the top-K's total (1 for renormalizing families)."""
-    w = _check(weights)
-    head = w[: little_k(len(w))]
-    scale = sum(w) / sum(head)
+def _kept(w: list[float], head: list[float], renorm: bool) -> list[float]:
+    """The kept leading weights `head` of `w`: rescaled to `w`'s total when `renorm`, else as they are."""
+    scale = sum(w) / sum(head) if renorm else 1.0
     return [x * scale for x in head]
 
 
-def layer_weights(weights: Sequence[float], threshold: float) -> list[float]:
+def little_weights(weights: Sequence[float], renorm: bool = True) -> list[float]:
+    """The little set's weights: rescaled to sum to the top-K's total (1 for renormalizing families)
+    when `renorm`, else the router's own."""
+    w = _check(weights)
+    return _kept(w, w[: little_k(len(w))], renorm)
+
+
+def layer_weights(weights: Sequence[float], threshold: float, renorm: bool = True) -> list[float]:
     """Per-layer big-little choice for one token.
 
     Returns the weights to compute with, for the leading experts in order: ``little_weights`` when
@@ -66,22 +76,22 @@ def layer_weights(weights: Sequence[float], threshold: float) -> list[float]:
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     w = _check(weights)
-    return little_weights(w) if little_mass(w) >= threshold else w
+    return little_weights(w, renorm) if little_mass(w) >= threshold else w
 
-
-
-def adapmoe_weights(weights: Sequence[float], threshold: float) -> list[float]:
+def adapmoe_weights(weights: Sequence[float], threshold: float, renorm: bool = True) -> list[float]:
     """AdapMoE's gating baseline for one token: keep the leading experts whose normalized weight is
-    at least ``threshold`` (the top-1 always), rescaled to the top-K's total, as AdapMoE renormalizes
-    its kept top-1 to 1. ``threshold`` in [0, 1]; 0 keeps every expert."""
+    at least ``threshold`` (the top-1 always), rescaled to the top-K's total when `renorm`, as AdapMoE
+    renormalizes its kept top-1 to 1 (Mixtral). ``threshold`` in [0, 1]; 0 keeps every expert."""
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     w = _check(weights)
     total = sum(w)
-    head = [x for i, x in enumerate(w) if i == 0 or x / total >= threshold]
-    scale = total / sum(head)
-    return [x * scale for x in head]
+    return _kept(w, [x for i, x in enumerate(w) if i == 0 or x / total >= threshold], renorm)
 
+
+LITTLE_WEIGHTS = ("router", "rescaled")
+"""--little-weights: the kept experts' weights as the family's router gives them (renormalized iff it
+renormalizes its top-K), or always rescaled to the top-K's total."""
 
 FALLBACK_PREFETCH = ("fit", "always", "never")
 """--fallback-prefetch: when a little pass reads what its fallback adds (``fallback_reads_fit``, always, never)."""
@@ -100,4 +110,4 @@ def fallback_reads_fit(capacity: int, layers: int, big: int) -> bool:
 
 
 LITTLE_RULES = {"mass": layer_weights, "adapmoe": adapmoe_weights}
-"""--little-rule name -> (weights, threshold) -> the leading weights to compute with."""
+"""--little-rule name -> (weights, threshold, renorm) -> the leading weights to compute with."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from hobbit.policies.biglittle import FALLBACK_PREFETCH, LITTLE_RULES
+from hobbit.policies.biglittle import FALLBACK_PREFETCH, LITTLE_RULES, LITTLE_WEIGHTS
 from hobbit.runtime.options import NO_CACHE_POLICIES, POLICIES, Options, base_policy, parse_budget
 
 # hobbit.store.quant.FORMATS, highest first (quant imports torch; a test keeps the two equal)
@@ -84,6 +84,11 @@ class RunConfig:
     little_rule: str | None = field(default=None, metadata=_knob(
         "--little-rule", "mass: a token whose top-ceil(k/2) experts hold X of its routing mass runs only those; "
         "adapmoe: drop experts whose normalized weight is under X (AdapMoE's baseline)", choices=LITTLE_RULES))
+    little_weights: str | None = field(default=None, metadata=_knob(
+        "--little-weights", "weights of the experts a little set keeps (MoBiLE's little pass, --little-rule): "
+        "router = what the family's router gives that many experts (renormalized to 1 where it renormalizes its "
+        "top-k, else unchanged), rescaled = rescaled to the top-k's total on every family (default router)",
+        choices=LITTLE_WEIGHTS))
     gamma: float | None = field(default=None, metadata=_knob(
         "--gamma", "policies mobile, hobbit+mobile: a token decoded little whose top next-token probability is "
         "below this is redone big (default 0.7)", type=float))
@@ -172,6 +177,7 @@ class StoreFacts:
     precisions: tuple[str, ...]  # stored expert precisions, highest first
     total_bytes: int  # all expert bytes at the highest precision: the base of '25%'
     num_experts: int  # 0: a dense model
+    norm_topk_prob: bool = True  # the family renormalizes its top-k weights (the little sets' default)
 
 
 @dataclass(frozen=True)
@@ -219,8 +225,12 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: list[dict] | None = Non
             knobs, used = {**check_tuned_options(result["options"]), **knobs}, True
     if config.precision_map and config.low is None:  # the map names the low tier
         low = next(iter(set(config.precision_map.values()) - {high}), low)
+    if config.little_weights not in (None, *LITTLE_WEIGHTS):
+        raise ValueError(f"unknown little weights {config.little_weights!r}; choose from {', '.join(LITTLE_WEIGHTS)}")
+    renorm = config.little_weights == "rescaled" or facts.norm_topk_prob
     options = Options(policy=policy, high=high, low=low, allow_low_for_high=config.allow_low_for_high,
-                      keep_stale_prefetch=config.keep_stale_prefetch, precision_map=config.precision_map, **knobs)
+                      keep_stale_prefetch=config.keep_stale_prefetch, precision_map=config.precision_map,
+                      little_renorm=renorm, **knobs)
     return Resolved(options, budget, used, note)
 
 

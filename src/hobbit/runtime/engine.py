@@ -41,35 +41,41 @@ class Sequence:
         opt = self.provider.opt
         self.gamma = opt.gamma if opt.mobile else None
         self.pos = 0
-        self._last = 0  # tokens of the last pass: what `redo` runs again
+        self.accepted_little: list[Tensor] = []  # MoBiLE: tokens [1] accepted little since the last big pass
 
     def step(self, tokens: Tensor, last_only: bool = False) -> Tensor:
         """tokens [T] int64 at the next positions -> logits [T, V] fp32 ([1, V], the last token's, when
         last_only). Under MoBiLE a single token is decoded little first and redone big when the little
         pass's top next-token probability is below gamma; the logits returned are the accepted pass's."""
         if self.gamma is None or tokens.shape[0] != 1:
-            return self.forward(tokens, last_only=last_only)
+            return self.big(tokens, last_only)
         logits = self.forward(tokens, little=True)
         if float(torch.softmax(logits[-1], dim=-1).max()) < self.gamma:
-            logits = self.redo(tokens)
+            self.pos -= 1  # the fallback: this token again, at the same position
+            return self.big(tokens)
+        self.accepted_little.append(tokens)
         return logits
+
+    def big(self, tokens: Tensor, last_only: bool = False) -> Tensor:
+        """A big pass of `tokens` at `pos`, led by the tokens accepted little since the last big pass, as in
+        BiLD: their positions are recomputed in the same pass and their KV entries overwritten, so the state
+        is what a big-only decode of the accepted tokens leaves. Returns `tokens`' logits, as `step`."""
+        n = len(self.accepted_little)
+        if n:
+            tokens, self.pos = torch.cat([*self.accepted_little, tokens]), self.pos - n
+            self.accepted_little.clear()
+        logits = self.forward(tokens, last_only=last_only)
+        return logits if last_only else logits[n:]
 
     def forward(self, tokens: Tensor, little: bool = False, last_only: bool = False) -> Tensor:
         """One forward pass (little: each token runs the first ceil(k/2) of its top-k experts)."""
-        self.provider.begin_pass(little)
+        self.provider.begin_pass(little, tokens.shape[0])
         logits = self.model.forward(tokens, self.pos, last_only)
         self.pos += tokens.shape[0]
-        self._last = tokens.shape[0]
         self.provider.end_step()
         return logits
 
-    def redo(self, tokens: Tensor) -> Tensor:
-        """The last pass's tokens again, big, at the same positions: their KV entries are overwritten,
-        so the state is as if the first pass never ran; `pos` does not advance twice."""
-        if tokens.shape[0] != self._last:
-            raise ValueError(f"redo needs the last pass's {self._last} tokens, got {tokens.shape[0]}")
-        self.pos -= self._last
-        return self.forward(tokens)
+
 @dataclass
 class Generation:
     token_ids: list[int]
@@ -118,7 +124,7 @@ class Engine:
         self.dtype = DTYPES[config.dtype]
         precs = self.store.precisions
         facts = StoreFacts(tuple(precs), self.store.total_nbytes(precs[0]) if self.store.blobs else 0,
-                           self.config.num_experts)
+                           self.config.num_experts, self.config.norm_topk_prob)
         run = resolve(config, facts, read_tuned(self.path) if config.reads_tuned else None)
         if run.note:  # a `hobbit tune` result is hobbit's defaults only for the precisions and budget it was tuned at
             warnings.warn(f"{self.path}/{run.note}")
@@ -220,7 +226,7 @@ class Engine:
         c = self.config
         precs = self.store.precisions
         return dict(store=str(self.path), arch=c.arch, num_layers=c.num_layers, sparse_layers=list(c.sparse_layers),
-                    num_experts=c.num_experts, top_k=c.top_k, precisions=precs,
+                    num_experts=c.num_experts, top_k=c.top_k, norm_topk_prob=c.norm_topk_prob, precisions=precs,
                     expert_ram_bytes={p: self.provider.expert_bytes(p) for p in precs},
                     expert_disk_bytes={p: self.store.expert_nbytes(p) for p in precs})
 

@@ -16,23 +16,26 @@ FALLBACK_PINS = -1  # the `_pins` entry of MoBiLE's fallback reads: held through
 
 class MobilePasses:
     """The MoBiLE half of `Scheduler` (its attributes: cache, capacity, stats, opt, _slot, _pins,
-    _prefetched, _fallback, little_pass, cancelled, sparse_layers; its methods _tiers, _cached,
+    _prefetched, _fallback, little_pass, fallback_pass, cancelled, sparse_layers; its methods _tiers, _cached,
     _fmt, _admit, _drop_unread)."""
 
-    def begin_pass(self, little: bool, fetcher: Fetcher | None = None) -> None:
-        """MoBiLE: the next forward pass is a little pass, or big. A big pass right after a little one
-        is its fallback (the same token redone); a little pass starts a new token. A little pass right
-        after a little one means the previous token was accepted: its fallback reads still queued are
-        cancelled (`_cancel_fallback`; `cancelled` lists them)."""
+    def begin_pass(self, little: bool, fetcher: Fetcher | None = None, tokens: int = 1) -> None:
+        """MoBiLE: the next forward pass (of `tokens` positions) is a little pass, or big. A big pass
+        right after a little one is its fallback (the same token redone, after the tokens accepted little
+        since the last big pass: `tokens` - 1 of them); a little pass starts a new token. A little pass
+        right after a little one means the previous token was accepted: its fallback reads still queued
+        are cancelled (`_cancel_fallback`; `cancelled` lists them)."""
         self.cancelled = []
+        self.fallback_pass = not little and self.little_pass
         self._unpin_fallback()  # the little pass is over: its fallback copies may go
         if little:
             if self.little_pass:
                 self._cancel_fallback(fetcher)
             self.stats.little_steps += 1
             self._fallback.clear()  # the previous token is settled: its fallback copies are plain cache now
-        elif self.little_pass:
+        elif self.fallback_pass:
             self.stats.fallbacks += 1
+            self.stats.fallback_redone += tokens - 1
         self.little_pass = little
 
     def _unpin_fallback(self) -> None:

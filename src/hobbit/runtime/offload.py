@@ -255,12 +255,12 @@ class OffloadedExperts:
     def end_step(self) -> None:
         self.scheduler.end_step()
 
-    def begin_pass(self, little: bool) -> None:
+    def begin_pass(self, little: bool, tokens: int = 1) -> None:
         self._redo = not little and self.scheduler.little_pass
         if not self._redo:
             self._little_out.clear()
         self._first_call = True
-        self.scheduler.begin_pass(little, self.fetcher)
+        self.scheduler.begin_pass(little, self.fetcher, tokens)
         if self.trace is not None:
             self.trace.cancelled(self.scheduler.cancelled)
 
@@ -282,9 +282,10 @@ class OffloadedExperts:
         sched, plan_weights = self.scheduler, []
         # MoBiLE at a decode token's first sparse layer: the little pass keeps its experts' outputs, and
         # its fallback reuses those computed from a copy at the same precision instead of computing them
+        # (a fallback that also redoes earlier accepted tokens has more rows: it computes them all)
         first, self._first_call = self._first_call, False
         keep = first and x.shape[0] == 1 and sched.little_pass
-        reuse = self._little_out if first and self._redo else {}
+        reuse = self._little_out if first and self._redo and x.shape[0] == 1 else {}
 
         def compute(step: Step) -> None:
             w = weights

@@ -61,6 +61,9 @@ class Options:
     allow_low_for_high: bool = False  # a cached low copy may serve a request for high
     little: float | None = None  # threshold of the per-layer little rule (no second pass)
     little_rule: str | None = None  # 'mass' (top-ceil(k/2) hold this share of the mass) | 'adapmoe' (drop normalized weights under it)
+    # a little set's kept weights (little pass, little rules): rescaled to the top-K's total, or the router's own
+    # (resolve sets it from --little-weights and the family: router = rescaled iff the family renormalizes)
+    little_renorm: bool = True
     mobile: bool = False  # MoBiLE decoding (set by the policy names in MOBILE_POLICIES; `policy` is then the base)
     gamma: float = 0.7  # MoBiLE: a little pass whose top next-token probability is below gamma is redone big
     # MoBiLE: a little pass reads what its fallback adds 'fit': where the pool holds the token's big set
@@ -136,6 +139,7 @@ class Stats:
     little_tokens: int = 0  # token-layers that ran a little set (MoBiLE's little pass or a little rule)
     little_steps: int = 0  # MoBiLE: little forward passes
     fallbacks: int = 0  # MoBiLE: big passes that redid a little pass (the token was unsure)
+    fallback_redone: int = 0  # MoBiLE: tokens accepted little whose positions a later fallback recomputed big
     fallback_prefetch_issued: int = 0  # MoBiLE: reads queued during little passes for what a fallback adds
     fallback_prefetch_used: int = 0  # ... that served the fallback pass of the same token
     fallback_prefetch_withheld: int = 0  # ... not issued (--fallback-prefetch: fit, the pool cannot keep them; never)
@@ -160,7 +164,7 @@ class Stats:
                     misses_by_precision={p: self.misses[p] for p in precs},
                     bytes_demand=self.bytes_loaded["demand"], bytes_prefetch=self.bytes_loaded["prefetch"],
                     skipped=self.skipped, little_tokens=self.little_tokens, selections=self.selections, prefetch_issued=self.prefetch_issued,
-                    little_steps=self.little_steps, fallbacks=self.fallbacks,
+                    little_steps=self.little_steps, fallbacks=self.fallbacks, fallback_redone=self.fallback_redone,
                     fallback_prefetch_issued=self.fallback_prefetch_issued,
                     fallback_prefetch_used=self.fallback_prefetch_used,
                     fallback_prefetch_withheld=self.fallback_prefetch_withheld,

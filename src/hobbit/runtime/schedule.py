@@ -51,6 +51,7 @@ class Scheduler(MobilePasses):
         self._pins: dict[int, list[Key]] = {}  # layer -> predicted keys pinned until that layer runs
         self._predicted: dict[int, list[int]] = {}  # layer -> predicted experts (for precision/recall)
         self.little_pass = False  # MoBiLE: this forward pass runs each token's little set (begin_pass)
+        self.fallback_pass = False  # MoBiLE: this forward pass is a fallback (big, right after a little one)
         self._fallback: dict[Key, None] = {}  # admitted for a fallback by the last little pass, not yet used (issue order)
         self.cancelled: list[Key] = []  # the fallback reads the last accepted little pass cancelled (traces record them)
         self.stale: list[Key] = []  # the prefetch reads the last layer call dropped unread (traces record them)
@@ -202,8 +203,8 @@ class Scheduler(MobilePasses):
         out, changed = [], False
         for ids, weights in rows:
             w = list(weights)
-            kept = little_weights(w) if self.little_pass else \
-                LITTLE_RULES[o.little_rule](w, o.little) if o.little_rule is not None else w
+            kept = little_weights(w, o.little_renorm) if self.little_pass else \
+                LITTLE_RULES[o.little_rule](w, o.little, o.little_renorm) if o.little_rule is not None else w
             if len(kept) < len(w):
                 self.stats.little_tokens += 1
                 self.stats.skipped += len(w) - len(kept)
