@@ -81,28 +81,37 @@ def profile(name: str = "bench_smolmoe.json") -> str:
 def mobile(*names: str) -> str:
     """MoBiLE runs (hobbit bench with mobile policies), one block of rows per file; × lru within the file."""
     rows, docs = [], [_load(name) for name in names]
-    cancel = any("fallback_prefetch_cancelled_frac" in r for d in docs for r in d["runs"])  # measured since then
-    withheld = any("fallback_prefetch_withheld" in r for d in docs for r in d["runs"])  # --fallback-prefetch since then
+    runs = [r for d in docs for r in d["runs"]]
+    cancel = any("fallback_prefetch_cancelled_frac" in r for r in runs)  # measured since then
+    withheld = any("fallback_prefetch_withheld" in r for r in runs)  # --fallback-prefetch since then
+    redone = any("fallback_redone" in r for r in runs)  # fallbacks redo the tokens accepted little before them
+    weights = any("little_weights" in (r.get("variant") or {}) for r in runs)  # --little-weights compared
     for d in docs:
-        lru = next(r["decode_tok_s"] for r in d["runs"] if r["policy"] == "lru")
+        lru = next((r["decode_tok_s"] for r in d["runs"] if r["policy"] == "lru"), None)
         for r in d["runs"]:
             little = r["fallback_rate"] is not None
-            gamma = (r.get("variant") or {}).get("gamma", d["settings"]["engine"].get("gamma"))
-            mode = (r.get("variant") or {}).get("fallback_prefetch", "fit" if withheld else None)
+            variant = r.get("variant") or {}
+            gamma = variant.get("gamma", d["settings"]["engine"].get("gamma"))
+            mode = variant.get("fallback_prefetch", "fit" if withheld else None)
             fb = "" if not little else f"{_pct(r['fallback_rate'])} / {_pct(r['eval_fallback_rate'])}"
             saved = r.get("fallback_bytes_saved_per_token")
             issued = (f"{r['fallback_prefetch_issued']} / {r['fallback_prefetch_withheld']}"
                       if little and withheld else "")
+            per = (f"{r['fallback_redone'] / r['fallbacks']:.2f}" if r["fallbacks"] else "-") if little else ""
             rows.append([r["policy"] + (f" ({mode})" if little and mode else ""),
-                         f"{0.7 if gamma is None else gamma:g}" if little else "",
-                         f"{r['decode_tok_s']:.2f}", f"{r['decode_tok_s'] / lru:.2f}", fb]
+                         f"{0.7 if gamma is None else gamma:g}" if little else ""]
+                        + ([variant.get("little_weights", "router") if little else ""] if weights else [])
+                        + [f"{r['decode_tok_s']:.2f}", f"{r['decode_tok_s'] / lru:.2f}" if lru else "-", fb]
+                        + ([per] if redone else [])
                         + ([issued] if withheld else [])
                         + [_pct(r["fallback_prefetch_used_frac"]) if little else ""]
                         + ([_pct(r.get("fallback_prefetch_cancelled_frac")) if little else "",
                             f"{saved / 1024:.0f}" if little and saved is not None else ""] if cancel else [])
                         + [f"{r['bytes_per_token'] / 1024:.0f}", f"{r['ppl_delta_pct']:+.2f}%",
                            f"{r['top1_agreement']:.1%}"])
-    return _md(["policy", "gamma", "decode tok/s", "× lru", "fallback (decode / eval)"]
+    return _md(["policy", "gamma"] + (["little weights"] if weights else [])
+               + ["decode tok/s", "× lru", "fallback (decode / eval)"]
+               + (["accepted tokens redone / fallback"] if redone else [])
                + (["fallback reads issued / withheld"] if withheld else []) + ["fallback prefetches used"]
                + (["cancelled unread", "KiB saved / token"] if cancel else [])
                + ["KiB read / token", "ppl Δ", "top-1"], rows)
@@ -249,7 +258,8 @@ def study() -> str:
 
 TABLES = {"peer": peer, "dense": dense, "fastpath": fastpath, "bench": bench, "profile": profile, "offload": offload,
           "mobile": lambda: mobile("bench_mobile.json", "bench_mobile_gamma0.json"),
-          "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json", "bench_mobile_codermoe_gamma.json"),
+          "mobile_codermoe": lambda: mobile("bench_mobile_codermoe.json"),
+          "mobile_codermoe_weights": lambda: mobile("bench_mobile_codermoe_weights.json"),
           "mobile_codermoe_profile": lambda: profile("bench_mobile_codermoe.json"),
           "peer_memory": peer_memory, "peer_memory_bf16": lambda: peer_memory("peer_memory_bf16.json", "peer_memory_bf16_quality.json", None),
           "peer_memory_int8": lambda: peer_memory("peer_memory_int8.json", "peer_memory_int8_quality.json", None),
