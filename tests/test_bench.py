@@ -151,3 +151,25 @@ def test_reference_ignores_dense_overrides(tiny_store, tmp_path):
         refs.append((run["ppl_full_precision"], run["ppl"]))
     assert refs[0][0] == refs[1][0] == refs[0][1]  # same reference; resident as stored is the reference
     assert refs[1][1] != refs[1][0]  # the overridden dense weights do change the scored run
+
+
+def test_reference_bf16_dequantizes_every_dense_weight(tiny_store, tmp_path):
+    """--reference bf16 scores against the store with its dense weights and LM head at bf16: a resident run
+    with --dense bf16 --lm-head bf16 is exactly it, and it is another model than the stored dense weights."""
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man must be in want of a wife.\n" * 4)
+    runs = {}
+    for name, flags in (("stored", []), ("bf16", ["--dense", "bf16", "--lm-head", "bf16"])):
+        parser = argparse.ArgumentParser()
+        add_bench_args(parser.add_subparsers())
+        out = tmp_path / f"{name}.json"
+        assert cmd_bench(parser.parse_args(["bench", str(tiny_store), "--policies", "resident", "--text", str(text),
+                                            "--split", "all", "--prompt-tokens", "8", "--max-new-tokens", "2",
+                                            "--window", "32", "--max-tokens", "64", "--reference", "bf16",
+                                            "--json", str(out), *flags])) == 0
+        doc = json.loads(out.read_text())
+        assert doc["settings"]["reference"] == "bf16"
+        runs[name] = doc["runs"][0]
+    assert runs["bf16"]["ppl"] == runs["bf16"]["ppl_full_precision"] and runs["bf16"]["top1_agreement"] == 1.0
+    assert runs["stored"]["ppl_full_precision"] == runs["bf16"]["ppl_full_precision"]
+    assert runs["stored"]["ppl"] != runs["stored"]["ppl_full_precision"]

@@ -44,7 +44,10 @@ _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "dec
          "fallback_prefetch_cancelled", "fallback_bytes_saved",
          "fallback_reused")
 WARMUP_TOKENS = 8  # warm-up prompt length; it generates 4 tokens
-MOBILE_KNOBS = ("gamma", "fallback_prefetch", "little_weights")  # comma lists in `hobbit bench`: one configuration per combination
+MOBILE_KNOBS = ("gamma", "fallback_prefetch", "little_weights")
+# the full-precision reference of ppl delta and top-1: experts at the highest stored precision with the dense
+# weights as stored, or with the stored dense weights and LM head dequantized to bf16 (plain bf16 matmuls)
+REFERENCES = ("stored", "bf16")  # comma lists in `hobbit bench`: one configuration per combination
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Settings:
     stride: int
     stepwise: bool = False
     profile: int = 0  # decode tokens to profile per configuration (hobbit profile's split), 0 = none
+    reference: str = "stored"  # the quality reference: REFERENCES
 
 
 def configs(policies: list[str], budgets: list[str], variants: list[dict] | None = None) -> list[Config]:
@@ -198,8 +202,10 @@ def summarize(cfg: Config, info: dict, total: int, samples: list[dict], q: dict,
 def bench(s: Settings, cfgs: list[Config], repeats: int, total: int,
           log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
     """All configurations, interleaved: returns (run records, configurations that could not run)."""
-    with load(s.store, policy="resident", **dict(s.engine, high=None, dense=None, lm_head=None)) as ref_engine:
-        log(f"reference: resident at {ref_engine.provider.opt.high}, {len(s.eval_ids)} tokens")
+    dense = "bf16" if s.reference == "bf16" else None
+    with load(s.store, policy="resident", **dict(s.engine, high=None, dense=dense, lm_head=dense)) as ref_engine:
+        log(f"reference: resident at {ref_engine.provider.opt.high}, dense {dense or 'as stored'}, "
+            f"{len(s.eval_ids)} tokens")
         ref = evaluate_ppl(ref_engine, s.eval_ids, s.window, s.stride, keep_predictions=True, stepwise=s.stepwise)
     del ref_engine  # its resident pools hold every expert: freed now, not when the whole bench returns
     gc.collect()
@@ -343,6 +349,10 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     p.add_argument("--little-weights", default=None, help="mobile, hobbit+mobile: comma list of router, rescaled, "
                    "one configuration each (default router)")
     add_text_args(p, max_tokens=512)
+    p.add_argument("--reference", choices=REFERENCES, default="stored", help="what ppl delta and top-1 compare "
+                   "with: resident at the highest stored expert precision with the dense weights as stored and run "
+                   "(stored), or with the stored dense weights and LM head dequantized to bf16 and run by plain bf16 "
+                   "matmuls (bf16: the same values without the quantized kernels' arithmetic) (default stored)")
     p.add_argument("--prompt-tokens", default="16,128", help="comma list of prompt lengths (default 16,128)")
     p.add_argument("--max-new-tokens", default="32,128", help="comma list of output lengths (default 32,128)")
     p.add_argument("--prompts", type=int, default=1, help="prompts per (prompt, output) length pair (default 1)")
@@ -379,14 +389,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     items = cut_prompts(ids, prompt_lens, output_lens, args.prompts)
     offset = len(ids) // 2 + 1  # the warm-up prompt: a short slice from the middle of the text
     s = Settings(args.store, engine, ids[offset:offset + WARMUP_TOKENS], items, ids[:args.max_tokens], window,
-                 min(args.stride or window, window), args.stepwise, args.profile)
+                 min(args.stride or window, window), args.stepwise, args.profile, args.reference)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     runs, failed = bench(s, cfgs, args.repeats, total, log)
     out = dict(machine=machine_info(args.threads), model=model, load_overhead=load_overhead(args.store, runs),
                settings=dict(text=str(args.text), split=args.split, stepwise=args.stepwise,
                              prompt_tokens=prompt_lens, max_new_tokens=output_lens,
                              prompts=args.prompts, repeats=args.repeats, eval_tokens=len(s.eval_ids), window=s.window,
-                             stride=s.stride, engine=engine),
+                             stride=s.stride, reference=s.reference, engine=engine),
                runs=runs, failed=failed)
     if emit_json(args, out):
         return 0
