@@ -165,6 +165,7 @@ def test_json_prints_or_writes(tiny_store, tmp_path, capsys):
 
 
 def test_tune_refuses_the_knobs_it_searches(tiny_store, capsys):
-    for extra in (["--t1", "0.5"], ["--weights", "lru=1", "--policy", "hobbit"], ["--policy", "lfu"], ["--gamma", "0.5"]):
+    for extra in (["--t1", "0.5"], ["--weights", "lru=1", "--policy", "hobbit"], ["--policy", "lfu"], ["--gamma", "0.5"],
+                  ["--little-weights", "rescaled"]):
         assert main(["tune", str(tiny_store), *extra]) == 2
         assert "hobbit tune records with policy lru and searches" in capsys.readouterr().err

@@ -335,7 +335,7 @@ def format_summary(doc: dict, path: Path) -> str:
 
 
 SEARCHED = ("t1", "t2", "low_pool_fraction", "weights")  # what tune chooses: not knobs to pass it
-UNUSED = ("little", "little_rule", "gamma")
+UNUSED = ("little", "little_rule", "little_weights", "gamma")
 
 
 def add_tune_args(subparsers) -> argparse.ArgumentParser:
