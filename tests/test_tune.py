@@ -12,8 +12,8 @@ import hobbit
 from hobbit.runtime.options import Options
 from hobbit.lab.simulate import load_trace, simulate
 from hobbit.lab.timeline import TimeModel
-from hobbit.lab.tune import (RequestedShares, add_tune_args, cmd_tune, read_tuned, search, simplex, tuned_path,
-                         tune, write_tuned)
+from hobbit.lab.tune import (POOL_FRACTIONS, RequestedShares, add_tune_args, cmd_tune, matched_pool, read_tuned,
+                         search, simplex, tuned_path, tune, write_tuned)
 from hobbit.runtime.config import pick_tuned
 
 TEXT = ("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to "
@@ -200,6 +200,20 @@ def test_tight_limits_mean_full_precision(tuned):
     loose = search(header, calls, doc["budget_bytes"], "bf16", "int4", max_low=0.5, max_skip=0.1, weight_step=0.5)
     assert loose["result"]["penalty"] <= found["result"]["penalty"]
     assert loose["result"]["requested_skip_share"] <= 0.1
+    # stage 1 judges each pair with the low pool its requests would fill, not one fixed share
+    ratio = header["expert_ram_bytes"]["int4"] / header["expert_ram_bytes"]["bf16"]
+    stage1 = [r for r in loose["search"] if r["stage"] == "thresholds"]
+    assert all(r["low_pool_fraction"] == matched_pool(r["requested_low_share"], ratio, POOL_FRACTIONS, 0.25)
+               for r in stage1)
+    assert len({r["low_pool_fraction"] for r in stage1}) > 1
+
+
+def test_matched_pool_is_the_low_copies_share_of_the_bytes():
+    assert matched_pool(0.0, 0.6, POOL_FRACTIONS, 0.25) == 0.25  # nothing asked low: the default, unused
+    assert matched_pool(0.25, 0.6, POOL_FRACTIONS, 0.25) == 0.15  # 0.15 / (0.15 + 0.75) = 0.167
+    assert matched_pool(0.5, 0.28, POOL_FRACTIONS, 0.25) == 0.2  # int4 under bf16: 0.14 / 0.64 = 0.219
+    assert matched_pool(0.9, 1.0, POOL_FRACTIONS, 0.25) == 0.5  # past the largest: clipped to it
+    assert matched_pool(0.5, 1.0, (0.25, 0.75), 0.1) == 0.25  # a tie goes to the smaller pool
 
 
 def test_requested_shares_and_simplex():

@@ -19,7 +19,10 @@
       it does not depend on the budget) and as the simulation *serves* them. Requested shares
       are exact and cheap, so only the pairs on the feasible frontier (per T2 the lowest
       feasible T1: lower thresholds load less) are simulated, plus the paper's (0.6, 0.9) and
-      all-high (1, 1). Then the quality limit `max_dppl` (default 1%): in the objective's order, a pair
+      all-high (1, 1), each with the low pool its requests would fill (`matched_pool`: the low
+      copies' share of the bytes if the cache held copies in the proportion Eq. 2 asks for them,
+      snapped to the nearest of stage b's values), so a pair that asks for few low copies is not
+      judged with a pool it leaves empty. Then the quality limit `max_dppl` (default 1%): in the objective's order, a pair
       is kept only if Eq. 2's per-token rule at its thresholds raises the perplexity of held-aside
       calibration windows by at most that much (`study_measure.RuleQuality`: both tiers resident, no
       cache, so an upper bound of the live loss); a pair over it adds the next T1 up at its T2 to
@@ -168,14 +171,16 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
     pairs = sorted(set(pairs) | {PAPER_T, (1.0, 1.0)}, key=lambda p: (-p[1], -p[0]))
     if progress:
         progress(f"stage 1: thresholds ({len(pairs)} of {len(ts) * (len(ts) + 1) // 2} pairs on the feasible frontier)")
-    stage1 = [run("thresholds", t1, t2, f0, w0) for t1, t2 in pairs]
+    ratio = int(header["expert_ram_bytes"][low]) / int(header["expert_ram_bytes"][high])
+    pool = lambda t1, t2: matched_pool(requested(t1, t2)[0], ratio, pool_fractions, f0)  # noqa: E731
+    stage1 = [run("thresholds", t1, t2, pool(t1, t2), w0) for t1, t2 in pairs]
     chosen = best(stage1, None)
     while quality is not None and chosen is not None and not _keeps_quality(chosen, quality, max_dppl, progress):
         # over the limit: try the next T1 up at this T2 (fewer selections low), then the fastest again;
         # all-high (1, 1) always passes
         up = [t1 for t1 in ts if chosen["t1"] < t1 <= chosen["t2"]]
         if up and not any((r["t1"], r["t2"]) == (up[0], chosen["t2"]) for r in stage1):
-            stage1.append(run("thresholds", up[0], chosen["t2"], f0, w0))
+            stage1.append(run("thresholds", up[0], chosen["t2"], pool(up[0], chosen["t2"]), w0))
         chosen = best(stage1, None)
     if chosen is None:
         notes = "; ".join(sorted({r.get("note", "") for r in stage1}))
@@ -204,6 +209,16 @@ def search(header: dict, calls: list[LayerCall], budget_bytes: int, high: str, l
                    eviction_options={"weights": chosen["weights"]})
     default = next((r for r in stage1 if (r["t1"], r["t2"]) == PAPER_T), None)
     return dict(options=options, result=chosen, baseline=baseline, paper_default=default, search=rows)
+
+
+def matched_pool(low_share: float, ratio: float, fractions, default: float) -> float:
+    """The low pool a pair's requests would fill: of the bytes of copies held in the proportion Eq. 2 asks
+    for them (`low_share` of the selections low, each `ratio` of a high copy's RAM), the low copies' share,
+    snapped to the nearest of `fractions` (ties: the smaller); `default` when nothing is asked low."""
+    if low_share <= 0:
+        return default
+    share = low_share * ratio / (low_share * ratio + 1 - low_share)
+    return min(fractions, key=lambda f: (abs(f - share), f))
 
 
 def _keeps_quality(row: dict, quality, max_dppl: float, progress) -> bool:
