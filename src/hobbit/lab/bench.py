@@ -44,10 +44,10 @@ _SUMS = ("prompt_tokens", "generated_tokens", "decode_tokens", "prefill_s", "dec
          "fallback_prefetch_cancelled", "fallback_bytes_saved",
          "fallback_reused")
 WARMUP_TOKENS = 8  # warm-up prompt length; it generates 4 tokens
-MOBILE_KNOBS = ("gamma", "fallback_prefetch", "little_weights")
+MOBILE_KNOBS = ("gamma", "fallback_prefetch", "little_weights")  # comma lists: one configuration per combination
 # the full-precision reference of ppl delta and top-1: experts at the highest stored precision with the dense
 # weights as stored, or with the stored dense weights and LM head dequantized to bf16 (plain bf16 matmuls)
-REFERENCES = ("stored", "bf16")  # comma lists in `hobbit bench`: one configuration per combination
+REFERENCES = ("stored", "bf16")
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ def layer_weights(weights: Sequence[float], threshold: float, renorm: bool = Tru
     w = _check(weights)
     return little_weights(w, renorm) if little_mass(w) >= threshold else w
 
+
 def adapmoe_weights(weights: Sequence[float], threshold: float, renorm: bool = True) -> list[float]:
     """AdapMoE's gating baseline for one token: keep the leading experts whose normalized weight is
     at least ``threshold`` (the top-1 always), rescaled to the top-K's total when `renorm`, as AdapMoE

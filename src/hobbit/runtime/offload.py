@@ -256,11 +256,11 @@ class OffloadedExperts:
         self.scheduler.end_step()
 
     def begin_pass(self, little: bool, tokens: int = 1) -> None:
-        self._redo = not little and self.scheduler.little_pass
+        self.scheduler.begin_pass(little, self.fetcher, tokens)
+        self._redo = self.scheduler.fallback_pass
         if not self._redo:
             self._little_out.clear()
         self._first_call = True
-        self.scheduler.begin_pass(little, self.fetcher, tokens)
         if self.trace is not None:
             self.trace.cancelled(self.scheduler.cancelled)
 
