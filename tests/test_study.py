@@ -114,6 +114,10 @@ def test_study_command_on_the_tiny_store(tiny_store, tmp_path):
     assert {p["kind"] for p in s["points"]} == {"baseline", "uniform", "static", "native", "dynamic"}
     assert {p["fmt"] for p in s["points"] if p["kind"] == "static"} == {"int4", "int2"}
     assert s["command"] in report and (out / ".gitignore").read_text() == "cache/\n"
+    ram = s["ram_bytes"]["int2"] / s["ram_bytes"]["int4"]  # an int2 slot holds its stored codes where the kernels read them
+    assert doc["summary"]["int2_ram_over_int4"] == [ram] and f"int2 expert's RAM slot at {ram:.2f}x" in report
+    from hobbit import kernels
+    assert (ram < 1) == kernels.available()
 
     # every number in a table cell is a value of study.json in one of the report's formats
     known = _numbers(doc)

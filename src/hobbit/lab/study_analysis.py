@@ -270,4 +270,5 @@ def summarize(doc: dict) -> dict:
                 uniform_wins=sum(d["uniform_wins"] for d in dec),
                 native_min=min(native) if native else None, native_max=max(native) if native else None,
                 int4_dppl=[s["analysis"]["findings"]["uniform"]["int4"]["dppl"] for s in st],
-                bf16_over_int4=[s["disk_bytes"][s["high"]] / s["disk_bytes"]["int4"] for s in st], loose_pct=LOOSE_TOL_PCT)
+                bf16_over_int4=[s["disk_bytes"][s["high"]] / s["disk_bytes"]["int4"] for s in st], loose_pct=LOOSE_TOL_PCT,
+                int2_ram_over_int4=[s["ram_bytes"]["int2"] / s["ram_bytes"]["int4"] for s in st if "int2" in s["ram_bytes"]])

@@ -24,8 +24,9 @@ def render(doc: dict, out: Path) -> str:
               + ", ".join(fmt(x, 'f2') + "%" for x in a["int4_dppl"]) + ". Both sources are 4-bit, so the bf16 tier "
               "holds the same information at " + ", ".join(fmt(x, "sx") for x in a["bf16_over_int4"]) + " the bytes, and going "
               f"below native (int4 + cold experts at int2) costs Δppl {fmt(a['native_min'], 'f2')}% to "
-              f"{fmt(a['native_max'], 'f2')}% while an int2 expert takes more RAM than an int4 one here (its slot "
-              "holds the expanded form). Per store:", ""]
+              f"{fmt(a['native_max'], 'f2')}%" + (", with an int2 expert's RAM slot at " + ", ".join(
+                  fmt(x, "sx") for x in a["int2_ram_over_int4"]) + " an int4 one's" if a.get("int2_ram_over_int4")
+                  else "") + ". Per store:", ""]
     for s in doc["stores"]:
         d = s["analysis"]["decision"]
         L.append(f"- **{s['store']}** (native {s['native']}): mixed precision is worth it (a mixed config keeps "
@@ -143,8 +144,9 @@ def _speed_md(s: dict, links: list[float], out: Path) -> list[str]:
 def _kernels_md(s: dict) -> list[str]:
     L = [f"## {s['store']}: expert kernel time at one token", "",
          "One expert FFN (gate/up, activation, down) at one bf16 token (fastest of 30 rounds, tiers interleaved); load = read + prepare "
-         "one blob into a slot (page cache warm, checksum verified on an earlier read; fastest of 30). int3/int2 run through the int4 kernel after a bit expansion at load, so their differences to int4 "
-         "are noise: timings on this shared machine move between runs.", ""]
+         "one blob into a slot (page cache warm, checksum verified on an earlier read; fastest of 30). int3 runs through the int4 kernel after a bit expansion at load; "
+         "int2 is read as stored by hobbit's native kernels (and expanded like int3 where they are not built). Timings on this "
+         "shared machine move between runs.", ""]
     rows = [[p, fmt(v["expert_ms"], "f4"), fmt(v["vs_high"], "sx"), fmt(v["vs_int4"], "sx"), fmt(v["load_ms"], "f3"),
              fmt(v["disk_bytes"], "i"), fmt(v["slot_bytes"], "i")] for p, v in s["analysis"]["kernels"].items()]
     return L + md_table(["tier", "expert ms", "vs top tier", "vs int4", "load ms", "blob bytes", "RAM slot bytes"], rows) + [""]
