@@ -115,7 +115,8 @@ def findings_md(s: dict) -> list[str]:
     if f["int2_vs_int4_ms"] is not None:
         L.append(f"- The 2-bit path: an int2 expert computes in {fmt(f['int2_vs_int4_ms'], 'sx')} the int4 time, its "
                  f"blob is {fmt(f['int2_vs_int4_disk'], 'sx')} int4's on disk and its RAM slot "
-                 f"{fmt(f['int2_vs_int4_ram'], 'sx')} int4's (above 1: the slot holds an expanded form as well), "
+                 f"{fmt(f['int2_vs_int4_ram'], 'sx')} int4's"
+                 f"{' (the slot holds an expanded form as well)' if f['int2_vs_int4_ram'] > 1 else ''}, "
                  f"and a load (read, any expansion) takes {fmt(f['int2_load_ms'], 'f3')} ms against int4's "
                  f"{fmt(f['int4_load_ms'], 'f3')} ms from the page cache.")
     return L + [""]
