@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from hobbit.lab.bench import Config, add_bench_args, cmd_bench, configs, cut_prompts, format_table, mobile_variants
+from hobbit.lab.bench import Config, add_bench_args, cmd_bench, configs, cut_prompts, mobile_variants
+from hobbit.lab.bench_report import format_table
 
 RUN_KEYS = {"policy": str, "budget_bytes": int, "budget_fraction": float, "prefill_s": float, "decode_tok_s": float,
             "hit_rate": float, "hit_rate_by_precision": dict, "bytes_per_token": float, "loader_wait_frac": float,

@@ -167,7 +167,7 @@ def test_perplexity_limit_needs_room_and_sane_values(tuned, tmp_path, monkeypatc
     src, _, _ = tuned
     store = tmp_path / "store"
     shutil.copytree(src, store)
-    monkeypatch.setattr(C, "available_ram", lambda: 1024)  # both tiers resident would not fit
+    monkeypatch.setattr(C, "meminfo_bytes", lambda field: 1024)  # both tiers resident would not fit
     doc = tune(store, "60%", text=src.parent / "calib.txt", tokens=40, seq_len=40, weight_step=0.5, low="int2")
     assert "not checked" in doc["calibration"]["quality"]["note"] and "measured" not in doc["calibration"]["quality"]
     for bad in (dict(max_dppl=-1.0), dict(quality_tokens=1)):

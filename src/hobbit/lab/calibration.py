@@ -27,6 +27,7 @@ from hobbit.lab.simulate import simulate
 from hobbit.lab.timeline import TimeModel
 from hobbit.runtime.options import Options
 from hobbit.runtime.trace import LayerCall
+from hobbit.store.dense import meminfo_bytes
 from hobbit.store.format import ExpertStore
 
 DEFAULT_TEXT = "austen:emma"
@@ -165,7 +166,7 @@ def quality_probe(store: Path, text, tokens: int, quality_tokens: int, window: i
     from hobbit.runtime.tokenizer import Tokenizer
     with ExpertStore(store) as es:
         need = es.total_nbytes(high) + es.total_nbytes(low) + 2 * es.manifest.get("dense_bytes", 0)
-    avail = available_ram()
+    avail = meminfo_bytes("MemAvailable")
     if avail is not None and need > 0.9 * avail:
         note = (f"perplexity limit not checked: both tiers resident need {need / 2**30:.1f} GiB, "
                 f"{avail / 2**30:.1f} GiB available; the share limits alone apply (lower --max-low to be safe)")
@@ -181,13 +182,3 @@ def quality_probe(store: Path, text, tokens: int, quality_tokens: int, window: i
         progress(f"quality limit: perplexity +{max_dppl:g}% on {len(ids)} held-aside tokens of {label}")
     return RuleQuality(store, ids, window, high, low, **engine_knobs), dict(
         text=label, tokens=len(ids), window=window, max_dppl=max_dppl)
-
-
-def available_ram() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

@@ -19,12 +19,10 @@
       it does not depend on the budget) and as the simulation *serves* them. Requested shares
       are exact and cheap, so only the pairs on the feasible frontier (per T2 the lowest
       feasible T1: lower thresholds load less) are simulated, plus the paper's (0.6, 0.9) and
-      all-high (1, 1), each with the low pool its requests would fill (`matched_pool`: the low
-      copies' share of the bytes if the cache held copies in the proportion Eq. 2 asks for them,
-      snapped to the nearest of stage b's values), so a pair that asks for few low copies is not
-      judged with a pool it leaves empty. Then the quality limit `max_dppl` (default 1%): in the objective's order, a pair
-      is kept only if Eq. 2's per-token rule at its thresholds raises the perplexity of held-aside
-      calibration windows by at most that much (`study_measure.RuleQuality`: both tiers resident, no
+      all-high (1, 1), each with the low pool its requests would fill (`matched_pool`), not one
+      it leaves empty. Then the quality limit `max_dppl` (default 1%): in the objective's order, a
+      pair is kept only if Eq. 2's per-token rule at its thresholds raises the perplexity of
+      held-aside calibration windows by at most that much (`study_measure.RuleQuality`: both tiers resident, no
       cache, so an upper bound of the live loss); a pair over it adds the next T1 up at its T2 to
       the candidates (each measured pair costs a simulation and one pass over those windows). The
       shares alone do not bound quality: an int2 tier under int4 asked for 24.5% of CoderMoE's

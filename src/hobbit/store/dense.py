@@ -311,6 +311,15 @@ def rss_bytes() -> int:
         return 0
 
 
+def meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field (MemTotal, MemAvailable, ...) in bytes; None where unavailable (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:")), None)
+    except (OSError, ValueError):
+        return None
+
+
 def peak_rss_bytes() -> int:
     """Peak RSS of this process: VmHWM (ru_maxrss survives exec, so a child would report its parent's)."""
     try:
