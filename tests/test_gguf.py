@@ -339,18 +339,33 @@ def test_smollm2_export_greedy_matches_transformers(smollm2, tmp_path):
 
 
 def test_convert_keeps_a_gguf_4bit_expert_grid(tmp_path, bpe, monkeypatch):
-    """Experts stored as Q4_0/Q4_1 become the store's int4 (group 32) with their own codes, not re-fitted."""
+    """Experts stored as Q4_0/Q4_1 become the store's int4 (group 32) with their own codes, not re-fitted,
+    and by default its top tier: no bf16 copy of 4-bit values."""
     from hobbit.store.gguf_native import native_experts
     from hobbit.store.format import ExpertStore
     monkeypatch.setitem(QTYPES, "ffn_up_exps", Q.Q4_0)  # gate Q4_1, up Q4_0, down Q4_0: all on a 4-bit grid
     path = tmp_path / "tiny-moe-q4.gguf"
     write_gguf(path, bpe, experts=EXPERTS, seed=2)
-    store = convert(path, tmp_path / "store", precisions="bf16,int4", progress=False, dense="bf16")
+    store = convert(path, tmp_path / "store", progress=False, dense="bf16")
     s = ExpertStore(store)
-    assert s.group_size == 32
+    assert (s.group_size, s.precisions) == (32, ["int4", "int2"])
     kept = native_experts(load_gguf(path).raw)(1, 3)
     got = s.read(1, 3, "int4")
     for proj in ("w13", "w2"):
         for key in ("q", "sz"):
             assert torch.equal(got[proj][key], kept[proj][key]), (proj, key)
+    s.close()
+
+
+def test_convert_defaults_to_int8_on_top_of_wider_gguf_experts(tmp_path, bpe):
+    """Q8_0 among the experts (the module's QTYPES: gate Q4_1, up Q8_0, down Q4_0): int8 holds them on top,
+    with int4 and int2 below; explicit precisions still win."""
+    from hobbit.store.format import ExpertStore
+    path = tmp_path / "tiny-moe-mixed.gguf"
+    write_gguf(path, bpe, experts=EXPERTS, seed=3)
+    s = ExpertStore(convert(path, tmp_path / "store", progress=False, dense="bf16"))
+    assert s.precisions == ["int8", "int4", "int2"] and s.group_size != 32  # no layer keeps a 4-bit grid
+    s.close()
+    s = ExpertStore(convert(path, tmp_path / "asked", precisions="bf16,int4", progress=False, dense="bf16"))
+    assert s.precisions == ["bf16", "int4"]
     s.close()

@@ -12,7 +12,8 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 from hobbit.store import quant
-from hobbit.store.gguf_native import affine_4bit, int4_storage, native_expert_int4, native_experts, native_int4
+from hobbit.store.gguf_native import (affine_4bit, default_precisions, expert_types, has_native_layer, int4_storage,
+                                      native_expert_int4, native_experts, native_int4)
 from kquants import quantize_k
 
 torch.set_num_threads(1)
@@ -20,7 +21,7 @@ TYPES = [Q.Q4_0, Q.Q4_1, Q.Q4_K]
 
 
 def blocks(w: np.ndarray, qtype: Q) -> np.ndarray:
-    return quantize_k(w, qtype) if qtype == Q.Q4_K else quantize(w, qtype)
+    return quantize_k(w, qtype) if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else quantize(w, qtype)
 
 
 def weights(*shape: int, seed: int = 0) -> np.ndarray:
@@ -99,3 +100,39 @@ def test_gguf_tensors_and_stacked_experts(tmp_path):
         native_int4(t["attn_k"])
     with pytest.raises(ValueError, match="2-D tensor.*native_expert_int4"):
         native_int4(t["ffn_gate_exps"])
+
+
+class _Tensor:  # what default_precisions reads of a ReaderTensor
+    def __init__(self, qtype: Q):
+        self.tensor_type = qtype
+
+
+def raw_of(layers: list[tuple[Q, Q, Q]], **extra: Q) -> dict:
+    names = {f"blk.{i}.ffn_{p}_exps.weight": _Tensor(t) for i, ts in enumerate(layers)
+             for p, t in zip(("gate", "up", "down"), ts)}
+    return names | {"blk.0.attn_q.weight": _Tensor(Q.Q8_0)} | {k: _Tensor(t) for k, t in extra.items()}
+
+
+def test_default_precisions_put_the_experts_own_precision_on_top():
+    q4 = (Q.Q4_K, Q.Q4_K, Q.Q4_K)
+    assert default_precisions(raw_of([q4, (Q.Q4_0, Q.Q4_1, Q.Q4_0)])) == ("int4", "int2")  # attention types do not count
+    k_m = raw_of([(Q.Q4_K, Q.Q4_K, Q.Q6_K), q4])  # Q4_K_M: more bits for some layers' down_proj
+    assert default_precisions(k_m) == ("int8", "int4", "int2")
+    assert expert_types(k_m) == {0: {Q.Q4_K, Q.Q6_K}, 1: {Q.Q4_K}} and has_native_layer(k_m)
+    assert default_precisions(raw_of([(Q.Q8_0,) * 3])) == ("int8", "int4", "int2")
+    assert not has_native_layer(raw_of([(Q.Q8_0,) * 3]))
+    for floats in (Q.F16, Q.BF16, Q.F32, Q.MXFP4):  # the caller's default (MXFP4: its own tier)
+        assert default_precisions(raw_of([q4, (floats,) * 3])) is None
+    assert default_precisions({"blk.0.ffn_gate.weight": _Tensor(Q.Q4_0)}) is None  # dense: no experts
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_K, Q.Q6_K, Q.Q8_0])
+def test_int8_holds_wider_types_where_an_int4_refit_would_not(qtype):
+    """Why a Q5_K / Q6_K / Q8_0 expert gets an int8 top tier: int8 per channel stays within 1% of the
+    GGUF's values, while re-fitting them at int4 g32 moves them more than the type's own rounding did."""
+    w = weights(128, 512, seed=6)
+    ref = dequantize(blocks(w, qtype), qtype).reshape(w.shape)
+    own = rel(ref, w)  # the GGUF type's own rounding of the weights
+    int8 = rel(quant.dequantize(quant.quantize(torch.from_numpy(ref), "int8"), "int8", w.shape, 32), ref)
+    int4 = rel(quant.dequantize(quant.quantize(torch.from_numpy(ref), "int4", 32), "int4", w.shape, 32), ref)
+    assert int8 < 0.01 and int4 > max(own, 5 * int8)

@@ -153,10 +153,12 @@ def _convert(sub) -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--precisions", default=None,
-                   help="comma list of fp32,bf16,int8,mxfp4,int4,int3,int2 (default bf16,int4,int2; "
-                        "mxfp4,int4,int2 for MXFP4 experts)")
+                   help="comma list of fp32,bf16,int8,mxfp4,int4,int3,int2 (default bf16,int4,int2; quantized "
+                        "experts keep their precision on top: mxfp4,int4,int2 for MXFP4, and from a GGUF int4,int2 "
+                        "for Q4_0/Q4_1/Q4_K, int8,int4,int2 for other quantized types)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="quantization group size (default 64, or the largest of 128/64/32 that fits the experts)")
+                   help="quantization group size (default 64, or the largest of 128/64/32 that fits the experts; "
+                        "32 where a GGUF's 4-bit grid is kept)")
     p.add_argument("--dense", default=None, choices=("fp32", "bf16", "int8", "int4", "auto"),
                    help="run precision of the dense projections, stored as such so loading never quantizes "
                         "(default auto: int4 g32 where lossless, i.e. 4-bit sources, else int8; routers and "

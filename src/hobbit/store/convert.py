@@ -40,9 +40,12 @@ def parse_precisions(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 def convert(src: str | Path, dst: str | Path, precisions: str | list[str] | None = None, group_size: int | None = None,
             progress: bool = True, dense: str | None = None, dense_group_size: int = DENSE_GROUP_SIZE) -> Path:
     """Write the expert store for `src` (HF folder or .gguf file) into `dst`; returns dst.
-    precisions: the tiers to store; None = DEFAULT_PRECISIONS, except that a source whose experts are MXFP4
-    (gpt-oss) gets NATIVE_MXFP4_PRECISIONS, its own codes as the top tier and int4/int2 re-quantized from them.
-    group_size None picks 64, or the largest of 128/64/32 dividing every expert's input width.
+    precisions: the tiers to store; None = DEFAULT_PRECISIONS, except that a source's quantized experts set
+    the top tier: MXFP4 ones (gpt-oss) get NATIVE_MXFP4_PRECISIONS, their own codes on top and int4/int2
+    re-quantized from them; a GGUF's Q4_0/Q4_1/Q4_K ones int4,int2 and other quantized types int8,int4,int2
+    (gguf_native.default_precisions).
+    group_size None picks 32 where a GGUF's 4-bit grid is kept, else 64, or the largest of 128/64/32
+    dividing every expert's input width.
     dense: the run precision of the dense projections, stored as such (fp32 | bf16 | int8 | int4 |
     auto; None = DEFAULT_DENSE)."""
     src, dst = Path(src), Path(dst)
@@ -53,11 +56,11 @@ def convert(src: str | Path, dst: str | Path, precisions: str | list[str] | None
         raise FileNotFoundError(f"{src} does not exist: give a Hugging Face model folder or a .gguf file")
     if src.suffix == ".gguf":
         from hobbit.store.gguf import export_hf, load_gguf
-        from hobbit.store.gguf_native import GROUP, native_experts
+        from hobbit.store.gguf_native import GROUP, default_precisions, has_native_layer, native_experts
         raw = load_gguf(src).raw
         native = native_experts(raw)
-        first = next((int(n.split(".")[1]) for n in raw if n.endswith("ffn_gate_exps.weight")), None)
-        if group_size is None and first is not None and native(first, 0) is not None:
+        precisions = precisions or default_precisions(raw)  # the experts' own precision on top
+        if group_size is None and has_native_layer(raw):
             group_size = GROUP  # 4-bit experts keep their own grid as int4 (group 32), no re-fit
         with tempfile.TemporaryDirectory(prefix="hobbit-gguf-") as tmp:
             export_hf(src, tmp)

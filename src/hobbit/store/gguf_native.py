@@ -10,10 +10,17 @@ torch's int4 kernel computes w = (q - 8) * scale + zero with a bf16 scale and ze
 scale = a and zero = b + 8 a: the codes are copied as they are and only scale and zero are rounded
 to bf16. No re-fit, so no second rounding of the weights. Valid wherever a stored matrix keeps the
 GGUF's inputs in their order (rows may be regrouped; columns must stay in aligned runs of 32).
+
+`default_precisions` puts a GGUF's own expert precision on top of the store it converts to: nothing
+above it (a bf16 copy of 4-bit experts holds the same values at 3.2-3.6x the bytes, docs/study), and
+nothing below it that would re-round it (re-fitting Q5_K / Q6_K / Q8_0 values at int4 g32 moves them
+6-7%, more than those types' own rounding; int8 per channel moves any of them ~0.7%: tests).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+
+import re
 
 import numpy as np
 import torch
@@ -24,6 +31,8 @@ from hobbit.store import quant
 
 GROUP = 32
 NATIVE_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
+UNQUANTIZED = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.F64)
+_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_\w+_exps\.weight")  # stacked routed experts [E, out, in]
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -89,3 +98,28 @@ def native_experts(raw: Mapping[str, ReaderTensor]) -> Callable[[int, int], dict
             return None
         return native_expert_int4(*t, expert)
     return parts
+
+
+def expert_types(raw: Mapping[str, ReaderTensor]) -> dict[int, set[GGMLQuantizationType]]:
+    """layer -> the GGML types of its stacked routed-expert tensors (`blk.L.ffn_*_exps.weight`)."""
+    types: dict[int, set[GGMLQuantizationType]] = {}
+    for name, t in raw.items():
+        if m := _EXPERT_TENSOR.fullmatch(name):
+            types.setdefault(int(m[1]), set()).add(t.tensor_type)
+    return types
+
+
+def has_native_layer(raw: Mapping[str, ReaderTensor]) -> bool:
+    """Whether some layer's routed experts are all Q4_0/Q4_1/Q4_K (`native_experts` keeps their codes)."""
+    return any(types <= set(NATIVE_TYPES) for types in expert_types(raw).values())
+
+
+def default_precisions(raw: Mapping[str, ReaderTensor]) -> tuple[str, ...] | None:
+    """The tiers a store converted from this GGUF gets when none are asked for: int4,int2 when every routed
+    expert tensor is Q4_0/Q4_1/Q4_K (int4 keeps their codes); int8,int4,int2 when any is another quantized
+    type (Q5_K/Q6_K in a Q4_K_M file, Q8_0, ...: int8 holds each within ~0.7%); None (the caller's default)
+    when any is a float type or MXFP4 (its own tier), or the model has no routed experts."""
+    types = set().union(*expert_types(raw).values())
+    if not types or types & {*UNQUANTIZED, GGMLQuantizationType.MXFP4}:
+        return None
+    return ("int4", "int2") if types <= set(NATIVE_TYPES) else ("int8", "int4", "int2")
