@@ -46,12 +46,12 @@ def replay(header: dict, calls, budget: int, **knobs) -> dict:
     return dict(knobs, demand_mib=demand, prefetch_mib=prefetch, total_mib=demand + prefetch)
 
 
-def pair_quality(store: Path, pairs: list[tuple[float, float]], high: str, low: str, tokens: int,
+def pair_quality(store: Path, pairs: list[tuple[float, float]], high: str, low: str, text: Path | None, tokens: int,
                  engine_knobs: dict) -> dict[tuple[float, float], float]:
     from hobbit.lab.calibration import calibration_ids
     from hobbit.lab.study_measure import RuleQuality
     from hobbit.runtime.tokenizer import Tokenizer
-    ids = calibration_ids(Tokenizer.from_dir(store), None, 256 + tokens)[0][256:]  # after tune's trace tokens
+    ids = calibration_ids(Tokenizer.from_dir(store), text, 256 + tokens)[0][256:]  # after tune's trace tokens
     probe = RuleQuality(store, ids, 128, high, low, **engine_knobs)
     try:
         return {p: probe(*p) for p in pairs}
@@ -81,10 +81,12 @@ def bounds(args: argparse.Namespace) -> dict:
     base = dict(belady=replay(header, calls, b, policy="belady", high=args.high),
                 ondemand=replay(header, calls, b, policy="ondemand", high=args.high),
                 lru=replay(header, calls, b, policy="lru", high=args.high))
+    if base["belady"]["total_mib"] == 0:
+        raise SystemExit(f"budget {b} holds every expert the trace decodes with: no reads to bound; give a smaller one")
     pairs = [tuple(float(x) for x in p.split(":")) for p in args.pairs.split(",")]
     print(f"quality of {len(pairs)} threshold pairs on {args.quality_tokens} calibration tokens ...", flush=True)
     knobs = {k.replace("-", "_").lstrip("_"): v for k, v in zip(extra[::2], extra[1::2])}
-    dppl = pair_quality(args.store, pairs, args.high, args.low, args.quality_tokens, knobs)
+    dppl = pair_quality(args.store, pairs, args.high, args.low, args.text, args.quality_tokens, knobs)
     rows = []
     for t1, t2 in pairs:
         for depth in (None, 0):  # as it runs; no prefetch (its fewest bytes)
@@ -111,6 +113,7 @@ def main() -> None:
     ap.add_argument("--pairs", default="1:1,0.9:1,0.8:0.9,0.7:0.95,0.6:0.9,0:1", help="t1:t2 pairs for hobbit")
     ap.add_argument("--tokens", type=int, default=48, help="decode steps traced (the peer run's --tokens)")
     ap.add_argument("--quality-tokens", type=int, default=1024)
+    ap.add_argument("--text", type=Path, default=None, help="calibration text (default: tune's)")
     ap.add_argument("--max-dppl", type=float, default=1.0, help="perplexity limit (%%), as the target's")
     ap.add_argument("--hobbit-args", default="", help="flags as the peer run gave hobbit, e.g. '--dense int4'")
     ap.add_argument("--peer", type=Path, required=True, help="the peer benchmark's JSON (peer_memory.py)")
