@@ -131,6 +131,30 @@ def test_resolve_settles_defaults_budget_and_tuned_options():
         resolve(RunConfig(policy="hobbit"), FACTS, [{**TUNED, "options": {"t1": "high"}}])
 
 
+def test_resolve_keeps_quantized_source_experts_at_their_precision_untuned():
+    """A store whose experts came as int4 (a Q4 GGUF): untuned, policy hobbit sends nothing to its int2 tier
+    (t1 = t2 = 1, with a note saying why and what to do); explicit thresholds, a tuning result, a low tier at
+    or above the source's precision, other policies and full-precision sources keep the usual defaults."""
+    q4 = StoreFacts(("int4", "int2"), total_bytes=1000, num_experts=8, source_precision="int4")
+    r = resolve(RunConfig(policy="hobbit"), q4)
+    assert (r.options.low, r.options.t1, r.options.t2, r.tuned) == ("int2", 1.0, 1.0, False)
+    assert "came as int4" in r.note and "hobbit tune" in r.note and "--t1" in r.note
+    assert resolve(RunConfig(policy="hobbit+mobile"), q4).options.t1 == 1.0
+    asked = resolve(RunConfig(policy="hobbit", t1=0.7), q4)
+    assert (asked.options.t1, asked.options.t2, asked.note) == (0.7, 0.9, None)
+    tuned = {**TUNED, "calibration": {"high": "int4", "low": "int2"}}
+    assert resolve(RunConfig(policy="hobbit", budget="25%"), q4, [tuned]).options.t1 == 0.3
+    assert resolve(RunConfig(policy="hobbit", budget="25%"), q4, [tuned]).note is None
+    far = resolve(RunConfig(policy="hobbit", budget="90%"), q4, [tuned])  # a result for another budget: both notes
+    assert far.options.t1 == 1.0 and "--budget" in far.note and "came as int4" in far.note
+    wide = StoreFacts(("int8", "int4", "int2"), 1000, 8, source_precision="int4")  # int8 above, int4 = the source
+    assert (resolve(RunConfig(policy="hobbit"), wide).options.t1, resolve(RunConfig(policy="hobbit"), wide).note) \
+        == (0.6, None)
+    assert resolve(RunConfig(policy="hobbit", low="int2"), wide).options.t1 == 1.0
+    assert resolve(RunConfig(policy="hobbit"), FACTS).options.t1 == 0.6  # a full-precision source
+    assert resolve(RunConfig(policy="lru"), q4).note is None
+
+
 def test_resolve_little_weights_follow_the_family_router():
     """A little set's weights are rescaled to the top-k's total where the family renormalizes its top-k
     (or the user asks for it), else kept as the router gives them."""

@@ -348,7 +348,7 @@ def test_convert_keeps_a_gguf_4bit_expert_grid(tmp_path, bpe, monkeypatch):
     write_gguf(path, bpe, experts=EXPERTS, seed=2)
     store = convert(path, tmp_path / "store", progress=False, dense="bf16")
     s = ExpertStore(store)
-    assert (s.group_size, s.precisions) == (32, ["int4", "int2"])
+    assert (s.group_size, s.precisions, s.source_precision) == (32, ["int4", "int2"], "int4")
     kept = native_experts(load_gguf(path).raw)(1, 3)
     got = s.read(1, 3, "int4")
     for proj in ("w13", "w2"):
@@ -367,5 +367,28 @@ def test_convert_defaults_to_int8_on_top_of_wider_gguf_experts(tmp_path, bpe):
     assert s.precisions == ["int8", "int4", "int2"] and s.group_size != 32  # no layer keeps a 4-bit grid
     s.close()
     s = ExpertStore(convert(path, tmp_path / "asked", precisions="bf16,int4", progress=False, dense="bf16"))
-    assert s.precisions == ["bf16", "int4"]
+    assert s.precisions == ["bf16", "int4"] and s.source_precision == "int8"  # a fact of the source
     s.close()
+
+
+def test_untuned_hobbit_keeps_a_4bit_gguf_at_4_bits(tmp_path, bpe, monkeypatch):
+    """Run from a Q4 GGUF's store, untuned policy hobbit loads nothing at int2 (a warning says why), and a
+    trace carries the source precision, so `hobbit simulate` resolves the same."""
+    import hobbit
+    from hobbit.lab.simulate import load_trace, resolve_for
+    from hobbit.runtime.config import RunConfig
+    monkeypatch.setitem(QTYPES, "ffn_up_exps", Q.Q4_0)
+    path = tmp_path / "tiny-moe-q4.gguf"
+    write_gguf(path, bpe, experts=EXPERTS, seed=2)
+    store = convert(path, tmp_path / "store", progress=False, dense="bf16")
+    with pytest.warns(UserWarning, match="came as int4.*t1 = t2 = 1"):
+        engine = hobbit.load(store, budget="50%", policy="hobbit", trace=tmp_path / "t.gz")
+    try:
+        engine.generate(engine.tokenizer.encode("prices rose"), max_new_tokens=3)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert stats["skipped"] == 0 and set(stats["hits_by_precision"]) | set(stats["misses_by_precision"]) == {"int4"}
+    header, _ = load_trace(tmp_path / "t.gz")
+    opt = resolve_for(header, RunConfig(policy="hobbit", budget="50%")).options
+    assert header["source_precision"] == "int4" and (opt.t1, opt.t2) == (1.0, 1.0)

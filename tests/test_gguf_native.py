@@ -13,7 +13,7 @@ from gguf.quants import dequantize, quantize
 
 from hobbit.store import quant
 from hobbit.store.gguf_native import (affine_4bit, default_precisions, expert_types, has_native_layer, int4_storage,
-                                      native_expert_int4, native_experts, native_int4)
+                                      native_expert_int4, native_experts, native_int4, source_precision)
 from kquants import quantize_k
 
 torch.set_num_threads(1)
@@ -121,8 +121,11 @@ def test_default_precisions_put_the_experts_own_precision_on_top():
     assert expert_types(k_m) == {0: {Q.Q4_K, Q.Q6_K}, 1: {Q.Q4_K}} and has_native_layer(k_m)
     assert default_precisions(raw_of([(Q.Q8_0,) * 3])) == ("int8", "int4", "int2")
     assert not has_native_layer(raw_of([(Q.Q8_0,) * 3]))
-    for floats in (Q.F16, Q.BF16, Q.F32, Q.MXFP4):  # the caller's default (MXFP4: its own tier)
-        assert default_precisions(raw_of([q4, (floats,) * 3])) is None
+    assert [source_precision(raw_of(x)) for x in ([q4], [(Q.Q4_K, Q.Q4_K, Q.Q6_K)], [(Q.MXFP4,) * 3])] \
+        == ["int4", "int8", "mxfp4"]
+    for floats in (Q.F16, Q.BF16, Q.F32):  # the caller's default
+        assert default_precisions(raw_of([q4, (floats,) * 3])) is source_precision(raw_of([q4, (floats,) * 3])) is None
+    assert default_precisions(raw_of([(Q.MXFP4,) * 3])) is None  # the caller keeps MXFP4 codes as their own tier
     assert default_precisions({"blk.0.ffn_gate.weight": _Tensor(Q.Q4_0)}) is None  # dense: no experts
 
 

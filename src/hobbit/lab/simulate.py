@@ -291,7 +291,7 @@ def resolve_for(header: dict, config: RunConfig):
     store = header.get("store")
     here = bool(store) and Path(store).is_dir()
     facts = StoreFacts(tuple(header["precisions"]), highest_total_bytes(header), int(header["num_experts"]),
-                       bool(header.get("norm_topk_prob", True)))
+                       bool(header.get("norm_topk_prob", True)), header.get("source_precision"))
     return resolve(config, facts, read_tuned(store) if here and config.reads_tuned else None)
 
 

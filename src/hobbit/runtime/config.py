@@ -6,7 +6,10 @@ highest stored, low for policy hobbit = the first of int4, int2, int3, int8 stor
 budget's base ('25%' of all expert bytes at the highest stored precision), a dense model's policy
 (resident) and the store's `hobbit tune` results (validated; the one tuned for the same high/low at the
 budget nearest the run's gives policy hobbit's defaults when within TUNED_BUDGET_SPREAD of it; explicit
-knobs win). The engine and `hobbit simulate` both call it, so a replay runs the options the live run ran.
+knobs win). Untuned, a store whose experts came quantized (a GGUF's Q4_K, MXFP4) gets t1 = t2 = 1 where its
+low tier lies below that precision: the paper's thresholds assume low copies of full-precision weights,
+and re-quantizing 4-bit experts to 2 bits cost CoderMoE +40% perplexity at them (results/target_bounds.json).
+The engine and `hobbit simulate` both call it, so a replay runs the options the live run ran.
 
 `add_run_args` derives every command's flags from RunConfig's fields (same names, defaults and help
 everywhere): the schedule group (what `simulate` replays too) and the engine group (what loading a
@@ -178,6 +181,7 @@ class StoreFacts:
     total_bytes: int  # all expert bytes at the highest precision: the base of '25%'
     num_experts: int  # 0: a dense model
     norm_topk_prob: bool = True  # the family renormalizes its top-k weights (the little sets' default)
+    source_precision: str | None = None  # the tier holding the source's experts as shipped, if they were quantized
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,13 @@ def default_precisions(precisions: Sequence[str], policy: str, high: str | None,
         lower = [p for p in precs if p in FORMAT_ORDER and FORMAT_ORDER.index(p) > FORMAT_ORDER.index(high)]
         low = next((p for p in LOW_DEFAULTS if p in lower), None)
     return high, low
+
+
+def below_source(policy: str, low: str | None, source: str | None) -> bool:
+    """Whether policy hobbit's low tier would re-quantize quantized source experts below their own precision
+    (the paper's thresholds assume a low tier made from full-precision weights)."""
+    return (base_policy(policy) == "hobbit" and low in FORMAT_ORDER and source in FORMAT_ORDER
+            and FORMAT_ORDER.index(low) > FORMAT_ORDER.index(source))
 
 
 def read_precision_map(path: str | Path) -> dict[tuple[int, int], str]:
@@ -223,6 +234,12 @@ def resolve(config: RunConfig, facts: StoreFacts, tuned: list[dict] | None = Non
         result, note = pick_tuned(tuned, high, low, budget)
         if result is not None:
             knobs, used = {**check_tuned_options(result["options"]), **knobs}, True
+    if not used and config.t1 is None and config.t2 is None and below_source(policy, low, facts.source_precision):
+        knobs = {**knobs, "t1": 1.0, "t2": 1.0}
+        note = "; ".join(filter(None, [note, (
+            f"manifest.json: the experts came as {facts.source_precision}, above the {low} tier, and no tuning result "
+            f"applies, so policy hobbit loads nothing below {facts.source_precision} (t1 = t2 = 1); `hobbit tune` "
+            f"measures whether {low} pays, or pass --t1 / --t2")]))
     if config.precision_map and config.low is None:  # the map names the low tier
         low = next(iter(set(config.precision_map.values()) - {high}), low)
     if config.little_weights not in (None, *LITTLE_WEIGHTS):

@@ -124,7 +124,7 @@ class Engine:
         self.dtype = DTYPES[config.dtype]
         precs = self.store.precisions
         facts = StoreFacts(tuple(precs), self.store.total_nbytes(precs[0]) if self.store.blobs else 0,
-                           self.config.num_experts, self.config.norm_topk_prob)
+                           self.config.num_experts, self.config.norm_topk_prob, self.store.source_precision)
         run = resolve(config, facts, read_tuned(self.path) if config.reads_tuned else None)
         if run.note:  # a `hobbit tune` result is hobbit's defaults only for the precisions and budget it was tuned at
             warnings.warn(f"{self.path}/{run.note}")
@@ -227,6 +227,7 @@ class Engine:
         precs = self.store.precisions
         return dict(store=str(self.path), arch=c.arch, num_layers=c.num_layers, sparse_layers=list(c.sparse_layers),
                     num_experts=c.num_experts, top_k=c.top_k, norm_topk_prob=c.norm_topk_prob, precisions=precs,
+                    source_precision=self.store.source_precision,
                     expert_ram_bytes={p: self.provider.expert_bytes(p) for p in precs},
                     expert_disk_bytes={p: self.store.expert_nbytes(p) for p in precs})
 

@@ -56,7 +56,8 @@ def convert(src: str | Path, dst: str | Path, precisions: str | list[str] | None
         raise FileNotFoundError(f"{src} does not exist: give a Hugging Face model folder or a .gguf file")
     if src.suffix == ".gguf":
         from hobbit.store.gguf import export_hf, load_gguf
-        from hobbit.store.gguf_native import GROUP, default_precisions, has_native_layer, native_experts
+        from hobbit.store.gguf_native import (GROUP, default_precisions, has_native_layer, native_experts,
+                                              source_precision)
         raw = load_gguf(src).raw
         native = native_experts(raw)
         precisions = precisions or default_precisions(raw)  # the experts' own precision on top
@@ -65,7 +66,8 @@ def convert(src: str | Path, dst: str | Path, precisions: str | list[str] | None
         with tempfile.TemporaryDirectory(prefix="hobbit-gguf-") as tmp:
             export_hf(src, tmp)
             return _convert_hf(Path(tmp), dst, precisions, group_size, progress,
-                               source={"path": str(src.resolve()), "format": "gguf"}, dense_format=dense_format,
+                               source={"path": str(src.resolve()), "format": "gguf",
+                                       "precision": source_precision(raw)}, dense_format=dense_format,
                                native=native if group_size == GROUP else None)
     return _convert_hf(src, dst, precisions, group_size, progress,
                        source={"path": str(src.resolve()), "format": "hf"}, dense_format=dense_format)
@@ -77,6 +79,8 @@ def _convert_hf(src: Path, dst: Path, precisions: str | list[str] | None, group_
     None: used instead of re-fitting int4 wherever it gives them."""
     ckpt = open_checkpoint(src)
     cfg = ckpt.config
+    if ckpt.has_mxfp4_experts():
+        source = {**source, "precision": "mxfp4"}
     if precisions is None:  # the default: a native MXFP4 tier is kept as the top tier
         precisions = NATIVE_MXFP4_PRECISIONS if ckpt.has_mxfp4_experts() else DEFAULT_PRECISIONS
     precisions = parse_precisions(precisions)

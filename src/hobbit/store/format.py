@@ -162,6 +162,7 @@ class ExpertStore:
             raise StoreError(f"{mpath} has store format version {self.manifest.get('version')}, this hobbit "
                              f"reads version {FORMAT_VERSION}; re-run `hobbit convert`")
         self.precisions: list[str] = self.manifest["precisions"]
+        self.source_precision: str | None = self.manifest.get("source", {}).get("precision")  # quantized sources
         self.group_size: int = self.manifest["group_size"]
         self.blobs = {k: BlobSpec(*map(int, k.split("/")[:2]), k.split("/")[2], v["offset"], v["nbytes"],
                                   v.get("checksum") or "sha256:" + v["sha256"], tuple(TensorSpec(t["proj"], t["key"], t["dtype"], tuple(t["shape"]),

@@ -114,12 +114,21 @@ def has_native_layer(raw: Mapping[str, ReaderTensor]) -> bool:
     return any(types <= set(NATIVE_TYPES) for types in expert_types(raw).values())
 
 
-def default_precisions(raw: Mapping[str, ReaderTensor]) -> tuple[str, ...] | None:
-    """The tiers a store converted from this GGUF gets when none are asked for: int4,int2 when every routed
-    expert tensor is Q4_0/Q4_1/Q4_K (int4 keeps their codes); int8,int4,int2 when any is another quantized
-    type (Q5_K/Q6_K in a Q4_K_M file, Q8_0, ...: int8 holds each within ~0.7%); None (the caller's default)
-    when any is a float type or MXFP4 (its own tier), or the model has no routed experts."""
+def source_precision(raw: Mapping[str, ReaderTensor]) -> str | None:
+    """The store tier that holds this GGUF's routed experts as they shipped: 'int4' when every expert tensor
+    is Q4_0/Q4_1/Q4_K (their codes kept), 'mxfp4' when all are MXFP4, 'int8' when any is another quantized
+    type (Q5_K/Q6_K in a Q4_K_M file, Q8_0, ...: int8 holds each within ~0.7%); None when any is a float type
+    or the model has no routed experts."""
     types = set().union(*expert_types(raw).values())
-    if not types or types & {*UNQUANTIZED, GGMLQuantizationType.MXFP4}:
+    if not types or types & set(UNQUANTIZED):
         return None
-    return ("int4", "int2") if types <= set(NATIVE_TYPES) else ("int8", "int4", "int2")
+    if types <= set(NATIVE_TYPES):
+        return "int4"
+    return "mxfp4" if types == {GGMLQuantizationType.MXFP4} else "int8"
+
+
+def default_precisions(raw: Mapping[str, ReaderTensor]) -> tuple[str, ...] | None:
+    """The tiers a store converted from this GGUF gets when none are asked for: its experts' own precision
+    (`source_precision`) on top, int4 and int2 below; None (the caller's default) for float experts and for
+    MXFP4 ones (the caller keeps their codes as the mxfp4 tier)."""
+    return {"int4": ("int4", "int2"), "int8": ("int8", "int4", "int2")}.get(source_precision(raw))
