@@ -18,9 +18,8 @@ nothing below it that would re-round it (re-fitting Q5_K / Q6_K / Q8_0 values at
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 import re
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
