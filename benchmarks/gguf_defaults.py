@@ -38,9 +38,10 @@ def convert(gguf: Path, dst: Path, extra: list[str]) -> dict:
 
 
 def run(store: Path, budget: int, tokens: int, out: Path) -> dict:
-    subprocess.run([*HOBBIT, "run", str(store), "--policy", "hobbit", "--budget", str(budget), "--prompt", PROMPT,
-                    "--max-new-tokens", str(tokens), "--json", str(out)], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    r = subprocess.run([*HOBBIT, "run", str(store), "--policy", "hobbit", "--budget", str(budget), "--prompt", PROMPT,
+                        "--max-new-tokens", str(tokens), "--json", str(out)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"hobbit run {store} --budget {budget} failed: {r.stderr.strip()[-600:]}")
     s = json.loads(out.read_text())["stats"]
     return dict(decode_tok_s=s["decode_tok_s"], read_mib=s["bytes_read"] / MIB, hit_rate=s["hit_rate"])
 
