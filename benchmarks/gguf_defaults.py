@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    stores = {name: convert(args.gguf, args.work / f"store-{i}", extra) for i, (name, extra) in enumerate(STORES.items())}
+    stores = {name: convert(args.gguf, args.work / f"store-{i}", extra)
+              for i, (name, extra) in enumerate(STORES.items())}
     budgets = [int(b) for b in args.budgets.split(",")]
     runs = []
     for r in range(args.rounds):  # interleaved: every store at every budget once per round

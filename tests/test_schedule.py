@@ -89,6 +89,21 @@ def test_mobile_little_pass_prefetches_what_a_fallback_adds():
     assert st.little_steps == 3 and st.fallbacks == 1
 
 
+@pytest.mark.parametrize("little", [True, False])
+def test_a_little_pass_reads_ahead_only_the_predicted_little_sets(little):
+    """HOBBIT's prefetch in a little pass walks each predicted layer's first ceil(k/2) experts (by predicted
+    weight): those are all the little pass computes; what a fallback adds is the fallback reads' business
+    (withheld here: 'never'). A big pass reads ahead all k."""
+    s = scheduler(policy="hobbit", high="bf16", low="int4", t1=1.0, t2=1.0, mobile=True, fallback_prefetch="never")
+    f = CountingFetcher()
+    s.begin_pass(little)
+    predicted = {1: [(7, 0.2), (5, 0.5), (6, 0.3)]}  # k = 3: the little set is 5 and 6
+    s.run_layer(0, [([1, 2, 3], [0.5, 0.3, 0.2])], f, predicted=predicted)
+    assert s.stats.prefetch_issued == (2 if little else 3)
+    assert s._prefetched == ({(1, 5, "bf16"), (1, 6, "bf16")} | (set() if little else {(1, 7, "bf16")}))
+    assert s._predicted[1] == [7, 5, 6]  # prediction accuracy is still counted on the whole prediction
+
+
 def test_fallback_reads_fit_when_the_pool_holds_the_big_set():
     from hobbit.policies.biglittle import fallback_reads_fit
     assert fallback_reads_fit(capacity=224, layers=28, big=8)  # CoderMoE at 50%: 8 of 16 per layer

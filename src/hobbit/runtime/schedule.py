@@ -22,7 +22,7 @@ from hobbit.runtime.cache import CacheFull, ExpertCache
 from hobbit.runtime.loader import DEMAND, PREFETCH  # fetch priorities: demand loads always go first
 from hobbit.runtime.plan import Fetcher, Step
 from hobbit.policies.eviction import Key, make_evictor
-from hobbit.policies.biglittle import LITTLE_RULES, little_weights
+from hobbit.policies.biglittle import LITTLE_RULES, little_k, little_weights
 from hobbit.policies.precision import HIGH, LOW, SKIP, ServeRule, decide
 from hobbit.runtime.options import CACHE_POLICIES, POLICIES, Options, Stats
 from hobbit.policies.prefetch import plan_prefetch, ranks_worth_reading
@@ -350,6 +350,9 @@ class Scheduler(MobilePasses):
             return []
         for j, pairs in predicted.items():
             self._predicted[j] = [e for e, _ in pairs]
+        if self.little_pass:  # it computes each token's first ceil(k/2): read ahead those, the rest is the fallback's
+            predicted = {j: sorted(pairs, key=lambda ew: -ew[1])[:little_k(len(pairs))]
+                         for j, pairs in predicted.items()}
         mapped = self.opt.precision_map is not None
         # Eq. 2 on the predictions (policy hobbit), else full-precision speculation: every expert high
         t1, t2 = (self.opt.t1, self.opt.t2) if self.opt.policy == "hobbit" and not mapped else (1.0, 1.0)
