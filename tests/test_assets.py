@@ -62,6 +62,9 @@ def test_pinned_folder_asset(cache, monkeypatch, tmp_path, capsys):
     (path / "extra.txt").write_text("x")  # an added file also breaks the digest
     asset_path("folder", progress=False)
     assert sorted(p.name for p in path.iterdir()) == ["a.txt", "b.txt"] and calls == [3]
+    (path / "hobbit_tuned.json").write_text("{}")  # `hobbit tune`'s results in a store asset: the user's, kept
+    assert asset_path("folder", progress=False) == path and calls == [3]
+    assert (path / "hobbit_tuned.json").read_text() == "{}"
 
 
 def test_errors_name_the_source(cache, monkeypatch):

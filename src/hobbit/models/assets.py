@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hobbit.paths import cache_dir
+from hobbit.runtime.config import TUNED_FILE
 from hobbit.models.textformats import deb_member, parse_r_lazyload, strip_wiki_markup, wiki_articles  # noqa: F401
 
 SPLITS = {"all": (0.0, 1.0), "train": (0.0, 0.9), "test": (0.9, 1.0)}  # fractions of the text, cut at lines
@@ -60,12 +61,17 @@ def register(asset: Asset) -> None:
     ASSETS[asset.name] = asset
 
 
+USER_FILES = {TUNED_FILE}  # what commands write into a built store (`hobbit tune`): the user's, not the build's
+
+
 def digest(path: Path) -> str:
-    """sha256 of a file; for a folder, sha256 of its sorted 'relative/path file-sha256' lines."""
+    """sha256 of a file; for a folder, sha256 of its sorted 'relative/path file-sha256' lines, USER_FILES aside
+    (so tuning a store asset does not make it fail verification, and get rebuilt without its tuning)."""
     if path.is_file():
         with path.open("rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
-    lines = sorted(f"{p.relative_to(path).as_posix()} {digest(p)}\n" for p in path.rglob("*") if p.is_file())
+    lines = sorted(f"{p.relative_to(path).as_posix()} {digest(p)}\n" for p in path.rglob("*")
+                   if p.is_file() and p.name not in USER_FILES)
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
