@@ -140,3 +140,28 @@ def test_study_command_on_the_tiny_store(tiny_store, tmp_path):
     (out / "study.json").write_text(json.dumps(doc))
     assert main(["study", "--out", str(out), "--render-only"]) == 0
     assert "123.457" in (out / "report.md").read_text()
+
+
+def test_study_on_a_store_whose_top_tier_is_int4(tmp_path, monkeypatch):
+    """A Q4 GGUF converts to int4,int2 by default: the study runs on it (int4 is its full precision, so it
+    gets its own decision and stays out of the cross-store answer, which is about float tiers above int4)."""
+    from gguf import GGMLQuantizationType as Q
+    from hobbit.store.convert import convert
+    from test_gguf import EXPERTS, QTYPES, train_bpe, write_gguf
+    monkeypatch.setitem(QTYPES, "ffn_up_exps", Q.Q4_0)
+    write_gguf(tmp_path / "q4.gguf", train_bpe(), experts=EXPERTS, seed=2)
+    store = convert(tmp_path / "q4.gguf", tmp_path / "store", progress=False)
+    words = "the quick brown fox jumps over a lazy dog while hobbits sing of rings and rivers".split()
+    for i, name in enumerate(("calib", "a")):
+        g = torch.Generator().manual_seed(i)
+        (tmp_path / f"{name}.txt").write_text(" ".join(words[j] for j in torch.randint(len(words), (600,), generator=g)))
+    out = tmp_path / "study"
+    assert main(["study", str(store), "--out", str(out), "--fractions", "0,50", "--bits", "2", "--signals", "hybrid",
+                 "--dynamic-fractions", "25", "--native-fractions", "50", "--window", "32", "--windows", "1",
+                 "--calib-tokens", "64", "--trace-tokens", "12", "--budgets", "50", "--links", "1",
+                 "--calib-text", str(tmp_path / "calib.txt"), "--eval-text", f"a={tmp_path / 'a.txt'}"]) == 0
+    doc = json.loads((out / "study.json").read_text())
+    s = doc["stores"][0]
+    assert (s["high"], s["native"]) == ("int4", "int4 (as its gguf source shipped the experts)")
+    assert doc["summary"]["stores"] == 0 and "**Answer" not in (out / "report.md").read_text()
+    assert s["analysis"]["decision"]["total_cells"] == 1

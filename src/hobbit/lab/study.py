@@ -228,7 +228,10 @@ def study_store(store: Path, args: argparse.Namespace, out: Path) -> dict:
     dense = (man.get("dense_format") or {}).get("format")
     convert = f"hobbit convert {man['source']['path']} {store} --precisions {','.join(precs)}" + (
         f" --dense {dense}" if dense else "")
-    return dict(store=store.name, path=str(store), kind=kind, convert=convert, native=NATIVE.get(kind, "unknown"),
+    shipped = man["source"].get("precision")  # a quantized source's own expert precision (hobbit convert records it)
+    native = NATIVE.get(kind) or (f"{shipped} (as its {man['source']['format']} source shipped the experts)"
+                                  if shipped else "unknown")
+    return dict(store=store.name, path=str(store), kind=kind, convert=convert, native=native,
                 arch=cfg.arch, sparse_layers=len(cfg.sparse_layers), num_experts=cfg.num_experts, top_k=cfg.top_k,
                 experts=len(keys), precisions=precs, high=high, setup_budgets=list(args.budgets),
                 grid=dict(fractions=args.fractions, bits=args.bits, signals=args.signals, dynamic=args.dynamic,

@@ -262,8 +262,9 @@ def config_label(p: dict) -> str:
 
 
 def summarize(doc: dict) -> dict:
-    """The answer across the stores that hold the native 4-bit tier (int4)."""
-    st = [s for s in doc["stores"] if "int4" in s["precisions"]]
+    """The answer across the stores that hold the native 4-bit tier (int4) below a float top tier (a store whose
+    top tier is int4, as a Q4 GGUF converts by default, has its own decision only: int4 is its full precision)."""
+    st = [s for s in doc["stores"] if "int4" in s["precisions"] and s["high"] != "int4"]
     dec = [s["analysis"]["decision"] for s in st]
     native = [p["dppl_pct"] for s in st for p in s["points"] if p["kind"] == "native"]
     return dict(stores=len(st), cells=sum(d["total_cells"] for d in dec), worth=sum(d["worth_cells"] for d in dec),
