@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_common import HOBBIT, machine_info  # noqa: E402
 from peer_memory import PROMPT  # noqa: E402
 
+from hobbit.store.format import ExpertStore  # noqa: E402
+
 MIB = 2 ** 20
 STORES = {"default": [], "bf16 on top (the old default)": ["--precisions", "bf16,int4,int2"]}
 
@@ -30,11 +32,10 @@ def convert(gguf: Path, dst: Path, extra: list[str]) -> dict:
         t0 = time.perf_counter()
         subprocess.run([*HOBBIT, "convert", str(gguf), str(dst), *extra], check=True, stdout=subprocess.DEVNULL)
         print(f"converted {dst.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-    m = json.loads((dst / "manifest.json").read_text())
-    return dict(path=str(dst), precisions=m["precisions"], source_precision=m["source"].get("precision"),
-                expert_mib={p: sum(b["nbytes"] for k, b in m["blobs"].items() if k.endswith("/" + p)) / MIB
-                            for p in m["precisions"]},
-                disk_mib=sum(f.stat().st_size for f in dst.iterdir() if f.is_file()) / MIB)
+    with ExpertStore(dst) as s:
+        return dict(path=str(dst), precisions=s.precisions, source_precision=s.source_precision,
+                    expert_mib={p: s.total_nbytes(p) / MIB for p in s.precisions},
+                    disk_mib=sum(f.stat().st_size for f in dst.iterdir() if f.is_file()) / MIB)
 
 
 def run(store: Path, budget: int, tokens: int, out: Path) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 from peer_common import HOBBIT
 from peer_memory import PROMPT
 
+from hobbit.lab.calibration import quality_probe
 from hobbit.lab.simulate import load_trace, resolve_for, simulate
 from hobbit.runtime.config import RunConfig
 
@@ -47,12 +48,12 @@ def replay(header: dict, calls, budget: int, **knobs) -> dict:
 
 
 def pair_quality(store: Path, pairs: list[tuple[float, float]], high: str, low: str, text: Path | None, tokens: int,
-                 engine_knobs: dict) -> dict[tuple[float, float], float]:
-    from hobbit.lab.calibration import calibration_ids
-    from hobbit.lab.study_measure import RuleQuality
-    from hobbit.runtime.tokenizer import Tokenizer
-    ids = calibration_ids(Tokenizer.from_dir(store), text, 256 + tokens)[0][256:]  # after tune's trace tokens
-    probe = RuleQuality(store, ids, 128, high, low, **engine_knobs)
+                 max_dppl: float, engine_knobs: dict) -> dict[tuple[float, float], float]:
+    """Each pair's perplexity cost (%), measured as `hobbit tune` does (its calibration text after the trace's 256
+    tokens, windows of 128)."""
+    probe, info = quality_probe(store, text, 256, tokens, 128, high, low, max_dppl, None, engine_knobs)
+    if probe is None:
+        raise SystemExit(f"cannot measure the pairs' quality: {info['note']}")
     try:
         return {p: probe(*p) for p in pairs}
     finally:
@@ -86,7 +87,7 @@ def bounds(args: argparse.Namespace) -> dict:
     pairs = [tuple(float(x) for x in p.split(":")) for p in args.pairs.split(",")]
     print(f"quality of {len(pairs)} threshold pairs on {args.quality_tokens} calibration tokens ...", flush=True)
     knobs = {k.replace("-", "_").lstrip("_"): v for k, v in zip(extra[::2], extra[1::2])}
-    dppl = pair_quality(args.store, pairs, args.high, args.low, args.text, args.quality_tokens, knobs)
+    dppl = pair_quality(args.store, pairs, args.high, args.low, args.text, args.quality_tokens, args.max_dppl, knobs)
     rows = []
     for t1, t2 in pairs:
         for depth in (None, 0):  # as it runs; no prefetch (its fewest bytes)
